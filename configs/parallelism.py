@@ -1,0 +1,90 @@
+"""How to parallelise: topology, mesh axis sizes, pins, and logical axis rules.
+
+`get_config("cm384", expert=384, fsdp=2)` describes a full CloudMatrix384 run; the defaults give a
+pure-FSDP mesh on the 8-device emulated topology used by tests.
+
+Rules (logical name -> mesh axis, tuple of mesh axes, or None = replicated):
+- Dense weights are sharded along `embed` over fsdp AND expert: outside the MoE the expert ranks
+  hold different tokens, so they act as further FSDP ranks for attention and shared weights, as in
+  ascend_topology.md 5.4 ("dense/attention weights ... sharded over ('expert','fsdp')") and MaxText.
+  Routed expert weights use `expert_embed` -> fsdp only, since their `expert` dim already takes the
+  expert axis.
+- Megatron-style tensor parallelism: heads, output groups, indexer heads, MLP hidden and vocab
+  -> tensor, with the matching activations (act_heads, act_mlp, act_vocab) on tensor too, so the
+  big intermediates stay split instead of being gathered.
+- Tokens: act_batch -> (data, fsdp, expert), every non-tensor rank holds its own sequences; the
+  MoE layer moves them across `expert` itself (all-to-all in shard_map).
+- Small vectors (norms, mHC mixing, compressor, router output, hash table) stay replicated.
+Note: a dimension must divide by the product of its mesh axes (mesh.sharding checks it). V4 widths
+(7168 = 2^10 x 7, vocab 129280 = 2^8 x 5 x 101) have no factor 3, so on the 768 dies of a CM384
+(2^8 x 3) the factor 3 has to sit on an axis that never shards them.
+"""
+import ml_collections
+
+from mesh import axes
+
+DEFAULT_TOPOLOGY = "cm384-8"
+
+PARAM_RULES = (
+    ("layers", None),
+    ("vocab", axes.TENSOR),
+    ("embed", (axes.FSDP, axes.EXPERT)),
+    ("hc", None),
+    ("hc_mix", None),
+    ("hc_gate", None),
+    ("q_lora", None),
+    ("heads", axes.TENSOR),
+    ("head_dim", None),
+    ("o_groups", axes.TENSOR),
+    ("o_lora", None),
+    ("kv_comp", None),
+    ("comp_pos", None),
+    ("index_heads", axes.TENSOR),
+    ("index_head_dim", None),
+    ("expert", axes.EXPERT),
+    ("expert_embed", axes.FSDP),
+    ("expert_mlp", axes.TENSOR),
+    ("expert_gate", None),
+    ("topk", None),
+    ("mlp", axes.TENSOR),
+    ("mtp_proj", None),
+)
+
+ACTIVATION_RULES = (
+    ("act_batch", (axes.DATA, axes.FSDP, axes.EXPERT)),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_hc", None),
+    ("act_heads", axes.TENSOR),
+    ("act_head_dim", None),
+    ("act_vocab", axes.TENSOR),
+    ("act_expert", None),
+    ("act_mlp", axes.TENSOR),
+    ("act_kv_blocks", None),
+)
+
+RULES = PARAM_RULES + ACTIVATION_RULES
+
+# Pure FSDP unless told otherwise: fsdp takes whatever the other axes leave.
+DEFAULT_AXES = {axes.DATA: 1, axes.FSDP: -1, axes.EXPERT: 1, axes.TENSOR: 1}
+
+
+def get_config(topology=DEFAULT_TOPOLOGY, pins=None, **axis_sizes):
+    """Parallelism config; `axis_sizes` override DEFAULT_AXES (sequence/pipeline may be added).
+
+    If an override makes another axis -1, fsdp gets size 1 instead of the rest.
+    """
+    unknown = sorted(set(axis_sizes) - set(axes.MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; valid: {axes.MESH_AXES}")
+    sizes = dict(DEFAULT_AXES)
+    if -1 in axis_sizes.values() and axes.FSDP not in axis_sizes:
+        sizes[axes.FSDP] = 1
+    sizes.update(axis_sizes)
+
+    config = ml_collections.ConfigDict()
+    config.topology = topology
+    config.axes = ml_collections.ConfigDict(sizes)
+    config.pins = ml_collections.ConfigDict(dict(pins or {}))
+    config.rules = RULES
+    return config

@@ -1,0 +1,53 @@
+"""Print how a mesh lies on a topology: `python -m mesh --topology=cm384 --mesh=expert=64,fsdp=12`.
+
+Axes not named in --mesh keep the defaults of configs/parallelism.py (fsdp takes the rest unless
+another axis is -1). With --emulate the host also gets the topology's device count and the real
+jax Mesh is built, which proves the layout on this machine's devices.
+"""
+from absl import app, flags
+
+from configs import parallelism
+from mesh import report
+from mesh.emulate import emulate
+from mesh.layout import plan_layout
+from mesh.presets import get_topology
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("topology", "cm384-8", "topology spec, e.g. cm384, cm384:4, a2-cluster:2")
+flags.DEFINE_string("mesh", "", "axis sizes, e.g. expert=64,fsdp=12,tensor=1 (-1 = the rest)")
+flags.DEFINE_string("pin", "", "axis=level pins, e.g. fsdp=chip")
+flags.DEFINE_float("bytes", 2.0**30, "message size per device for the collective estimates")
+flags.DEFINE_bool("emulate", False, "set the CPU device count and build the real jax Mesh")
+
+
+def _pairs(text, convert):
+    pairs = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"expected name=value in {text!r}, got {item!r}")
+        pairs[key.strip()] = convert(value.strip())
+    return pairs
+
+
+def main(argv):
+    del argv
+    config = parallelism.get_config(FLAGS.topology, pins=_pairs(FLAGS.pin, str),
+                                    **_pairs(FLAGS.mesh, int))
+    topology = get_topology(config.topology)
+    layout = plan_layout(topology, dict(config.axes), dict(config.pins))
+    print(report.describe_topology(layout))
+    print(f"mesh {layout.shape}")
+    print(report.axis_table(layout, FLAGS.bytes))
+    print(report.device_grid(layout))
+    if FLAGS.emulate:
+        emulate(topology)
+        mesh = layout.mesh()
+        ranks = [device.id for device in mesh.devices.flat]
+        matches = ranks == [int(rank) for rank in layout.device_ids.flat]
+        print(f"built jax Mesh {dict(mesh.shape)} over {mesh.devices.size} "
+              f"{mesh.devices.flat[0].platform} devices; device ids follow the layout: {matches}")
+
+
+if __name__ == "__main__":
+    app.run(main)
