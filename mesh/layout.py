@@ -127,10 +127,12 @@ def _place(name, size, start, free, topology):
     if left != 1:
         room = ", ".join(f"{level.name}={free_size}"
                          for level, free_size in zip(topology.levels[start:], free[start:]))
+        taken = ", ".join(f"{topology.levels[index].name}:{factor}" for index, factor in factors)
         raise ValueError(
             f"cannot place axis {name}={size} on {topology.name!r} from level "
-            f"{topology.levels[start].name!r} outward: a factor {left} divides none of the free "
-            f"level capacities ({room}); choose sizes that divide the levels or change the pins")
+            f"{topology.levels[start].name!r} outward: after taking ({taken or 'nothing'}) a "
+            f"factor {left} is left that divides none of the free level capacities ({room}); "
+            f"choose sizes that divide the levels or change the pins")
     return factors
 
 
