@@ -13,6 +13,10 @@ TENSOR = "tensor"        # attention heads / hidden of large matmuls split; per-
 SEQUENCE = "sequence"    # reserved: context parallelism for long sequences
 PIPELINE = "pipeline"    # reserved: layer stages
 
+# Always present in a Mesh (size 1 when unused), so every rule can name them; the reserved
+# axes appear only when a config gives them a size.
+CORE_AXES = (DATA, FSDP, EXPERT, TENSOR)
+
 # Outer -> inner, the order of the dimensions of every Mesh we build (JAX's own convention in
 # mesh_utils.create_device_mesh: "ordered by increasing network intensity").
 MESH_AXES = (DATA, PIPELINE, FSDP, EXPERT, SEQUENCE, TENSOR)

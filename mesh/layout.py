@@ -90,7 +90,10 @@ class Layout:
 
 
 def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Replaces a single -1 by the rest of the devices; checks the product; MESH_AXES order."""
+    """Replaces a single -1 by the rest of the devices; checks the product; MESH_AXES order.
+
+    Core axes missing from `sizes` get size 1.
+    """
     unknown = [name for name in sizes if name not in mesh_axes.MESH_AXES]
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; valid: {mesh_axes.MESH_AXES}")
@@ -100,6 +103,7 @@ def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     rest = [name for name, size in sizes.items() if size == REST]
     if len(rest) > 1:
         raise ValueError(f"at most one axis may be {REST} (the rest); got {rest} in {sizes}")
+    sizes = {**dict.fromkeys(mesh_axes.CORE_AXES, 1), **sizes}
     known = math.prod(size for size in sizes.values() if size != REST)
     resolved = dict(sizes)
     if rest:

@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+from mesh import axes
 from mesh.layout import plan_layout, resolve_sizes
 from mesh.presets import get_topology
 
@@ -69,7 +70,7 @@ def test_pin_moves_fsdp_onto_the_die_pair():
     pinned = plan_layout(topology, dict(expert=384, fsdp=2), pins=dict(fsdp="chip"))
     assert pinned.axis("fsdp").levels == ("chip",)
     assert pinned.axis("expert").levels == ("server", "supernode")
-    assert pinned.device_ids[0, :3].tolist() == [0, 2, 4]  # axes (fsdp, expert)
+    assert pinned.device_ids[0, 0, :3, 0].tolist() == [0, 2, 4]  # (data, fsdp, expert, tensor)
 
 
 def test_pin_outward_level():
@@ -117,7 +118,7 @@ def test_pin_to_unknown_level_lists_levels():
 
 
 def test_resolve_sizes_orders_axes_outer_to_inner():
-    assert list(resolve_sizes(dict(tensor=2, expert=2, fsdp=-1), 16)) == ["fsdp", "expert", "tensor"]
+    assert list(resolve_sizes(dict(tensor=2, expert=2, fsdp=-1), 16)) == list(axes.CORE_AXES)
 
 
 def test_mesh_needs_enough_devices():
