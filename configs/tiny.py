@@ -1,0 +1,33 @@
+"""A tiny DeepSeek-V4 with the full structure (every layer kind, hash and score routing, MTP) that
+trains on 2 CPU cores; the numbers are small, nothing else differs from V4-Flash."""
+from configs import parallelism
+from configs.v4_model import compress_ratios, model_config, run_config
+
+NUM_LAYERS = 6
+
+
+def get_config():
+    model = model_config(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=NUM_LAYERS,
+        num_heads=4,
+        head_dim=32,
+        rope_head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        sliding_window=32,
+        compress_ratios=compress_ratios(NUM_LAYERS, first=0),
+        index_n_heads=4,
+        index_head_dim=32,
+        index_topk=16,
+        num_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        routed_scaling_factor=1.5,
+        dtype="float32",
+        remat_policy="none",
+    )
+    mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
+    return run_config(model, mesh, batch_size=8, seq_len=256)

@@ -1,0 +1,55 @@
+"""The DeepSeek-V4 model fields shared by every size; each config file supplies the numbers.
+
+Constants here are the same in V4-Flash and V4-Pro (see ../shared/design/deepseek_v4_architecture.md
+section 1.1): mHC with 4 streams and 20 Sinkhorn iterations, SwiGLU clamp 10, RoPE bases 10000 /
+160000 with YaRN x16 from 65536, RMSNorm eps 1e-6, 6 routed experts per token, 1 shared expert.
+"""
+import ml_collections
+
+
+def compress_ratios(num_layers: int, first: int, num_mtp_layers: int = 1) -> tuple:
+    """The released schedule: layers 0-1 use `first` (0 = sliding only, 128 = HCA), then even layers
+    CSA (4) and odd layers HCA (128); MTP layers are sliding-window only."""
+    body = [first, first] + [4 if layer % 2 == 0 else 128 for layer in range(2, num_layers)]
+    return tuple(body[:num_layers]) + (0,) * num_mtp_layers
+
+
+def model_config(**numbers) -> ml_collections.ConfigDict:
+    fields = dict(
+        head_dim=512,
+        rope_head_dim=64,
+        hc_mult=4,
+        hc_sinkhorn_iters=20,
+        hc_eps=1e-6,
+        num_shared_experts=1,
+        num_experts_per_tok=6,
+        num_hash_layers=3,
+        swiglu_limit=10.0,
+        num_mtp_layers=1,
+        rope_theta=10000.0,
+        compress_rope_theta=160000.0,
+        rope_scaling=dict(factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0),
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat_policy="full",
+        vocab_size=129280,
+        sliding_window=128,
+        index_n_heads=64,
+        index_head_dim=128,
+    )
+    fields.update(numbers)
+    return ml_collections.ConfigDict(fields)
+
+
+def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, *, batch_size: int,
+               seq_len: int, seed: int = 0) -> ml_collections.ConfigDict:
+    """The top-level config every entry point reads: model, mesh, and the shape of a global batch."""
+    config = ml_collections.ConfigDict()
+    config.model = model
+    config.mesh = mesh
+    config.seed = seed
+    config.batch_size = batch_size  # sequences per global batch
+    config.seq_len = seq_len
+    return config

@@ -1,0 +1,161 @@
+"""The model's hyperparameters as a frozen, hashable record.
+
+Configs are ml_collections ConfigDicts (data users edit); modules hold this frozen copy so it can be a
+static part of traced programs. Conversion checks every field once, with errors that name the field.
+"""
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+SLIDING, CSA, HCA = "sliding", "csa", "hca"
+ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Static YaRN for compressed layers; no attention-temperature correction."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    sliding_window: int
+    compress_ratios: tuple  # one per layer, then one per MTP layer
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    num_routed_experts: int
+    num_shared_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    routed_scaling_factor: float
+    num_hash_layers: int
+    swiglu_limit: float
+    num_mtp_layers: int
+    rope_theta: float
+    compress_rope_theta: float
+    rope_scaling: RopeScaling
+    rms_norm_eps: float
+    initializer_range: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def nope_head_dim(self):
+        return self.head_dim - self.rope_head_dim
+
+    def attention_kind(self, layer: int) -> str:
+        return ATTENTION_KIND_BY_RATIO[self.compress_ratios[layer]]
+
+    def compress_ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer]
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return layer < self.num_hash_layers
+
+    @property
+    def mtp_layer_ids(self):
+        return tuple(range(self.num_layers, self.num_layers + self.num_mtp_layers))
+
+
+def _require(condition: bool, field: str, message: str):
+    if not condition:
+        raise ValueError(f"config.model.{field}: {message}")
+
+
+def from_config(model_config) -> ModelArgs:
+    """Builds ModelArgs from `config.model` (a ConfigDict or a dict), checking every field."""
+    values = dict(model_config)
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, ",".join(unknown), f"unknown field(s); allowed: {sorted(known)}")
+    missing = sorted(f.name for f in dataclasses.fields(ModelArgs)
+                     if f.default is dataclasses.MISSING and f.name not in values)
+    _require(not missing, ",".join(missing), "missing required field(s)")
+    values["compress_ratios"] = tuple(int(r) for r in values["compress_ratios"])
+    values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+    args = ModelArgs(**values)
+
+    n_ratios = args.num_layers + args.num_mtp_layers
+    _require(len(args.compress_ratios) == n_ratios, "compress_ratios",
+             f"has {len(args.compress_ratios)} entries, need num_layers + num_mtp_layers = {n_ratios}")
+    bad = sorted({r for r in args.compress_ratios if r not in ATTENTION_KIND_BY_RATIO})
+    _require(not bad, "compress_ratios", f"values {bad} not allowed; allowed: {sorted(ATTENTION_KIND_BY_RATIO)}")
+    _require(all(r == 0 for r in args.compress_ratios[args.num_layers:]), "compress_ratios",
+             "MTP layers (the last entries) must be sliding-window only (0)")
+    _require(args.dtype in DTYPES, "dtype", f"{args.dtype!r} not allowed; allowed: {sorted(DTYPES)}")
+    _require(args.param_dtype in DTYPES, "param_dtype",
+             f"{args.param_dtype!r} not allowed; allowed: {sorted(DTYPES)}")
+    _require(args.remat_policy in REMAT_POLICIES, "remat_policy",
+             f"{args.remat_policy!r} not allowed; allowed: {list(REMAT_POLICIES)}")
+    _require(args.num_heads % args.o_groups == 0, "o_groups",
+             f"{args.o_groups} does not divide num_heads={args.num_heads}")
+    _require(0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0, "rope_head_dim",
+             f"{args.rope_head_dim} must be even and at most head_dim={args.head_dim}")
+    _require(args.index_head_dim >= args.rope_head_dim, "index_head_dim",
+             f"{args.index_head_dim} must be at least rope_head_dim={args.rope_head_dim}")
+    _require(args.num_experts_per_tok <= args.num_routed_experts, "num_experts_per_tok",
+             f"{args.num_experts_per_tok} exceeds num_routed_experts={args.num_routed_experts}")
+    _require(args.num_hash_layers <= args.num_layers, "num_hash_layers",
+             f"{args.num_hash_layers} exceeds num_layers={args.num_layers}")
+    _require(args.num_shared_experts in (0, 1), "num_shared_experts",
+             f"{args.num_shared_experts} not supported; allowed: 0 or 1")
+    return args
+
+
+def layer_kind(args: ModelArgs, layer: int) -> tuple:
+    """What makes two layers share one stacked parameter structure."""
+    return (args.attention_kind(layer), "hash" if args.is_hash_layer(layer) else "score")
+
+
+def layer_groups(args: ModelArgs) -> tuple:
+    """Splits the schedule into groups `(pattern, repeats, first_layer)` run as one scan each.
+
+    A pattern is one layer kind or an alternating pair (CSA/HCA interleave). The split minimises the
+    number of distinct layer bodies to compile (dynamic programming over the schedule).
+    """
+    kinds = [layer_kind(args, i) for i in range(args.num_layers)]
+    n = len(kinds)
+    best: list[Optional[tuple]] = [None] * (n + 1)
+    best[n] = (0, ())
+    for start in range(n - 1, -1, -1):
+        for period in (1, 2):
+            pattern = tuple(kinds[start:start + period])
+            if len(pattern) < period:
+                continue
+            repeats = 0
+            while kinds[start + repeats * period:start + (repeats + 1) * period] == list(pattern):
+                repeats += 1
+                end = start + repeats * period
+                cost = period + best[end][0]
+                if best[start] is None or cost < best[start][0]:
+                    best[start] = (cost, ((pattern, repeats, start),) + best[end][1])
+    return best[0][1]

@@ -1,0 +1,120 @@
+"""Hybrid attention of one layer: sliding window, plus compressed entries for CSA (selected) and HCA (all).
+
+One shared KV head (keys are values), low-rank queries with per-head RMS normalisation, partial RoPE,
+a learned per-head sink in the softmax denominator, and a grouped low-rank output projection.
+
+The window is computed blockwise: queries of block j (width W = window) see keys of blocks j-1 and j,
+so the cost is O(S * 2W) instead of O(S^2). Window, compressed entries and sink share one softmax.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesh.sharding import constrain
+from model import params, rope
+from model.args import CSA, HCA, SLIDING, ModelArgs
+from model.compressor import Compressor
+from model.indexer import Indexer, visible_entries
+from model.norms import RMSNorm, rms_normalize
+
+HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
+
+
+def _window_blocks(x: jax.Array, window: int) -> jax.Array:
+    """[b, s, ...] -> [b, nb, window, ...] with s padded up to a multiple of the window."""
+    s = x.shape[1]
+    nb = -(-s // window)
+    x = jnp.pad(x, [(0, 0), (0, nb * window - s)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], nb, window, *x.shape[2:])
+
+
+def _with_previous_block(blocks: jax.Array) -> jax.Array:
+    """[b, nb, w, ...] -> [b, nb, 2w, ...]: each block preceded by the one before it (zeros first)."""
+    previous = jnp.pad(blocks[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (blocks.ndim - 2))
+    return jnp.concatenate([previous, blocks], axis=2)
+
+
+def _window_mask(num_blocks: int, window: int) -> jax.Array:
+    """[nb, w, 2w] bool: query q of block j sees key k of blocks (j-1, j) iff 0 <= dist < window."""
+    q = jnp.arange(window)[:, None] + window
+    k = jnp.arange(2 * window)[None, :]
+    dist = q - k
+    in_window = (dist >= 0) & (dist < window)
+    first_block = jnp.arange(num_blocks)[:, None, None] == 0
+    return in_window[None] & ~(first_block & (k < window)[None])
+
+
+class Attention(nnx.Module):
+    def __init__(self, args: ModelArgs, kind: str, rngs: nnx.Rngs):
+        self.kind, self.args = kind, args
+        d, h, c, wdt, std = args.hidden_size, args.num_heads, args.head_dim, args.weight_dtype, args.initializer_range
+        g = args.o_groups
+        self.wq_a = params.normal(rngs, (d, args.q_lora_rank), ("embed", "q_lora"), std, wdt)
+        self.q_norm = RMSNorm(args.q_lora_rank, "q_lora", args.rms_norm_eps)
+        self.wq_b = params.normal(rngs, (args.q_lora_rank, h, c), ("q_lora", "heads", "head_dim"), std, wdt)
+        self.wkv = params.normal(rngs, (d, c), ("embed", "head_dim"), std, wdt)
+        self.kv_norm = RMSNorm(c, "head_dim", args.rms_norm_eps)
+        # wo_a[h, :, :] is head h's slice of its group's projection (group = h // (h_total / g)).
+        self.wo_a = params.normal(rngs, (h, c, args.o_lora_rank), ("heads", "head_dim", "o_lora"), std, wdt)
+        self.wo_b = params.normal(rngs, (g, args.o_lora_rank, d), ("o_groups", "o_lora", "embed"), std, wdt)
+        self.attn_sink = params.constant((h,), ("heads",), 0.0, jnp.float32)
+        ratio = {SLIDING: 0, CSA: 4, HCA: 128}[kind]
+        self.ratio = ratio
+        self.compressor = Compressor(args, c, ratio, "head_dim", rngs) if kind != SLIDING else None
+        self.indexer = Indexer(args, ratio, rngs) if kind == CSA else None
+
+    def __call__(self, u: jax.Array, positions: jax.Array) -> jax.Array:
+        """u [b,s,d] (after attn_norm), positions [b,s] -> [b,s,d]."""
+        args, dtype = self.args, u.dtype
+        b, s, _ = u.shape
+        window = args.sliding_window
+        q_latent = self.q_norm(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)))
+        q = jnp.einsum("bsr,rhc->bshc", q_latent, self.wq_b[...].astype(dtype))
+        q = rms_normalize(q, args.rms_norm_eps).astype(dtype)
+        q = constrain(rope.rotate(q, positions[..., None], self._inv_freq()), HEADS)
+        kv = self.kv_norm(jnp.einsum("bsd,dc->bsc", u, self.wkv[...].astype(dtype)))
+        kv = rope.rotate(kv, positions, self._inv_freq())
+        scale = args.head_dim ** -0.5
+
+        # Window logits, blockwise: [b, nb, h, w, 2w].
+        q_blocks = _window_blocks(q, window)
+        kv_blocks = _with_previous_block(_window_blocks(kv, window))
+        nb = q_blocks.shape[1]
+        win_logits = jnp.einsum("bnqhc,bnkc->bnhqk", q_blocks, kv_blocks,
+                                preferred_element_type=jnp.float32) * scale
+        win_logits = jnp.where(_window_mask(nb, window)[None, :, None], win_logits, -jnp.inf)
+        win_logits = win_logits.transpose(0, 2, 1, 3, 4).reshape(b, args.num_heads, nb * window, 2 * window)
+
+        pieces = [win_logits]
+        if self.compressor is not None:
+            entries = self.compressor(u).astype(dtype)  # [b, n, c]
+            n = entries.shape[1]
+            if self.indexer is not None:
+                usable = self.indexer(u, q_latent, positions)
+            else:
+                usable = visible_entries(positions, n, self.ratio)
+            comp_logits = jnp.einsum("bshc,bnc->bhsn", q, entries, preferred_element_type=jnp.float32) * scale
+            comp_logits = jnp.where(usable[:, None], comp_logits, -jnp.inf)
+            pieces.append(jnp.pad(comp_logits, ((0, 0), (0, 0), (0, nb * window - s), (0, 0)),
+                                  constant_values=-jnp.inf))
+        sink = jnp.broadcast_to(self.attn_sink[...].astype(jnp.float32)[None, :, None, None],
+                                (b, args.num_heads, nb * window, 1))
+        probs = jax.nn.softmax(jnp.concatenate(pieces + [sink], axis=-1), axis=-1)
+
+        win_probs = probs[..., :2 * window].reshape(b, args.num_heads, nb, window, 2 * window)
+        out = jnp.einsum("bhnqk,bnkc->bnqhc", win_probs.astype(dtype), kv_blocks)
+        out = out.reshape(b, nb * window, args.num_heads, -1)[:, :s]
+        if self.compressor is not None:
+            comp_probs = probs[:, :, :s, 2 * window:-1]
+            out = out + jnp.einsum("bhsn,bnc->bshc", comp_probs.astype(dtype), entries)
+        # Keys are values, so values carry absolute RoPE: rotate back by the query position.
+        out = constrain(rope.rotate(out, positions[..., None], self._inv_freq(), inverse=True), HEADS)
+
+        g = args.o_groups
+        grouped = out.reshape(b, s, g, args.num_heads // g, args.head_dim)
+        wo_a = self.wo_a[...].astype(dtype).reshape(g, args.num_heads // g, args.head_dim, args.o_lora_rank)
+        low_rank = jnp.einsum("bsgnc,gncr->bsgr", grouped, wo_a)
+        return jnp.einsum("bsgr,grd->bsd", low_rank, self.wo_b[...].astype(dtype))
+
+    def _inv_freq(self):
+        return rope.inverse_frequencies(self.args, compressed=self.kind != SLIDING)

@@ -1,0 +1,30 @@
+"""One transformer block: mHC around attention, then mHC around the MoE."""
+import jax
+from flax import nnx
+
+from model.args import ModelArgs
+from model.attention import Attention
+from model.hyper_connections import HyperConnection
+from model.moe import MoE
+from model.norms import RMSNorm
+
+
+class Block(nnx.Module):
+    def __init__(self, args: ModelArgs, kind: tuple, rngs: nnx.Rngs):
+        """kind = (attention kind, "hash" | "score"), see `args.layer_kind`."""
+        attention_kind, routing = kind
+        d, eps = args.hidden_size, args.rms_norm_eps
+        self.attn_hc = HyperConnection(args, rngs)
+        self.attn_norm = RMSNorm(d, "embed", eps)
+        self.attn = Attention(args, attention_kind, rngs)
+        self.ffn_hc = HyperConnection(args, rngs)
+        self.ffn_norm = RMSNorm(d, "embed", eps)
+        self.moe = MoE(args, routing == "hash", rngs)
+
+    def __call__(self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array):
+        """streams [b,s,n,d] -> (streams [b,s,n,d], expert load [E])."""
+        u, post, comb = self.attn_hc(streams)
+        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(u), positions), post, comb)
+        u, post, comb = self.ffn_hc(streams)
+        out, load = self.moe(self.ffn_norm(u), token_ids)
+        return HyperConnection.merge(streams, out, post, comb), load

@@ -1,0 +1,53 @@
+"""Lightning indexer: picks, per query, the top-k compressed entries a CSA layer attends to.
+
+Scores are I[t, s] = sum_h w_h(t) * relu(q_h(t) . K_s) over a narrow multi-head query and a separate
+narrow compressor. Selection is discrete, so the main loss sends no gradient through it.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import params, rope
+from model.args import ModelArgs
+from model.compressor import Compressor
+
+
+def visible_entries(positions: jax.Array, num_entries: int, ratio: int) -> jax.Array:
+    """[b,s] query positions -> [b,s,n] bool: entry i is usable once its block is complete."""
+    entry = jnp.arange(num_entries, dtype=jnp.int32)
+    return entry[None, None, :] < ((positions[..., None] + 1) // ratio)
+
+
+class Indexer(nnx.Module):
+    def __init__(self, args: ModelArgs, ratio: int, rngs: nnx.Rngs):
+        self.topk, self.ratio = args.index_topk, ratio
+        self.heads, self.dim = args.index_n_heads, args.index_head_dim
+        wdt = args.weight_dtype
+        self.wq_b = params.normal(rngs, (args.q_lora_rank, self.heads, self.dim),
+                                  ("q_lora", "index_heads", "index_head_dim"), args.initializer_range, wdt)
+        self.weights_proj = params.normal(rngs, (args.hidden_size, self.heads), ("embed", "index_heads"),
+                                          args.initializer_range, wdt)
+        self.compressor = Compressor(args, self.dim, ratio, "index_head_dim", rngs)
+        self.args = args
+
+    def __call__(self, u: jax.Array, q_latent: jax.Array, positions: jax.Array) -> jax.Array:
+        """u [b,s,d], q_latent [b,s,q_lora], positions [b,s] -> selected [b,s,n] bool."""
+        u, q_latent = jax.lax.stop_gradient(u), jax.lax.stop_gradient(q_latent)
+        keys = self.compressor(u)  # [b, n, dim]
+        n = keys.shape[1]
+        q = jnp.einsum("bsr,rhc->bshc", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
+        q = rope.rotate(q, positions[..., None], self._inv_freq())
+        scores = jax.nn.relu(jnp.einsum("bshc,bnc->bshn", q, keys)) * (self.dim ** -0.5)
+        head_weights = jnp.einsum("bsd,dh->bsh", u.astype(jnp.float32),
+                                  self.weights_proj[...].astype(jnp.float32)) * (self.heads ** -0.5)
+        index = jnp.einsum("bsh,bshn->bsn", head_weights, scores)
+        visible = visible_entries(positions, n, self.ratio)
+        if n == 0:
+            return visible
+        index = jnp.where(visible, index, -jnp.inf)
+        k = min(self.topk, n)
+        kth_best = jax.lax.top_k(index, k)[0][..., -1:]
+        return jax.lax.stop_gradient(visible & (index >= kth_best))
+
+    def _inv_freq(self):
+        return rope.inverse_frequencies(self.args, compressed=True)

@@ -1,0 +1,114 @@
+"""Mixture of experts: sqrt-softplus router (score-routed with a balancing bias, or hash-routed by token
+id), clamped-SwiGLU routed experts and a shared expert.
+
+This module computes the expert outputs with a dense, all-experts reference dispatch: every expert
+sees every token and a combine matrix keeps each token's selected ones. It is exact and shards
+trivially; the expert-parallel dispatch (tokens moved by all-to-all) is a separate module that is
+tested against this one.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesh.sharding import constrain
+from model import params
+from model.args import ModelArgs
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Per-token choice: experts [t,k] int32, weights [t,k] f32, scores [t,E] f32 (unbiased)."""
+
+    experts: jax.Array
+    weights: jax.Array
+    scores: jax.Array
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, limit)) * clip(up, -limit, limit), in float32."""
+    gate = jnp.minimum(gate.astype(jnp.float32), limit)
+    up = jnp.clip(up.astype(jnp.float32), -limit, limit)
+    return jax.nn.silu(gate) * up
+
+
+class Router(nnx.Module):
+    def __init__(self, args: ModelArgs, hashed: bool, rngs: nnx.Rngs):
+        self.k, self.scale, self.hashed = args.num_experts_per_tok, args.routed_scaling_factor, hashed
+        e = args.num_routed_experts
+        self.weight = params.normal(rngs, (args.hidden_size, e), ("embed", "expert_gate"),
+                                    args.initializer_range, args.weight_dtype)
+        if hashed:
+            table = jax.random.randint(rngs.params(), (args.vocab_size, self.k), 0, e, jnp.int32)
+            self.tid2eid = params.HashTable(table, out_sharding=("vocab", "topk"), eager_sharding=False)
+        else:
+            self.bias = params.constant((e,), ("expert_gate",), 0.0, jnp.float32, kind=params.RoutingBias)
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array) -> Routing:
+        """x [t,d], token_ids [t] -> Routing."""
+        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        scores = jnp.sqrt(jax.nn.softplus(logits))
+        if self.hashed:
+            experts = self.tid2eid[...][token_ids]
+        else:
+            _, experts = jax.lax.top_k(jax.lax.stop_gradient(scores) + self.bias[...], self.k)
+        chosen = jnp.take_along_axis(scores, experts, axis=-1)
+        weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.scale
+        return Routing(experts=experts.astype(jnp.int32), weights=weights, scores=scores)
+
+
+class SharedExpert(nnx.Module):
+    def __init__(self, args: ModelArgs, rngs: nnx.Rngs):
+        d, i, std, wdt = args.hidden_size, args.moe_intermediate_size, args.initializer_range, args.weight_dtype
+        self.limit = args.swiglu_limit
+        self.w1 = params.normal(rngs, (d, i), ("embed", "mlp"), std, wdt)
+        self.w3 = params.normal(rngs, (d, i), ("embed", "mlp"), std, wdt)
+        self.w2 = params.normal(rngs, (i, d), ("mlp", "embed"), std, wdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [t,d] -> [t,d] float32."""
+        dt = x.dtype
+        gate = jnp.einsum("td,di->ti", x, self.w1[...].astype(dt), preferred_element_type=jnp.float32)
+        up = jnp.einsum("td,di->ti", x, self.w3[...].astype(dt), preferred_element_type=jnp.float32)
+        h = clamped_swiglu(gate, up, self.limit).astype(dt)
+        return jnp.einsum("ti,id->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
+
+
+class RoutedExperts(nnx.Module):
+    def __init__(self, args: ModelArgs, rngs: nnx.Rngs):
+        e, d, i = args.num_routed_experts, args.hidden_size, args.moe_intermediate_size
+        std, wdt = args.initializer_range, args.weight_dtype
+        self.limit, self.num_experts = args.swiglu_limit, e
+        self.w1 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
+        self.w3 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
+        self.w2 = params.normal(rngs, (e, i, d), ("expert", "expert_mlp", "expert_embed"), std, wdt)
+
+    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+        """Dense reference dispatch: x [t,d] -> [t,d] float32 (the routing weight scales h before w2)."""
+        dt = x.dtype
+        combine = jnp.zeros((x.shape[0], self.num_experts), jnp.float32)
+        combine = combine.at[jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)
+        gate = jnp.einsum("td,edi->tei", x, self.w1[...].astype(dt), preferred_element_type=jnp.float32)
+        up = jnp.einsum("td,edi->tei", x, self.w3[...].astype(dt), preferred_element_type=jnp.float32)
+        h = clamped_swiglu(gate, up, self.limit) * combine[..., None]
+        h = constrain(h.astype(dt), ("act_batch", "act_expert", "act_mlp"))
+        return jnp.einsum("tei,eid->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
+
+
+class MoE(nnx.Module):
+    def __init__(self, args: ModelArgs, hashed: bool, rngs: nnx.Rngs):
+        self.router = Router(args, hashed, rngs)
+        self.experts = RoutedExperts(args, rngs)
+        self.shared = SharedExpert(args, rngs) if args.num_shared_experts else None
+
+    def __call__(self, u: jax.Array, token_ids: jax.Array):
+        """u [b,s,d], token_ids [b,s] -> (output [b,s,d], expert load [E] as token counts)."""
+        b, s, d = u.shape
+        x = u.reshape(b * s, d)
+        routing = self.router(x, token_ids.reshape(b * s))
+        y = self.experts(x, routing)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
+        return y.astype(u.dtype).reshape(b, s, d), load

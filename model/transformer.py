@@ -1,0 +1,127 @@
+"""DeepSeek-V4: embedding -> hyper-connection streams -> scanned block groups -> hyper-head -> norm -> head,
+plus the MTP layers.
+
+Layers of one kind are created stacked (leading `layers` axis) and run under `jax.lax.scan`, one scan
+per group of the schedule (`args.layer_groups`), so compile time does not grow with depth.
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesh.sharding import constrain
+from model import params
+from model.args import ModelArgs, layer_groups
+from model.block import Block
+from model.hyper_connections import STREAMS, HyperHead
+from model.mtp import MTPLayer
+from model.norms import RMSNorm
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array  # [b, s, vocab] float32, predicts token i+1
+    mtp_logits: tuple  # per depth k: [b, s, vocab] float32, predicts token i+k+1
+    expert_load: jax.Array  # [num_layers + num_mtp_layers, E] tokens routed to each expert
+    hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
+
+
+def stacked_blocks(args: ModelArgs, kind: tuple, count: int, rngs: nnx.Rngs) -> Block:
+    """`count` blocks of one kind with parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs):
+        return Block(args, kind, layer_rngs)
+
+    return create(rngs)
+
+
+class LayerGroup(nnx.Module):
+    """`repeats` repetitions of a pattern of one or two layer kinds, one stacked Block per position."""
+
+    def __init__(self, args: ModelArgs, pattern: tuple, repeats: int, first_layer: int, rngs: nnx.Rngs):
+        self.pattern, self.repeats, self.first_layer = pattern, repeats, first_layer
+        self.remat_policy = args.remat_policy
+        self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
+
+    def __call__(self, streams, positions, token_ids, collect_hidden: bool):
+        """-> (streams, load [repeats*len(pattern), E], hidden [repeats*len(pattern), ...] or None)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, layer_state):
+            blocks = nnx.merge(graphdef, layer_state)
+            loads, hidden = [], []
+            for block in blocks:
+                carry, load = block(carry, positions, token_ids)
+                loads.append(load)
+                hidden.append(carry)
+            return carry, (jnp.stack(loads), jnp.stack(hidden) if collect_hidden else None)
+
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
+        streams, (loads, hidden) = jax.lax.scan(body, streams, state)
+        loads = loads.reshape(-1, loads.shape[-1])
+        if hidden is not None:
+            hidden = hidden.reshape(-1, *hidden.shape[2:])
+        return streams, loads, hidden
+
+
+class DeepSeekV4(nnx.Module):
+    def __init__(self, args: ModelArgs, rngs: nnx.Rngs):
+        self.args = args
+        d, v, std, wdt = args.hidden_size, args.vocab_size, args.initializer_range, args.weight_dtype
+        self.embed = params.normal(rngs, (v, d), ("vocab", "embed"), std, wdt)
+        self.groups = nnx.List([LayerGroup(args, pattern, repeats, first, rngs)
+                                for pattern, repeats, first in layer_groups(args)])
+        self.hc_head = HyperHead(args, rngs)
+        self.norm = RMSNorm(d, "embed", args.rms_norm_eps)
+        self.head = params.normal(rngs, (d, v), ("embed", "vocab"), std, wdt)
+        self.mtp = nnx.List([MTPLayer(args, rngs) for _ in range(args.num_mtp_layers)])
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.args.compute_dtype)
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Normalised hidden [b,s,d] -> float32 logits [b,s,vocab] through the shared head."""
+        out = jnp.einsum("bsd,dv->bsv", hidden, self.head[...].astype(hidden.dtype),
+                         preferred_element_type=jnp.float32)
+        return constrain(out, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+                 collect_hidden: bool = False) -> ModelOutput:
+        """tokens [b,s] int32; positions [b,s] (default 0..s-1)."""
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed_tokens(tokens)
+        streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
+        loads, hidden = [], []
+        for group in self.groups:
+            streams, load, group_hidden = group(streams, positions, tokens, collect_hidden)
+            loads.append(load)
+            hidden.append(group_hidden)
+        logits = self.logits(self.norm(self.hc_head(streams)))
+
+        mtp_logits = []
+        for depth, layer in enumerate(self.mtp, start=1):
+            ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
+            streams, mtp_hidden, load = layer(streams, self.embed_tokens(ahead), positions, tokens)
+            mtp_logits.append(self.logits(mtp_hidden))
+            loads.append(load[None])
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=tuple(mtp_logits),
+            expert_load=jnp.concatenate(loads, axis=0),
+            hidden=jnp.concatenate(hidden, axis=0) if collect_hidden else None,
+        )
