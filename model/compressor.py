@@ -31,6 +31,8 @@ class Compressor(nnx.Module):
         b, s, _ = u.shape
         m, w = self.ratio, self.width
         n = s // m
+        if n == 0:  # shorter than one block: nothing to compress yet
+            return jnp.zeros((b, 0, w), jnp.float32)
         x = u[:, :n * m].astype(jnp.float32)
         kv = jnp.einsum("bsd,dc->bsc", x, self.wkv[...].astype(jnp.float32)).reshape(b, n, m, -1)
         gate = jnp.einsum("bsd,dc->bsc", x, self.wgate[...].astype(jnp.float32)).reshape(b, n, m, -1)
