@@ -41,13 +41,13 @@ def main(argv):
 
     args = from_config(config.model)
     mesh = build_mesh(config.mesh)
-    rules = dict(config.mesh.rules)
+    rules = config.mesh.rules
     logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
     with activate(mesh, rules):
         graphdef, state, shardings = init_sharded(args, mesh, rules, config.seed)
         params, rest = nnx.split_state(state, nnx.Param, ...)
         param_shardings, rest_shardings = nnx.split_state(shardings, nnx.Param, ...)
-        batch_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules))
+        batch_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules, dict(mesh.shape)))
 
         def loss_fn(params, rest, tokens, loss_mask):
             output = nnx.merge(graphdef, params, rest)(tokens)

@@ -15,6 +15,10 @@ Rules (logical name -> mesh axis, tuple of mesh axes, or None = replicated):
 - Tokens: act_batch -> (data, fsdp, expert), every non-tensor rank holds its own sequences; the
   MoE layer moves them across `expert` itself (all-to-all in shard_map).
 - Small vectors (norms, mHC mixing, compressor, router output, hash table) stay replicated.
+- A name may have several rules, tried in order; the first whose mesh axes are still free in that
+  tensor wins. The low-rank dims (`q_lora`, `o_lora`) take (fsdp, expert) in the weights that have
+  no `embed` dim (wq_b, wo_a: about 10B parameters in V4-Pro that would otherwise be replicated
+  when tensor=1), and fall back to replicated where `embed` already took those axes.
 Note: a dimension must divide by the product of its mesh axes (mesh.sharding checks it). V4 widths
 (7168 = 2^10 x 7, vocab 129280 = 2^8 x 5 x 101) have no factor 3, so on the 768 dies of a CM384
 (2^8 x 3) the factor 3 has to sit on an axis that never shards them.
@@ -29,13 +33,16 @@ PARAM_RULES = (
     ("layers", None),
     ("vocab", axes.TENSOR),
     ("embed", (axes.FSDP, axes.EXPERT)),
+    ("embed", None),
     ("hc", None),
     ("hc_mix", None),
     ("hc_gate", None),
+    ("q_lora", (axes.FSDP, axes.EXPERT)),
     ("q_lora", None),
     ("heads", axes.TENSOR),
     ("head_dim", None),
     ("o_groups", axes.TENSOR),
+    ("o_lora", (axes.FSDP, axes.EXPERT)),
     ("o_lora", None),
     ("kv_comp", None),
     ("comp_pos", None),

@@ -19,5 +19,6 @@ def get_config():
         moe_intermediate_size=3072,
         routed_scaling_factor=2.5,
     )
-    mesh = parallelism.get_config("cm384", expert=384, fsdp=-1, tensor=1)
+    # 7168 = 2^10 x 7 has no factor 3, so the factor 3 of the 768 dies goes to data (replicas).
+    mesh = parallelism.get_config("cm384", data=3, fsdp=2, expert=128, tensor=1)
     return run_config(model, mesh, batch_size=768, seq_len=4096)

@@ -15,37 +15,30 @@ from jax.sharding import NamedSharding, PartitionSpec
 _ACTIVE = threading.local()
 
 
+def candidates(rules):
+    """Ordered rules -> {logical name: [targets, ...]}.
+
+    A name may have several rules: the first whose mesh axes are still free in the tensor at hand
+    wins (as flax's logical rules do). So `embed -> (fsdp, expert)` then `embed -> None` shards a
+    weight's `embed` dim unless another dim of that weight already took those axes.
+    """
+    if isinstance(rules, dict):
+        return {name: [target] for name, target in rules.items()}
+    table = {}
+    for name, target in rules:
+        table.setdefault(name, []).append(target)
+    return table
+
+
 @contextlib.contextmanager
 def activate(mesh, rules):
     """Makes `constrain` apply `rules` on `mesh` inside the block (traced code included)."""
     previous = getattr(_ACTIVE, "value", None)
-    _ACTIVE.value = (mesh, dict(rules))
+    _ACTIVE.value = (mesh, rules)
     try:
         yield
     finally:
         _ACTIVE.value = previous
-
-
-def logical_to_spec(names, rules):
-    """A PartitionSpec for a tuple of logical names; unknown names are an error."""
-    axes = []
-    for name in names:
-        if name is None:
-            axes.append(None)
-            continue
-        if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
-        axes.append(rules[name])
-    return PartitionSpec(*axes)
-
-
-def constrain(x, names):
-    """Sharding constraint by logical names; identity when no rules are active."""
-    active = getattr(_ACTIVE, "value", None)
-    if active is None:
-        return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
 def _mesh_axes_of(rule):
@@ -55,43 +48,76 @@ def _mesh_axes_of(rule):
     return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def param_spec(path, names, shape, mesh, rules):
-    """The checked PartitionSpec of one parameter.
+def resolve_spec(what, names, shape, mesh_sizes, rules):
+    """The checked PartitionSpec of a tensor `what` with logical `names` (shape may be None).
 
-    Errors name the parameter: no logical names, a name without a rule, a rule naming an axis the
-    mesh lacks, a mesh axis used twice, or a dimension the mesh axes do not divide.
+    Errors name the tensor: a name without a rule, a rule naming an axis the mesh lacks, a name
+    whose every rule needs a mesh axis another dim already took, or a dimension the chosen mesh
+    axes do not divide.
     """
-    if names is None:
-        raise ValueError(f"parameter {path}: no logical axis names (create it with "
-                         f"sharding_names=(...)); every parameter must declare them")
-    if len(names) != len(shape):
-        raise ValueError(f"parameter {path}: {len(names)} logical names {names} for "
-                         f"{len(shape)}-d shape {shape}")
-    mesh_sizes = dict(mesh.shape)
+    table = candidates(rules)
     entries, used = [], {}
-    for dim, (name, size) in enumerate(zip(names, shape)):
+    for dim, name in enumerate(names):
         if name is None:
             entries.append(None)
             continue
-        if name not in rules:
-            raise KeyError(f"parameter {path}: logical axis {name!r} (dim {dim}) has no rule; "
-                           f"rules cover {sorted(rules)}")
-        targets = _mesh_axes_of(rules[name])
-        for axis in targets:
-            if axis not in mesh_sizes:
-                raise ValueError(f"parameter {path}: rule {name!r} -> {rules[name]!r} names mesh "
-                                 f"axis {axis!r}, absent from the mesh {mesh_sizes}")
-            if axis in used:
-                raise ValueError(f"parameter {path} {shape}: mesh axis {axis!r} shards both dim "
-                                 f"{used[axis]} ({names[used[axis]]!r}) and dim {dim} ({name!r})")
+        if name not in table:
+            raise KeyError(f"{what}: logical axis {name!r} (dim {dim}) has no rule; "
+                           f"rules cover {sorted(table)}")
+        chosen = None
+        for target in table[name]:
+            axes = _mesh_axes_of(target)
+            for axis in axes:
+                if axis not in mesh_sizes:
+                    raise ValueError(f"{what}: rule {name!r} -> {target!r} names mesh axis "
+                                     f"{axis!r}, absent from the mesh {mesh_sizes}")
+            if not any(axis in used for axis in axes):
+                chosen = axes
+                break
+        if chosen is None:
+            taken = {axis: used[axis] for target in table[name] for axis in _mesh_axes_of(target)
+                     if axis in used}
+            owners = ", ".join(f"{axis!r} by dim {d} ({names[d]!r})" for axis, d in taken.items())
+            raise ValueError(f"{what} {shape}: every rule of dim {dim} ({name!r}) needs a mesh axis "
+                             f"already taken ({owners}); add a fallback rule such as ({name!r}, None)")
+        for axis in chosen:
             used[axis] = dim
-        ways = math.prod(mesh_sizes[axis] for axis in targets)
-        if size % ways:
-            raise ValueError(f"parameter {path} {shape}: dim {dim} ({name!r}) has size {size}, "
-                             f"not divisible by {ways} = mesh axes {targets} of sizes "
-                             f"{[mesh_sizes[axis] for axis in targets]}")
-        entries.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+        ways = math.prod(mesh_sizes[axis] for axis in chosen)
+        if shape is not None and shape[dim] % ways:
+            raise ValueError(f"{what} {shape}: dim {dim} ({name!r}) has size {shape[dim]}, "
+                             f"not divisible by {ways} = mesh axes {chosen} of sizes "
+                             f"{[mesh_sizes[axis] for axis in chosen]}")
+        entries.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
     return PartitionSpec(*entries)
+
+
+def logical_to_spec(names, rules, mesh_sizes=None):
+    """A PartitionSpec for a tuple of logical names; unknown names are an error."""
+    if mesh_sizes is None:
+        mesh_sizes = {axis: 1 for target in candidates(rules).values() for t in target
+                      for axis in _mesh_axes_of(t)}
+    return resolve_spec("activation", names, None, mesh_sizes, rules)
+
+
+def constrain(x, names):
+    """Sharding constraint by logical names; identity when no rules are active."""
+    active = getattr(_ACTIVE, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = resolve_spec(f"activation {x.shape}", names, x.shape, dict(mesh.shape), rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_spec(path, names, shape, mesh, rules):
+    """The checked PartitionSpec of one parameter (see `resolve_spec` for the errors)."""
+    if names is None:
+        raise ValueError(f"parameter {path}: no logical axis names (create it with "
+                         f"out_sharding=(...)); every parameter must declare them")
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {path}: {len(names)} logical names {names} for "
+                         f"{len(shape)}-d shape {shape}")
+    return resolve_spec(f"parameter {path}", names, shape, dict(mesh.shape), rules)
 
 
 def param_shardings(abstract_state, mesh, rules):
@@ -101,8 +127,6 @@ def param_shardings(abstract_state, mesh, rules):
     extra leading name given by nnx.vmap's transform_metadata. `mesh` may be an AbstractMesh, so
     full-size layouts are checked without devices.
     """
-    rules = dict(rules)
-
     def sharding(path, variable):
         where = "/".join(str(getattr(key, "key", key)) for key in path)
         names = variable.get_metadata().get("out_sharding")

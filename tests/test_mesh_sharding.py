@@ -14,7 +14,12 @@ from mesh.layout import plan_layout
 from mesh.presets import get_topology
 from mesh.sharding import activate, constrain, logical_to_spec, param_shardings
 
-RULES = dict(parallelism.RULES)
+RULES = parallelism.RULES
+
+
+def override(name, target):
+    """The default rules with `name` mapped to `target` only."""
+    return tuple((n, t) for n, t in RULES if n != name) + ((name, target),)
 
 
 class Block(nnx.Module):
@@ -43,10 +48,12 @@ def mesh_for(**sizes):
     return plan_layout(get_topology("cm384-8"), sizes).mesh()
 
 
-def test_rules_cover_every_logical_name_once():
+def test_rules_cover_every_logical_name():
     names = [name for name, _ in parallelism.RULES]
-    assert sorted(names) == sorted(axes.LOGICAL_AXES)
-    assert len(names) == len(set(names))
+    assert sorted(set(names)) == sorted(axes.LOGICAL_AXES)
+    for name in set(names):  # a name with several rules ends with the replicated fallback
+        targets = [target for n, target in parallelism.RULES if n == name]
+        assert len(targets) == 1 or targets[-1] is None, name
     for _, target in parallelism.RULES:
         targets = () if target is None else (target,) if isinstance(target, str) else target
         assert set(targets) <= set(axes.MESH_AXES)
@@ -87,12 +94,12 @@ def abstract_param(shape, names):
 @pytest.mark.parametrize("shape, names, rules, message", [
     ((16,), None, RULES, "parameter w: no logical axis names"),
     ((16, 32), ("embed", "nonsense"), RULES, "parameter w: logical axis 'nonsense' (dim 1) has no rule"),
-    ((16, 32), ("embed", "mlp"), {**RULES, "mlp": "fsdp"},
-     "mesh axis 'fsdp' shards both dim 0 ('embed') and dim 1 ('mlp')"),
+    ((16, 32), ("embed", "mlp"), override("mlp", "fsdp"),
+     "every rule of dim 1 ('mlp') needs a mesh axis already taken ('fsdp' by dim 0 ('embed'))"),
     ((6, 32), ("embed", "mlp"), RULES,
      "parameter w (6, 32): dim 0 ('embed') has size 6, not divisible by 4 = mesh axes "
      "('fsdp', 'expert') of sizes [2, 2]"),
-    ((16,), ("embed",), {**RULES, "embed": "sequence"}, "names mesh axis 'sequence', absent"),
+    ((16,), ("embed",), override("embed", "sequence"), "names mesh axis 'sequence', absent"),
     ((16, 32), ("embed",), RULES, "1 logical names ('embed',) for 2-d shape (16, 32)"),
 ])
 def test_errors_name_parameter_dimension_and_sizes(shape, names, rules, message):
@@ -114,6 +121,16 @@ def test_full_size_v4_pro_experts_on_an_abstract_cm384():
     embedding = abstract_param((129280, 7168), ("vocab", "embed"))
     with pytest.raises(ValueError, match=re.escape("size 7168, not divisible by 768")):
         param_shardings(embedding, mesh, parallelism.RULES)
+
+
+def test_fallback_rule_when_the_first_choice_is_taken():
+    """wq_b has no embed dim, so q_lora takes (fsdp, expert); in wq_a embed took them first."""
+    mesh = mesh_for(fsdp=2, expert=2, tensor=2)
+    wq_a = param_shardings(abstract_param((16, 32), ("embed", "q_lora")), mesh, parallelism.RULES)
+    wq_b = param_shardings(abstract_param((32, 4, 8), ("q_lora", "heads", "head_dim")), mesh,
+                           parallelism.RULES)
+    assert wq_a["w"].get_value().spec == P(("fsdp", "expert"), None)
+    assert wq_b["w"].get_value().spec == P(("fsdp", "expert"), "tensor", None)
 
 
 def test_constrain_applies_rules_only_when_active():

@@ -30,7 +30,7 @@ def unsharded():
 def test_sharded_init_and_forward_match_single_device(unsharded, axes):
     args, state, tokens, expected = unsharded
     mesh_config = parallelism.get_config("cm384-8", **axes)
-    mesh, rules = build_mesh(mesh_config), dict(mesh_config.rules)
+    mesh, rules = build_mesh(mesh_config), mesh_config.rules
     graphdef, sharded, shardings = init_sharded(args, mesh, rules, seed=0)
     for ours, reference in zip(jax.tree.leaves(sharded), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
