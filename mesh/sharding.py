@@ -41,6 +41,11 @@ def activate(mesh, rules):
         _ACTIVE.value = previous
 
 
+def active():
+    """(mesh, rules) of the innermost `activate` block, or None outside one."""
+    return getattr(_ACTIVE, "value", None)
+
+
 def _mesh_axes_of(rule):
     """A rule's value as a tuple of mesh axes (None -> (), 'fsdp' -> ('fsdp',))."""
     if rule is None:
@@ -101,10 +106,10 @@ def logical_to_spec(names, rules, mesh_sizes=None):
 
 def constrain(x, names):
     """Sharding constraint by logical names; identity when no rules are active."""
-    active = getattr(_ACTIVE, "value", None)
-    if active is None:
+    current = active()
+    if current is None:
         return x
-    mesh, rules = active
+    mesh, rules = current
     spec = resolve_spec(f"activation {x.shape}", names, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
