@@ -14,7 +14,7 @@ from mesh.sharding import constrain
 from model import params, rope
 from model.args import CSA, HCA, SLIDING, ModelArgs
 from model.compressor import Compressor
-from model.indexer import Indexer, visible_entries
+from model.indexer import Indexer
 from model.norms import RMSNorm, rms_normalize
 
 HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
@@ -34,14 +34,18 @@ def _with_previous_block(blocks: jax.Array) -> jax.Array:
     return jnp.concatenate([previous, blocks], axis=2)
 
 
-def _window_mask(num_blocks: int, window: int) -> jax.Array:
-    """[nb, w, 2w] bool: query q of block j sees key k of blocks (j-1, j) iff 0 <= dist < window."""
+def _window_mask(segment_ids: jax.Array, window: int) -> jax.Array:
+    """[b,s] segment ids -> [b, nb, w, 2w] bool: query q of block j sees key k of blocks (j-1, j) iff
+    0 <= row distance < window and both belong to the same document (padding rows never match)."""
     q = jnp.arange(window)[:, None] + window
     k = jnp.arange(2 * window)[None, :]
     dist = q - k
     in_window = (dist >= 0) & (dist < window)
-    first_block = jnp.arange(num_blocks)[:, None, None] == 0
-    return in_window[None] & ~(first_block & (k < window)[None])
+    seg = jnp.pad(segment_ids, ((0, 0), (0, -segment_ids.shape[1] % window)), constant_values=-1)
+    seg_q = seg.reshape(seg.shape[0], -1, window)
+    seg_k = jnp.concatenate([jnp.pad(seg_q[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1), seg_q],
+                            axis=2)
+    return in_window & (seg_q[..., :, None] == seg_k[..., None, :])
 
 
 class Attention(nnx.Module):
@@ -63,8 +67,8 @@ class Attention(nnx.Module):
         self.compressor = Compressor(args, c, ratio, "head_dim", rngs) if kind != SLIDING else None
         self.indexer = Indexer(args, ratio, rngs) if kind == CSA else None
 
-    def __call__(self, u: jax.Array, positions: jax.Array) -> jax.Array:
-        """u [b,s,d] (after attn_norm), positions [b,s] -> [b,s,d]."""
+    def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> [b,s,d]."""
         args, dtype = self.args, u.dtype
         b, s, _ = u.shape
         window = args.sliding_window
@@ -82,17 +86,16 @@ class Attention(nnx.Module):
         nb = q_blocks.shape[1]
         win_logits = jnp.einsum("bnqhc,bnkc->bnhqk", q_blocks, kv_blocks,
                                 preferred_element_type=jnp.float32) * scale
-        win_logits = jnp.where(_window_mask(nb, window)[None, :, None], win_logits, -jnp.inf)
+        win_logits = jnp.where(_window_mask(segment_ids, window)[:, :, None], win_logits, -jnp.inf)
         win_logits = win_logits.transpose(0, 2, 1, 3, 4).reshape(b, args.num_heads, nb * window, 2 * window)
 
         pieces = [win_logits]
         if self.compressor is not None:
-            entries = self.compressor(u).astype(dtype)  # [b, n, c]
-            n = entries.shape[1]
+            compressed = self.compressor(u, positions, segment_ids)
+            entries = compressed.values.astype(dtype)  # [b, n, c]
+            usable = compressed.usable(positions, segment_ids, self.ratio)
             if self.indexer is not None:
-                usable = self.indexer(u, q_latent, positions)
-            else:
-                usable = visible_entries(positions, n, self.ratio)
+                usable = self.indexer(u, q_latent, positions, segment_ids, usable)
             comp_logits = jnp.einsum("bshc,bnc->bhsn", q, entries, preferred_element_type=jnp.float32) * scale
             comp_logits = jnp.where(usable[:, None], comp_logits, -jnp.inf)
             pieces.append(jnp.pad(comp_logits, ((0, 0), (0, 0), (0, nb * window - s), (0, 0)),

@@ -1,52 +1,112 @@
-"""KV compressor: every `ratio` tokens become one KV entry by a learned, per-channel softmax pooling.
+"""KV compressor: every `ratio` tokens of a document become one KV entry by a learned, per-channel
+softmax pooling.
 
 Two schemes share this module. Plain (HCA, ratio 128): entry i pools the tokens of block i. Overlapping
 (CSA and the indexer, ratio 4): projections have two halves; entry i pools the previous block through the
 first half and its own block through the second half, so each entry sees 2*ratio tokens at stride ratio.
-Only complete blocks are compressed. Computed in float32.
+
+Rows may pack several documents (segment ids, per-document positions). Blocks are counted from each
+document's own start, only complete blocks are compressed (a shorter tail is dropped), and a
+document's first entry has no previous block. Entries are laid out in row order; a row of s tokens
+holds at most s // ratio complete blocks, which fixes the entries' static count. Computed in float32.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import params
+from model import params, rope
 from model.args import ModelArgs
 from model.norms import RMSNorm
-from model import rope
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Entries:
+    """Compressed entries of a row: values [b,n,w] f32, and per entry the document (segment id, 0 for an
+    unused slot) and the position of its block's first token [b,n] int32."""
+
+    values: jax.Array
+    segment: jax.Array
+    position: jax.Array
+
+    def usable(self, positions: jax.Array, segment_ids: jax.Array, ratio: int) -> jax.Array:
+        """[b,s] queries -> [b,s,n] bool: same document, and the entry's block ends at or before t."""
+        same_doc = (self.segment[:, None, :] == segment_ids[:, :, None]) & (self.segment[:, None, :] > 0)
+        complete = self.position[:, None, :] + ratio <= positions[:, :, None] + 1
+        return same_doc & complete
+
+
+def _block_ids(positions, segment_ids, ratio, num_entries):
+    """Each token's entry slot in [0, n) for tokens of complete blocks, else n (dropped): [b,s]."""
+    b, s = positions.shape
+    offset = positions % ratio
+    rows = jnp.arange(s)[None, :]
+    last = rows + (ratio - 1 - offset)  # row of the block's last token if the block is complete
+    last_clipped = jnp.minimum(last, s - 1)
+    take = lambda a: jnp.take_along_axis(a, last_clipped, axis=1)
+    complete = ((last < s) & (take(segment_ids) == segment_ids) & (segment_ids > 0)
+                & (take(positions) == positions + (ratio - 1 - offset)))
+    starts = complete & (offset == 0)
+    ordinal = jnp.cumsum(starts, axis=1) - 1  # entry index of each block start, in row order
+    first = jnp.maximum(rows - offset, 0)
+    return jnp.where(complete, jnp.take_along_axis(ordinal, first, axis=1), num_entries)
+
+
+def _pool_stats(values, scores, ids, num_segments):
+    """Per-entry softmax pooling parts over tokens grouped by `ids`: (max, sum exp, sum exp*value)."""
+    peak = jax.lax.stop_gradient(jax.ops.segment_max(scores, ids, num_segments))
+    weights = jnp.exp(scores - peak[ids])
+    return peak, jax.ops.segment_sum(weights, ids, num_segments), jax.ops.segment_sum(weights * values, ids,
+                                                                                      num_segments)
 
 
 class Compressor(nnx.Module):
     def __init__(self, args: ModelArgs, width: int, ratio: int, norm_name: str, rngs: nnx.Rngs):
-        self.ratio, self.width, self.overlap = ratio, width, ratio == 4
+        self.ratio, self.width, self.overlap, self.args = ratio, width, ratio == 4, args
         channels = 2 * width if self.overlap else width
         d, wdt = args.hidden_size, args.weight_dtype
         self.wkv = params.normal(rngs, (d, channels), ("embed", "kv_comp"), args.initializer_range, wdt)
         self.wgate = params.normal(rngs, (d, channels), ("embed", "kv_comp"), args.initializer_range, wdt)
         self.ape = params.constant((ratio, channels), ("comp_pos", "kv_comp"), 0.0, jnp.float32)
         self.norm = RMSNorm(width, norm_name, args.rms_norm_eps)
-        self.args = args
 
-    def __call__(self, u: jax.Array) -> jax.Array:
-        """u [b,s,d] -> entries [b, s // ratio, width] (float32), entry i roped at position i*ratio."""
+    def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> Entries:
+        """u [b,s,d], positions and segment_ids [b,s] -> Entries with n = s // ratio slots."""
         b, s, _ = u.shape
         m, w = self.ratio, self.width
         n = s // m
-        if n == 0:  # shorter than one block: nothing to compress yet
-            return jnp.zeros((b, 0, w), jnp.float32)
-        x = u[:, :n * m].astype(jnp.float32)
-        kv = jnp.einsum("bsd,dc->bsc", x, self.wkv[...].astype(jnp.float32)).reshape(b, n, m, -1)
-        gate = jnp.einsum("bsd,dc->bsc", x, self.wgate[...].astype(jnp.float32)).reshape(b, n, m, -1)
-        gate = gate + self.ape[...]
+        x = u.astype(jnp.float32)
+        kv = jnp.einsum("bsd,dc->bsc", x, self.wkv[...].astype(jnp.float32))
+        gate = jnp.einsum("bsd,dc->bsc", x, self.wgate[...].astype(jnp.float32))
+        gate = gate + self.ape[...][positions % m]
+        # Flat entry ids over the batch; slot n of each row collects the dropped tokens.
+        ids = (_block_ids(positions, segment_ids, m, n) + jnp.arange(b)[:, None] * (n + 1)).reshape(-1)
+        count = b * (n + 1)
+        flat = lambda a: a.reshape(b * s, -1)
+        unflat = lambda a: a.reshape(b, n + 1, *a.shape[1:])[:, :n]
+        segment = unflat(jax.ops.segment_max(segment_ids.reshape(-1), ids, count))
+        first_position = unflat(jax.ops.segment_min(positions.reshape(-1), ids, count))
+        used = segment > 0
+        segment = jnp.where(used, segment, 0)
+        first_position = jnp.where(used, first_position, 0)
         if self.overlap:
-            # Slots [previous block through the first half | own block through the second half].
-            prev_kv = jnp.pad(kv[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)))
-            prev_gate = jnp.pad(gate[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
-            kv = jnp.concatenate([prev_kv, kv[..., w:]], axis=2)
-            gate = jnp.concatenate([prev_gate, gate[..., w:]], axis=2)
-        pooled = jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2)  # [b, n, w]
-        pooled = self.norm(pooled)
-        positions = jnp.arange(n, dtype=jnp.int32)[None, :] * m
-        return rope.rotate(pooled, positions, self._inv_freq())
-
-    def _inv_freq(self):
-        return rope.inverse_frequencies(self.args, compressed=True)
+            # Own block through the second half; the previous block of the same document through the first.
+            peak, total, weighted = (unflat(a) for a in _pool_stats(flat(kv[..., w:]), flat(gate[..., w:]), ids,
+                                                                     count))
+            peak = jnp.where(used[..., None], peak, 0.0)  # empty slots: keep every term finite
+            prev_peak, prev_total, prev_weighted = (
+                jnp.pad(unflat(a)[:, :-1], ((0, 0), (1, 0), (0, 0)))
+                for a in _pool_stats(flat(kv[..., :w]), flat(gate[..., :w]), ids, count))
+            has_prev = (first_position >= m)[..., None]
+            prev_peak = jnp.where(has_prev, prev_peak, -jnp.inf)
+            joint = jnp.maximum(peak, prev_peak)
+            own_scale, prev_scale = jnp.exp(peak - joint), jnp.where(has_prev, jnp.exp(prev_peak - joint), 0.0)
+            total = total * own_scale + prev_total * prev_scale
+            weighted = weighted * own_scale + prev_weighted * prev_scale
+        else:
+            _, total, weighted = (unflat(a) for a in _pool_stats(flat(kv), flat(gate), ids, count))
+        pooled = jnp.where(used[..., None], weighted / jnp.where(used[..., None], total, 1.0), 0.0)
+        pooled = rope.rotate(self.norm(pooled), first_position, rope.inverse_frequencies(self.args, compressed=True))
+        return Entries(values=pooled, segment=segment, position=first_position)

@@ -12,12 +12,6 @@ from model.args import ModelArgs
 from model.compressor import Compressor
 
 
-def visible_entries(positions: jax.Array, num_entries: int, ratio: int) -> jax.Array:
-    """[b,s] query positions -> [b,s,n] bool: entry i is usable once its block is complete."""
-    entry = jnp.arange(num_entries, dtype=jnp.int32)
-    return entry[None, None, :] < ((positions[..., None] + 1) // ratio)
-
-
 class Indexer(nnx.Module):
     def __init__(self, args: ModelArgs, ratio: int, rngs: nnx.Rngs):
         self.topk, self.ratio = args.index_topk, ratio
@@ -30,10 +24,12 @@ class Indexer(nnx.Module):
         self.compressor = Compressor(args, self.dim, ratio, "index_head_dim", rngs)
         self.args = args
 
-    def __call__(self, u: jax.Array, q_latent: jax.Array, positions: jax.Array) -> jax.Array:
-        """u [b,s,d], q_latent [b,s,q_lora], positions [b,s] -> selected [b,s,n] bool."""
+    def __call__(self, u: jax.Array, q_latent: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 visible: jax.Array) -> jax.Array:
+        """u [b,s,d], q_latent [b,s,q_lora], positions/segment_ids [b,s], visible [b,s,n] (entries the
+        query may use) -> selected [b,s,n] bool."""
         u, q_latent = jax.lax.stop_gradient(u), jax.lax.stop_gradient(q_latent)
-        keys = self.compressor(u)  # [b, n, dim]
+        keys = self.compressor(u, positions, segment_ids).values  # [b, n, dim]
         n = keys.shape[1]
         q = jnp.einsum("bsr,rhc->bshc", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
         q = rope.rotate(q, positions[..., None], self._inv_freq())
@@ -41,7 +37,6 @@ class Indexer(nnx.Module):
         head_weights = jnp.einsum("bsd,dh->bsh", u.astype(jnp.float32),
                                   self.weights_proj[...].astype(jnp.float32)) * (self.heads ** -0.5)
         index = jnp.einsum("bsh,bshn->bsn", head_weights, scores)
-        visible = visible_entries(positions, n, self.ratio)
         if n == 0:
             return visible
         index = jnp.where(visible, index, -jnp.inf)

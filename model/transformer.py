@@ -54,7 +54,7 @@ class LayerGroup(nnx.Module):
         self.remat_policy = args.remat_policy
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
-    def __call__(self, streams, positions, token_ids, collect_hidden: bool):
+    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool):
         """-> (streams, load [repeats*len(pattern), E], hidden [repeats*len(pattern), ...] or None)."""
         graphdef, state = nnx.split(self.blocks)
 
@@ -62,7 +62,7 @@ class LayerGroup(nnx.Module):
             blocks = nnx.merge(graphdef, layer_state)
             loads, hidden = [], []
             for block in blocks:
-                carry, load = block(carry, positions, token_ids)
+                carry, load = block(carry, positions, segment_ids, token_ids)
                 loads.append(load)
                 hidden.append(carry)
             return carry, (jnp.stack(loads), jnp.stack(hidden) if collect_hidden else None)
@@ -99,16 +99,19 @@ class DeepSeekV4(nnx.Module):
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-                 collect_hidden: bool = False) -> ModelOutput:
-        """tokens [b,s] int32; positions [b,s] (default 0..s-1)."""
+                 segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False) -> ModelOutput:
+        """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
+        positions restarting at 0 in each document; by default a row is one document 0..s-1."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
         x = self.embed_tokens(tokens)
         streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
         loads, hidden = [], []
         for group in self.groups:
-            streams, load, group_hidden = group(streams, positions, tokens, collect_hidden)
+            streams, load, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden)
             loads.append(load)
             hidden.append(group_hidden)
         logits = self.logits(self.norm(self.hc_head(streams)))
@@ -116,7 +119,7 @@ class DeepSeekV4(nnx.Module):
         mtp_logits = []
         for depth, layer in enumerate(self.mtp, start=1):
             ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
-            streams, mtp_hidden, load = layer(streams, self.embed_tokens(ahead), positions, tokens)
+            streams, mtp_hidden, load = layer(streams, self.embed_tokens(ahead), positions, segment_ids, tokens)
             mtp_logits.append(self.logits(mtp_hidden))
             loads.append(load[None])
         return ModelOutput(

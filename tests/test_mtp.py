@@ -72,3 +72,12 @@ def test_mtp_loss_scores_token_two_ahead():
         _, metrics = language_model_loss(output, tokens, mask, mtp_weight=0.3)
         assert float(metrics["main_loss"]) < 1e-6
         assert (float(metrics["mtp_loss"]) < 1e-6) == expect_zero, shift
+
+
+def test_targets_stay_inside_their_document():
+    tokens = jnp.array([[5, 6, 7, 8, 9, 0]])
+    segments = jnp.array([[1, 1, 1, 2, 2, 0]])
+    _, weights = shifted_targets(tokens, jnp.ones_like(tokens), 1, segments)
+    assert weights[0].tolist() == [1, 1, 0, 1, 0, 0]
+    _, weights = shifted_targets(tokens, jnp.ones_like(tokens), 2, segments)
+    assert weights[0].tolist() == [1, 0, 0, 0, 0, 0]
