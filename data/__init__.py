@@ -1,0 +1,15 @@
+"""Post-training data: JSONL records -> validated records -> token ids with loss masks -> packed,
+sharded, checkpointable batches (grain).
+
+Modules, one job each:
+- `errors`: the error type that names file and line, and the counter of skipped records.
+- `formats`: what a valid SFT / preference / prompt record is, as small dataclasses.
+- `jsonl`: file patterns -> records, strict or skipping bad ones.
+- `tokenizer`: a `tokenizer.json` behind a narrow interface.
+- `chat_template`: conversations -> text pieces that know whether they are training targets.
+- `encode`: records -> token ids and loss masks (SFT), or prompt/answer ids (DPO, GRPO).
+- `packing`: the over-long policy and the grain packing step that emits the batch fields.
+- `pipeline`: the grain graph (mixture, shuffle, per-process shard, pack, batch, prefetch).
+- `tasks`: the small checkable tasks of the shipped sample data.
+- `evaluation`: exact-match accuracy of a generate function on held-out conversations.
+"""

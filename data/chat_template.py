@@ -1,0 +1,108 @@
+"""Conversations -> text pieces, each marked as training target or context.
+
+The DeepSeek-V4 preset follows the encoding reference shipped with the release
+(`encoding/encoding_dsv4.py` and `encoding/README.md` of deepseek-ai/DeepSeek-V4-Flash, read through
+an independent re-implementation), in its non-thinking "chat" mode:
+
+    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜></think>{reply}<｜end▁of▁sentence｜>...
+
+- BOS once at the start; a system prompt is raw text right after it (no role marker).
+- A user turn is `<｜User｜>` + text. The reply is cued by `<｜Assistant｜>` followed by `</think>`:
+  in chat mode the release closes the (empty) thinking block in the prompt.
+- A reply is its text followed by EOS `<｜end▁of▁sentence｜>`; earlier turns keep their EOS.
+- The markers use U+FF5C (fullwidth vertical line) and U+2581 (lower one-eighth block).
+Difference: the release cues a reply only after a user turn; we cue every assistant turn (the only
+case that differs, an assistant turn right after a system prompt or another reply, is unusual in SFT).
+Thinking mode (`<think>` reasoning kept in the last turn) is not rendered yet.
+
+Why pieces rather than one string: the loss mask must cover exactly the reply text and its EOS, so
+each piece is tokenised separately and tagged; the role markers are special tokens, so token
+boundaries fall on piece boundaries and the ids equal those of the whole string.
+"""
+import dataclasses
+from typing import Mapping, Sequence
+
+from data.formats import Message
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """Strings around each turn. `assistant_prefix` is context (it cues the reply, and ends a
+    generation prompt); `assistant_suffix` is a target (the model must learn to stop)."""
+
+    name: str
+    bos: str
+    eos: str
+    pad: str
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    special_tokens: tuple[str, ...]  # every marker that must be one vocabulary entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    text: str
+    target: bool      # part of an assistant reply (its text or its end marker)
+    turn: int         # index of the message it belongs to
+
+
+DEEPSEEK_V4 = ChatTemplate(
+    name="deepseek_v4",
+    bos=BOS, eos=EOS, pad=PAD,
+    system_prefix="", system_suffix="",
+    user_prefix=USER, user_suffix="",
+    assistant_prefix=ASSISTANT + THINK_END, assistant_suffix=EOS,
+    special_tokens=(BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END),
+)
+
+PRESETS = {DEEPSEEK_V4.name: DEEPSEEK_V4}
+CUSTOM = "custom"
+
+
+def get_template(name: str, custom: Mapping[str, str] | None = None) -> ChatTemplate:
+    """A preset by name, or (name "custom") a template from config fields: bos, eos, pad,
+    system/user/assistant prefix/suffix, and `special_tokens` (the markers to keep whole)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name != CUSTOM:
+        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(PRESETS) + [CUSTOM]}")
+    if custom is None:
+        raise ValueError("template 'custom' needs the custom_template fields")
+    fields = dict(custom)
+    fields["special_tokens"] = tuple(fields.get("special_tokens", ()))
+    return ChatTemplate(name=CUSTOM, **fields)
+
+
+def render(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
+           ) -> list[Piece]:
+    """The pieces of a conversation; with `generation_prompt`, ends with the reply cue."""
+    pieces = [Piece(template.bos, False, 0)]
+    for turn, message in enumerate(messages):
+        if message.role == "system":
+            parts = [(template.system_prefix, False), (message.content, False), (template.system_suffix, False)]
+        elif message.role == "user":
+            parts = [(template.user_prefix, False), (message.content, False), (template.user_suffix, False)]
+        else:
+            parts = [(template.assistant_prefix, False), (message.content, True),
+                     (template.assistant_suffix, True)]
+        pieces.extend(Piece(text, target, turn) for text, target in parts)
+    if generation_prompt:
+        pieces.append(Piece(template.assistant_prefix, False, len(messages)))
+    return [p for p in pieces if p.text]
+
+
+def render_text(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
+                ) -> str:
+    return "".join(p.text for p in render(template, messages, generation_prompt=generation_prompt))

@@ -1,0 +1,110 @@
+"""Records -> token ids: SFT examples with loss masks, preference triples, prompts.
+
+Loss mask convention (the one the model's loss consumes): `loss_mask[i] == 1` marks token i as a
+training target, i.e. a token of an assistant reply, its end marker included. The model scores the
+head at position i-1 on it. Which replies count is the mode:
+- "all_assistant_turns": every reply of the conversation;
+- "last_assistant_turn": only the final reply (earlier replies are context).
+"""
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from data.chat_template import ChatTemplate, Piece, render
+from data.errors import DataError, InvalidRecord, LoadStats
+from data.formats import Conversation, PreferencePair, Pretokenized, PromptRecord
+from data.jsonl import Located
+from data.tokenizer import Tokenizer
+
+LOSS_MASK_MODES = ("all_assistant_turns", "last_assistant_turn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """Tokenizer + template + mask mode, checked against each other and the model's vocabulary."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    loss_mask_mode: str
+    vocab_size: int  # the model's embedding rows; every id must be below it
+
+    def __post_init__(self):
+        if self.loss_mask_mode not in LOSS_MASK_MODES:
+            raise ValueError(f"loss_mask mode {self.loss_mask_mode!r} is not one of {LOSS_MASK_MODES}")
+        for marker in self.template.special_tokens:
+            self.tokenizer.token_id(marker)
+
+    def pieces_to_ids(self, batch: Sequence[Sequence[Piece]]) -> list[tuple[list[int], list[int]]]:
+        """(ids, per-id target flag) for each rendered conversation; one tokenizer call in all."""
+        flat = [p for pieces in batch for p in pieces]
+        encoded = iter(self.tokenizer.encode_batch([p.text for p in flat]))
+        out = []
+        for pieces in batch:
+            last_turn = max((p.turn for p in pieces if p.target), default=-1)
+            ids, mask = [], []
+            for piece in pieces:
+                piece_ids = next(encoded)
+                wanted = piece.target and (self.loss_mask_mode == "all_assistant_turns" or piece.turn == last_turn)
+                ids.extend(piece_ids)
+                mask.extend([int(wanted)] * len(piece_ids))
+            out.append((ids, mask))
+        return out
+
+    def check_vocab(self, ids: np.ndarray) -> None:
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise InvalidRecord("token_out_of_vocab",
+                                f"token id {int(bad[0])} is outside the vocabulary of {self.vocab_size}")
+
+    def ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(i, np.int32) for i in self.tokenizer.encode_batch(texts)]
+
+
+def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, stats: LoadStats
+               ) -> list[dict[str, np.ndarray]]:
+    """{"tokens": int32[L], "loss_mask": int32[L]} per record, in order; bad ones raise or count."""
+    conversations = [r for r in records if isinstance(r.record, Conversation)]
+    rendered = encoder.pieces_to_ids([render(encoder.template, r.record.messages) for r in conversations])
+    by_id = {id(r): ids_mask for r, ids_mask in zip(conversations, rendered)}
+    examples = []
+    for located in records:
+        record = located.record
+        ids, mask = by_id[id(located)] if isinstance(record, Conversation) else (record.tokens, record.loss_mask)
+        example = {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+        try:
+            encoder.check_vocab(example["tokens"])
+        except InvalidRecord as e:
+            if not skip_bad:
+                raise DataError(located.path, e.detail, line=located.line, reason=e.reason) from None
+            stats.skip(e.reason)
+            continue
+        examples.append(example)
+    return examples
+
+
+def encode_preference(pair: PreferencePair, encoder: Encoder) -> dict[str, np.ndarray]:
+    """prompt int32[P] (ending with the reply cue), chosen int32[C], rejected int32[R]; both
+    replies end with the template's end-of-reply marker, as the model must learn to emit it."""
+    (prompt, _), = encoder.pieces_to_ids([render(encoder.template, pair.prompt, generation_prompt=True)])
+    end = encoder.template.assistant_suffix
+    chosen, rejected = encoder.ids([pair.chosen + end, pair.rejected + end])
+    return {"prompt": np.asarray(prompt, np.int32), "chosen": chosen, "rejected": rejected}
+
+
+def preference_sequences(encoded: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The two full sequences of a pair in SFT form (prompt masked out, reply as target), so DPO
+    can reuse packing: {"chosen"|"rejected": {"tokens": int32[P+C], "loss_mask": int32[P+C]}}."""
+    prompt = encoded["prompt"]
+    out = {}
+    for side in ("chosen", "rejected"):
+        reply = encoded[side]
+        out[side] = {"tokens": np.concatenate([prompt, reply]),
+                     "loss_mask": np.concatenate([np.zeros_like(prompt), np.ones_like(reply)])}
+    return out
+
+
+def encode_prompt(record: PromptRecord, encoder: Encoder) -> dict:
+    """{"prompt": int32[P] ending with the reply cue, "answer": str | None, "extra": dict}."""
+    (prompt, _), = encoder.pieces_to_ids([render(encoder.template, record.prompt, generation_prompt=True)])
+    return {"prompt": np.asarray(prompt, np.int32), "answer": record.answer, "extra": record.extra}

@@ -1,0 +1,55 @@
+"""Fitting examples into fixed-length rows: the over-long policy, then grain's first-fit packing.
+
+Rows carry the four batch fields the model and loss consume, each int32[seq_len]:
+- `tokens`: ids, padding 0 (never scored: padding has segment id 0);
+- `loss_mask`: 1 on target tokens (see `encode`), 0 elsewhere and on padding;
+- `segment_ids`: 1, 2, 3... per example in the row, 0 on padding;
+- `positions`: 0, 1, 2... restarting at each example, 0 on padding.
+With packing off, each row holds one example (same code path, at most one sequence per bin).
+"""
+import grain
+import numpy as np
+
+from data.errors import LoadStats
+
+OVERLONG_POLICIES = ("truncate", "drop")
+FIELDS = ("tokens", "loss_mask")
+
+
+def fit_length(examples: list[dict[str, np.ndarray]], seq_len: int, policy: str, stats: LoadStats
+               ) -> list[dict[str, np.ndarray]]:
+    """Examples no longer than seq_len. "truncate" keeps the first seq_len tokens (counted under
+    `truncated`); "drop" removes the example. A truncation that leaves no target token is a drop
+    (nothing to learn from it); drops count under `dropped_too_long`."""
+    if policy not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong policy {policy!r} is not one of {OVERLONG_POLICIES}")
+    kept = []
+    for example in examples:
+        if len(example["tokens"]) > seq_len:
+            cut = {k: v[:seq_len] for k, v in example.items()}
+            if policy == "drop" or not cut["loss_mask"].any():
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += 1
+            example = cut
+        kept.append(example)
+    return kept
+
+
+def _to_batch_fields(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"tokens": row["tokens"], "loss_mask": row["loss_mask"],
+            "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
+
+
+def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: bool, seed: int
+         ) -> grain.IterDataset:
+    """Rows of int32[seq_len] fields from examples of int32[<=seq_len]; bins are emitted in a
+    seeded order so a row does not always hold the shortest leftovers."""
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples,
+        length_struct={k: seq_len for k in FIELDS},
+        num_packing_bins=num_bins,
+        seed=seed,
+        max_sequences_per_bin=None if enabled else 1,
+    )
+    return packed.map(_to_batch_fields)

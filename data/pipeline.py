@@ -1,0 +1,143 @@
+"""The grain graph from config to batches, and the loaders for preference and prompt sets.
+
+    sources (pattern, weight) --read+validate+tokenise (eager)--> examples per source
+      --MapDataset: shuffle(seed) per epoch, repeat, mix by weight, take this process's share
+      --IterDataset: first-fit pack into rows, batch, thread prefetch--> batches
+
+Everything before grain is eager: files are read and validated when the pipeline is built, so a bad
+line is reported with its file and line before training starts (or counted, in skip mode), and the
+counts are final from step 0. That fits post-training sets (up to a few million conversations); a
+larger corpus would move reading into a grain data source.
+
+Determinism: the order is a function of the seed, the weights and the process index only; the
+iterator's `get_state()` (a small dict) restores the exact position, so a resumed run sees exactly
+the batches it would have seen.
+"""
+import atexit
+import dataclasses
+import weakref
+
+import grain
+import ml_collections
+import numpy as np
+
+from data import packing
+from data.chat_template import get_template
+from data.encode import Encoder, encode_prompt, encode_preference, encode_sft
+from data.errors import DataError, InvalidRecord, LoadStats
+from data.formats import parse_preference, parse_prompt, parse_sft
+from data.jsonl import read_records
+from data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class SFTPipeline:
+    """`dataset` yields {"tokens","loss_mask","segment_ids","positions"}: int32[batch, seq_len],
+    batch = global_batch_size / process_count. Iterate with `iter(pipeline.dataset)`; save the
+    iterator's `get_state()` with the train state and `set_state` it on restore."""
+    dataset: grain.IterDataset
+    stats: LoadStats
+    encoder: Encoder
+
+    def __iter__(self) -> grain.DatasetIterator:
+        iterator = iter(self.dataset)
+        _LIVE_ITERATORS.add(iterator)
+        return iterator
+
+
+# The prefetch thread must stop before the interpreter tears down, or the process aborts at exit
+# ("terminate called without an active exception"); iterators still alive then are closed here.
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+
+
+def build_encoder(config: ml_collections.ConfigDict) -> Encoder:
+    template = get_template(config.template, config.get("custom_template"))
+    return Encoder(Tokenizer.load(config.tokenizer_path), template, config.loss_mask, config.vocab_size)
+
+
+def _source_examples(config, encoder, stats) -> tuple[list[list[dict]], list[float]]:
+    examples, weights = [], []
+    for pattern, weight in config.sft_sources:
+        records = list(read_records(pattern, parse_sft, skip_bad=config.skip_bad_records, stats=stats))
+        encoded = encode_sft(records, encoder, skip_bad=config.skip_bad_records, stats=stats)
+        kept = packing.fit_length(encoded, config.seq_len, config.overlong, stats)
+        if not kept:
+            raise DataError(pattern, "no usable example left after validation and the length policy",
+                            reason="no_examples")
+        stats.records_kept += len(kept)
+        examples.append(kept)
+        weights.append(float(weight))
+    return examples, weights
+
+
+def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1,
+                       encoder: Encoder | None = None) -> SFTPipeline:
+    """Batches for SFT (pass jax.process_index() / jax.process_count() on a multi-host run)."""
+    if config.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {config.global_batch_size} does not split over "
+                         f"{process_count} processes")
+    encoder = encoder or build_encoder(config)
+    stats = LoadStats()
+    examples, weights = _source_examples(config, encoder, stats)
+
+    sources = []
+    for i, source_examples in enumerate(examples):
+        ds = grain.MapDataset.source(source_examples)
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.shuffle_seed + i)  # reshuffled every epoch (seed + epoch)
+        sources.append(ds.repeat(config.num_epochs))
+    mixed = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
+    shard = mixed[process_index::process_count]
+
+    rows = packing.pack(
+        shard.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                prefetch_buffer_size=config.read_buffer)),
+        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
+        seed=config.shuffle_seed)
+    batches = rows.batch(config.global_batch_size // process_count, drop_remainder=True)
+    if config.prefetch:
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)
+    return SFTPipeline(batches, stats, encoder)
+
+
+def load_conversations(pattern: str, *, skip_bad: bool = False, stats: LoadStats | None = None) -> list:
+    """The SFT conversations of a held-out set, for `evaluation.exact_match_accuracy`."""
+    stats = stats or LoadStats()
+    return [r.record for r in read_records(pattern, parse_sft, skip_bad=skip_bad, stats=stats)]
+
+
+def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
+    out = []
+    for located in read_records(pattern, parse, skip_bad=skip_bad, stats=stats):
+        item = encode(located.record, encoder)
+        try:
+            for key in arrays:
+                encoder.check_vocab(item[key])
+        except InvalidRecord as e:
+            if not skip_bad:
+                raise DataError(located.path, e.detail, line=located.line, reason=e.reason) from None
+            stats.skip(e.reason)
+            continue
+        out.append(item)
+    stats.records_kept += len(out)
+    return out
+
+
+def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
+                     stats: LoadStats | None = None) -> list[dict[str, np.ndarray]]:
+    """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R]}] (see encode_preference)."""
+    return _load_encoded(pattern, parse_preference, encode_preference, encoder, skip_bad,
+                         stats or LoadStats(), ("prompt", "chosen", "rejected"))
+
+
+def load_prompts(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
+                 stats: LoadStats | None = None) -> list[dict]:
+    """[{"prompt": int32[P], "answer": str | None, "extra": dict}] (see encode_prompt)."""
+    return _load_encoded(pattern, parse_prompt, encode_prompt, encoder, skip_bad,
+                         stats or LoadStats(), ("prompt",))
