@@ -64,13 +64,12 @@ class Encoder:
 def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, stats: LoadStats
                ) -> list[dict[str, np.ndarray]]:
     """{"tokens": int32[L], "loss_mask": int32[L]} per record, in order; bad ones raise or count."""
-    conversations = [r for r in records if isinstance(r.record, Conversation)]
-    rendered = encoder.pieces_to_ids([render(encoder.template, r.record.messages) for r in conversations])
-    by_id = {id(r): ids_mask for r, ids_mask in zip(conversations, rendered)}
+    rendered = iter(encoder.pieces_to_ids(
+        [render(encoder.template, r.record.messages) for r in records if isinstance(r.record, Conversation)]))
     examples = []
     for located in records:
         record = located.record
-        ids, mask = by_id[id(located)] if isinstance(record, Conversation) else (record.tokens, record.loss_mask)
+        ids, mask = next(rendered) if isinstance(record, Conversation) else (record.tokens, record.loss_mask)
         example = {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
         try:
             encoder.check_vocab(example["tokens"])

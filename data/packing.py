@@ -1,7 +1,7 @@
 """Fitting examples into fixed-length rows: the over-long policy, then grain's first-fit packing.
 
 Rows carry the four batch fields the model and loss consume, each int32[seq_len]:
-- `tokens`: ids, padding 0 (never scored: padding has segment id 0);
+- `tokens`: ids, the template's pad token on padding (never attended to or scored: segment id 0);
 - `loss_mask`: 1 on target tokens (see `encode`), 0 elsewhere and on padding;
 - `segment_ids`: 1, 2, 3... per example in the row, 0 on padding;
 - `positions`: 0, 1, 2... restarting at each example, 0 on padding.
@@ -41,8 +41,8 @@ def _to_batch_fields(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
 
 
-def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: bool, seed: int
-         ) -> grain.IterDataset:
+def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: bool, seed: int,
+         pad_id: int) -> grain.IterDataset:
     """Rows of int32[seq_len] fields from examples of int32[<=seq_len]; bins are emitted in a
     seeded order so a row does not always hold the shortest leftovers."""
     packed = grain.experimental.FirstFitPackIterDataset(
@@ -51,5 +51,6 @@ def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: b
         num_packing_bins=num_bins,
         seed=seed,
         max_sequences_per_bin=None if enabled else 1,
+        padding_struct={"tokens": pad_id, "loss_mask": 0},
     )
     return packed.map(_to_batch_fields)

@@ -99,7 +99,7 @@ def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int 
         shard.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                 prefetch_buffer_size=config.read_buffer)),
         seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
-        seed=config.shuffle_seed)
+        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
     batches = rows.batch(config.global_batch_size // process_count, drop_remainder=True)
     if config.prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)

@@ -66,7 +66,8 @@ def test_batch_fields_follow_the_contract(sft_file):
             assert batch[name].shape == (BATCH, SEQ_LEN) and batch[name].dtype == np.int32, name
         seg, pos = batch["segment_ids"], batch["positions"]
         pad = seg == 0
-        assert not (batch["loss_mask"][pad].any() or pos[pad].any() or batch["tokens"][pad].any())
+        assert not (batch["loss_mask"][pad].any() or pos[pad].any())
+        assert (batch["tokens"][pad] == pipeline.encoder.tokenizer.token_id("<｜▁pad▁｜>")).all()
         for row in range(BATCH):  # segments are 1, 2, 3... left to right, positions restart at each
             ids = seg[row][~pad[row]]
             assert ids[0] == 1 and set(np.diff(ids)) <= {0, 1}
@@ -166,3 +167,11 @@ def test_restored_iterator_continues_with_the_same_batches(sft_file):
 def test_finite_epochs_end(sft_file):
     batches = list(itertools.islice(build_sft_pipeline(_config(sft_file, num_epochs=1, pack=False)), 1000))
     assert len(batches) == NUM_RECORDS // BATCH
+
+
+def test_a_glob_pattern_is_one_source(tmp_path):
+    for part in range(3):
+        (tmp_path / f"part-{part}.jsonl").write_text(json.dumps({"tokens": [10 + part, 3]}) + "\n")
+    pipeline = build_sft_pipeline(_config(str(tmp_path / "part-*.jsonl"), pack=False, shuffle=False))
+    assert pipeline.stats.records_kept == 3
+    assert sorted(next(iter(pipeline))["tokens"][:3, 0]) == [10, 11, 12]

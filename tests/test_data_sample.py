@@ -11,7 +11,8 @@ from configs.data import SAMPLE_DIR, get_config, sample_path
 from data import tasks
 from data.chat_template import DEEPSEEK_V4, render
 from data.evaluation import exact_match_accuracy, split_last_reply
-from data.pipeline import build_encoder, load_conversations, load_preferences, load_prompts
+from data.pipeline import build_encoder, build_sft_pipeline, load_conversations, load_preferences, load_prompts
+from bench import data as bench_data
 from scripts import make_sample_data, train_tokenizer
 
 SAMPLE_FILES = ("sft_train.jsonl", "sft_heldout.jsonl", "preference.jsonl", "prompts.jsonl")
@@ -79,3 +80,13 @@ def test_sample_dir_holds_only_generated_files():
     assert sorted(os.listdir(SAMPLE_DIR)) == sorted(SAMPLE_FILES + ("tokenizer.json",))
     with open(sample_path("prompts.jsonl")) as f:
         assert set(json.loads(f.readline())) == {"prompt", "answer", "task"}
+
+
+def test_default_config_reads_every_sample_record(capsys):
+    pipeline = build_sft_pipeline(get_config())
+    assert pipeline.stats.as_metrics() == {
+        "data/records_read": 4000, "data/records_kept": 4000, "data/truncated": 0,
+        "data/dropped_too_long": 0, "data/skipped_total": 0}
+    bench_data.main(["--batches", "3", "--warmup", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens_per_sec"] > 0 and 0 < report["packing_efficiency"] <= 1
