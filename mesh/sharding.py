@@ -110,7 +110,7 @@ def constrain(x, names):
     if current is None:
         return x
     mesh, rules = current
-    spec = resolve_spec(f"activation {x.shape}", names, x.shape, dict(mesh.shape), rules)
+    spec = resolve_spec("activation", names, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -22,9 +22,9 @@ class Block(nnx.Module):
         self.moe = MoE(args, routing == "hash", rngs)
 
     def __call__(self, streams: jax.Array, positions: jax.Array, segment_ids: jax.Array, token_ids: jax.Array):
-        """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s] -> (streams, expert load [E])."""
+        """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s] -> (streams, MoEStats)."""
         u, post, comb = self.attn_hc(streams)
         streams = HyperConnection.merge(streams, self.attn(self.attn_norm(u), positions, segment_ids), post, comb)
         u, post, comb = self.ffn_hc(streams)
-        out, load = self.moe(self.ffn_norm(u), token_ids)
-        return HyperConnection.merge(streams, out, post, comb), load
+        out, stats = self.moe(self.ffn_norm(u), token_ids)
+        return HyperConnection.merge(streams, out, post, comb), stats

@@ -23,23 +23,38 @@ def shifted_targets(tokens: jax.Array, loss_mask: jax.Array, shift: int, segment
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """-> (sum of weighted token losses, sum of weights), float32."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    """-> (sum of weighted token losses, sum of weights), float32. The target logit is read by a one-hot
+    contraction, not a gather, so a vocab-sharded logits tensor is never gathered whole."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    token_loss = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 
-def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.Array, mtp_weight: float,
-                        segment_ids=None):
-    """Mean next-token loss over masked-in targets, plus `mtp_weight` times the mean MTP loss per depth.
+def target_counts(tokens, loss_mask, segment_ids, num_mtp: int) -> jax.Array:
+    """Scored targets of the main head and of each MTP depth: [1 + num_mtp] float32."""
+    return jnp.stack([jnp.sum(shifted_targets(tokens, loss_mask, shift, segment_ids)[1])
+                      for shift in range(1, num_mtp + 2)])
 
-    Returns (loss, metrics) with metrics: main_loss, mtp_loss (mean over depths), target_tokens.
+
+def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.Array, mtp_weight: float,
+                        segment_ids=None, counts=None):
+    """Mean next-token loss over scored targets, plus `mtp_weight` times the mean over depths of each
+    depth's mean MTP loss.
+
+    `counts` ([1 + depths], from `target_counts` over the whole global batch) makes the means global
+    when this call sees one micro-batch: the micro-batch losses then add up to the global loss.
+    Returns (loss, metrics) with metrics: main_loss, mtp_loss, target_tokens (this call's scored
+    targets of the main head).
     """
-    total, count = cross_entropy(output.logits, *shifted_targets(tokens, loss_mask, 1, segment_ids))
-    main = total / jnp.maximum(count, 1.0)
-    mtp_losses = []
+    depths = len(output.mtp_logits)
+    if counts is None:
+        counts = target_counts(tokens, loss_mask, segment_ids, depths)
+    counts = jnp.maximum(counts, 1.0)
+    total, scored = cross_entropy(output.logits, *shifted_targets(tokens, loss_mask, 1, segment_ids))
+    main = total / counts[0]
+    mtp = jnp.zeros((), jnp.float32)
     for depth, logits in enumerate(output.mtp_logits, start=1):
-        mtp_total, mtp_count = cross_entropy(logits, *shifted_targets(tokens, loss_mask, depth + 1, segment_ids))
-        mtp_losses.append(mtp_total / jnp.maximum(mtp_count, 1.0))
-    mtp = jnp.mean(jnp.stack(mtp_losses)) if mtp_losses else jnp.zeros((), jnp.float32)
-    return main + mtp_weight * mtp, {"main_loss": main, "mtp_loss": mtp, "target_tokens": count}
+        mtp_total, _ = cross_entropy(logits, *shifted_targets(tokens, loss_mask, depth + 1, segment_ids))
+        mtp = mtp + mtp_total / counts[depth] / depths
+    return main + mtp_weight * mtp, {"main_loss": main, "mtp_loss": mtp, "target_tokens": scored}

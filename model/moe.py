@@ -96,6 +96,27 @@ class RoutedExperts(nnx.Module):
         return jnp.einsum("tei,eid->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEStats:
+    """Per layer: load [E] (token-expert assignments per expert), balance (sequence-wise balance loss,
+    before its weight), dropped (assignments a capacity limit dropped)."""
+
+    load: jax.Array
+    balance: jax.Array
+    dropped: jax.Array
+
+
+def sequence_balance_loss(routing: Routing, rows: int, k: int) -> jax.Array:
+    """Mean over rows of sum_i f_i * P_i: f_i = E/(k*T) * tokens choosing expert i, P_i = mean of the
+    normalised scores s_i / sum_j s_j over the row's T tokens. Equals 1 when perfectly balanced."""
+    t, e = routing.scores.shape
+    probs = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(rows, t // rows, e)
+    chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=1).reshape(rows, t // rows, e)
+    fraction = jax.lax.stop_gradient(chosen.mean(axis=1)) * (e / k)
+    return jnp.mean(jnp.sum(fraction * probs.mean(axis=1), axis=-1))
+
+
 class MoE(nnx.Module):
     def __init__(self, args: ModelArgs, hashed: bool, rngs: nnx.Rngs):
         self.router = Router(args, hashed, rngs)
@@ -103,7 +124,8 @@ class MoE(nnx.Module):
         self.shared = SharedExpert(args, rngs) if args.num_shared_experts else None
 
     def __call__(self, u: jax.Array, token_ids: jax.Array):
-        """u [b,s,d], token_ids [b,s] -> (output [b,s,d], expert load [E] as token counts)."""
+        """u [b,s,d], token_ids [b,s] -> (output [b,s,d], MoEStats). Rows are the balance loss's sequences
+        (hash-routed layers choose by token id, so their balance term is zero)."""
         b, s, d = u.shape
         x = u.reshape(b * s, d)
         routing = self.router(x, token_ids.reshape(b * s))
@@ -111,4 +133,7 @@ class MoE(nnx.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
-        return y.astype(u.dtype).reshape(b, s, d), load
+        balance = (jnp.zeros((), jnp.float32) if self.router.hashed
+                   else sequence_balance_loss(routing, b, self.router.k))
+        stats = MoEStats(load=load, balance=balance, dropped=jnp.zeros((), jnp.float32))
+        return y.astype(u.dtype).reshape(b, s, d), stats

@@ -29,9 +29,9 @@ class MTPLayer(nnx.Module):
     def __call__(self, streams: jax.Array, next_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  token_ids: jax.Array):
         """streams [b,s,n,d], next_embeds [b,s,d] (embedding of the token k ahead) ->
-        (streams [b,s,n,d] for the next depth, normed hidden [b,s,d] for the head, expert load [E])."""
+        (streams [b,s,n,d] for the next depth, normed hidden [b,s,d] for the head, MoEStats)."""
         dt = streams.dtype
         e = jnp.einsum("bsd,de->bse", self.enorm(next_embeds), self.e_proj[...].astype(dt))
         h = jnp.einsum("bsnd,de->bsne", self.hnorm(streams), self.h_proj[...].astype(dt))
-        streams, load = self.block(h + e[:, :, None, :], positions, segment_ids, token_ids)
-        return streams, self.norm(self.hc_head(streams)), load
+        streams, stats = self.block(h + e[:, :, None, :], positions, segment_ids, token_ids)
+        return streams, self.norm(self.hc_head(streams)), stats

@@ -16,6 +16,7 @@ from model import params
 from model.args import ModelArgs, layer_groups
 from model.block import Block
 from model.hyper_connections import STREAMS, HyperHead
+from model.moe import MoEStats
 from model.mtp import MTPLayer
 from model.norms import RMSNorm
 
@@ -31,7 +32,7 @@ REMAT = {
 class ModelOutput:
     logits: jax.Array  # [b, s, vocab] float32, predicts token i+1
     mtp_logits: tuple  # per depth k: [b, s, vocab] float32, predicts token i+k+1
-    expert_load: jax.Array  # [num_layers + num_mtp_layers, E] tokens routed to each expert
+    moe: MoEStats  # per layer, MTP layers last: load [L + mtp, E], balance [L + mtp], dropped [L + mtp]
     hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
 
 
@@ -46,6 +47,11 @@ def stacked_blocks(args: ModelArgs, kind: tuple, count: int, rngs: nnx.Rngs) -> 
     return create(rngs)
 
 
+def _stack(items, concat=False):
+    """Stacks (or concatenates) a list of equal pytrees leaf by leaf."""
+    return jax.tree.map(lambda *leaves: (jnp.concatenate if concat else jnp.stack)(leaves), *items)
+
+
 class LayerGroup(nnx.Module):
     """`repeats` repetitions of a pattern of one or two layer kinds, one stacked Block per position."""
 
@@ -55,25 +61,25 @@ class LayerGroup(nnx.Module):
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
     def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool):
-        """-> (streams, load [repeats*len(pattern), E], hidden [repeats*len(pattern), ...] or None)."""
+        """-> (streams, MoEStats stacked [repeats*len(pattern), ...], hidden [repeats*len(pattern), ...] or None),
+        layers in schedule order."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, layer_state):
             blocks = nnx.merge(graphdef, layer_state)
-            loads, hidden = [], []
+            stats, hidden = [], []
             for block in blocks:
-                carry, load = block(carry, positions, segment_ids, token_ids)
-                loads.append(load)
+                carry, layer_stats = block(carry, positions, segment_ids, token_ids)
+                stats.append(layer_stats)
                 hidden.append(carry)
-            return carry, (jnp.stack(loads), jnp.stack(hidden) if collect_hidden else None)
+            return carry, (_stack(stats), jnp.stack(hidden) if collect_hidden else None)
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
-        streams, (loads, hidden) = jax.lax.scan(body, streams, state)
-        loads = loads.reshape(-1, loads.shape[-1])
-        if hidden is not None:
-            hidden = hidden.reshape(-1, *hidden.shape[2:])
-        return streams, loads, hidden
+        streams, (stats, hidden) = jax.lax.scan(body, streams, state)
+        merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
+        hidden = None if hidden is None else merge_layers(hidden)
+        return streams, jax.tree.map(merge_layers, stats), hidden
 
 
 class DeepSeekV4(nnx.Module):
@@ -109,22 +115,40 @@ class DeepSeekV4(nnx.Module):
             segment_ids = jnp.ones((b, s), jnp.int32)
         x = self.embed_tokens(tokens)
         streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
-        loads, hidden = [], []
+        stats, hidden = [], []
         for group in self.groups:
-            streams, load, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden)
-            loads.append(load)
+            streams, group_stats, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden)
+            stats.append(group_stats)
             hidden.append(group_hidden)
         logits = self.logits(self.norm(self.hc_head(streams)))
 
         mtp_logits = []
         for depth, layer in enumerate(self.mtp, start=1):
             ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
-            streams, mtp_hidden, load = layer(streams, self.embed_tokens(ahead), positions, segment_ids, tokens)
+            streams, mtp_hidden, layer_stats = layer(streams, self.embed_tokens(ahead), positions, segment_ids,
+                                                     tokens)
             mtp_logits.append(self.logits(mtp_hidden))
-            loads.append(load[None])
+            stats.append(_stack([layer_stats]))
         return ModelOutput(
             logits=logits,
             mtp_logits=tuple(mtp_logits),
-            expert_load=jnp.concatenate(loads, axis=0),
+            moe=_stack(stats, concat=True),
             hidden=jnp.concatenate(hidden, axis=0) if collect_hidden else None,
         )
+
+    def update_routing_bias(self, load: jax.Array, rate: float) -> None:
+        """Aux-loss-free balancing, after a step: each score-routed layer's selection bias moves by
+        rate * sign(mean load - load), raising under-loaded experts. load: [L + mtp, E] (ModelOutput.moe)."""
+
+        def step(bias, layer_load):
+            mean = jnp.mean(layer_load, axis=-1, keepdims=True)
+            bias[...] = bias[...] + rate * jnp.sign(mean - layer_load)
+
+        for group in self.groups:
+            period = len(group.pattern)
+            for offset, blocks in enumerate(group.blocks):
+                if not blocks.moe.router.hashed:
+                    rows = group.first_layer + offset + period * jnp.arange(group.repeats)
+                    step(blocks.moe.router.bias, load[rows])
+        for depth, layer in enumerate(self.mtp):
+            step(layer.block.moe.router.bias, load[self.args.num_layers + depth])

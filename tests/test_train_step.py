@@ -1,0 +1,138 @@
+"""The sharded post-training step against the single-device step, on several meshes.
+
+Tolerances: loss to 1e-5 relative, gradient norm to 1e-4; updated parameters: every element within
+0.1 of an AdamW step (lr) and the mean difference per tensor below 1e-3 of a step. Adam divides by
+|g|, so where a gradient is tiny (the MTP head's mixing weights: ~1e-6, summed with cancellation) the
+float32 noise of a different summation order (measured up to 4e-3 of that tensor's largest
+gradient) shows up in its normalised step; routing biases exactly. The compiled step must show the collectives the
+layout implies (parameter all-gathers over fsdp, gradient reductions)."""
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import parallelism
+from mesh.sharding import activate
+from model.transformer import DeepSeekV4
+from tests.model_configs import parity_args
+from trainer.sharded_init import build_mesh
+from trainer.state import TrainState, create_train_state, split_variables
+from trainer.step import jit_train_step, make_train_step
+
+LR = 1e-3
+BATCH, SEQ = 16, 160
+MESHES = [dict(fsdp=8), dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)]
+
+
+def _args():
+    return parity_args(num_layers=4, compress_ratios=(0, 0, 4, 128, 0))
+
+
+def _train_config(**overrides):
+    config = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3,
+                                            microbatches=2))
+    config.update(overrides)
+    return config
+
+
+def _batch(args, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, args.vocab_size, (BATCH, SEQ)).astype(np.int32)
+    mask = (rng.random((BATCH, SEQ)) < 0.7).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": mask, "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+
+
+def _assert_params_close(ours, reference):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        diff = np.abs(np.asarray(a) - b)
+        assert diff.max() < 0.1 * LR, diff.max()
+        assert diff.mean() < 1e-3 * LR, diff.mean()
+
+
+def _single_device_state(args, tx):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])()
+    params, routing = split_variables(state)
+    return graphdef, TrainState(step=np.zeros((), np.int32), params=params, opt_state=tx.init(params),
+                                routing=routing, rng=jax.random.key_data(jax.random.key(0)))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    args = _args()
+    tx = optax.adamw(LR)
+    graphdef, state = _single_device_state(args, tx)
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))
+    batch = _batch(args)
+    new_state, metrics = step(state, batch)
+    return args, step, state, batch, jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("axes", MESHES, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+def test_sharded_step_matches_single_device(single_device, axes):
+    args, _, _, batch, expected_state, expected = single_device
+    tx = optax.adamw(LR)
+    mesh_config = parallelism.get_config("cm384-8", **axes)
+    mesh = build_mesh(mesh_config)
+    with activate(mesh, mesh_config.rules):
+        graphdef, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, seed=0)
+        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()),
+                                 shardings, mesh, mesh_config.rules)
+        compiled = step.lower(state, batch).compile()
+        new_state, metrics = compiled(state, batch)
+    assert abs(float(metrics["loss"]) - expected["loss"]) < 1e-5 * abs(expected["loss"])
+    assert abs(float(metrics["grad_norm"]) - expected["grad_norm"]) < 1e-4 * expected["grad_norm"]
+    _assert_params_close(new_state.params, expected_state.params)
+    for ours, reference in zip(jax.tree.leaves(new_state.routing), jax.tree.leaves(expected_state.routing)):
+        np.testing.assert_array_equal(np.asarray(ours), reference)
+    experts = new_state.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
+    assert experts.sharding.spec == shardings.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"].get_value().spec
+    hlo = compiled.as_text()
+    if axes.get("fsdp", 1) > 1:
+        assert re.search(r"all-gather", hlo), "FSDP parameters are never gathered"
+    assert re.search(r"all-reduce|reduce-scatter", hlo), "gradients are never reduced"
+
+
+def test_microbatches_sum_to_the_whole_batch(single_device):
+    args, _, state, batch, expected_state, expected = single_device
+    tx = optax.adamw(LR)
+    graphdef, fresh = _single_device_state(args, tx)
+    whole = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=1)))
+    new_state, metrics = whole(fresh, batch)
+    assert abs(float(metrics["loss"]) - expected["loss"]) < 1e-5 * abs(expected["loss"])
+    _assert_params_close(new_state.params, expected_state.params)
+
+
+def test_loss_falls_when_memorising_a_batch(single_device):
+    _, step, state, batch, _, _ = single_device
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["main_loss"]))
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_bias_update_moves_load_toward_balance():
+    """With the parameters fixed, raising the bias of under-loaded experts evens out the next load."""
+    args = _args()
+    model = DeepSeekV4(args, nnx.Rngs(0))
+    tokens = _batch(args)["tokens"]
+    graphdef, state = nnx.split(model)
+    load_of = jax.jit(lambda st: nnx.merge(graphdef, st)(tokens).moe.load)
+    load = load_of(state)
+    score_layers = np.array([not args.is_hash_layer(i) for i in range(args.num_layers)] + [True])
+
+    def imbalance(l):
+        l = np.asarray(l)[score_layers]
+        return float(np.mean(l.max(-1) / l.mean(-1)))
+
+    before = imbalance(load)
+    for _ in range(5):
+        model.update_routing_bias(load, rate=0.02)
+        load = load_of(nnx.state(model))
+    assert imbalance(load) < before - 0.1, (before, imbalance(load))

@@ -1,0 +1,49 @@
+"""The train state: everything a step reads and writes, as one pytree with one sharding tree."""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import params as model_params
+from trainer.sharded_init import init_sharded
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """step: int32 scalar; params: trainable nnx.State (fp32 masters); opt_state: the optimizer's;
+    routing: selection biases and hash tables (not trained by gradients); rng: a PRNG key."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    routing: Any
+    rng: jax.Array
+
+
+def split_variables(state):
+    """Model state -> (trainable params, routing variables)."""
+    params, routing = nnx.split_state(state, nnx.Param, (model_params.RoutingBias, model_params.HashTable))
+    return params, routing
+
+
+def create_train_state(args, mesh, rules, tx, seed: int):
+    """-> (graphdef, TrainState, its shardings). Parameters are born sharded; the optimizer state is
+    initialised under jit from them, so it takes their shardings (moments shaped like parameters) or
+    is replicated (scalars)."""
+    graphdef, state, shardings = init_sharded(args, mesh, rules, seed)
+    params, routing = split_variables(state)
+    param_shardings, routing_shardings = split_variables(shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.jit(tx.init)(params)
+    on_mesh = lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, on_mesh(x.sharding)), opt_state)
+    train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                             opt_state=opt_state, routing=routing,
+                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
+    state_shardings = TrainState(step=replicated, params=param_shardings,
+                                 opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
+                                 routing=routing_shardings, rng=replicated)
+    return graphdef, train_state, state_shardings
