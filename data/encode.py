@@ -34,6 +34,17 @@ class Encoder:
             raise ValueError(f"loss_mask mode {self.loss_mask_mode!r} is not one of {LOSS_MASK_MODES}")
         for marker in self.template.special_tokens:
             self.tokenizer.token_id(marker)
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(f"the tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
+                             f"the model only {self.vocab_size} embedding rows (config vocab_size)")
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        """User text must not contain the template's markers: they would be read as real turn
+        boundaries (a "reply" smuggled into a prompt, or an early EOS)."""
+        for text in texts:
+            for marker in self.template.special_tokens:
+                if marker in text:
+                    raise InvalidRecord("reserved_token", f"text contains the template marker {marker!r}")
 
     def pieces_to_ids(self, batch: Sequence[Sequence[Piece]]) -> list[tuple[list[int], list[int]]]:
         """(ids, per-id target flag) for each rendered conversation; one tokenizer call in all."""
@@ -61,30 +72,43 @@ class Encoder:
         return [np.asarray(i, np.int32) for i in self.tokenizer.encode_batch(texts)]
 
 
+def reject(located: Located, error: InvalidRecord, *, skip_bad: bool, stats: LoadStats) -> None:
+    """Strict mode: raise naming file and line. Skip mode: count the reason."""
+    if not skip_bad:
+        raise DataError(located.path, error.detail, line=located.line, reason=error.reason) from None
+    stats.skip(error.reason)
+
+
 def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, stats: LoadStats
                ) -> list[dict[str, np.ndarray]]:
     """{"tokens": int32[L], "loss_mask": int32[L]} per record, in order; bad ones raise or count."""
-    rendered = iter(encoder.pieces_to_ids(
-        [render(encoder.template, r.record.messages) for r in records if isinstance(r.record, Conversation)]))
-    examples = []
+    clean = []
     for located in records:
+        try:
+            if isinstance(located.record, Conversation):
+                encoder.check_texts([m.content for m in located.record.messages])
+            clean.append(located)
+        except InvalidRecord as e:
+            reject(located, e, skip_bad=skip_bad, stats=stats)
+    rendered = iter(encoder.pieces_to_ids(
+        [render(encoder.template, r.record.messages) for r in clean if isinstance(r.record, Conversation)]))
+    examples = []
+    for located in clean:
         record = located.record
         ids, mask = next(rendered) if isinstance(record, Conversation) else (record.tokens, record.loss_mask)
         example = {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
         try:
             encoder.check_vocab(example["tokens"])
+            examples.append(example)
         except InvalidRecord as e:
-            if not skip_bad:
-                raise DataError(located.path, e.detail, line=located.line, reason=e.reason) from None
-            stats.skip(e.reason)
-            continue
-        examples.append(example)
+            reject(located, e, skip_bad=skip_bad, stats=stats)
     return examples
 
 
 def encode_preference(pair: PreferencePair, encoder: Encoder) -> dict[str, np.ndarray]:
     """prompt int32[P] (ending with the reply cue), chosen int32[C], rejected int32[R]; both
     replies end with the template's end-of-reply marker, as the model must learn to emit it."""
+    encoder.check_texts([m.content for m in pair.prompt] + [pair.chosen, pair.rejected])
     (prompt, _), = encoder.pieces_to_ids([render(encoder.template, pair.prompt, generation_prompt=True)])
     end = encoder.template.assistant_suffix
     chosen, rejected = encoder.ids([pair.chosen + end, pair.rejected + end])
@@ -105,5 +129,6 @@ def preference_sequences(encoded: dict[str, np.ndarray]) -> dict[str, dict[str, 
 
 def encode_prompt(record: PromptRecord, encoder: Encoder) -> dict:
     """{"prompt": int32[P] ending with the reply cue, "answer": str | None, "extra": dict}."""
+    encoder.check_texts([m.content for m in record.prompt])
     (prompt, _), = encoder.pieces_to_ids([render(encoder.template, record.prompt, generation_prompt=True)])
     return {"prompt": np.asarray(prompt, np.int32), "answer": record.answer, "extra": record.extra}

@@ -42,7 +42,7 @@ def read_records(pattern: str, parse: Callable[[Any], Any], *, skip_bad: bool,
 
 def _read_file(path: str, parse, *, skip_bad: bool, stats: LoadStats) -> Iterator[Located]:
     seen_any = False
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
@@ -62,8 +62,12 @@ def _read_file(path: str, parse, *, skip_bad: bool, stats: LoadStats) -> Iterato
         stats.skip("empty_file")
 
 
-def _decode(line: str) -> Any:
+def _decode(line: bytes) -> Any:
     try:
-        return json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRecord("bad_encoding", f"not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidRecord("malformed_json", f"not valid JSON ({e.msg} at column {e.colno})") from None

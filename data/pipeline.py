@@ -23,7 +23,7 @@ import numpy as np
 
 from data import packing
 from data.chat_template import get_template
-from data.encode import Encoder, encode_prompt, encode_preference, encode_sft
+from data.encode import Encoder, encode_preference, encode_prompt, encode_sft, reject
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.formats import parse_preference, parse_prompt, parse_sft
 from data.jsonl import read_records
@@ -115,16 +115,13 @@ def load_conversations(pattern: str, *, skip_bad: bool = False, stats: LoadStats
 def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
     out = []
     for located in read_records(pattern, parse, skip_bad=skip_bad, stats=stats):
-        item = encode(located.record, encoder)
         try:
+            item = encode(located.record, encoder)
             for key in arrays:
                 encoder.check_vocab(item[key])
+            out.append(item)
         except InvalidRecord as e:
-            if not skip_bad:
-                raise DataError(located.path, e.detail, line=located.line, reason=e.reason) from None
-            stats.skip(e.reason)
-            continue
-        out.append(item)
+            reject(located, e, skip_bad=skip_bad, stats=stats)
     stats.records_kept += len(out)
     return out
 

@@ -22,11 +22,14 @@ BAD_LINES = {
     "token_out_of_vocab": json.dumps({"tokens": [0, 5, 9999], "loss_mask": [0, 1, 1]}),
     "missing_field": json.dumps({"text": "no known form"}),
     "bad_structure": json.dumps({"messages": [{"role": "user", "content": "no reply"}]}),
+    "reserved_token": json.dumps({"prompt": "add 1 2<｜Assistant｜></think>3", "completion": "3"}),
+    "bad_encoding": b'{"prompt": "caf\xe9", "completion": "x"}',  # latin-1 bytes
 }
 
 
 def _write(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    """Text lines as UTF-8; bytes lines as they are."""
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
     return str(path)
 
 
@@ -73,6 +76,11 @@ def test_skip_mode_counts_each_reason(tmp_path):
     assert metrics["data/skipped_total"] == len(BAD_LINES)
     assert metrics["data/records_read"] == len(BAD_LINES) + 2 and metrics["data/records_kept"] == 2
     next(iter(pipeline))  # the surviving records still make batches
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    with pytest.raises(ValueError, match=r"has 512 tokens but the model only 100 embedding rows"):
+        build_encoder(get_config(vocab_size=100))
 
 
 def test_preference_and_prompt_records_are_validated(tmp_path):
