@@ -52,4 +52,11 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
     config.seed = seed
     config.batch_size = batch_size  # sequences per global batch
     config.seq_len = seq_len
+    # Objective terms and step mechanics (spec section 5.3: MTP weight 0.3, balance 1e-4, bias 1e-3).
+    config.train = ml_collections.ConfigDict(dict(
+        mtp_weight=0.3,
+        balance_weight=1e-4,
+        bias_update_rate=1e-3,
+        microbatches=1,
+    ))
     return config

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
 ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+MOE_DISPATCHES = ("dense", "padded", "ragged")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -59,6 +60,9 @@ class ModelArgs:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_layers: bool = True  # False unrolls the layer loop (exact XLA cost analysis, slower compiles)
+    moe_dispatch: str = "dense"  # dense: every expert sees every token (reference); padded / ragged: sorted
+    capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * tokens * k / E) assignments
 
     @property
     def compute_dtype(self):
@@ -116,6 +120,9 @@ def from_config(model_config) -> ModelArgs:
              f"{args.param_dtype!r} not allowed; allowed: {sorted(DTYPES)}")
     _require(args.remat_policy in REMAT_POLICIES, "remat_policy",
              f"{args.remat_policy!r} not allowed; allowed: {list(REMAT_POLICIES)}")
+    _require(args.moe_dispatch in MOE_DISPATCHES, "moe_dispatch",
+             f"{args.moe_dispatch!r} not allowed; allowed: {list(MOE_DISPATCHES)}")
+    _require(args.capacity_factor >= 0, "capacity_factor", f"{args.capacity_factor} must be >= 0 (0 = dropless)")
     _require(args.num_heads % args.o_groups == 0, "o_groups",
              f"{args.o_groups} does not divide num_heads={args.num_heads}")
     _require(0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0, "rope_head_dim",

@@ -57,7 +57,7 @@ class LayerGroup(nnx.Module):
 
     def __init__(self, args: ModelArgs, pattern: tuple, repeats: int, first_layer: int, rngs: nnx.Rngs):
         self.pattern, self.repeats, self.first_layer = pattern, repeats, first_layer
-        self.remat_policy = args.remat_policy
+        self.remat_policy, self.scan_layers = args.remat_policy, args.scan_layers
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
     def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool):
@@ -76,7 +76,14 @@ class LayerGroup(nnx.Module):
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
-        streams, (stats, hidden) = jax.lax.scan(body, streams, state)
+        if self.scan_layers:
+            streams, (stats, hidden) = jax.lax.scan(body, streams, state)
+        else:
+            outputs = []
+            for r in range(self.repeats):
+                streams, out = body(streams, jax.tree.map(lambda x: x[r], state))
+                outputs.append(out)
+            stats, hidden = _stack(outputs)
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
         hidden = None if hidden is None else merge_layers(hidden)
         return streams, jax.tree.map(merge_layers, stats), hidden
