@@ -68,7 +68,7 @@ def test_mtp_loss_scores_token_two_ahead():
         return 50.0 * jax.nn.one_hot(target, vocab)
     mask = jnp.ones_like(tokens)
     for shift, expect_zero in ((2, True), (1, False), (3, False)):
-        output = ModelOutput(logits=peaked(1), mtp_logits=(peaked(shift),), expert_load=jnp.zeros((1, 1)))
+        output = ModelOutput(logits=peaked(1), mtp_logits=(peaked(shift),), moe=None)
         _, metrics = language_model_loss(output, tokens, mask, mtp_weight=0.3)
         assert float(metrics["main_loss"]) < 1e-6
         assert (float(metrics["mtp_loss"]) < 1e-6) == expect_zero, shift
