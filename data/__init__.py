@@ -12,4 +12,13 @@ Modules, one job each:
 - `pipeline`: the grain graph (mixture, shuffle, per-process shard, pack, batch, prefetch).
 - `tasks`: the small checkable tasks of the shipped sample data.
 - `evaluation`: exact-match accuracy of a generate function on held-out conversations.
+
+Use from a trainer:
+
+    pipeline = build_sft_pipeline(configs.data.get_config(), process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    iterator = iter(pipeline)              # batches of int32[global_batch / processes, seq_len]
+    state = iterator.get_state()           # a small JSON-able dict, saved with the train state
+    iterator.set_state(state)              # on restore: the same batches follow
+    metrics.update(pipeline.stats.as_metrics())   # records read/kept/skipped by reason, length policy
 """

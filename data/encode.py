@@ -13,7 +13,7 @@ import numpy as np
 
 from data.chat_template import ChatTemplate, Piece, render
 from data.errors import DataError, InvalidRecord, LoadStats
-from data.formats import Conversation, PreferencePair, Pretokenized, PromptRecord
+from data.formats import Conversation, PreferencePair, PromptRecord
 from data.jsonl import Located
 from data.tokenizer import Tokenizer
 

@@ -9,6 +9,9 @@ line is reported with its file and line before training starts (or counted, in s
 counts are final from step 0. That fits post-training sets (up to a few million conversations); a
 larger corpus would move reading into a grain data source.
 
+Mixture weights are shares of examples (not tokens). With `num_epochs` set, a mixture ends when
+its first source runs out (grain's `mix`); with None every source repeats forever.
+
 Determinism: the order is a function of the seed, the weights and the process index only; the
 iterator's `get_state()` (a small dict) restores the exact position, so a resumed run sees exactly
 the batches it would have seen.
@@ -33,8 +36,8 @@ from data.tokenizer import Tokenizer
 @dataclasses.dataclass
 class SFTPipeline:
     """`dataset` yields {"tokens","loss_mask","segment_ids","positions"}: int32[batch, seq_len],
-    batch = global_batch_size / process_count. Iterate with `iter(pipeline.dataset)`; save the
-    iterator's `get_state()` with the train state and `set_state` it on restore."""
+    batch = global_batch_size / process_count. Iterate with `iter(pipeline)`; save the iterator's
+    `get_state()` with the train state and `set_state` it on restore."""
     dataset: grain.IterDataset
     stats: LoadStats
     encoder: Encoder

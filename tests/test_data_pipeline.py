@@ -77,6 +77,9 @@ def test_batch_fields_follow_the_contract(sft_file):
                     np.testing.assert_array_equal(pos[row][start:end][seg[row][start:end] > 0],
                                                   np.arange((seg[row][start:end] > 0).sum()))
         assert (seg.max(axis=1) > 1).all()  # packing puts several short examples in a row
+        # Every target has a predecessor in its own segment (the head at i-1 is scored on it).
+        rows, cols = np.nonzero(batch["loss_mask"])
+        assert (cols > 0).all() and (seg[rows, cols - 1] == seg[rows, cols]).all()
 
 
 def test_packed_segments_are_whole_examples(sft_file):

@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
+from bench import data as bench_data
 from configs.data import SAMPLE_DIR, get_config, sample_path
 from data import tasks
 from data.chat_template import DEEPSEEK_V4, render
 from data.evaluation import exact_match_accuracy, split_last_reply
 from data.pipeline import build_encoder, build_sft_pipeline, load_conversations, load_preferences, load_prompts
-from bench import data as bench_data
 from scripts import make_sample_data, train_tokenizer
 
 SAMPLE_FILES = ("sft_train.jsonl", "sft_heldout.jsonl", "preference.jsonl", "prompts.jsonl")
