@@ -25,7 +25,7 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
 
     config.tokenizer_path = sample_path("tokenizer.json")
     config.vocab_size = 512                    # the model's embedding rows; larger ids are bad input
-    config.template = "deepseek_v4"            # a preset of data.chat_template, or "custom"
+    config.template = "deepseek_v4"            # "deepseek_v4" (chat), "deepseek_v4_thinking", or "custom"
     # Used when template == "custom": plain-text role markers around the shipped BOS/EOS/pad.
     config.custom_template = ml_collections.ConfigDict(dict(
         bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>",
@@ -33,6 +33,7 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
         user_prefix="User: ", user_suffix="\n",
         assistant_prefix="Assistant: ", assistant_suffix="<｜end▁of▁sentence｜>",
         special_tokens=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"),
+        thinking_prefix="", thinking_suffix="",  # non-empty: a thinking template (see chat_template)
     ))
     config.loss_mask = "all_assistant_turns"   # or "last_assistant_turn"
 

@@ -1,8 +1,8 @@
 """Conversations -> text pieces, each marked as training target or context.
 
-The DeepSeek-V4 preset follows the encoding reference shipped with the release
+The DeepSeek-V4 presets follow the encoding reference shipped with the release
 (`encoding/encoding_dsv4.py` and `encoding/README.md` of deepseek-ai/DeepSeek-V4-Flash, read through
-an independent re-implementation), in its non-thinking "chat" mode:
+an independent re-implementation). "deepseek_v4" is its non-thinking "chat" mode:
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜></think>{reply}<｜end▁of▁sentence｜>...
 
@@ -11,9 +11,12 @@ an independent re-implementation), in its non-thinking "chat" mode:
   in chat mode the release closes the (empty) thinking block in the prompt.
 - A reply is its text followed by EOS `<｜end▁of▁sentence｜>`; earlier turns keep their EOS.
 - The markers use U+FF5C (fullwidth vertical line) and U+2581 (lower one-eighth block).
+"deepseek_v4_thinking" is its "thinking" mode with earlier reasoning dropped (the release default):
+replies after the last user turn are cued by `<｜Assistant｜><think>` and are `{reasoning}</think>
+{reply}<｜end▁of▁sentence｜>` (reasoning, possibly empty, is then a target too); earlier replies
+render as in chat mode, without their reasoning. The reasoning-effort preamble is not emitted.
 Difference: the release cues a reply only after a user turn; we cue every assistant turn (the only
 case that differs, an assistant turn right after a system prompt or another reply, is unusual in SFT).
-Thinking mode (`<think>` reasoning kept in the last turn) is not rendered yet.
 
 Why pieces rather than one string: the loss mask must cover exactly the reply text and its EOS, so
 each piece is tokenised separately and tagged; the role markers are special tokens, so token
@@ -36,7 +39,9 @@ THINK_END = "</think>"
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     """Strings around each turn. `assistant_prefix` is context (it cues the reply, and ends a
-    generation prompt); `assistant_suffix` is a target (the model must learn to stop)."""
+    generation prompt); `assistant_suffix` is a target (the model must learn to stop). A thinking
+    template (non-empty `thinking_prefix`) cues the replies after the last user turn with
+    `thinking_prefix` instead, and trains them on `{reasoning}{thinking_suffix}{reply}`."""
 
     name: str
     bos: str
@@ -49,6 +54,8 @@ class ChatTemplate:
     assistant_prefix: str
     assistant_suffix: str
     special_tokens: tuple[str, ...]  # every marker that must be one vocabulary entry
+    thinking_prefix: str = ""
+    thinking_suffix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +74,17 @@ DEEPSEEK_V4 = ChatTemplate(
     special_tokens=(BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END),
 )
 
-PRESETS = {DEEPSEEK_V4.name: DEEPSEEK_V4}
+DEEPSEEK_V4_THINKING = dataclasses.replace(
+    DEEPSEEK_V4, name="deepseek_v4_thinking", thinking_prefix=ASSISTANT + THINK_START, thinking_suffix=THINK_END)
+
+PRESETS = {t.name: t for t in (DEEPSEEK_V4, DEEPSEEK_V4_THINKING)}
 CUSTOM = "custom"
 
 
 def get_template(name: str, custom: Mapping[str, str] | None = None) -> ChatTemplate:
     """A preset by name, or (name "custom") a template from config fields: bos, eos, pad,
-    system/user/assistant prefix/suffix, and `special_tokens` (the markers to keep whole)."""
+    system/user/assistant prefix/suffix, `special_tokens` (the markers to keep whole) and optionally
+    thinking_prefix/suffix."""
     if name in PRESETS:
         return PRESETS[name]
     if name != CUSTOM:
@@ -88,18 +99,27 @@ def get_template(name: str, custom: Mapping[str, str] | None = None) -> ChatTemp
 def render(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
            ) -> list[Piece]:
     """The pieces of a conversation; with `generation_prompt`, ends with the reply cue."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+
+    def thinks(turn):  # thinking templates reason in the replies after the last user turn
+        return bool(template.thinking_prefix) and turn > last_user
+
     pieces = [Piece(template.bos, False, 0)]
     for turn, message in enumerate(messages):
         if message.role == "system":
             parts = [(template.system_prefix, False), (message.content, False), (template.system_suffix, False)]
         elif message.role == "user":
             parts = [(template.user_prefix, False), (message.content, False), (template.user_suffix, False)]
+        elif thinks(turn):
+            parts = [(template.thinking_prefix, False), (message.reasoning, True), (template.thinking_suffix, True),
+                     (message.content, True), (template.assistant_suffix, True)]
         else:
             parts = [(template.assistant_prefix, False), (message.content, True),
                      (template.assistant_suffix, True)]
         pieces.extend(Piece(text, target, turn) for text, target in parts)
     if generation_prompt:
-        pieces.append(Piece(template.assistant_prefix, False, len(messages)))
+        cue = template.thinking_prefix if thinks(len(messages)) else template.assistant_prefix
+        pieces.append(Piece(cue, False, len(messages)))
     return [p for p in pieces if p.text]
 
 

@@ -6,7 +6,7 @@ they become metrics keys (`data/skipped/<reason>`).
 
 SFT records come in three forms:
 - `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, ending with an
-  assistant turn (that is what is trained on);
+  assistant turn (that is what is trained on); an assistant turn may carry `reasoning_content`;
 - `{"prompt": str, "completion": str}`, the single-turn shorthand;
 - `{"tokens": [int, ...], "loss_mask": [0|1, ...]}`, already tokenised (mask optional: all ones).
 Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}`.
@@ -25,6 +25,7 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str
     content: str
+    reasoning: str = ""  # an assistant's `reasoning_content` (rendered by thinking templates only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,10 @@ def _parse_message(value: Any, index: int) -> Message:
                             f"messages[{index}].content must be a string, got {type(content).__name__}")
     if role == "assistant" and not content.strip():
         raise InvalidRecord("empty_assistant", f"messages[{index}] is an empty assistant turn")
-    return Message(role, content)
+    reasoning = value.get("reasoning_content", "") if role == "assistant" else ""
+    if not isinstance(reasoning, str):
+        raise InvalidRecord("wrong_type", f"messages[{index}].reasoning_content must be a string")
+    return Message(role, content, reasoning)
 
 
 def _parse_messages(value: Any) -> tuple[Message, ...]:

@@ -7,7 +7,7 @@ from configs.data import get_config
 from data.chat_template import DEEPSEEK_V4, get_template, render, render_text
 from data.encode import Encoder, encode_preference, encode_prompt, preference_sequences
 from data.errors import DataError
-from data.formats import Message, PreferencePair, PromptRecord
+from data.formats import Message, PreferencePair, PromptRecord, parse_sft
 from data.tokenizer import Tokenizer
 
 CONVERSATION = (Message("system", "Reply with the answer only."), Message("user", "add 1 2"),
@@ -80,3 +80,18 @@ def test_preference_and_prompt_encoding(tokenizer):
     prompt = encode_prompt(PromptRecord((Message("user", "add 1 2"),), "3", {"task": "add"}), encoder)
     np.testing.assert_array_equal(prompt["prompt"], pair["prompt"])
     assert (prompt["answer"], prompt["extra"]) == ("3", {"task": "add"})
+
+
+def test_deepseek_v4_thinking_format(tokenizer):
+    messages = (Message("user", "add 1 2"), Message("assistant", "3", reasoning="dropped later"),
+                Message("user", "upper ab"), Message("assistant", "AB", reasoning="a to A, b to B"))
+    template = get_template("deepseek_v4_thinking")
+    assert render_text(template, messages) == (
+        "<｜begin▁of▁sentence｜><｜User｜>add 1 2<｜Assistant｜></think>3<｜end▁of▁sentence｜>"
+        "<｜User｜>upper ab<｜Assistant｜><think>a to A, b to B</think>AB<｜end▁of▁sentence｜>")
+    assert render_text(template, messages[:3], generation_prompt=True).endswith("upper ab<｜Assistant｜><think>")
+    (ids, mask), = _encoder(tokenizer, "last_assistant_turn", template).pieces_to_ids([render(template, messages)])
+    assert tokenizer.decode(np.array(ids)[np.array(mask) == 1]) == "a to A, b to B</think>AB<｜end▁of▁sentence｜>"
+    record = parse_sft({"messages": [{"role": "user", "content": "upper ab"},
+                                     {"role": "assistant", "content": "AB", "reasoning_content": "a to A, b to B"}]})
+    assert record.messages == messages[2:]
