@@ -9,6 +9,7 @@ Modules, one job each:
 - `chat_template`: conversations -> text pieces that know whether they are training targets.
 - `encode`: records -> token ids and loss masks (SFT), or prompt/answer ids (DPO, GRPO).
 - `packing`: the over-long policy and the grain packing step that emits the batch fields.
+- `shuffle`: seeded per-epoch permutation of in-memory examples (O(1) per element).
 - `pipeline`: the grain graph (mixture, shuffle, per-process shard, pack, batch, prefetch).
 - `tasks`: the small checkable tasks of the shipped sample data.
 - `evaluation`: exact-match accuracy of a generate function on held-out conversations.

@@ -30,6 +30,7 @@ from data.encode import Encoder, encode_preference, encode_prompt, encode_sft, r
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.formats import parse_preference, parse_prompt, parse_sft
 from data.jsonl import read_records
+from data.shuffle import EpochShuffle
 from data.tokenizer import Tokenizer
 
 
@@ -93,7 +94,7 @@ def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int 
     for i, source_examples in enumerate(examples):
         ds = grain.MapDataset.source(source_examples)
         if config.shuffle:
-            ds = ds.shuffle(seed=config.shuffle_seed + i)  # reshuffled every epoch (seed + epoch)
+            ds = EpochShuffle(ds, seed=config.shuffle_seed + i)
         sources.append(ds.repeat(config.num_epochs))
     mixed = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
     shard = mixed[process_index::process_count]

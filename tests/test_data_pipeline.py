@@ -4,6 +4,7 @@ saved state resumes with exactly the same batches."""
 import itertools
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from data.errors import LoadStats
 from data.formats import parse_sft
 from data.jsonl import Located
 from data.pipeline import build_sft_pipeline
+from data.shuffle import EpochShuffle
 
 SEQ_LEN = 64
 BATCH = 4
@@ -178,3 +180,12 @@ def test_a_glob_pattern_is_one_source(tmp_path):
     pipeline = build_sft_pipeline(_config(str(tmp_path / "part-*.jsonl"), pack=False, shuffle=False))
     assert pipeline.stats.records_kept == 3
     assert sorted(next(iter(pipeline))["tokens"][:3, 0]) == [10, 11, 12]
+
+
+def test_epoch_shuffle_permutes_each_epoch_by_seed():
+    source = grain.MapDataset.range(7)
+    shuffled = EpochShuffle(source, seed=3).repeat(3)
+    epochs = [[shuffled[e * 7 + i] for i in range(7)] for e in range(3)]
+    assert all(sorted(e) == list(range(7)) for e in epochs) and epochs[0] != epochs[1]
+    assert [EpochShuffle(source, seed=3)[i] for i in range(7)] == epochs[0]
+    assert [EpochShuffle(source, seed=4)[i] for i in range(7)] != epochs[0]
