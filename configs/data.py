@@ -48,7 +48,7 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
     config.shuffle_seed = 0
     config.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
     config.read_threads = 0                    # examples are in memory: threads only add GIL contention
-    config.read_buffer = 256                   # examples read ahead of packing
+    config.read_buffer = 256                   # examples read ahead of packing (when read_threads > 0)
     config.prefetch = 2                        # batches prepared ahead in a background thread
 
     config.update(overrides)
