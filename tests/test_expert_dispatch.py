@@ -165,6 +165,18 @@ def test_imbalanced_routing_stays_dropless():
     assert float(stats["dropped_tokens"]) == 0 and float(stats["max_load"]) == TOKENS
 
 
+def test_bfloat16_computes_in_input_dtype():
+    """bf16 x and weights: matmuls in bf16 with float32 accumulation, float32 output, close to the
+    float32 reference at bf16 precision (8 mantissa bits, a few roundings per product)."""
+    p = problem()
+    low = {name: v.astype(jnp.bfloat16) if name in ("x", "w1", "w3", "w2") else v for name, v in p.items()}
+    y, _, _ = run(low, MESHES["data2_expert4"], grads=False)
+    assert y.dtype == jnp.float32
+    f32 = {name: low[name].astype(jnp.float32) for name in ("x", "w1", "w3", "w2")}
+    want = reference(f32["x"], p["experts"], p["weights"], f32["w1"], f32["w3"], f32["w2"])
+    np.testing.assert_allclose(y, want, rtol=1e-2, atol=1e-2)  # measured max abs error 3e-3
+
+
 def expected_kept(experts, shards, cap):
     """Independent capacity rule: in each contiguous shard of tokens, an expert keeps the first `cap`
     distinct (token, expert) choices in token order; a repeated choice rides on the first one."""
@@ -182,10 +194,13 @@ def expected_kept(experts, shards, cap):
     return kept
 
 
-@pytest.mark.parametrize("mesh", ["none", "fsdp2_expert2_tensor2"])
-def test_capacity_drops_exactly_what_it_reports(mesh):
+@pytest.mark.parametrize("mesh,backend", [("none", "padded"), ("fsdp2_expert2_tensor2", "padded"),
+                                          ("fsdp2_expert2_tensor2", "ragged")])
+def test_capacity_drops_exactly_what_it_reports(mesh, backend, monkeypatch):
     """capacity_factor=1 on a skewed load: output = reference with exactly the independently computed
-    dropped (token, expert) choices removed, and dropped_tokens counts them."""
+    dropped (token, expert) choices removed, and dropped_tokens counts them (ragged: emulated exchange)."""
+    monkeypatch.setattr(lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    monkeypatch.setattr(expert_dispatch, "ragged_all_to_all_supported", lambda platform: True)
     p = problem(seed=4, skew=True)
     shape = MESHES[mesh]
     shards = 1 if shape is None else shape[0] * shape[1] * shape[2]  # act_batch -> (data, fsdp, expert)
@@ -194,7 +209,7 @@ def test_capacity_drops_exactly_what_it_reports(mesh):
     distinct_dropped = sum(1 for t, slot in zip(*np.nonzero(~kept))
                            if p["experts"][t, slot] not in p["experts"][t, :slot])
     assert distinct_dropped > 0
-    y, stats, g = run(p, shape, capacity_factor=1.0)
+    y, stats, g = run(p, shape, backend=backend, capacity_factor=1.0)
     weights = jnp.where(kept, p["weights"], 0.0)
     np.testing.assert_allclose(y, reference(p["x"], p["experts"], weights, p["w1"], p["w3"], p["w2"]), **TOL)
     want = reference_grads(p, weights)
