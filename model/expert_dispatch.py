@@ -13,8 +13,8 @@ Layout under a mesh (full-manual `jax.shard_map` over every mesh axis, specs fro
   over tensor. Each device dispatches only its own tokens, so the sort never crosses devices; tensor
   ranks holding the same tokens repeat the (cheap) sort and exchange inside their expert group.
 - w1/w3 [E,d,I], w2 [E,I,d]: their parameter specs (E over expert, d over fsdp, I over tensor). Inside,
-  d is all-gathered over fsdp (the usual ZeRO-3 gather; its transpose is the gradient reduce-scatter)
-  and I stays split: each tensor rank computes a partial output over its I slice, summed by one psum
+  d is all-gathered over fsdp (the usual ZeRO-3 gather; its transpose is the gradient reduce-scatter,
+  a real reduce-scatter even on XLA:CPU, whose partitioner would emit an all-reduce) and I stays split: each tensor rank computes a partial output over its I slice, summed by one psum
   over tensor of y [t_local, d] at the end (Megatron-style MLP). Gradients of weights that are
   replicated over data are psum-ed over data by shard_map's transpose.
 Full-manual rather than partial-manual (`axis_names={"expert"}`): with data/fsdp left to the SPMD
@@ -28,9 +28,12 @@ matrix does), so a device sends at most t_local assignments to one expert.
   E * t_local rows of d in x.dtype out (+ E * t_local float32 routing weights), the same coming back
   in float32, and [E/ep, ep*t_local, I/tp] float32 gate/up/h on the expert side: the grouped einsum
   then costs E*t_local*d*I per device, E/k times the useful work, like the dense reference. This is the
-  price of static shapes without ragged collectives; the "ragged" backend moves and computes only the
-  t_local*k real rows (its receive buffer is still ep*t_local*k rows, the worst case of every source
-  sending everything to one rank).
+  price of static shapes without ragged collectives; the "ragged" backend moves only the t_local*k real
+  rows and ragged_dot computes only those where the platform has a grouped kernel (XLA:CPU lowers it
+  to a masked dense dot, E_local times the work). Its receive buffer is still ep*t_local*k rows, the
+  worst case of every source sending everything to one rank.
+  Example, V4-Flash E=256, d=4096, bf16, t_local=4096: the padded send buffer is
+  256*4096*4096*2 B = 8 GiB per device, so use capacity_factor (or ragged) at that scale.
 - capacity_factor = cf: C = min(t_local, ceil(cf * t_local * k / E)). Per expert, each device keeps
   its first C assignments in (token index, choice slot) order (stable sort) and drops the rest; dropped
   assignments contribute zero and are counted in `dropped_tokens`. Without a mesh t_local is the whole
@@ -45,7 +48,7 @@ from jax.sharding import PartitionSpec
 
 from mesh import axes
 from mesh.sharding import active, resolve_spec
-from model.moe import clamped_swiglu
+from model.activations import clamped_swiglu
 
 BACKENDS = ("padded", "ragged")
 TOKEN_NAMES = ("act_batch", "act_embed")
@@ -247,7 +250,8 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
             f"use backend='padded'")
     body = jax.shard_map(
         lambda *args: _shard(*args, expert_axes=expert_axes, ep=ep,
-                             gather_axes=_mesh_axes(w13_spec[1]), tensor_axes=_mesh_axes(w13_spec[2]),
+                             gather_axes=tuple(a for a in _mesh_axes(w13_spec[1]) if sizes[a] > 1),
+                             tensor_axes=_mesh_axes(w13_spec[2]),
                              token_axes=_mesh_axes(token_spec[0]), **settings),
         mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w13_spec, w13_spec, w2_spec),
         out_specs=(token_spec, PartitionSpec()))
