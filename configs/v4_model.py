@@ -34,6 +34,8 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         param_dtype="float32",
         remat_policy="full",
+        moe_dispatch="padded",  # sorted expert-parallel dispatch; "dense" is the all-experts reference
+        capacity_factor=0.0,  # dropless
         vocab_size=129280,
         sliding_window=128,
         index_n_heads=64,

@@ -1,10 +1,11 @@
 """Mixture of experts: sqrt-softplus router (score-routed with a balancing bias, or hash-routed by token
 id), clamped-SwiGLU routed experts and a shared expert.
 
-This module computes the expert outputs with a dense, all-experts reference dispatch: every expert
-sees every token and a combine matrix keeps each token's selected ones. It is exact and shards
-trivially; the expert-parallel dispatch (tokens moved by all-to-all) is a separate module that is
-tested against this one.
+Routed experts run either through the sorted, expert-parallel dispatch of `model.expert_dispatch`
+(`moe_dispatch` "padded" or "ragged": tokens sorted by expert and moved by all-to-all over the
+`expert` mesh axis) or through the dense reference ("dense": every expert sees every token and a
+combine matrix keeps each token's choices; exact, E/k times the useful FLOPs), which the dispatch is
+tested against.
 """
 import dataclasses
 
@@ -14,7 +15,9 @@ from flax import nnx
 
 from mesh.sharding import constrain
 from model import params
+from model.activations import clamped_swiglu
 from model.args import ModelArgs
+from model.expert_dispatch import routed_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +27,6 @@ class Routing:
     experts: jax.Array
     weights: jax.Array
     scores: jax.Array
-
-
-def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """silu(min(gate, limit)) * clip(up, -limit, limit), in float32."""
-    gate = jnp.minimum(gate.astype(jnp.float32), limit)
-    up = jnp.clip(up.astype(jnp.float32), -limit, limit)
-    return jax.nn.silu(gate) * up
 
 
 class Router(nnx.Module):
@@ -80,11 +76,22 @@ class RoutedExperts(nnx.Module):
         e, d, i = args.num_routed_experts, args.hidden_size, args.moe_intermediate_size
         std, wdt = args.initializer_range, args.weight_dtype
         self.limit, self.num_experts = args.swiglu_limit, e
+        self.dispatch, self.capacity_factor = args.moe_dispatch, args.capacity_factor
         self.w1 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
         self.w3 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
         self.w2 = params.normal(rngs, (e, i, d), ("expert", "expert_mlp", "expert_embed"), std, wdt)
 
-    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+    def __call__(self, x: jax.Array, routing: Routing):
+        """x [t,d] -> (y [t,d] float32, assignments dropped by a capacity limit)."""
+        if self.dispatch == "dense":
+            return self.dense(x, routing), jnp.zeros((), jnp.float32)
+        dt = x.dtype
+        y, stats = routed_experts(x, routing, self.w1[...].astype(dt), self.w3[...].astype(dt),
+                                  self.w2[...].astype(dt), limit=self.limit, backend=self.dispatch,
+                                  capacity_factor=self.capacity_factor or None)
+        return y, stats["dropped_tokens"]
+
+    def dense(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dense reference dispatch: x [t,d] -> [t,d] float32 (the routing weight scales h before w2)."""
         dt = x.dtype
         combine = jnp.zeros((x.shape[0], self.num_experts), jnp.float32)
@@ -129,11 +136,11 @@ class MoE(nnx.Module):
         b, s, d = u.shape
         x = u.reshape(b * s, d)
         routing = self.router(x, token_ids.reshape(b * s))
-        y = self.experts(x, routing)
+        y, dropped = self.experts(x, routing)
         if self.shared is not None:
             y = y + self.shared(x)
         load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
         balance = (jnp.zeros((), jnp.float32) if self.router.hashed
                    else sequence_balance_loss(routing, b, self.router.k))
-        stats = MoEStats(load=load, balance=balance, dropped=jnp.zeros((), jnp.float32))
+        stats = MoEStats(load=load, balance=balance, dropped=dropped)
         return y.astype(u.dtype).reshape(b, s, d), stats
