@@ -1,0 +1,127 @@
+"""The metrics writer: progress line, metrics.jsonl and TensorBoard events agree; derived throughput,
+MFU and ETA follow from an injected clock; a NaN/Inf loss is recorded and then stops the run."""
+import json
+import logging
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from trainer.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, NonFiniteLossError, check_finite
+
+TOTAL_STEPS, TOKENS_PER_STEP = 100, 2048
+FLOPS_PER_TOKEN, PEAK_FLOPS = 1e9, 8e12
+SECONDS_PER_STEP = 0.5
+
+
+class FakeClock:
+    """Time that moves only when the test says so, so rates are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _step_metrics(step):
+    """What trainer.step returns: device scalars, plus a per-layer array that is not logged."""
+    return {"loss": jnp.float32(3.0 - 0.01 * step), "learning_rate": jnp.float32(1e-3),
+            "grad_norm": jnp.float32(0.5), "expert_load_max_over_mean": jnp.float32(1.25),
+            "dropped_assignments": jnp.float32(3.0), "load": jnp.ones((4, 8))}
+
+
+def _writer(workdir, clock):
+    return MetricsWriter(workdir, total_steps=TOTAL_STEPS, tokens_per_step=TOKENS_PER_STEP,
+                         flops_per_token=FLOPS_PER_TOKEN, peak_flops=PEAK_FLOPS, clock=clock)
+
+
+def _strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def _tensorboard_scalars(logdir):
+    accumulator = event_accumulator.EventAccumulator(str(logdir))
+    accumulator.Reload()
+    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+                  for event in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"]}
+
+
+def test_records_agree_and_rates_follow_the_clock(tmp_path, caplog):
+    clock = FakeClock()
+    writer = _writer(tmp_path, clock)
+    logged_steps = (10, 20)
+    with caplog.at_level(logging.INFO):
+        for step in logged_steps:
+            clock.now += 10 * SECONDS_PER_STEP
+            writer.write(step, _step_metrics(step))
+    writer.close()
+
+    records = [_strict_json(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == list(logged_steps)
+    tokens_per_second = TOKENS_PER_STEP / SECONDS_PER_STEP
+    last = records[-1]
+    assert last["loss"] == pytest.approx(2.8)
+    assert last["tokens_per_second"] == pytest.approx(tokens_per_second)
+    assert last["mfu"] == pytest.approx(tokens_per_second * FLOPS_PER_TOKEN / PEAK_FLOPS)
+    assert last["eta_seconds"] == pytest.approx((TOTAL_STEPS - 20) * SECONDS_PER_STEP)
+    assert "load" not in last, "arrays are not scalars to log"
+
+    scalars = _tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "eta_seconds",
+                 "expert_load_max_over_mean", "dropped_assignments"):
+        assert [step for step, _ in scalars[name]] == list(logged_steps), name
+        assert scalars[name][-1][1] == pytest.approx(last[name], rel=1e-6), name
+
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 20/")][-1]
+    for part in ("step 20/100", "loss 2.8000", "lr 1.000e-03", "grad_norm 0.5", "4,096 tok/s", "MFU 51.20%",
+                 "load max/mean 1.250", "drops 3", "ETA 0:00:40"):
+        assert part in line, (part, line)
+
+
+def test_mark_restarts_the_throughput_clock(tmp_path):
+    """Time spent compiling or evaluating before `mark` does not count against tokens/s."""
+    clock = FakeClock()
+    writer = _writer(tmp_path, clock)
+    clock.now += 60.0
+    writer.mark(1)
+    clock.now += 9 * SECONDS_PER_STEP
+    record = writer.write(10, _step_metrics(10))
+    writer.close()
+    assert record["tokens_per_second"] == pytest.approx(TOKENS_PER_STEP / SECONDS_PER_STEP)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_is_recorded_then_stops(tmp_path, bad):
+    clock = FakeClock()
+    writer = _writer(tmp_path, clock)
+    clock.now += 1.0
+    with pytest.raises(NonFiniteLossError, match=f"step 7: loss is {bad}") as raised:
+        writer.write(7, dict(_step_metrics(7), loss=jnp.float32(bad)))
+    writer.close()
+    assert raised.value.step == 7
+    record = _strict_json((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
+    assert record["step"] == 7 and record["loss"] == str(bad)
+
+
+def test_check_finite_accepts_device_scalars():
+    check_finite(3, jnp.float32(1.5))
+    check_finite(3, np.float64(0.0))
+    with pytest.raises(NonFiniteLossError, match="step 4: loss is nan"):
+        check_finite(4, jnp.float32(jnp.nan))
+
+
+def test_a_resumed_run_appends(tmp_path):
+    """Restarting in the same workdir keeps the earlier records (the log of the whole run)."""
+    for step in (5, 6):
+        writer = _writer(tmp_path, FakeClock())
+        writer.write(step, _step_metrics(step))
+        writer.close()
+    steps = [_strict_json(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert steps == [5, 6]

@@ -1,0 +1,124 @@
+"""Training metrics: a progress line, `metrics.jsonl` and TensorBoard events per logging interval.
+
+The step returns its metrics as device scalars; fetching them forces the host to wait for the
+step, so the loop hands them to `MetricsWriter.write` only every `log_every` steps. Throughput is
+measured between two writes (steps done x tokens per step / wall time), which includes everything
+the loop did in between; call `mark` after compilation or an evaluation to restart the clock.
+
+MFU = achieved model FLOP/s / peak FLOP/s, with the analytic training FLOPs per token
+(`model.flops.train_flops_per_token`) and the peak of all devices of the topology
+(`topology.peak_flops * mesh.size`); on an emulated CPU mesh it is an estimate of nothing physical,
+but the same formula reads true on the real machine.
+
+A NaN or Inf loss is recorded like any other value (as the string "nan"/"inf" in the JSON file,
+which stays strict JSON) and then raises `NonFiniteLossError` naming the step, so the run stops
+before a poisoned state reaches a checkpoint.
+"""
+import datetime
+import json
+import math
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from tensorboard.summary import Writer
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# Names of the step's metrics (trainer.step.make_train_step) that the progress line shows.
+LOSS, LEARNING_RATE, GRAD_NORM = "loss", "learning_rate", "grad_norm"
+IMBALANCE, DROPS = "expert_load_max_over_mean", "dropped_assignments"
+# Values the writer derives from the clock.
+TOKENS_PER_SECOND, MFU, ETA_SECONDS = "tokens_per_second", "mfu", "eta_seconds"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a step is NaN or Inf: the parameters are (or are about to be) corrupt."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"step {step}: loss is {value}; stopping before the state is checkpointed "
+                         "(lower the learning rate, check the data of this step, or resume from the "
+                         "last checkpoint)")
+
+
+def check_finite(step: int, loss) -> None:
+    """Raises NonFiniteLossError if `loss` (a host or device scalar) is NaN or +-Inf."""
+    value = float(np.asarray(loss))
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step, value)
+
+
+def _json_value(value: float):
+    """Floats as JSON accepts them: NaN/Inf become strings instead of the non-standard NaN token."""
+    return value if math.isfinite(value) else str(value)
+
+
+def _format_line(step: int, total_steps: int, values: dict) -> str:
+    parts = [f"step {step}/{total_steps}"]
+    formats = [(LOSS, "loss {:.4f}"), (LEARNING_RATE, "lr {:.3e}"), (GRAD_NORM, "grad_norm {:.4g}"),
+               (TOKENS_PER_SECOND, "{:,.0f} tok/s"), (MFU, "MFU {:.2%}"), (IMBALANCE, "load max/mean {:.3f}"),
+               (DROPS, "drops {:.0f}")]
+    parts += [fmt.format(values[name]) for name, fmt in formats if name in values]
+    if ETA_SECONDS in values:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(values[ETA_SECONDS]))}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Writes each logging interval's metrics to the log, `<workdir>/metrics.jsonl` and
+    `<workdir>/tensorboard/` (event files that `tensorboard --logdir <workdir>` finds).
+
+    tokens_per_step: tokens the model processes per step (global batch x sequence length).
+    flops_per_token: model training FLOPs per token; peak_flops: FLOP/s of all devices together.
+    `clock` is injectable so tests can control the measured throughput.
+    """
+
+    def __init__(self, workdir, *, total_steps: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float, start_step: int = 0, clock=time.perf_counter):
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = workdir / METRICS_FILE
+        self.tensorboard_dir = workdir / TENSORBOARD_DIR
+        self._jsonl = self.jsonl_path.open("a")
+        self._tensorboard = Writer(str(self.tensorboard_dir))
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._clock = clock
+        self.mark(start_step)
+
+    def mark(self, step: int) -> None:
+        """Restart the throughput clock: the next write measures from `step`, now."""
+        self._mark_step, self._mark_time = step, self._clock()
+
+    def write(self, step: int, metrics: dict) -> dict:
+        """Records the scalar entries of `metrics` for `step`, with tokens/s, MFU and ETA; -> the record.
+
+        Raises NonFiniteLossError after recording if the loss is NaN or Inf.
+        """
+        now = self._clock()
+        host = jax.device_get(metrics)
+        values = {name: float(np.asarray(value)) for name, value in host.items() if np.ndim(value) == 0}
+        steps, seconds = step - self._mark_step, now - self._mark_time
+        if steps > 0 and seconds > 0:
+            tokens_per_second = steps * self.tokens_per_step / seconds
+            values[TOKENS_PER_SECOND] = tokens_per_second
+            values[MFU] = tokens_per_second * self.flops_per_token / self.peak_flops
+            values[ETA_SECONDS] = max(self.total_steps - step, 0) * seconds / steps
+        self.mark(step)
+        record = {"step": step, "time": time.time(), **{name: _json_value(v) for name, v in values.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+        logging.info("%s", _format_line(step, self.total_steps, values))
+        if LOSS in values:
+            check_finite(step, values[LOSS])
+        return record
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tensorboard.close()
