@@ -21,6 +21,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per mesh and dispatch (af
 _MESHES = flags.DEFINE_string("meshes", "fsdp=8;data=2,expert=4;fsdp=2,expert=2,tensor=2",
                               "Semicolon-separated meshes, each axis=size pairs.")
 _DISPATCH = flags.DEFINE_string("dispatch", "padded", "The expert-parallel dispatch to measure.")
+_CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "Capacity factor of the measured dispatch (0: dropless).")
 _DEVICES = 8
 
 
@@ -58,7 +59,8 @@ def main(argv):
         timings, flops = {}, None
         for dispatch in ("dense", _DISPATCH.value):
             model_config = config.model.copy_and_resolve_references()
-            model_config.update(scan_layers=False, moe_dispatch=dispatch)
+            model_config.update(scan_layers=False, moe_dispatch=dispatch,
+                                capacity_factor=0.0 if dispatch == "dense" else _CAPACITY.value)
             args = from_config(model_config)
             tx = optax.adamw(1e-4)
             with activate(mesh, mesh_config.rules):
@@ -80,7 +82,7 @@ def main(argv):
                         "flops_ratio": flops, "moe_dispatch_ratio": timings[_DISPATCH.value] / timings["dense"],
                         "step_seconds": timings})
     print(json.dumps({"config": "tiny", "devices": _DEVICES, "batch": list(shape), "dispatch": _DISPATCH.value,
-                      "meshes": results}))
+                      "capacity_factor": _CAPACITY.value, "meshes": results}))
 
 
 if __name__ == "__main__":

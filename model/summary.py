@@ -80,17 +80,15 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-
-
 def main(argv):
     del argv
     jax.config.update("jax_platforms", "cpu")
-    summary = count_parameters(from_config(_CONFIG.value.model))
-    print(json.dumps(summary) if _JSON.value else format_table(summary))
+    summary = count_parameters(from_config(flags.FLAGS.config.model))
+    print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command line: importers (train.py) define their own
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import params as model_params
+from model.transformer import DeepSeekV4
 from trainer.sharded_init import init_sharded
 
 
@@ -47,3 +48,9 @@ def create_train_state(args, mesh, rules, tx, seed: int):
                                  opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
                                  routing=routing_shardings, rng=replicated)
     return graphdef, train_state, state_shardings
+
+
+def abstract_params(args):
+    """The trainable parameters as an abstract nnx.State (shapes, dtypes, logical names; no arrays),
+    e.g. for building the optimizer before anything is allocated."""
+    return split_variables(nnx.state(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0)))))[0]
