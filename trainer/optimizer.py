@@ -1,0 +1,278 @@
+"""The optimizers DeepSeek-V4 trained with, as optax transformations over the model's `nnx.State` params.
+
+`build_optimizer(config, params)` gives AdamW for everything (name "adamw") or Muon for the hidden
+matrices with AdamW for the rest (name "muon"), behind global-norm clipping, with the learning-rate
+schedule of `learning_rate_schedule(config)`, optionally accumulating gradients over several calls.
+
+Who gets which optimizer is read from each parameter's logical axis names (its `out_sharding`
+metadata), not from its path:
+  1. batch axes (`BATCH_AXES`: layers, expert, o_groups) index independent matrices: every layer,
+     expert and output group is orthogonalised on its own;
+  2. an axis pair in `FACTORED_AXES` (heads x head_dim, index_heads x index_head_dim, hc x embed) is
+     one matrix dimension stored in two axes;
+  3. what remains must be two dimensions, input (reduction) first then output, the layout every
+     projection of the model uses. Those parameters are matrices; the others (norm gains, mHC
+     base/scale, attention sinks) are vectors and go to AdamW;
+  4. matrices with an axis in `ADAMW_TABLE_AXES` go to AdamW as the spec says for the embedding and
+     the head (`vocab`), and as we chose for the compressors' `ape` (`comp_pos`): ape is a table of
+     additive gate biases looked up by position, not a linear map of activations, so the reason for
+     orthogonalising its update does not apply. The spec leaves ape (and attn_sink) open;
+  5. a head-indexed input dimension is split into the groups of its module's `o_groups` axis
+     (`GROUPED_AXES`): wo_a maps each group of heads to its own low-rank output, so each group is
+     one matrix of (heads/groups * head_dim) x o_lora.
+Weight decay: every matrix, embedding and head included; not vectors or ape (decaying a gain, bias
+or gate pulls it towards 0, which is not its initial or neutral value) unless `decay_vectors`.
+
+Precision: gradients are cast to `state_dtype` (float32) first, so moments, Newton-Schulz inputs and
+updates are float32 even for bf16 parameters, and the state's dtypes never depend on the params'.
+With float32 params (the default: bf16 only in compute) they are the master weights; with bf16
+params `optax.apply_updates` rounds `param + update` once, which is the accepted cost of that mode.
+
+The transformation must be given trees structured like the `params` it was built from (the
+model's trainable `nnx.State`, its gradients, or subtrees masked by optax): roles are looked up by
+each leaf's key path.
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_AXES = frozenset({"layers", "expert", "o_groups"})
+FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed"}
+ADAMW_TABLE_AXES = {"vocab": True, "comp_pos": False}  # axis name -> weight-decayed
+GROUPED_AXES = {"heads": "o_groups"}  # input axis -> the module axis that counts its groups
+MUON, ADAMW = "muon", "adamw"
+MATRIX_DIMS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRole:
+    """How one parameter is optimised. For Muon: axes `batch` index independent matrices whose rows
+    are the `reduction` axes and columns the `output` axes; the first reduction axis is split into
+    `groups` leading blocks, each its own matrix."""
+
+    optimizer: str
+    decay: bool
+    batch: tuple[int, ...] = ()
+    reduction: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
+    groups: int = 1
+
+    def matrix_shape(self, shape) -> tuple[int, int]:
+        """(rows, columns) of each matrix the parameter is made of."""
+        rows = math.prod(shape[a] for a in self.reduction) // self.groups
+        return rows, math.prod(shape[a] for a in self.output)
+
+
+def _dimensions(names) -> list[tuple[int, ...]]:
+    """Axis indices of each matrix dimension: batch axes dropped, factored pairs merged."""
+    dims, i = [], 0
+    while i < len(names):
+        if names[i] in BATCH_AXES:
+            i += 1
+        elif i + 1 < len(names) and FACTORED_AXES.get(names[i]) == names[i + 1]:
+            dims.append((i, i + 1))
+            i += 2
+        else:
+            dims.append((i,))
+            i += 1
+    return dims
+
+
+def param_role(names, shape, module_axes: dict, decay_vectors: bool) -> ParamRole:
+    """The role of a parameter from its logical axis names and shape; `module_axes` maps the axis
+    names of its module's parameters to their sizes (for the group split)."""
+    dims = _dimensions(names)
+    if len(dims) != MATRIX_DIMS:
+        return ParamRole(ADAMW, decay_vectors)
+    tables = [ADAMW_TABLE_AXES[n] for n in names if n in ADAMW_TABLE_AXES]
+    if tables:
+        return ParamRole(ADAMW, all(tables) or decay_vectors)
+    reduction, output = dims
+    groups = module_axes.get(GROUPED_AXES.get(names[reduction[0]]), 1)
+    if shape[reduction[0]] % groups:
+        raise ValueError(f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into "
+                         f"{groups} groups")
+    batch = tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
+    return ParamRole(MUON, True, batch, reduction, output, groups)
+
+
+def _variables(params):
+    """(key path, nnx.Variable) of every parameter."""
+    return jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+
+
+def _logical_names(variable) -> tuple[str, ...]:
+    names = variable.get_metadata().get("out_sharding")
+    if names is None or len(names) != len(variable.shape):
+        raise ValueError(f"parameter of shape {variable.shape} has no logical axis names: {names}")
+    return tuple(names)
+
+
+def _roles(params, decay_vectors: bool) -> list[tuple[tuple, nnx.Variable, ParamRole]]:
+    """(key path, variable, role) of every parameter."""
+    variables = [(path, var, _logical_names(var)) for path, var in _variables(params)]
+    module_axes: dict[tuple, dict] = {}
+    for path, var, names in variables:
+        module_axes.setdefault(path[:-1], {}).update(zip(names, var.shape))
+    return [(path, var, param_role(names, var.shape, module_axes[path[:-1]], decay_vectors))
+            for path, var, names in variables]
+
+
+def param_roles(params, decay_vectors: bool = False) -> dict[str, ParamRole]:
+    """Role of each parameter keyed by its path ("groups/0/blocks/0/attn/wq_a"): the partition table."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): role
+            for path, _, role in _roles(params, decay_vectors)}
+
+
+def _leaf_roles(params, decay_vectors: bool) -> dict[str, ParamRole]:
+    """Role of each array leaf, keyed by the leaf's key-path string, the key tree maps see."""
+    return {jax.tree_util.keystr(path + leaf_path): role
+            for path, var, role in _roles(params, decay_vectors)
+            for leaf_path, _ in jax.tree_util.tree_flatten_with_path(var)[0]}
+
+
+def _map_roles(fn, roles: dict[str, ParamRole], tree, *rest):
+    """fn(role, leaf, *rest_leaves) over the leaves of `tree` (optax's masked-out nodes have none)."""
+    return jax.tree_util.tree_map_with_path(lambda path, *x: fn(roles[jax.tree_util.keystr(path)], *x),
+                                            tree, *rest)
+
+
+def _to_matrices(x: jax.Array, role: ParamRole) -> jax.Array:
+    """[..] -> [matrices, rows, columns], batch axes and groups flattened into the first axis."""
+    order = role.batch + role.reduction + role.output
+    rows, columns = role.matrix_shape(x.shape)
+    return x.transpose(order).reshape(-1, rows, columns)
+
+
+def _from_matrices(m: jax.Array, role: ParamRole, shape) -> jax.Array:
+    order = role.batch + role.reduction + role.output
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return m.reshape([shape[a] for a in order]).transpose(inverse)
+
+
+def newton_schulz(m: jax.Array, stages, eps: float, dtype) -> jax.Array:
+    """Approximately orthogonalise each matrix of m [B, r, c] (push its singular values towards 1).
+
+    Normalised by the Frobenius norm so every singular value starts at most 1, then per stage
+    (iterations, a, b, c): X <- aX + b(XX^T)X + c(XX^T)^2 X. The Gram matrix is taken on the short
+    side. Matmul inputs are cast to `dtype`, sums and the polynomial stay float32.
+    """
+    def matmul(a, b):
+        return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+    def iterate(x, abc):
+        a, b, c = abc[0], abc[1], abc[2]
+        gram = matmul(x, jnp.swapaxes(x, -1, -2))
+        return a * x + matmul(b * gram + c * matmul(gram, gram), x), None
+
+    coefficients = jnp.array([abc for iterations, *abc in stages for _ in range(iterations)], jnp.float32)
+    wide = m.shape[-2] <= m.shape[-1]
+    x = m if wide else jnp.swapaxes(m, -1, -2)
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    x, _ = jax.lax.scan(iterate, x, coefficients)
+    return x if wide else jnp.swapaxes(x, -1, -2)
+
+
+def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_scale: float) -> jax.Array:
+    """Newton-Schulz of each matrix of x, times sqrt(max(rows, columns)) * rms_scale: an orthogonal
+    r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape."""
+    rows, columns = role.matrix_shape(x.shape)
+    scale = math.sqrt(max(rows, columns)) * rms_scale
+    return _from_matrices(newton_schulz(_to_matrices(x, role), stages, eps, dtype), role, x.shape) * scale
+
+
+class MuonState(NamedTuple):
+    momentum: optax.Updates
+
+
+def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, stages, eps: float,
+                  ns_dtype, rms_scale: float) -> optax.GradientTransformation:
+    """Muon's direction, as the spec writes it: M <- mu*M + G, O = NS(mu*M + G) (NS(M) without
+    Nesterov), rescaled per matrix. No (1 - mu) factor or bias correction: the Frobenius
+    normalisation in NS cancels any common scale, and their absence keeps the spec's weighting of G
+    against M in the first steps. Learning rate and weight decay are applied after it."""
+    def init(params):
+        return MuonState(optax.tree.zeros_like(params))
+
+    def update(grads, state, params=None):
+        del params
+        buffer = jax.tree.map(lambda m, g: momentum * m + g, state.momentum, grads)
+        direction = jax.tree.map(lambda m, g: momentum * m + g, buffer, grads) if nesterov else buffer
+        updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale),
+                             roles, direction)
+        return updates, MuonState(buffer)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """tx seeing gradients and params cast to `dtype`, so its state and updates are in that dtype."""
+    cast = lambda tree: optax.tree.cast(tree, dtype)
+    return optax.GradientTransformation(lambda params: tx.init(cast(params)),
+                                        lambda grads, state, params=None: tx.update(cast(grads), state,
+                                                                                    cast(params)))
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warmup from init_lr_ratio * peak to the peak over warmup_steps, the peak held, then a
+    cosine or linear decay to final_lr_ratio * peak over the last decay_steps of total_steps (all of
+    them after warmup when decay_steps is None), held after; "constant" never decays."""
+    peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
+    decay_steps = total - warmup if config.decay_steps is None else config.decay_steps
+    if decay_steps <= 0 or warmup + decay_steps > total:
+        raise ValueError(f"need 0 < decay_steps ({decay_steps}) <= total_steps ({total}) - warmup_steps "
+                         f"({warmup})")
+    tails = {
+        "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_ratio),
+        "linear": lambda: optax.linear_schedule(peak, peak * config.final_lr_ratio, decay_steps),
+        "constant": lambda: optax.constant_schedule(peak),
+    }
+    if config.decay not in tails:
+        raise ValueError(f"decay {config.decay!r} unknown; choose one of {sorted(tails)}")
+    return optax.join_schedules(
+        [optax.linear_schedule(peak * config.init_lr_ratio, peak, warmup), optax.constant_schedule(peak),
+         tails[config.decay]()],
+        boundaries=[warmup, total - decay_steps])
+
+
+def build_optimizer(config, params) -> optax.GradientTransformation:
+    """The optimizer of `config` (configs/optimizer.py) for the model's trainable `params` (an
+    nnx.State of nnx.Param, concrete or abstract: only names and shapes are read).
+
+    Order: cast to state_dtype, clip by global norm over all parameters, then AdamW or the Muon/AdamW
+    partition, each with its own decoupled weight decay (mask: `ParamRole.decay`) and the shared
+    schedule. With accumulation_steps > 1 the whole of it sits in `optax.MultiSteps`: gradients of
+    that many calls are averaged (in state_dtype) and the update (clipping included) happens on the
+    last call, zero updates on the others. The mean equals the gradient of the union of the batches
+    when each call's loss is a mean over equally many tokens; the train step's own micro-batching
+    (trainer/step.py) does not need that condition and is the first choice when one call can hold
+    the batch.
+    """
+    roles = _leaf_roles(params, config.decay_vectors)
+    schedule = learning_rate_schedule(config)
+    decay_mask = lambda tree: _map_roles(lambda role, _: role.decay, roles, tree)
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                        weight_decay=config.adam_weight_decay, mask=decay_mask)
+    if config.name == MUON:
+        muon = optax.chain(
+            scale_by_muon(roles, config.muon_momentum, config.muon_nesterov, config.muon_ns_stages,
+                          config.muon_ns_eps, jnp.dtype(config.muon_ns_dtype), config.muon_rms_scale),
+            optax.add_decayed_weights(config.muon_weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule))
+        labels = lambda tree: _map_roles(lambda role, _: role.optimizer, roles, tree)
+        main = optax.partition({MUON: muon, ADAMW: adamw}, labels)
+    elif config.name == ADAMW:
+        main = adamw
+    else:
+        raise ValueError(f"optimizer {config.name!r} unknown; choose {MUON!r} or {ADAMW!r}")
+    clip = optax.clip_by_global_norm(config.clip_grad_norm) if config.clip_grad_norm > 0 else optax.identity()
+    dtype = jnp.dtype(config.state_dtype)
+    tx = _in_dtype(optax.chain(clip, main), dtype)
+    if config.accumulation_steps > 1:
+        return optax.MultiSteps(tx, config.accumulation_steps, accumulator_dtype=dtype).gradient_transformation()
+    return tx
