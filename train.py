@@ -1,20 +1,42 @@
-"""Post-training entry point.
+"""Post-training entry point: SFT of a DeepSeek-V4 on an (emulated) Ascend mesh.
 
-    python train.py --config=configs/tiny.py [--config.model.dtype=bfloat16] [--steps=N]
+    python train.py --config=configs/tiny.py --workdir=DIR [--config.optimizer.learning_rate=1e-3]
+                    [--config.mesh.topology=cm384-16 --config.mesh.axes.expert=4] [--steps=N]
 
-Today it runs the sharded forward and backward pass of the configured model on the configured
-(emulated) Ascend topology and prints the loss and gradient norm per step on a synthetic batch;
-the optimizer, data pipeline and checkpoints plug into this loop.
+The run resumes from the newest complete checkpoint in DIR (train state, data position, RNG), saves
+every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), logs progress lines,
+`DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after.
 """
+import os
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
-_STEPS = flags.DEFINE_integer("steps", 1, "Forward/backward passes to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+_STEPS = flags.DEFINE_integer("steps", None, "Train until this step (default: config.train.steps).")
+_INIT = flags.DEFINE_string("init_checkpoint", None,
+                            "Workdir of an Orbax checkpoint (e.g. made by the conversion tool) whose "
+                            "weights start a new run; ignored when --workdir already has a checkpoint.")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
-_MTP_WEIGHT = flags.DEFINE_float("mtp_weight", 0.3, "Weight of the MTP loss.")
+
+
+def _evaluate(config, graphdef, state, encoder, batch_sharding, rows):
+    """Held-out exact-match accuracy with greedy decoding (config.eval)."""
+    from data.evaluation import exact_match_accuracy
+    from data.pipeline import load_conversations
+    from trainer.generate import make_greedy_generate
+
+    conversations = []
+    for pattern, _ in config.data.eval_sources:
+        conversations += load_conversations(pattern)
+    conversations = conversations[:config.eval.num_examples]
+    generate = make_greedy_generate(
+        graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens, batch_rows=rows,
+        max_prompt_len=config.eval.max_prompt_len, stop_id=encoder.tokenizer.token_id(encoder.template.eos),
+        batch_sharding=batch_sharding)
+    return exact_match_accuracy(conversations, generate, encoder)
 
 
 def main(argv):
@@ -25,59 +47,93 @@ def main(argv):
     from mesh.emulate import emulate
     from mesh.presets import get_topology
 
+    topology = get_topology(config.mesh.topology)
     if _EMULATE.value:
         jax.config.update("jax_platforms", "cpu")
-        emulate(get_topology(config.mesh.topology))
+        emulate(topology)
 
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from mesh.sharding import activate, logical_to_spec
+    from data.pipeline import build_encoder, build_sft_pipeline
+    from mesh.sharding import activate
     from model.args import from_config
-    from model.losses import language_model_loss
-    from trainer.sharded_init import build_mesh, init_sharded
+    from model.flops import train_flops_per_token
+    from trainer.checkpointing import Checkpointer, abstract_train_state
+    from trainer.metrics import MetricsWriter
+    from trainer.optimizer import build_optimizer, learning_rate_schedule
+    from trainer.preemption import PreemptionGuard
+    from trainer.sharded_init import build_mesh
+    from trainer.state import abstract_params, create_train_state
+    from trainer.step import jit_train_step, make_train_step
 
+    total_steps = _STEPS.value or config.train.steps
     args = from_config(config.model)
-    mesh = build_mesh(config.mesh)
-    rules = config.mesh.rules
-    logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
+    mesh, rules = build_mesh(config.mesh), config.mesh.rules
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    print(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
+          f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)", flush=True)
+
     with activate(mesh, rules):
-        graphdef, state, shardings = init_sharded(args, mesh, rules, config.seed)
-        params, rest = nnx.split_state(state, nnx.Param, ...)
-        param_shardings, rest_shardings = nnx.split_state(shardings, nnx.Param, ...)
-        batch_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules, dict(mesh.shape)))
+        tx = build_optimizer(config.optimizer, abstract_params(args))
+        abstract = abstract_train_state(args, mesh, rules, tx)
+        schedule = learning_rate_schedule(config.optimizer)
+        checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
+        graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
+        pipeline = build_sft_pipeline(config.data, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+        batches = iter(pipeline)
+        if checkpointer.latest_step() is not None:
+            state, data_state = checkpointer.restore(None, abstract)
+            batches.set_state(data_state)
+            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+        elif _INIT.value:
+            initial, _ = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore(None, abstract)
+            state = type(state)(step=state.step, params=initial.params, opt_state=state.opt_state,
+                                routing=initial.routing, rng=state.rng)
+            print(f"initial weights from {_INIT.value}", flush=True)
+        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
+                                                 shardings, mesh, rules)
+        encoder = build_encoder(config.data)
+        rows = config.eval.batch_rows
+        start_step = int(state.step)
+        if start_step == 0:
+            before = _evaluate(config, graphdef, state, encoder, batch_sharding, rows)
+            print(f"held-out exact match before training: {before['accuracy']:.3f} "
+                  f"({before['correct']}/{before['total']})", flush=True)
 
-        def loss_fn(params, rest, tokens, loss_mask):
-            output = nnx.merge(graphdef, params, rest)(tokens)
-            return language_model_loss(output, tokens, loss_mask, _MTP_WEIGHT.value)
-
-        grad_step = jax.jit(
-            jax.value_and_grad(loss_fn, has_aux=True),
-            in_shardings=(param_shardings, rest_shardings, batch_sharding, batch_sharding),
-            out_shardings=((NamedSharding(mesh, PartitionSpec()), None), param_shardings),
-        )
-        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-        print(f"model: {count:,} parameters, {args.num_layers} layers; mesh {dict(mesh.shape)} "
-              f"on topology {config.mesh.topology} ({mesh.size} devices)")
-        rng = np.random.default_rng(config.seed)
-        for step in range(_STEPS.value):
-            tokens = jax.device_put(
-                rng.integers(0, args.vocab_size, (config.batch_size, config.seq_len), dtype=np.int32),
-                batch_sharding)
-            loss_mask = jax.device_put(np.ones(tokens.shape, np.int32), batch_sharding)
-            start = time.perf_counter()
-            (loss, metrics), grads = grad_step(params, rest, tokens, loss_mask)
-            grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-            loss = float(loss)
-            print(f"step {step}: loss {loss:.4f} (main {float(metrics['main_loss']):.4f}, "
-                  f"mtp {float(metrics['mtp_loss']):.4f}) grad_norm {float(grad_norm):.4f} "
-                  f"tokens {int(metrics['target_tokens'])} time {time.perf_counter() - start:.2f}s")
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss}")
+        tokens_per_step = config.data.global_batch_size * config.data.seq_len
+        writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
+                               flops_per_token=train_flops_per_token(args, config.data.seq_len),
+                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step)
+        log_every = config.checkpoint.log_every
+        with PreemptionGuard() as guard:
+            for step in range(start_step, total_steps):
+                batch = {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in next(batches).items()}
+                state, metrics = step_fn(state, batch)
+                done = step + 1
+                if done == start_step + 1 or done % log_every == 0 or done == total_steps:
+                    record = writer.write(done, dict(metrics, **pipeline.stats.as_metrics()))
+                    print(f"step {done}: loss {record['loss']:.4f} lr {record['learning_rate']:.2e} "
+                          f"grad_norm {record['grad_norm']:.3f}"
+                          + (f" {record['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in record else ""),
+                          flush=True)
+                stopping = guard.should_stop()
+                checkpointer.save(done, state, batches.get_state(), force=stopping or done == total_steps)
+                if stopping:
+                    checkpointer.wait()
+                    print(f"{guard.signal_name()} received: saved step {done} and stopping", flush=True)
+                    checkpointer.close()
+                    writer.close()
+                    return
+        checkpointer.wait()
+        writer.close()
+        after = _evaluate(config, graphdef, state, encoder, batch_sharding, rows)
+        print(f"held-out exact match after {int(state.step)} steps: {after['accuracy']:.3f} "
+              f"({after['correct']}/{after['total']})", flush=True)
+        checkpointer.close()
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,9 +1,15 @@
 """A tiny DeepSeek-V4 with the full structure (every layer kind, hash and score routing, MTP) that
-trains on 2 CPU cores; the numbers are small, nothing else differs from V4-Flash."""
-from configs import parallelism
+post-trains on the shipped sample tasks on 2 CPU cores; the numbers are small, nothing else differs
+from V4-Flash."""
+import ml_collections
+
+from configs import checkpoint, data, optimizer, parallelism
 from configs.v4_model import compress_ratios, model_config, run_config
 
 NUM_LAYERS = 6
+SEQ_LEN = 256
+BATCH = 8
+STEPS = 300
 
 
 def get_config():
@@ -30,4 +36,12 @@ def get_config():
         remat_policy="none",
     )
     mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
-    return run_config(model, mesh, batch_size=8, seq_len=256)
+    config = run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN)
+    config.train.steps = STEPS
+    config.data = data.get_config(seq_len=SEQ_LEN, global_batch_size=BATCH)
+    config.optimizer = optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20, total_steps=STEPS,
+                                            adam_eps=1e-8)
+    config.checkpoint = checkpoint.get_config(save_every=100, log_every=20)
+    config.eval = ml_collections.ConfigDict(dict(num_examples=64, max_new_tokens=12, max_prompt_len=48,
+                                                 batch_rows=32))
+    return config

@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup_env.sh"
 cd "$root"
-exec "$root/.venv/bin/python" train.py --config=configs/tiny.py "$@"
+exec "$root/.venv/bin/python" train.py --config=configs/tiny.py --workdir="${WORKDIR:-$root/workdir/tiny}" "$@"
