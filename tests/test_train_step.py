@@ -141,7 +141,7 @@ def test_bias_update_moves_load_toward_balance():
         return float(np.mean(l.max(-1) / l.mean(-1)))
 
     before = imbalance(load)
-    for _ in range(5):
-        model.update_routing_bias(load, rate=0.02)
+    for _ in range(10):  # a rate below the spread of the scores, or sign steps overshoot and oscillate
+        model.update_routing_bias(load, rate=0.002)
         load = load_of(nnx.state(model))
-    assert imbalance(load) < before - 0.1, (before, imbalance(load))
+    assert imbalance(load) < before - 0.15, (before, imbalance(load))  # measured 1.29 -> 1.04
