@@ -32,7 +32,7 @@ class Indexer(nnx.Module):
         keys = self.compressor(u, positions, segment_ids).values  # [b, n, dim]
         n = keys.shape[1]
         q = jnp.einsum("bsr,rhc->bshc", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
-        q = rope.rotate(q, positions[..., None], self._inv_freq())
+        q = rope.rotate(q, positions[..., None], rope.inverse_frequencies(self.args, compressed=True))
         scores = jax.nn.relu(jnp.einsum("bshc,bnc->bshn", q, keys)) * (self.dim ** -0.5)
         head_weights = jnp.einsum("bsd,dh->bsh", u.astype(jnp.float32),
                                   self.weights_proj[...].astype(jnp.float32)) * (self.heads ** -0.5)
@@ -43,6 +43,3 @@ class Indexer(nnx.Module):
         k = min(self.topk, n)
         kth_best = jax.lax.top_k(index, k)[0][..., -1:]
         return jax.lax.stop_gradient(visible & (index >= kth_best))
-
-    def _inv_freq(self):
-        return rope.inverse_frequencies(self.args, compressed=True)
