@@ -130,7 +130,29 @@ GLOBAL_RULES = [
 ]
 
 
-def _layer_slots(args: ModelArgs):
+# The MTP module's own tensors are absent from `transformers`; these rules use the release's names
+# (under `mtp.{depth}.`). Its block follows `layer_rules(args, args.num_layers + depth)`.
+MTP_RULES = [
+    ("e_proj.weight", "e_proj", _t, _t),
+    ("h_proj.weight", "h_proj", _t, _t),
+    ("enorm.weight", "enorm.weight", _copy, _copy),
+    ("hnorm.weight", "hnorm.weight", _copy, _copy),
+    ("norm.weight", "norm.weight", _copy, _copy),
+    ("hc_head_fn", "hc_head.fn", _hc_fn_to_ours, _hc_fn_to_hf),
+    ("hc_head_base", "hc_head.base", _copy, _copy),
+    ("hc_head_scale", "hc_head.scale", _copy, _copy),
+]
+
+# Routed experts one matrix at a time, as the release stores them (`ffn.experts.{e}.w1.weight`,
+# [out, in]) -> expert e's slice of our stacked [e, in, out] weights.
+RELEASE_EXPERT_RULES = [
+    ("w1.weight", "moe.experts.w1", _t, _t),
+    ("w3.weight", "moe.experts.w3", _t, _t),
+    ("w2.weight", "moe.experts.w2", _t, _t),
+]
+
+
+def layer_slots(args: ModelArgs):
     """Yields (layer, our block prefix, repeat index) for every decoder layer."""
     for group_index, (pattern, repeats, first) in enumerate(layer_groups(args)):
         for r in range(repeats):
@@ -154,7 +176,7 @@ def hf_to_flat(hf: Mapping[str, np.ndarray], args: ModelArgs) -> dict:
 
     for hf_name, ours, to_ours, _ in GLOBAL_RULES:
         flat[ours] = to_ours(take(hf_name), args)
-    for layer, prefix, r in _layer_slots(args):
+    for layer, prefix, r in layer_slots(args):
         hf_layer = f"{HF_PREFIX}layers.{layer}."
         for hf_suffix, ours, to_ours, _ in layer_rules(args, layer):
             per_layer.setdefault(f"{prefix}.{ours}", {})[r] = to_ours(take(hf_layer + hf_suffix), args)
@@ -176,7 +198,7 @@ def flat_to_hf(flat: Mapping[str, np.ndarray], args: ModelArgs) -> dict:
     hf = {}
     for hf_name, ours, _, to_hf in GLOBAL_RULES:
         hf[hf_name] = to_hf(np.asarray(flat[ours]), args)
-    for layer, prefix, r in _layer_slots(args):
+    for layer, prefix, r in layer_slots(args):
         hf_layer = f"{HF_PREFIX}layers.{layer}."
         for hf_suffix, ours, _, to_hf in layer_rules(args, layer):
             hf[hf_layer + hf_suffix] = to_hf(np.asarray(flat[f"{prefix}.{ours}"][r]), args)

@@ -1,0 +1,93 @@
+"""Writes model weights as one step of a `trainer.checkpointing.Checkpointer` directory, leaf slice
+by leaf slice, so no leaf (a stacked expert tensor can exceed host memory) is ever whole in memory.
+
+The step holds the items `state` ({'params', 'routing'} nested by variable path, what
+`Checkpointer.restore_weights` reads) and `config`. `state` is an Orbax PyTree item without OCDBT:
+one zarr array per leaf, written with TensorStore, plus the `_METADATA` tree file Orbax reads. Chunks
+are the target mesh's shards, cut to one layer and one expert, so every slice written covers whole
+chunks and every device later reads only its own chunks.
+"""
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from hf_io.weights_layout import Leaf
+from trainer.checkpointing import CHECKPOINT_DIR, CONFIG, STATE
+
+ORBAX_TREE_METADATA = "_METADATA"
+DICT_KEY = 2  # Orbax's key_type for a dict key
+WRITE_CONCURRENCY = 4
+
+
+def step_directory(root: str, step: int) -> str:
+    """Where a Checkpointer rooted at workdir `root` keeps `step`."""
+    return os.path.join(root, CHECKPOINT_DIR, str(step))
+
+
+def _tree_metadata(leaves) -> dict:
+    """The `_METADATA` file of a PyTree item whose leaves are jax.Arrays at these key paths."""
+    tree = {str(leaf.keys): {"key_metadata": [{"key": key, "key_type": DICT_KEY} for key in leaf.keys],
+                             "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
+            for leaf in leaves}
+    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def write_slice(array: ts.TensorStore, index: tuple, value: np.ndarray) -> ts.WriteFutures:
+    """Starts writing `value` at `index` of `array` (the one place bytes leave; tests make it fail)."""
+    return array[index].write(value)
+
+
+class WeightsWriter:
+    """Creates the arrays of `leaves` (Leaf -> (storage dtype, positional dims)) under the step
+    directory, takes slices, and finishes the item files; `positional dims` are the leading dims
+    written one index at a time (layers, experts), which get chunk extent 1."""
+
+    def __init__(self, step_dir: str, leaves: dict):
+        self.state_dir = os.path.join(step_dir, STATE)
+        self.step_dir = step_dir
+        os.makedirs(self.state_dir)
+        self.leaves = leaves
+        self.arrays, self._pending = {}, []
+        for leaf, (dtype, positional) in leaves.items():
+            chunks = (1,) * positional + leaf.shard_shape()[positional:]
+            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
+                    "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
+                    "dtype": np.dtype(dtype).name, "store_data_equal_to_fill_value": True}
+            self.arrays[leaf.path] = ts.open(spec, create=True).result()
+
+    def write(self, leaf: Leaf, index: tuple, value: np.ndarray, what: str):
+        """Writes `value` (made from source tensor `what`) at `index` of `leaf`; at most
+        WRITE_CONCURRENCY writes are in flight, and a failed one is reported by its `what`."""
+        array = self.arrays[leaf.path]
+        if tuple(value.shape) != tuple(array[index].shape):
+            raise ValueError(f"{what}: laid out as {list(value.shape)}, {leaf.path}{list(index)} needs "
+                             f"{list(array[index].shape)}")
+        future = write_slice(array, index, np.asarray(value, array.dtype.numpy_dtype))
+        self._pending.append((future, f"{leaf.path}{list(index)} from {what}"))
+        while len(self._pending) >= WRITE_CONCURRENCY:
+            self._wait_oldest()
+
+    def _wait_oldest(self):
+        future, what = self._pending.pop(0)
+        try:
+            future.result()
+        except Exception as error:
+            raise OSError(f"{self.state_dir}: writing {what} failed: {error}") from error
+
+    def flush(self):
+        while self._pending:
+            self._wait_oldest()
+
+    def finish(self, config: dict):
+        """Waits for the data, then writes the files that make the step readable."""
+        self.flush()
+        with open(os.path.join(self.state_dir, ORBAX_TREE_METADATA), "w") as f:
+            json.dump(_tree_metadata(self.leaves), f)
+        config_dir = epath.Path(self.step_dir) / CONFIG
+        config_dir.mkdir()
+        ocp.JsonCheckpointHandler().save(config_dir, args=ocp.args.JsonSave(config))
