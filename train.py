@@ -17,8 +17,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 _STEPS = flags.DEFINE_integer("steps", None, "Train until this step (default: config.train.steps).")
 _INIT = flags.DEFINE_string("init_checkpoint", None,
-                            "Workdir of an Orbax checkpoint (e.g. made by the conversion tool) whose "
-                            "weights start a new run; ignored when --workdir already has a checkpoint.")
+                            "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
+                            "whose weights start a new run; ignored when --workdir already has a checkpoint.")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
@@ -88,10 +88,14 @@ def main(argv):
             batches.set_state(data_state)
             print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
         elif _INIT.value:
-            initial, _ = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore(None, abstract)
-            state = type(state)(step=state.step, params=initial.params, opt_state=state.opt_state,
-                                routing=initial.routing, rng=state.rng)
-            print(f"initial weights from {_INIT.value}", flush=True)
+            initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
+                None, {"params": abstract.params, "routing": abstract.routing},
+                fallback={"params": state.params, "routing": state.routing})
+            state = type(state)(step=state.step, params=initial["params"], opt_state=state.opt_state,
+                                routing=initial["routing"], rng=state.rng)
+            print(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
+                                                           f"initialisation, e.g. {fresh[0]}" if fresh else ""),
+                  flush=True)
         step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
                                                  shardings, mesh, rules)
         encoder = build_encoder(config.data)

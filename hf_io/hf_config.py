@@ -73,7 +73,8 @@ def mismatches(config: dict, args: ModelArgs) -> list:
     checked = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank",
                "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "hc_mult", "n_routed_experts",
                "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "num_nextn_predict_layers"]
-    found = [(field, config[field], ours[field]) for field in checked if field in config and config[field] != ours[field]]
+    found = [(field, config[field], ours[field]) for field in checked
+             if field in config and config[field] != ours[field]]
     derived = [("attention schedule", _schedule(config), _schedule(ours)),
                ("hash-routed layers", _hash_layers(config), args.num_hash_layers),
                ("RoPE head dim", _rope_head_dim(config), args.rope_head_dim)]

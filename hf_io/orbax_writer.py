@@ -9,6 +9,7 @@ chunks and every device later reads only its own chunks.
 """
 import json
 import os
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,6 +20,7 @@ from hf_io.weights_layout import Leaf
 from trainer.checkpointing import CHECKPOINT_DIR, CONFIG, STATE
 
 ORBAX_TREE_METADATA = "_METADATA"
+ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
 DICT_KEY = 2  # Orbax's key_type for a dict key
 WRITE_CONCURRENCY = 4
 
@@ -37,6 +39,14 @@ def _tree_metadata(leaves) -> dict:
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
 
 
+def _step_metadata(started_ns: int) -> dict:
+    """The step's `_CHECKPOINT_METADATA`: which Orbax handler reads each item, and when."""
+    handler = lambda cls: f"{cls.__module__}.{cls.__qualname__}"
+    return {"item_handlers": {STATE: handler(ocp.PyTreeCheckpointHandler), CONFIG: handler(ocp.JsonCheckpointHandler)},
+            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
+            "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}
+
+
 def write_slice(array: ts.TensorStore, index: tuple, value: np.ndarray) -> ts.WriteFutures:
     """Starts writing `value` at `index` of `array` (the one place bytes leave; tests make it fail)."""
     return array[index].write(value)
@@ -48,6 +58,7 @@ class WeightsWriter:
     written one index at a time (layers, experts), which get chunk extent 1."""
 
     def __init__(self, step_dir: str, leaves: dict):
+        self.started_ns = time.time_ns()
         self.state_dir = os.path.join(step_dir, STATE)
         self.step_dir = step_dir
         os.makedirs(self.state_dir)
@@ -91,3 +102,5 @@ class WeightsWriter:
         config_dir = epath.Path(self.step_dir) / CONFIG
         config_dir.mkdir()
         ocp.JsonCheckpointHandler().save(config_dir, args=ocp.args.JsonSave(config))
+        with open(os.path.join(self.step_dir, ORBAX_STEP_METADATA), "w") as f:
+            json.dump(_step_metadata(self.started_ns), f)

@@ -47,15 +47,19 @@ def _listing(title: str, lines: list) -> str:
     return f"{title} ({len(lines)}):\n  " + "\n  ".join(lines[:SHOWN]) + more
 
 
+def _shape_problems(name: str, stored: tuple, expected: tuple) -> list:
+    return [] if tuple(stored) == tuple(expected) else [f"mis-shaped {name}: {list(stored)}, expected {list(expected)}"]
+
+
 def _encoding(tensor: ReleaseTensor, weight, scale) -> tuple:
     """-> (encoding, problems) for one tensor given its stored weight (and scale) TensorInfo."""
     name, shape = tensor.name, tuple(tensor.shape)
     if tensor.storage == INDEX:
         if weight.dtype not in INDEX_DTYPES:
             return None, [f"mis-typed {name}: {weight.dtype}, expected one of {INDEX_DTYPES}"]
-        return PLAIN, [] if weight.shape == shape else [f"mis-shaped {name}: {list(weight.shape)}, expected {list(shape)}"]
+        return PLAIN, _shape_problems(name, weight.shape, shape)
     if weight.dtype in FLOAT_DTYPES:
-        problems = [] if weight.shape == shape else [f"mis-shaped {name}: {list(weight.shape)}, expected {list(shape)}"]
+        problems = _shape_problems(name, weight.shape, shape)
         if scale is not None:
             problems.append(f"unexpected {scale.name}: {name} is stored unquantised ({weight.dtype})")
         return PLAIN, problems

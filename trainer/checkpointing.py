@@ -13,6 +13,7 @@ shardings say where every shard goes, so a checkpoint loads onto any mesh withou
 onto one device.
 """
 import base64
+import functools
 import json
 import time
 from typing import Any
@@ -224,6 +225,36 @@ class Checkpointer:
             DATA: ocp.args.JsonRestore()}))
         logging.info("%s: restored step %d in %.3f s", self.directory, step, time.perf_counter() - started)
         return _from_nested_dict(restored[STATE], abstract_state), _decode_data_state(restored[DATA])
+
+    def restore_weights(self, step: int | None, abstract_weights: dict, fallback: dict | None = None):
+        """-> (weights, missing): `{'params': ..., 'routing': ...}` of `step` (None: the latest complete
+        one) in the structure and shardings of `abstract_weights`.
+
+        Reads a training checkpoint (its optimizer state, data position and RNG stay unread) as well
+        as a converted one, which holds only these two. Leaves the checkpoint lacks (the MTP module of
+        weights converted from `transformers`, which has none) come from `fallback`, same structure,
+        and their paths are returned in `missing`; without a fallback they are an error.
+        """
+        step = self._complete_step(step)
+        saved = self._manager.item_metadata(step)[STATE]
+        saved_paths = {tuple(_key_name(k) for k in path)
+                       for path, _ in jax.tree_util.tree_flatten_with_path(saved.tree)[0]}
+        flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_weights)
+        names = [tuple(_key_name(k) for k in path) for path, _ in flat]
+        missing = ["/".join(n) for n in names if n not in saved_paths]
+        if missing and fallback is None:
+            raise KeyError(f"{self.directory}: step {step} lacks {len(missing)} weights, e.g. {missing[:5]}")
+        # None leaves vanish from the nested dict: the target asks only for what was saved.
+        target = _to_nested_dict(jax.tree_util.tree_unflatten(
+            treedef, [leaf if n in saved_paths else None for n, (_, leaf) in zip(names, flat)]),
+            f"weights of step {step}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))[STATE]
+        own = jax.tree_util.tree_leaves(fallback) if missing else [None] * len(flat)
+        weights = [functools.reduce(lambda node, key: node[key], n, restored) if n in saved_paths else fresh
+                   for n, fresh in zip(names, own)]
+        logging.info("%s: restored the weights of step %d (%d absent)", self.directory, step, len(missing))
+        return jax.tree_util.tree_unflatten(treedef, weights), missing
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         """The config saved with `step` (None: the latest complete one), e.g. to check a resume's."""

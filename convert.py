@@ -1,0 +1,58 @@
+"""Converts DeepSeek-V4 checkpoints between the Hugging Face layout and this project's Orbax layout.
+
+Import (release FP8/FP4 or bf16 safetensors, or a `transformers` save_pretrained directory ->
+a weights-only checkpoint that `train.py --init_checkpoint=OUT` restores, chunked for the config's
+mesh):
+
+    python convert.py --direction=import --config=configs/v4_flash.py --input=HF_DIR --output=OUT \
+        [--dtype=bfloat16|float32] [--config.mesh.topology=cm384-16 --config.mesh.axes.expert=16] [--dry_run]
+
+Export (the weights of a train.py workdir or of a converted checkpoint -> safetensors shards, index
+and config.json in the release layout):
+
+    python convert.py --direction=export --config=configs/v4_flash.py --input=WORKDIR --output=HF_DIR \
+        [--format=bf16|fp8] [--step=N] [--shard_gib=5] [--dry_run]
+
+Both check every tensor against the config before writing, stream one tensor at a time, log
+progress with bytes and ETA, and create OUT only once it is complete.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model + mesh config, e.g. configs/v4_flash.py.")
+_DIRECTION = flags.DEFINE_enum("direction", None, ["import", "export"], "import: HF -> Orbax; export: Orbax -> HF.")
+_INPUT = flags.DEFINE_string("input", None, "Import: HF checkpoint directory. Export: train.py workdir.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to create (must not exist).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "Import: storage dtype of weights held in bf16 or quantised (F32 tensors stay F32).")
+_FORMAT = flags.DEFINE_enum("format", "bf16", ["bf16", "fp8"],
+                            "Export: bf16, or fp8 = the release's FP8 tiles with MXFP4 routed experts.")
+_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest complete one).")
+_SHARD_GIB = flags.DEFINE_float("shard_gib", 5.0, "Export: maximum safetensors shard size in GiB.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only validate the input against the config; write nothing.")
+
+
+def main(argv):
+    del argv
+    from hf_io.exporter import export_checkpoint
+    from hf_io.importer import import_checkpoint
+
+    config = _CONFIG.value
+    if _DIRECTION.value == "import":
+        summary = import_checkpoint(_INPUT.value, _OUTPUT.value, config, dtype=_DTYPE.value, dry_run=_DRY_RUN.value)
+        print(f"{'validated' if _DRY_RUN.value else 'imported'} {summary.tensors} tensors "
+              f"({summary.input_bytes / 2**30:.2f} GiB) from {_INPUT.value}"
+              + ("" if _DRY_RUN.value else f" into {_OUTPUT.value}")
+              + (" (no MTP weights in the input)" if summary.without_mtp else ""), flush=True)
+    else:
+        plan = export_checkpoint(_INPUT.value, _OUTPUT.value, config, fmt=_FORMAT.value, step=_STEP.value,
+                                 max_shard_bytes=int(_SHARD_GIB.value * 2**30), dry_run=_DRY_RUN.value)
+        print(f"{'validated' if _DRY_RUN.value else 'exported'} {len(plan)} tensors "
+              f"({sum(p.nbytes for p in plan) / 2**30:.2f} GiB, format {_FORMAT.value}) from {_INPUT.value}"
+              + ("" if _DRY_RUN.value else f" into {_OUTPUT.value}"), flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "direction", "input", "output"])
+    logging.set_verbosity(logging.INFO)
+    app.run(main)
