@@ -24,6 +24,7 @@ def get_config():
         o_groups=2,
         o_lora_rank=32,
         sliding_window=32,
+        window_block=8,
         compress_ratios=compress_ratios(NUM_LAYERS, first=0),
         index_n_heads=4,
         index_head_dim=32,
@@ -34,6 +35,7 @@ def get_config():
         routed_scaling_factor=1.5,
         dtype="float32",
         remat_policy="none",
+        expert_tile=16,
     )
     mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
     config = run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN)

@@ -36,8 +36,10 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
         remat_policy="full",
         moe_dispatch="padded",  # sorted expert-parallel dispatch; "dense" is the all-experts reference
         capacity_factor=0.0,  # dropless
+        expert_tile=128,  # expert MLP rows per tile: only tiles holding routed tokens are computed
         vocab_size=129280,
         sliding_window=128,
+        window_block=32,  # queries per window block: W + 32 keys scored per query instead of 2W
         index_n_heads=64,
         index_head_dim=128,
     )

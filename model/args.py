@@ -63,6 +63,8 @@ class ModelArgs:
     scan_layers: bool = True  # False unrolls the layer loop (exact XLA cost analysis, slower compiles)
     moe_dispatch: str = "dense"  # dense: every expert sees every token (reference); padded / ragged: sorted
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * tokens * k / E) assignments
+    expert_tile: int = 0  # padded dispatch: > 0 runs the expert MLP only on occupied tiles of this many rows
+    window_block: int = 0  # query rows per sliding-window block, dividing the window (config 0 = the window)
 
     @property
     def compute_dtype(self):
@@ -86,6 +88,12 @@ class ModelArgs:
         return layer < self.num_hash_layers
 
     @property
+    def num_score_routed_layers(self) -> int:
+        """MoE layers with a learned router (the balance loss averages over these): every layer after the
+        hash-routed ones, and the MTP layers."""
+        return self.num_layers - self.num_hash_layers + self.num_mtp_layers
+
+    @property
     def mtp_layer_ids(self):
         return tuple(range(self.num_layers, self.num_layers + self.num_mtp_layers))
 
@@ -106,6 +114,7 @@ def from_config(model_config) -> ModelArgs:
     _require(not missing, ",".join(missing), "missing required field(s)")
     values["compress_ratios"] = tuple(int(r) for r in values["compress_ratios"])
     values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+    values["window_block"] = values.get("window_block") or values["sliding_window"]
     args = ModelArgs(**values)
 
     n_ratios = args.num_layers + args.num_mtp_layers
@@ -123,6 +132,9 @@ def from_config(model_config) -> ModelArgs:
     _require(args.moe_dispatch in MOE_DISPATCHES, "moe_dispatch",
              f"{args.moe_dispatch!r} not allowed; allowed: {list(MOE_DISPATCHES)}")
     _require(args.capacity_factor >= 0, "capacity_factor", f"{args.capacity_factor} must be >= 0 (0 = dropless)")
+    _require(args.expert_tile >= 0, "expert_tile", f"{args.expert_tile} must be >= 0 (0 = whole buffers)")
+    _require(args.window_block > 0 and args.sliding_window % args.window_block == 0, "window_block",
+             f"{args.window_block} must divide sliding_window={args.sliding_window}")
     _require(args.num_heads % args.o_groups == 0, "o_groups",
              f"{args.o_groups} does not divide num_heads={args.num_heads}")
     _require(0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0, "rope_head_dim",

@@ -3,8 +3,10 @@
 One shared KV head (keys are values), low-rank queries with per-head RMS normalisation, partial RoPE,
 a learned per-head sink in the softmax denominator, and a grouped low-rank output projection.
 
-The window is computed blockwise: queries of block j (width W = window) see keys of blocks j-1 and j,
-so the cost is O(S * 2W) instead of O(S^2). Window, compressed entries and sink share one softmax.
+The window is computed blockwise: the queries of a block of B rows (B = window_block, dividing the
+window W) see the W + B keys that end with their block, so the cost is O(S * (W + B)) instead of
+O(S^2); smaller blocks compute fewer masked-out scores (2W at B = W, 1.25W at B = W/4) in more,
+smaller matmuls. Window, compressed entries and sink share one softmax.
 """
 import jax
 import jax.numpy as jnp
@@ -20,31 +22,32 @@ from model.norms import RMSNorm, rms_normalize
 HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
 
 
-def _window_blocks(x: jax.Array, window: int) -> jax.Array:
-    """[b, s, ...] -> [b, nb, window, ...] with s padded up to a multiple of the window."""
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """[b, s, ...] -> [b, nb, block, ...] with s padded up to a multiple of the block."""
     s = x.shape[1]
-    nb = -(-s // window)
-    x = jnp.pad(x, [(0, 0), (0, nb * window - s)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(x.shape[0], nb, window, *x.shape[2:])
+    nb = -(-s // block)
+    x = jnp.pad(x, [(0, 0), (0, nb * block - s)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], nb, block, *x.shape[2:])
 
 
-def _with_previous_block(blocks: jax.Array) -> jax.Array:
-    """[b, nb, w, ...] -> [b, nb, 2w, ...]: each block preceded by the one before it (zeros first)."""
-    previous = jnp.pad(blocks[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (blocks.ndim - 2))
-    return jnp.concatenate([previous, blocks], axis=2)
+def _with_preceding(blocks: jax.Array, count: int, fill=0) -> jax.Array:
+    """[b, nb, B, ...] -> [b, nb, (count+1)*B, ...]: each block preceded by the `count` blocks before it
+    (`fill` before the sequence start), oldest first."""
+    shifted = [jnp.pad(blocks[:, :blocks.shape[1] - m], [(0, 0), (m, 0)] + [(0, 0)] * (blocks.ndim - 2),
+                       constant_values=fill) for m in range(count, 0, -1)]
+    return jnp.concatenate(shifted + [blocks], axis=2)
 
 
-def _window_mask(segment_ids: jax.Array, window: int) -> jax.Array:
-    """[b,s] segment ids -> [b, nb, w, 2w] bool: query q of block j sees key k of blocks (j-1, j) iff
-    0 <= row distance < window and both belong to the same document (padding rows never match)."""
-    q = jnp.arange(window)[:, None] + window
-    k = jnp.arange(2 * window)[None, :]
+def _window_mask(segment_ids: jax.Array, window: int, block: int) -> jax.Array:
+    """[b,s] segment ids -> [b, nb, B, W+B] bool: query q of block j (position jB+q) sees key k of its
+    span (position jB-W+k) iff 0 <= distance < window and both belong to the same document (padding
+    rows never match)."""
+    q = jnp.arange(block)[:, None] + window
+    k = jnp.arange(window + block)[None, :]
     dist = q - k
     in_window = (dist >= 0) & (dist < window)
-    seg = jnp.pad(segment_ids, ((0, 0), (0, -segment_ids.shape[1] % window)), constant_values=-1)
-    seg_q = seg.reshape(seg.shape[0], -1, window)
-    seg_k = jnp.concatenate([jnp.pad(seg_q[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1), seg_q],
-                            axis=2)
+    seg_q = _blocks(jnp.pad(segment_ids, ((0, 0), (0, -segment_ids.shape[1] % block)), constant_values=-1), block)
+    seg_k = _with_preceding(seg_q, window // block, fill=-1)
     return in_window & (seg_q[..., :, None] == seg_k[..., None, :])
 
 
@@ -71,7 +74,8 @@ class Attention(nnx.Module):
         """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> [b,s,d]."""
         args, dtype = self.args, u.dtype
         b, s, _ = u.shape
-        window = args.sliding_window
+        window, block = args.sliding_window, args.window_block
+        span = window + block
         q_latent = self.q_norm(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)))
         q = jnp.einsum("bsr,rhc->bshc", q_latent, self.wq_b[...].astype(dtype))
         q = rms_normalize(q, args.rms_norm_eps).astype(dtype)
@@ -80,14 +84,14 @@ class Attention(nnx.Module):
         kv = rope.rotate(kv, positions, self._inv_freq())
         scale = args.head_dim ** -0.5
 
-        # Window logits, blockwise: [b, nb, h, w, 2w].
-        q_blocks = _window_blocks(q, window)
-        kv_blocks = _with_previous_block(_window_blocks(kv, window))
+        # Window logits, blockwise: [b, nb, h, B, W+B].
+        q_blocks = _blocks(q, block)
+        kv_blocks = _with_preceding(_blocks(kv, block), window // block)
         nb = q_blocks.shape[1]
         win_logits = jnp.einsum("bnqhc,bnkc->bnhqk", q_blocks, kv_blocks,
                                 preferred_element_type=jnp.float32) * scale
-        win_logits = jnp.where(_window_mask(segment_ids, window)[:, :, None], win_logits, -jnp.inf)
-        win_logits = win_logits.transpose(0, 2, 1, 3, 4).reshape(b, args.num_heads, nb * window, 2 * window)
+        win_logits = jnp.where(_window_mask(segment_ids, window, block)[:, :, None], win_logits, -jnp.inf)
+        win_logits = win_logits.transpose(0, 2, 1, 3, 4).reshape(b, args.num_heads, nb * block, span)
 
         pieces = [win_logits]
         if self.compressor is not None:
@@ -98,17 +102,17 @@ class Attention(nnx.Module):
                 usable = self.indexer(u, q_latent, positions, segment_ids, usable)
             comp_logits = jnp.einsum("bshc,bnc->bhsn", q, entries, preferred_element_type=jnp.float32) * scale
             comp_logits = jnp.where(usable[:, None], comp_logits, -jnp.inf)
-            pieces.append(jnp.pad(comp_logits, ((0, 0), (0, 0), (0, nb * window - s), (0, 0)),
+            pieces.append(jnp.pad(comp_logits, ((0, 0), (0, 0), (0, nb * block - s), (0, 0)),
                                   constant_values=-jnp.inf))
         sink = jnp.broadcast_to(self.attn_sink[...].astype(jnp.float32)[None, :, None, None],
-                                (b, args.num_heads, nb * window, 1))
+                                (b, args.num_heads, nb * block, 1))
         probs = jax.nn.softmax(jnp.concatenate(pieces + [sink], axis=-1), axis=-1)
 
-        win_probs = probs[..., :2 * window].reshape(b, args.num_heads, nb, window, 2 * window)
+        win_probs = probs[..., :span].reshape(b, args.num_heads, nb, block, span)
         out = jnp.einsum("bhnqk,bnkc->bnqhc", win_probs.astype(dtype), kv_blocks)
-        out = out.reshape(b, nb * window, args.num_heads, -1)[:, :s]
+        out = out.reshape(b, nb * block, args.num_heads, -1)[:, :s]
         if self.compressor is not None:
-            comp_probs = probs[:, :, :s, 2 * window:-1]
+            comp_probs = probs[:, :, :s, span:-1]
             out = out + jnp.einsum("bhsn,bnc->bshc", comp_probs.astype(dtype), entries)
         # Keys are values, so values carry absolute RoPE: rotate back by the query position.
         out = constrain(rope.rotate(out, positions[..., None], self._inv_freq(), inverse=True), HEADS)

@@ -27,7 +27,10 @@ matrix does), so a device sends at most t_local assignments to one expert.
 - Dropless (capacity_factor None or 0): C = t_local. Worst-case padded buffers per device:
   E * t_local rows of d in x.dtype out (+ E * t_local float32 routing weights), the same coming back
   in float32, and [E/ep, ep*t_local, I/tp] float32 gate/up/h on the expert side: the grouped einsum
-  then costs E*t_local*d*I per device, E/k times the useful work, like the dense reference. This is the
+  then costs E*t_local*d*I per device, E/k times the useful work, like the dense reference. With a
+  `tile` (ModelArgs.expert_tile) the expert MLP instead runs only the tiles holding received rows
+  (`model.grouped_mlp`): the work is the routed rows rounded up to whole tiles per (expert, source)
+  chunk, while the buffers' memory stays the worst case. Without tiles this is the
   price of static shapes without ragged collectives; the "ragged" backend moves only the t_local*k real
   rows and ragged_dot computes only those where the platform has a grouped kernel (XLA:CPU lowers it
   to a masked dense dot, E_local times the work). Its receive buffer is still ep*t_local*k rows, the
@@ -49,6 +52,7 @@ from jax.sharding import PartitionSpec
 from mesh import axes
 from mesh.sharding import active, resolve_spec
 from model.activations import clamped_swiglu
+from model.grouped_mlp import expert_mlp, occupied_tiles
 
 BACKENDS = ("padded", "ragged")
 TOKEN_NAMES = ("act_batch", "act_embed")
@@ -124,8 +128,9 @@ def _ffn_ragged(xs, ws, group_sizes, w1, w3, w2, limit):
     return lax.ragged_dot(h, w2.astype(dt), group_sizes, preferred_element_type=jnp.float32)
 
 
-def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep):
-    """Fixed-size [E, C] per-expert buffers, plain all_to_all over the expert axes -> y [t,d] f32."""
+def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, tile):
+    """Fixed-size [E, C] per-expert buffers, plain all_to_all over the expert axes -> (y [t,d] f32,
+    expert tiles run: 0 when tile is 0 and the whole buffers are multiplied)."""
     t, d = x.shape
     num_experts = kept.shape[0]
     starts = jnp.cumsum(kept) - kept
@@ -136,17 +141,26 @@ def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep):
     xg = jnp.where(valid[..., None], x[token], 0).astype(x.dtype)              # [E,C,d]
     wg = jnp.where(valid, flat_w[assignment], 0.0)                              # [E,C]
     local = num_experts // ep
+    received = kept                                                             # [El*ep] rows per chunk
     if ep > 1:
         # [ep(dest), El, C, d] -> [ep(source), El, C, d] -> [El, ep*C, d]
         xg = lax.all_to_all(xg.reshape(ep, local, cap, d), expert_axes, 0, 0)
         wg = lax.all_to_all(wg.reshape(ep, local, cap), expert_axes, 0, 0)
+        received = lax.all_to_all(kept.reshape(ep, local), expert_axes, 0, 0).T.reshape(-1)
         xg = xg.transpose(1, 0, 2, 3).reshape(local, ep * cap, d)
         wg = wg.transpose(1, 0, 2).reshape(local, ep * cap)
-    out = _ffn_dense_groups(xg, wg, w1, w3, w2, limit)                          # [El, ep*C, d] f32
+    if tile:
+        # Chunks (local expert, source) of C rows: [El*ep, C, ...].
+        out = expert_mlp(xg.reshape(local * ep, cap, d), wg.reshape(local * ep, cap), received, w1, w3, w2,
+                         chunks_per_expert=ep, tile=tile, limit=limit).reshape(local, ep * cap, d)
+        tiles = occupied_tiles(received, tile)
+    else:
+        out = _ffn_dense_groups(xg, wg, w1, w3, w2, limit)                      # [El, ep*C, d] f32
+        tiles = jnp.zeros((), jnp.int32)
     if ep > 1:
         out = out.reshape(local, ep, cap, d).transpose(1, 0, 2, 3)
         out = lax.all_to_all(out, expert_axes, 0, 0).reshape(num_experts, cap, d)
-    return jnp.zeros((t, d), jnp.float32).at[jnp.where(valid, token, t)].add(out, mode="drop")
+    return jnp.zeros((t, d), jnp.float32).at[jnp.where(valid, token, t)].add(out, mode="drop"), tiles
 
 
 def _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep):
@@ -190,7 +204,7 @@ def _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep):
     return jnp.zeros((t, d), jnp.float32).at[order // k].add(ys)
 
 
-def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, expert_axes, ep,
+def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, tile, expert_axes, ep,
            gather_axes, tensor_axes, token_axes):
     """One device's dispatch (or the whole batch without a mesh) -> (y [t,d] f32, stats)."""
     t, k = experts.shape
@@ -202,32 +216,36 @@ def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, 
         w3 = lax.all_gather(w3, gather_axes, axis=1, tiled=True)
         w2 = lax.all_gather(w2, gather_axes, axis=2, tiled=True)                 # [El, I/tp, d]
     if backend == "padded":
-        y = _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep)
+        y, tiles = _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, tile)
     else:
-        y = _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep)
+        y, tiles = _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep), jnp.zeros((), jnp.int32)
     if tensor_axes:
         y = lax.psum(y, tensor_axes)
     load, dropped = counts, jnp.sum(counts - kept)
     if token_axes:
-        load, dropped = lax.psum(load, token_axes), lax.psum(dropped, token_axes)
+        load, dropped, tiles = (lax.psum(v, token_axes) for v in (load, dropped, tiles))
+    tiles = tiles * math.prod(lax.axis_size(axis) for axis in tensor_axes)  # every tensor rank runs them
     stats = {"dropped_tokens": dropped.astype(jnp.float32),
              "max_load": jnp.max(load).astype(jnp.float32),
-             "mean_load": jnp.mean(load.astype(jnp.float32))}
+             "mean_load": jnp.mean(load.astype(jnp.float32)),
+             "expert_tiles": tiles.astype(jnp.float32)}
     return y, stats
 
 
-def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_factor=None):
+def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_factor=None, tile=0):
     """Routed experts by sorted dispatch: x [t,d], routing (experts [t,k], weights [t,k]),
     w1/w3 [E,d,I], w2 [E,I,d] -> (y [t,d] float32, stats).
 
     stats (float32 scalars, over the global batch): dropped_tokens = distinct (token, expert)
-    assignments dropped by the capacity limit, max_load / mean_load = assignments per expert.
-    capacity_factor None (or 0) = dropless. Inside `mesh.sharding.activate(mesh, rules)` it runs under
+    assignments dropped by the capacity limit, max_load / mean_load = assignments per expert,
+    expert_tiles = tiles of the padded backend's tiled expert MLP run on all devices (0 otherwise).
+    capacity_factor None (or 0) = dropless. tile > 0 (padded backend): the expert MLP runs only on the
+    occupied `tile`-row tiles of the buffers (`model.grouped_mlp`); 0 multiplies whole buffers. Inside `mesh.sharding.activate(mesh, rules)` it runs under
     shard_map with all-to-all over the `expert` axis (when larger than 1); otherwise locally.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} not in {BACKENDS}")
-    settings = dict(limit=limit, backend=backend, capacity_factor=capacity_factor)
+    settings = dict(limit=limit, backend=backend, capacity_factor=capacity_factor, tile=tile)
     current = active()
     if current is None:
         return _shard(x, routing.experts, routing.weights, w1, w3, w2, expert_axes=(), ep=1,

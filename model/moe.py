@@ -76,20 +76,20 @@ class RoutedExperts(nnx.Module):
         e, d, i = args.num_routed_experts, args.hidden_size, args.moe_intermediate_size
         std, wdt = args.initializer_range, args.weight_dtype
         self.limit, self.num_experts = args.swiglu_limit, e
-        self.dispatch, self.capacity_factor = args.moe_dispatch, args.capacity_factor
+        self.dispatch, self.capacity_factor, self.tile = args.moe_dispatch, args.capacity_factor, args.expert_tile
         self.w1 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
         self.w3 = params.normal(rngs, (e, d, i), ("expert", "expert_embed", "expert_mlp"), std, wdt)
         self.w2 = params.normal(rngs, (e, i, d), ("expert", "expert_mlp", "expert_embed"), std, wdt)
 
     def __call__(self, x: jax.Array, routing: Routing):
-        """x [t,d] -> (y [t,d] float32, assignments dropped by a capacity limit)."""
+        """x [t,d] -> (y [t,d] float32, assignments dropped by a capacity limit, expert tiles run)."""
         if self.dispatch == "dense":
-            return self.dense(x, routing), jnp.zeros((), jnp.float32)
+            return self.dense(x, routing), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         dt = x.dtype
         y, stats = routed_experts(x, routing, self.w1[...].astype(dt), self.w3[...].astype(dt),
                                   self.w2[...].astype(dt), limit=self.limit, backend=self.dispatch,
-                                  capacity_factor=self.capacity_factor or None)
-        return y, stats["dropped_tokens"]
+                                  capacity_factor=self.capacity_factor or None, tile=self.tile)
+        return y, stats["dropped_tokens"], stats["expert_tiles"]
 
     def dense(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dense reference dispatch: x [t,d] -> [t,d] float32 (the routing weight scales h before w2)."""
@@ -107,11 +107,13 @@ class RoutedExperts(nnx.Module):
 @dataclasses.dataclass
 class MoEStats:
     """Per layer: load [E] (token-expert assignments per expert), balance (sequence-wise balance loss,
-    before its weight), dropped (assignments a capacity limit dropped)."""
+    before its weight), dropped (assignments a capacity limit dropped), tiles (tiles the tiled expert
+    MLP ran, over all devices; see model.grouped_mlp)."""
 
     load: jax.Array
     balance: jax.Array
     dropped: jax.Array
+    tiles: jax.Array
 
 
 def sequence_balance_loss(routing: Routing, rows: int, k: int) -> jax.Array:
@@ -136,11 +138,11 @@ class MoE(nnx.Module):
         b, s, d = u.shape
         x = u.reshape(b * s, d)
         routing = self.router(x, token_ids.reshape(b * s))
-        y, dropped = self.experts(x, routing)
+        y, dropped, tiles = self.experts(x, routing)
         if self.shared is not None:
             y = y + self.shared(x)
         load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
         balance = (jnp.zeros((), jnp.float32) if self.router.hashed
                    else sequence_balance_loss(routing, b, self.router.k))
-        stats = MoEStats(load=load, balance=balance, dropped=dropped)
+        stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles)
         return y.astype(u.dtype).reshape(b, s, d), stats

@@ -16,12 +16,14 @@ from configs.parallelism import RULES
 from mesh.sharding import activate
 from model import expert_dispatch
 from model.expert_dispatch import capacity, routed_experts
+from model.grouped_mlp import tile_flops
 from model.moe import Routing, clamped_swiglu
 
 TOKENS, WIDTH, HIDDEN, EXPERTS, TOP_K = 64, 16, 8, 8, 2
 LIMIT = 1.0  # low enough that the clamp is active for some rows
 DUPLICATES = 8  # tokens whose two choices are the same expert (hash routing can do this)
 TOL = dict(rtol=2e-5, atol=2e-5)
+TILE = 3  # rows per tile of the tiled expert MLP: smaller than, and not dividing, the buffers
 MESH_NAMES = ("data", "fsdp", "expert", "tensor")
 MESHES = {  # (data, fsdp, expert, tensor)
     "none": None,
@@ -67,13 +69,13 @@ def reference(x, experts, weights, w1, w3, w2):
     return y
 
 
-def run(p, mesh_shape, backend="padded", capacity_factor=None, grads=True):
+def run(p, mesh_shape, backend="padded", capacity_factor=None, grads=True, tile=0):
     """(y, stats, grads w.r.t. x, weights, w1, w3, w2 of sum(y * cotangent)) from the dispatch."""
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(TOKENS, WIDTH)), jnp.float32)
 
     def loss(x, weights, w1, w3, w2):
         y, stats = routed_experts(x, Routing(p["experts"], weights, None), w1, w3, w2, limit=LIMIT,
-                                  backend=backend, capacity_factor=capacity_factor)
+                                  backend=backend, capacity_factor=capacity_factor, tile=tile)
         return jnp.sum(y * cotangent), (y, stats)
 
     args = (p["x"], p["weights"], p["w1"], p["w3"], p["w2"])
@@ -104,12 +106,14 @@ def assert_matches(p, y, g):
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"grad w.r.t. {name}")
 
 
+@pytest.mark.parametrize("tile", [0, TILE])
 @pytest.mark.parametrize("mesh", MESHES)
-def test_padded_dropless_matches_reference(mesh):
-    """Forward and all gradients equal the per-expert loop on every mesh (and with no mesh); dropless
-    drops nothing even with repeated choices; loads are counted over the global batch."""
+def test_padded_dropless_matches_reference(mesh, tile):
+    """Forward and all gradients equal the per-expert loop on every mesh (and with no mesh), with whole
+    buffers or occupied tiles only; dropless drops nothing even with repeated choices; loads are
+    counted over the global batch."""
     p = problem()
-    y, stats, g = run(p, MESHES[mesh])
+    y, stats, g = run(p, MESHES[mesh], tile=tile)
     assert_matches(p, y, g)
     distinct = {(t, e) for t, row in enumerate(np.asarray(p["experts"])) for e in row}
     loads = np.bincount([e for _, e in distinct], minlength=EXPERTS)
@@ -155,12 +159,13 @@ def test_ragged_on_cpu_names_the_missing_op():
         run(problem(), MESHES["data2_expert4"], backend="ragged", grads=False)
 
 
-def test_imbalanced_routing_stays_dropless():
+@pytest.mark.parametrize("tile", [0, TILE])
+def test_imbalanced_routing_stays_dropless(tile):
     """Every token sends its first choice to expert 0: the worst case for one expert, still exact."""
     p = problem(seed=3)
     p["experts"] = p["experts"].at[:, 0].set(0).at[:, 1].set(jnp.where(p["experts"][:, 1] == 0, 1,
                                                                         p["experts"][:, 1]))
-    y, stats, g = run(p, MESHES["data2_expert4"])
+    y, stats, g = run(p, MESHES["data2_expert4"], tile=tile)
     assert_matches(p, y, g)
     assert float(stats["dropped_tokens"]) == 0 and float(stats["max_load"]) == TOKENS
 
@@ -194,9 +199,10 @@ def expected_kept(experts, shards, cap):
     return kept
 
 
-@pytest.mark.parametrize("mesh,backend", [("none", "padded"), ("fsdp2_expert2_tensor2", "padded"),
-                                          ("fsdp2_expert2_tensor2", "ragged")])
-def test_capacity_drops_exactly_what_it_reports(mesh, backend, monkeypatch):
+@pytest.mark.parametrize("mesh,backend,tile", [("none", "padded", 0), ("fsdp2_expert2_tensor2", "padded", 0),
+                                               ("fsdp2_expert2_tensor2", "padded", TILE),
+                                               ("fsdp2_expert2_tensor2", "ragged", 0)])
+def test_capacity_drops_exactly_what_it_reports(mesh, backend, tile, monkeypatch):
     """capacity_factor=1 on a skewed load: output = reference with exactly the independently computed
     dropped (token, expert) choices removed, and dropped_tokens counts them (ragged: emulated exchange)."""
     monkeypatch.setattr(lax, "ragged_all_to_all", emulated_ragged_all_to_all)
@@ -209,7 +215,7 @@ def test_capacity_drops_exactly_what_it_reports(mesh, backend, monkeypatch):
     distinct_dropped = sum(1 for t, slot in zip(*np.nonzero(~kept))
                            if p["experts"][t, slot] not in p["experts"][t, :slot])
     assert distinct_dropped > 0
-    y, stats, g = run(p, shape, backend=backend, capacity_factor=1.0)
+    y, stats, g = run(p, shape, backend=backend, capacity_factor=1.0, tile=tile)
     weights = jnp.where(kept, p["weights"], 0.0)
     np.testing.assert_allclose(y, reference(p["x"], p["experts"], weights, p["w1"], p["w3"], p["w2"]), **TOL)
     want = reference_grads(p, weights)
@@ -223,11 +229,11 @@ def test_capacity_drops_exactly_what_it_reports(mesh, backend, monkeypatch):
 FLOP_TOKENS, FLOP_WIDTH, FLOP_HIDDEN = 1024, 256, 128
 
 
-def compiled_forward(mesh_shape, capacity_factor=None):
+def compiled_forward(mesh_shape, capacity_factor=None, tile=0):
     """The jitted dispatch compiled for abstract [FLOP_TOKENS, FLOP_WIDTH] inputs (nothing allocated)."""
     def forward(x, experts, weights, w1, w3, w2):
         return routed_experts(x, Routing(experts, weights, None), w1, w3, w2, limit=LIMIT,
-                              capacity_factor=capacity_factor)
+                              capacity_factor=capacity_factor, tile=tile)
 
     f32 = jnp.float32
     args = (jax.ShapeDtypeStruct((FLOP_TOKENS, FLOP_WIDTH), f32),
@@ -248,13 +254,29 @@ def test_sharded_dispatch_uses_all_to_all():
 
 
 def test_flop_ratio():
-    """XLA-counted forward FLOPs (per device x devices) / analytic 2*3*t*k*d*I. Dropless padded buffers
-    hold C = t_local rows for every expert, so the grouped einsum does E/k times the useful work (as the
-    dense reference does); capacity_factor=1 sizes them to the mean load and reaches ~1."""
+    """Executed forward FLOPs (XLA-counted per device x devices) / analytic 2*3*t*k*d*I. Dropless padded
+    buffers hold C = t_local rows for every expert, so multiplying them whole does E/k times the useful
+    work (as the dense reference does); capacity_factor=1 sizes them to the mean load and reaches ~1;
+    the tiled MLP runs only occupied tiles: XLA counts its loop body once, so the executed count adds
+    (tiles run - loops) x the FLOPs of one tile, with the tiles the dispatch reports."""
     useful = 2 * 3 * FLOP_TOKENS * TOP_K * FLOP_WIDTH * FLOP_HIDDEN
     devices = len(jax.devices())
-    dropless = compiled_forward(MESHES["data2_expert4"]).cost_analysis()["flops"] * devices / useful
-    capped = compiled_forward(MESHES["data2_expert4"], 1.0).cost_analysis()["flops"] * devices / useful
-    print(f"forward flop ratio on data2_expert4: dropless {dropless:.3f}, capacity_factor=1 {capped:.3f}")
+    mesh = MESHES["data2_expert4"]
+    dropless = compiled_forward(mesh).cost_analysis()["flops"] * devices / useful
+    capped = compiled_forward(mesh, 1.0).cost_analysis()["flops"] * devices / useful
+    tile = 8  # ~32 rows per (expert, source) chunk here; a chunk wastes half a tile on average
+    rng = np.random.default_rng(5)
+    experts = np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(FLOP_TOKENS)])
+    inputs = (jnp.asarray(rng.normal(size=(FLOP_TOKENS, FLOP_WIDTH)), jnp.float32), jnp.asarray(experts, jnp.int32),
+              jnp.full((FLOP_TOKENS, TOP_K), 0.5, jnp.float32),
+              *(jnp.zeros(shape, jnp.float32) for shape in [(EXPERTS, FLOP_WIDTH, FLOP_HIDDEN)] * 2
+                + [(EXPERTS, FLOP_HIDDEN, FLOP_WIDTH)]))
+    compiled = compiled_forward(mesh, tile=tile)
+    tiles = float(compiled(*inputs)[1]["expert_tiles"])
+    per_tile, _ = tile_flops(tile, FLOP_WIDTH, FLOP_HIDDEN, jnp.float32, LIMIT)
+    tiled = (compiled.cost_analysis()["flops"] * devices + (tiles - devices) * per_tile) / useful
+    print(f"forward flop ratio on data2_expert4: dropless {dropless:.3f}, capacity_factor=1 {capped:.3f}, "
+          f"tiled dropless ({tile}-row tiles) {tiled:.3f}")
     assert EXPERTS / TOP_K <= dropless < 1.05 * EXPERTS / TOP_K
     assert capped < 1.05
+    assert 1.0 <= tiled < 1.2

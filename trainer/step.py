@@ -36,29 +36,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     """
     mtp_weight, balance_weight = train_config.mtp_weight, train_config.balance_weight
 
-    def loss_fn(params, routing, micro, counts, score_layers):
+    def loss_fn(params, routing, micro, counts):
         model = nnx.merge(graphdef, params, routing)
         batch = {k: constrain(micro[k], BATCH) for k in BATCH_KEYS}
         output = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         loss, metrics = language_model_loss(output, batch["tokens"], batch["loss_mask"], mtp_weight,
                                             batch["segment_ids"], counts)
-        balance = jnp.sum(output.moe.balance) / jnp.maximum(score_layers, 1)
-        metrics = dict(metrics, balance_loss=balance, load=output.moe.load, dropped=jnp.sum(output.moe.dropped))
+        balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1)
+        metrics = dict(metrics, balance_loss=balance, load=output.moe.load, dropped=jnp.sum(output.moe.dropped),
+                       expert_tiles=jnp.sum(output.moe.tiles))
         return loss + balance_weight * balance / train_config.microbatches, metrics
 
     def step(state: TrainState, batch: dict):
         model = nnx.merge(graphdef, state.params, state.routing)
-        score_layers = sum(1 for group in model.groups for kind in group.pattern
-                           for _ in range(group.repeats) if kind[1] == "score") + len(model.mtp)
         counts = target_counts(batch["tokens"], batch["loss_mask"], batch["segment_ids"], len(model.mtp))
         micro = _microbatches(batch, train_config.microbatches)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, one):
-            grads, loss, load, dropped, balance, main, mtp = carry
-            (l, m), g = grad_fn(state.params, state.routing, one, counts, score_layers)
+            grads, loss, load, dropped, tiles, balance, main, mtp = carry
+            (l, m), g = grad_fn(state.params, state.routing, one, counts)
             grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, loss + l, load + m["load"], dropped + m["dropped"],
+            return (grads, loss + l, load + m["load"], dropped + m["dropped"], tiles + m["expert_tiles"],
                     balance + m["balance_loss"] / train_config.microbatches, main + m["main_loss"],
                     mtp + m["mtp_loss"]), None
 
@@ -66,8 +65,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         num_moe_layers = model.args.num_layers + model.args.num_mtp_layers
         scalar = jnp.zeros((), jnp.float32)
         init = (zeros, scalar, jnp.zeros((num_moe_layers, model.args.num_routed_experts)), scalar, scalar, scalar,
-                scalar)
-        (grads, loss, load, dropped, balance, main, mtp), _ = jax.lax.scan(accumulate, init, micro)
+                scalar, scalar)
+        (grads, loss, load, dropped, tiles, balance, main, mtp), _ = jax.lax.scan(accumulate, init, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         model = nnx.merge(graphdef, params, state.routing)
@@ -78,7 +77,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
             "loss": loss, "main_loss": main, "mtp_loss": mtp, "balance_loss": balance,
             "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
             "target_tokens": counts[0], "expert_load_max_over_mean": jnp.mean(jnp.max(load, -1) / mean_load),
-            "dropped_assignments": dropped,
+            "dropped_assignments": dropped, "expert_tiles": tiles,
         }
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
                                rng=state.rng)
