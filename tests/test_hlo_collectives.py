@@ -11,17 +11,20 @@ HLO = """
   %ars = (f32[8]{0}, s32[2]{0}) all-reduce-start(f32[8]{0} %a, s32[2]{0} %b), replica_groups=[4,2]<=[8], to_apply=%add
   %ard = (f32[8]{0}, s32[2]{0}) all-reduce-done((f32[8]{0}, s32[2]{0}) %ars)
   %cp = f32[3]{0} collective-permute(f32[3]{0} %c), source_target_pairs={{0,4},{4,0},{1,5},{5,1}}
+  %rs = f32[2]{0} reduce-scatter(f32[8]{0} %d), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
   %add.3 = f32[3]{0} add(f32[3]{0} %x, f32[3]{0} %y)
 """
 
 
 def test_parse_kinds_bytes_and_groups():
     found = parse(HLO)
-    assert [c.kind for c in found] == ["all-to-all", "all-gather", "all-reduce", "collective-permute"]
-    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12]
+    assert [c.kind for c in found] == ["all-to-all", "all-gather", "all-reduce", "collective-permute",
+                                          "reduce-scatter"]
+    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8]
     assert found[1].groups == ((0, 4, 1, 5), (2, 6, 3, 7))  # arange(8).reshape(2,4).T -> 2 groups of 4
     assert found[2].groups == ((0, 1), (2, 3), (4, 5), (6, 7))
-    assert [c.axes(MESH) for c in found] == [("expert",), ("data", "tensor"), ("tensor",), ("data",)]
+    assert [c.axes(MESH) for c in found] == [("expert",), ("data", "tensor"), ("tensor",), ("data",),
+                                                 ("expert", "tensor")]
 
 
 def test_groups_that_follow_no_axis_are_an_error():
