@@ -12,7 +12,10 @@
 import errno
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ from trainer.checkpointing import Checkpointer
 from trainer.sharded_init import build_mesh
 from trainer.state import split_variables
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_RTOL = 2e-5
 PARITY_MODEL = dict(sliding_window=16, index_topk=8, index_n_heads=32)  # tests.model_configs.parity_args
 
@@ -396,3 +400,16 @@ def test_full_disk_during_export_leaves_nothing(release, config, tmp_path, monke
     with pytest.raises(ConversionError, match=r"exporting layers\.\S+ failed.*No space left"):
         export_checkpoint(release["fp8"][1], output, config, fmt="fp8", max_shard_bytes=100_000)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_train_starts_from_an_imported_checkpoint(release, tmp_path):
+    """`train.py --init_checkpoint` restores a converted release checkpoint (MTP included) and trains."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--steps=1",
+         f"--init_checkpoint={release['fp8'][1]}", "--config.eval.num_examples=8", "--config.eval.batch_rows=8"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"initial weights from {release['fp8'][1]}\n" in result.stdout
+    assert re.search(r"step 1: loss [0-9.]+", result.stdout)
