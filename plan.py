@@ -1,0 +1,170 @@
+"""Dry-run a full-size post-training step on an emulated topology: does it fit, how fast would it be.
+
+    python plan.py --config=configs/v4_pro.py [--config.mesh.axes.expert=64 ...] [--json=plan.json]
+
+Compiles the real sharded train step (trainer.step) for abstract inputs on as many emulated CPU
+devices as the topology has (nothing is allocated) and reports: parameters and tokens per step,
+per-device memory from the compiled program against the device's HBM with an analytic breakdown,
+XLA-counted FLOPs against the analytic model FLOPs, the collectives by kind and mesh axes with their
+estimated time on the topology's links, the estimated step time and MFU.
+
+FLOPs and collectives come from shallow unrolled compiles extrapolated exactly to full depth
+(planner/extrapolate.py), since the scanned program counts each layer body once; memory and compile
+time come from the full-depth scanned program itself (--full_compile).
+"""
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
+_JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object to this file.")
+_FULL = flags.DEFINE_bool("full_compile", True,
+                          "Compile the full-depth scanned step for memory and compile time (else the "
+                          "memory figures are the analytic ones only).")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the topology's HBM per device (GiB).")
+
+GIB = 2 ** 30
+
+
+def _optimizer(config, args):
+    from configs import optimizer
+    from trainer.optimizer import build_optimizer, learning_rate_schedule
+    from trainer.state import abstract_params
+
+    settings = config.optimizer if "optimizer" in config else optimizer.get_config()
+    return build_optimizer(settings, abstract_params(args)), learning_rate_schedule(settings)
+
+
+def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print) -> dict:
+    """The report (see the module docstring) for `config` on its topology and mesh; JAX must already
+    see the topology's devices (mesh.emulate.emulate)."""
+    from mesh.layout import plan_layout
+    from mesh.presets import get_topology
+    from model.args import from_config
+    from model.flops import train_flops_per_token
+    from model.summary import count_parameters
+    from planner import estimate, extrapolate, measure, memory
+    from planner.program import compile_step
+    from trainer.checkpointing import abstract_train_state
+
+    topology = get_topology(config.mesh.topology)
+    layout = plan_layout(topology, dict(config.mesh.axes), dict(config.mesh.pins))
+    mesh, rules = layout.mesh(), config.mesh.rules
+    args = from_config(config.model)
+    tx, schedule = _optimizer(config, args)
+    devices = mesh.size
+    shape = dict(mesh.shape)
+    hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
+    tokens = config.batch_size * config.seq_len
+
+    report = {"config": {"topology": topology.name, "mesh": shape, "devices": devices,
+                         "batch_size": config.batch_size, "seq_len": config.seq_len,
+                         "tokens_per_step": tokens}}
+    counts = count_parameters(args)
+    report["parameters"] = {"total": counts["total_params"], "activated": counts["active_params"],
+                            "mtp": counts["mtp_params"]}
+
+    compile_seconds = {}
+    if full_compile:
+        log(f"compiling the full-depth step ({args.num_layers} layers, scanned) on {devices} devices ...")
+        full = compile_step(args, config, mesh, tx, schedule)
+        compile_seconds["full"] = full.compile_seconds
+        state = full.state
+        compiled_memory = memory.compiled_bytes(full.compiled)
+    else:
+        state = abstract_train_state(args, mesh, rules, tx)
+        compiled_memory = None
+
+    measured = {}
+    for name, repeats in extrapolate.variants(args):
+        variant = extrapolate.with_repeats(args, repeats)
+        log(f"compiling variant {name}: {variant.num_layers} layers unrolled ...")
+        step = compile_step(variant, config, mesh, tx, schedule)
+        compile_seconds[name] = step.compile_seconds
+        measured[name] = measure.measure(step.compiled, shape)
+    totals = extrapolate.combine(args, measured)
+    flops_per_device = totals[measure.FLOPS] + measure.uncounted_tile_flops(
+        args, config.batch_size, config.seq_len, shape, rules)
+    model_flops = train_flops_per_token(args, config.seq_len) * tokens
+
+    collectives, comm_seconds = [], 0.0
+    for key in sorted(totals):
+        if key == measure.FLOPS or not key.endswith("|bytes"):
+            continue
+        kind, axes, _ = measure.split_key(key)
+        count = totals[measure.collective_key(kind, axes, "count")]
+        nbytes = totals[key]
+        seconds = (estimate.collective_seconds(kind, axes, nbytes, layout)
+                   + (count - 1) * estimate.collective_seconds(kind, axes, 0.0, layout))
+        comm_seconds += seconds
+        collectives.append({"kind": kind, "axes": list(axes), "levels": list(estimate.placement(layout, axes).levels),
+                            "count": round(count), "bytes": nbytes, "seconds": seconds})
+
+    analytic = memory.analytic_bytes(args, state, config.batch_size, config.seq_len, shape)
+    per_device = compiled_memory["total"] if compiled_memory else analytic["total"]
+    timing = estimate.step_estimate(flops_per_device, comm_seconds, model_flops, devices, topology.peak_flops)
+    report.update({
+        "fits": None if hbm is None else bool(per_device <= hbm),
+        "per_device_bytes": per_device, "hbm_bytes": hbm,
+        "memory_compiled": compiled_memory, "memory_analytic": analytic,
+        "compile_seconds": compile_seconds,
+        "xla_flops": flops_per_device * devices, "model_flops": model_flops,
+        "flops_ratio": flops_per_device * devices / model_flops,
+        "collectives": collectives, "comm_seconds": comm_seconds, **timing,
+    })
+    return report
+
+
+def format_report(report: dict) -> str:
+    c = report["config"]
+    gib = lambda b: f"{b / GIB:,.2f} GiB"
+    lines = [f"topology {c['topology']}: {c['devices']} devices, mesh {c['mesh']}",
+             f"parameters {report['parameters']['total']:,} (activated {report['parameters']['activated']:,}); "
+             f"{c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['seq_len']})"]
+    fits = {None: "unknown (no HBM figure)", True: "FITS", False: "DOES NOT FIT"}[report["fits"]]
+    hbm = gib(report["hbm_bytes"]) if report["hbm_bytes"] else "n/a"
+    lines.append(f"memory per device: {gib(report['per_device_bytes'])} of {hbm} HBM -> {fits}")
+    if report["memory_compiled"]:
+        m = report["memory_compiled"]
+        lines.append(f"  compiled: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased "
+                     f"{gib(m['aliased'])}, temporaries {gib(m['temporaries'])}")
+    a = report["memory_analytic"]
+    lines.append(f"  analytic: weights {gib(a['weights'])}, gradients {gib(a['gradients'])}, optimizer "
+                 f"{gib(a['optimizer'])}, activations ~{gib(a['activations'])} (total ~{gib(a['total'])})")
+    lines.append(f"FLOPs per step: XLA {report['xla_flops']:.4g}, model {report['model_flops']:.4g} "
+                 f"(ratio {report['flops_ratio']:.3f})")
+    lines.append(f"{'collective':<20}{'mesh axes':<24}{'levels':<28}{'count':>7}{'GiB/device':>12}{'est. s':>10}")
+    for entry in report["collectives"]:
+        lines.append(f"{entry['kind']:<20}{','.join(entry['axes']):<24}{','.join(entry['levels']):<28}"
+                     f"{entry['count']:>7}{entry['bytes'] / GIB:>12.3f}{entry['seconds']:>10.3f}")
+    if report["step_time_s"] is not None:
+        lines.append(f"estimated step: compute {report['compute_s']:.2f} s + communication "
+                     f"{report['comm_seconds']:.2f} s = {report['step_time_s']:.2f} s, MFU {report['mfu']:.1%}")
+    lines.append("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["compile_seconds"].items()))
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from mesh.emulate import emulate
+    from mesh.presets import get_topology
+
+    config = _CONFIG.value
+    jax.config.update("jax_platforms", "cpu")
+    emulate(get_topology(config.mesh.topology))
+    start = time.perf_counter()
+    report = make_plan(config, _FULL.value, None if _HBM_GIB.value is None else _HBM_GIB.value * GIB)
+    report["wall_seconds"] = time.perf_counter() - start
+    print(format_report(report), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

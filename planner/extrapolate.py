@@ -1,0 +1,58 @@
+"""Exact FLOPs and collective bytes of a deep model from a few shallow, unrolled compiles.
+
+XLA's cost analysis counts a loop body once, and the collectives of a scanned layer appear once in
+the HLO, so the scanned full-depth program undercounts both. Unrolled programs count everything but
+take long to compile at full depth. Every layer of a group has the same structure and sharding, so a
+figure F is linear in the groups' repeat counts r_g:  F(r) = F(1,...,1) + sum_g (r_g - 1) * d_g, with
+d_g = F(1,..,2 at g,..,1) - F(1,...,1). One compile with every group once, plus one per group that
+repeats, gives F at full depth exactly.
+"""
+import dataclasses
+
+from model.args import ATTENTION_KIND_BY_RATIO, ModelArgs, layer_groups
+
+RATIO_OF_KIND = {kind: ratio for ratio, kind in ATTENTION_KIND_BY_RATIO.items()}
+
+
+def with_repeats(args: ModelArgs, repeats: tuple) -> ModelArgs:
+    """`args` with group g of `layer_groups(args)` repeated repeats[g] times, layers unrolled."""
+    groups = layer_groups(args)
+    kinds = [kind for (pattern, _, _), count in zip(groups, repeats) for _ in range(count) for kind in pattern]
+    hashed = [routing == "hash" for _, routing in kinds]
+    if hashed != sorted(hashed, reverse=True):
+        raise ValueError("hash-routed layers must come first in every variant")
+    mtp = args.compress_ratios[args.num_layers:]
+    variant = dataclasses.replace(args, num_layers=len(kinds), num_hash_layers=sum(hashed), scan_layers=False,
+                                  compress_ratios=tuple(RATIO_OF_KIND[attention] for attention, _ in kinds) + mtp)
+    got = tuple((pattern, count) for pattern, count, _ in layer_groups(variant))
+    want = tuple((pattern, count) for (pattern, _, _), count in zip(groups, repeats))
+    if got != want:
+        raise ValueError(f"a variant with repeats {repeats} regroups its layers as {got}, not {want}; "
+                         f"the linear extrapolation needs the same groups")
+    return variant
+
+
+def variants(args: ModelArgs) -> list:
+    """[(name, repeats)] to measure: the base (every group once) and one per repeating group."""
+    groups = layer_groups(args)
+    base = tuple(1 for _ in groups)
+    plan = [("base", base)]
+    for index, (pattern, repeats, first) in enumerate(groups):
+        if repeats > 1:
+            plan.append((f"group{index}", tuple(2 if i == index else 1 for i in range(len(groups)))))
+    return plan
+
+
+def combine(args: ModelArgs, measured: dict) -> dict:
+    """Full-depth figures from {name: {key: number}} measured on `variants(args)`; keys missing in a
+    variant count as 0."""
+    groups = layer_groups(args)
+    base = measured["base"]
+    keys = set().union(*(m.keys() for m in measured.values()))
+    total = {key: float(base.get(key, 0.0)) for key in keys}
+    for index, (_, repeats, _) in enumerate(groups):
+        if repeats > 1:
+            one_more = measured[f"group{index}"]
+            for key in keys:
+                total[key] += (repeats - 1) * (one_more.get(key, 0.0) - base.get(key, 0.0))
+    return total

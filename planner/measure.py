@@ -1,0 +1,54 @@
+"""Figures read from one compiled program: XLA-counted FLOPs and the collectives by kind and mesh axes,
+as flat {key: number} dicts that `planner.extrapolate.combine` can add and scale."""
+import math
+
+from mesh import hlo_collectives
+from mesh.sharding import resolve_spec
+from model.args import ModelArgs
+from model.expert_dispatch import W13_NAMES, capacity
+from model.grouped_mlp import tile_flops
+
+FLOPS = "flops"
+SEP = "|"
+
+
+def collective_key(kind: str, axes: tuple, what: str) -> str:
+    return SEP.join((kind, ",".join(axes), what))
+
+
+def split_key(key: str) -> tuple:
+    kind, axes, what = key.split(SEP)
+    return kind, tuple(a for a in axes.split(",") if a), what
+
+
+def measure(compiled, mesh_shape: dict) -> dict:
+    """{"flops": per device, "<kind>|<axes>|count": n, "<kind>|<axes>|bytes": result bytes per device}."""
+    figures = {FLOPS: float(compiled.cost_analysis()["flops"])}
+    for collective in hlo_collectives.parse(compiled.as_text()):
+        axes = collective.axes(mesh_shape)
+        if not axes:
+            continue
+        for what, value in (("count", 1), ("bytes", collective.bytes)):
+            key = collective_key(collective.kind, axes, what)
+            figures[key] = figures.get(key, 0) + value
+    return figures
+
+
+def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict, rules) -> float:
+    """FLOPs per device of the tiled expert MLP's tiles beyond the one body per loop XLA counts, for
+    every MoE layer, assuming balanced routing (each source sends t*k/E rows to every expert).
+    Layers under remat run their forward loop twice."""
+    if args.moe_dispatch != "padded" or not args.expert_tile:
+        return 0.0
+    experts, k = args.num_routed_experts, args.num_experts_per_tok
+    tokens = batch_size * seq_len // math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    rows = min(capacity(tokens, k, experts, args.capacity_factor or None), tokens * k / experts)
+    tiles = experts * math.ceil(rows / args.expert_tile)  # chunks per device: (local expert, source) = E
+    shape = (experts, args.hidden_size, args.moe_intermediate_size)
+    spec = resolve_spec("routed w1/w3", W13_NAMES, shape, mesh_shape, rules)[2]
+    split = math.prod(mesh_shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+    forward, backward = tile_flops(args.expert_tile, args.hidden_size, args.moe_intermediate_size // split,
+                                   args.compute_dtype, args.swiglu_limit)
+    forward_loops = 1 if args.remat_policy == "none" else 2
+    layers = args.num_layers + args.num_mtp_layers
+    return layers * (tiles - 1) * (forward_loops * forward + backward)
