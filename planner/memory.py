@@ -3,8 +3,7 @@
 The compiled figure is XLA's own: arguments + outputs - aliased (donated) + temporaries. On CPU,
 `peak_memory_in_bytes` leaves the temporaries out, so it is not used.
 The breakdown: weights, gradients and optimizer state are exact (their shard shapes); activations are
-an estimate: the layer inputs kept for the backward pass plus the largest working set of one layer
-(MoE dispatch buffers, attention scores or the vocabulary logits), whichever is largest.
+an estimate from the shapes of what the layers keep for the backward pass (see `analytic_bytes`).
 """
 import math
 
@@ -32,27 +31,48 @@ def shard_bytes(tree) -> int:
     return total
 
 
+def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
+    """What one layer keeps per token for its backward pass when nothing is recomputed: residual
+    streams, attention projections, scores and probabilities (window span + compressed entries +
+    sink, float32), the indexer's per-head scores, the routed rows' gate/up/h (float32) and the
+    shared expert's."""
+    act = np.dtype(args.compute_dtype).itemsize
+    heads = max(args.num_heads // tensor, 1)
+    ratios = [r for r in args.compress_ratios if r]
+    entries = seq_len // min(ratios) if ratios else 0
+    span = args.sliding_window + args.window_block + entries + 1
+    streams = 3 * args.hc_mult * args.hidden_size * act + 2 * args.hidden_size * act
+    attention = (3 * heads * args.head_dim + args.head_dim + args.q_lora_rank) * act + 2 * heads * span * 4
+    indexer = 2 * max(args.index_n_heads // tensor, 1) * entries * 4 if ratios else 0
+    inter = args.moe_intermediate_size // tensor
+    moe = (args.num_experts_per_tok * (args.hidden_size * act + 3 * inter * 4)
+           + 3 * inter * 4 * args.num_shared_experts + 3 * args.num_routed_experts * 4)
+    return streams + attention + indexer + moe
+
+
 def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_shape: dict) -> dict:
-    """Breakdown per device for the abstract TrainState `state` and a [batch_size, seq_len] batch."""
+    """Breakdown per device for the abstract TrainState `state` and a [batch_size, seq_len] batch.
+
+    Activations: without remat every layer keeps its intermediates (`_layer_bytes_per_token`); with
+    remat a layer keeps only its input streams and one layer's intermediates are live at a time. On
+    top, the largest transient: the MoE dispatch buffers or the vocabulary logits."""
     weights = shard_bytes(state.params) + shard_bytes(state.routing)
     gradients = shard_bytes(state.params)
     optimizer = shard_bytes(state.opt_state)
     token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
     tokens = batch_size * seq_len // token_shards
-    rows = max(batch_size // token_shards, 1)
     act = np.dtype(args.compute_dtype).itemsize
     layers = args.num_layers + args.num_mtp_layers
-    kept = layers * tokens * args.hc_mult * args.hidden_size * act
+    per_layer = _layer_bytes_per_token(args, seq_len, tensor) * tokens
     if args.remat_policy == "none":
-        kept *= 8  # every intermediate of a layer stays; a rough multiple of its input streams
+        kept = layers * per_layer
+    else:
+        kept = layers * tokens * args.hc_mult * args.hidden_size * act + per_layer
     experts = args.num_routed_experts
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
     moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways
-    entries = seq_len // min(r for r in args.compress_ratios if r) if any(args.compress_ratios) else 0
-    span = args.sliding_window + args.window_block + entries + 1
-    attention = rows * max(args.num_heads // tensor, 1) * seq_len * span * 4 * 2   # f32 logits and probs
     logits = tokens * args.vocab_size // tensor * 4 * 2
-    activations = kept + max(moe, attention, logits)
+    activations = kept + max(moe, logits)
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
             "total": weights + gradients + optimizer + activations}
