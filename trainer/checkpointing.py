@@ -30,7 +30,7 @@ from flax import nnx
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
-from trainer.state import TrainState, split_variables
+from trainer.state import TrainState, replicated, sharding_on_mesh, split_variables
 
 CHECKPOINT_DIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -101,16 +101,15 @@ def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransfo
         shardings = param_shardings(abstract, mesh, rules)
     model_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params, routing = split_variables(model_state)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = replicated(mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
-    on_mesh = lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
-                             opt_shapes, opt_shardings)
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_on_mesh(s, mesh)), opt_shapes, opt_shardings)
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=replicated), params=params,
+    return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar), params=params,
                       opt_state=opt_state, routing=routing,
-                      rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated))
+                      rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar))
 
 
 def abstract_like(state, shardings) -> Any:

@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from model import params as model_params
 from model.transformer import DeepSeekV4
@@ -30,6 +31,19 @@ def split_variables(state):
     return params, routing
 
 
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def sharding_on_mesh(sharding, mesh) -> NamedSharding:
+    """`sharding` if it is a NamedSharding on `mesh`, else replicated on `mesh`. The optimizer's init
+    under jit shards moments like their parameters but leaves scalars (step counts) on one device,
+    which neither a step's in_shardings nor a restore onto `mesh` can take."""
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return sharding
+    return replicated(mesh)
+
+
 def create_train_state(args, mesh, rules, tx, seed: int):
     """-> (graphdef, TrainState, its shardings). Parameters are born sharded; the optimizer state is
     initialised under jit from them, so it takes their shardings (moments shaped like parameters) or
@@ -37,16 +51,15 @@ def create_train_state(args, mesh, rules, tx, seed: int):
     graphdef, state, shardings = init_sharded(args, mesh, rules, seed)
     params, routing = split_variables(state)
     param_shardings, routing_shardings = split_variables(shardings)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = replicated(mesh)
     opt_state = jax.jit(tx.init)(params)
-    on_mesh = lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
-    opt_state = jax.tree.map(lambda x: jax.device_put(x, on_mesh(x.sharding)), opt_state)
-    train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, sharding_on_mesh(x.sharding, mesh)), opt_state)
+    train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), scalar), params=params,
                              opt_state=opt_state, routing=routing,
-                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
-    state_shardings = TrainState(step=replicated, params=param_shardings,
+                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar))
+    state_shardings = TrainState(step=scalar, params=param_shardings,
                                  opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
-                                 routing=routing_shardings, rng=replicated)
+                                 routing=routing_shardings, rng=scalar)
     return graphdef, train_state, state_shardings
 
 
