@@ -5,12 +5,16 @@
 
 The run resumes from the newest complete checkpoint in DIR (train state, data position, RNG), saves
 every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), logs progress lines,
-`DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after.
+`DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after
+(`--config.eval.num_examples=0` skips it). A resumed run repeats the interrupted one bit for bit from
+its checkpoint. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
+or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
 """
+import contextlib
+import dataclasses
 import os
-import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
@@ -22,8 +26,11 @@ _INIT = flags.DEFINE_string("init_checkpoint", None,
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
-def _evaluate(config, graphdef, state, encoder, batch_sharding, rows):
-    """Held-out exact-match accuracy with greedy decoding (config.eval)."""
+def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
+    """Prints held-out exact-match accuracy with greedy decoding (config.eval); num_examples=0 skips
+    it, e.g. for runs that only exercise training."""
+    if not config.eval.num_examples:
+        return
     from data.evaluation import exact_match_accuracy
     from data.pipeline import load_conversations
     from trainer.generate import make_greedy_generate
@@ -33,10 +40,21 @@ def _evaluate(config, graphdef, state, encoder, batch_sharding, rows):
         conversations += load_conversations(pattern)
     conversations = conversations[:config.eval.num_examples]
     generate = make_greedy_generate(
-        graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens, batch_rows=rows,
-        max_prompt_len=config.eval.max_prompt_len, stop_id=encoder.tokenizer.token_id(encoder.template.eos),
-        batch_sharding=batch_sharding)
-    return exact_match_accuracy(conversations, generate, encoder)
+        graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens,
+        batch_rows=config.eval.batch_rows, max_prompt_len=config.eval.max_prompt_len,
+        stop_id=encoder.tokenizer.token_id(encoder.template.eos), batch_sharding=batch_sharding)
+    result = exact_match_accuracy(conversations, generate, encoder)
+    print(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})",
+          flush=True)
+
+
+def _progress_line(step: int, record: dict, refused: bool) -> str:
+    """The stdout line of a recorded step (the writer logs the full one); NaN/Inf arrive as strings."""
+    line = (f"step {step}: loss {float(record['loss']):.4f} lr {float(record['learning_rate']):.2e} "
+            f"grad_norm {float(record['grad_norm']):.3f}")
+    if "tokens_per_second" in record:
+        line += f" {record['tokens_per_second']:,.0f} tok/s"
+    return line + (" (non-finite: update not applied)" if refused else "")
 
 
 def main(argv):
@@ -60,12 +78,14 @@ def main(argv):
     from model.flops import train_flops_per_token
     from trainer.checkpointing import Checkpointer, abstract_train_state
     from trainer.metrics import MetricsWriter
+    from trainer.nonfinite import NonFinitePolicy, was_refused
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.preemption import PreemptionGuard
     from trainer.sharded_init import build_mesh
     from trainer.state import abstract_params, create_train_state
     from trainer.step import jit_train_step, make_train_step
 
+    nonfinite_policy = NonFinitePolicy(config.train.nonfinite)
     total_steps = _STEPS.value or config.train.steps
     args = from_config(config.model)
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
@@ -91,51 +111,40 @@ def main(argv):
             initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
                 None, {"params": abstract.params, "routing": abstract.routing},
                 fallback={"params": state.params, "routing": state.routing})
-            state = type(state)(step=state.step, params=initial["params"], opt_state=state.opt_state,
-                                routing=initial["routing"], rng=state.rng)
+            state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
             print(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
                                                            f"initialisation, e.g. {fresh[0]}" if fresh else ""),
                   flush=True)
         step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
                                                  shardings, mesh, rules)
         encoder = build_encoder(config.data)
-        rows = config.eval.batch_rows
         start_step = int(state.step)
         if start_step == 0:
-            before = _evaluate(config, graphdef, state, encoder, batch_sharding, rows)
-            print(f"held-out exact match before training: {before['accuracy']:.3f} "
-                  f"({before['correct']}/{before['total']})", flush=True)
+            _report_heldout("before training", config, graphdef, state, encoder, batch_sharding)
 
         tokens_per_step = config.data.global_batch_size * config.data.seq_len
         writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
                                flops_per_token=train_flops_per_token(args, config.data.seq_len),
                                peak_flops=topology.peak_flops * mesh.size, start_step=start_step)
         log_every = config.checkpoint.log_every
-        with PreemptionGuard() as guard:
+        with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
                 batch = {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in next(batches).items()}
                 state, metrics = step_fn(state, batch)
                 done = step + 1
-                if done == start_step + 1 or done % log_every == 0 or done == total_steps:
+                refused = was_refused(metrics)
+                if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:
                     record = writer.write(done, dict(metrics, **pipeline.stats.as_metrics()))
-                    print(f"step {done}: loss {record['loss']:.4f} lr {record['learning_rate']:.2e} "
-                          f"grad_norm {record['grad_norm']:.3f}"
-                          + (f" {record['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in record else ""),
-                          flush=True)
+                    print(_progress_line(done, record, refused), flush=True)
+                if refused:
+                    nonfinite_policy.handle(done, record)
                 stopping = guard.should_stop()
                 checkpointer.save(done, state, batches.get_state(), force=stopping or done == total_steps)
                 if stopping:
                     checkpointer.wait()
-                    print(f"{guard.signal_name()} received: saved step {done} and stopping", flush=True)
-                    checkpointer.close()
-                    writer.close()
+                    print(f"{guard.signal_name} received: saved step {done} and stopping", flush=True)
                     return
-        checkpointer.wait()
-        writer.close()
-        after = _evaluate(config, graphdef, state, encoder, batch_sharding, rows)
-        print(f"held-out exact match after {int(state.step)} steps: {after['accuracy']:.3f} "
-              f"({after['correct']}/{after['total']})", flush=True)
-        checkpointer.close()
+        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding)
 
 
 if __name__ == "__main__":

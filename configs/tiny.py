@@ -44,6 +44,7 @@ def get_config():
     config.optimizer = optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20, total_steps=STEPS,
                                             adam_eps=1e-8)
     config.checkpoint = checkpoint.get_config(save_every=100, log_every=20)
+    # Held-out exact match before and after training; num_examples=0 skips it.
     config.eval = ml_collections.ConfigDict(dict(num_examples=64, max_new_tokens=12, max_prompt_len=48,
                                                  batch_rows=32))
     return config

@@ -62,5 +62,9 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
         balance_weight=1e-4,
         bias_update_rate=1e-3,
         microbatches=1,
+        # A step whose loss, gradient norm or update norm is NaN/Inf is never applied; then "stop" ends
+        # the run (nothing saved for that step) or "skip" goes on with the next batch, the step counted
+        # in the `nonfinite_steps` metric (trainer/nonfinite.py has the details).
+        nonfinite="stop",
     ))
     return config

@@ -1,16 +1,16 @@
 """The metrics writer: progress line, metrics.jsonl and TensorBoard events agree; derived throughput,
-MFU and ETA follow from an injected clock; a NaN/Inf loss is recorded and then stops the run."""
+MFU and ETA follow from an injected clock; NaN/Inf values are recorded as strict JSON; a resumed run
+replaces the records an interrupted run wrote after its last checkpoint."""
 import json
 import logging
 import math
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from trainer.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, NonFiniteLossError, check_finite
+from trainer.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter
 
 TOTAL_STEPS, TOKENS_PER_STEP = 100, 2048
 FLOPS_PER_TOKEN, PEAK_FLOPS = 1e9, 8e12
@@ -34,9 +34,10 @@ def _step_metrics(step):
             "dropped_assignments": jnp.float32(3.0), "load": jnp.ones((4, 8))}
 
 
-def _writer(workdir, clock):
+def _writer(workdir, clock, start_step=0):
     return MetricsWriter(workdir, total_steps=TOTAL_STEPS, tokens_per_step=TOKENS_PER_STEP,
-                         flops_per_token=FLOPS_PER_TOKEN, peak_flops=PEAK_FLOPS, clock=clock)
+                         flops_per_token=FLOPS_PER_TOKEN, peak_flops=PEAK_FLOPS, start_step=start_step,
+                         clock=clock)
 
 
 def _strict_json(line):
@@ -98,30 +99,44 @@ def test_mark_restarts_the_throughput_clock(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_loss_is_recorded_then_stops(tmp_path, bad):
+def test_non_finite_values_are_recorded_as_strings(tmp_path, caplog, bad):
     clock = FakeClock()
     writer = _writer(tmp_path, clock)
     clock.now += 1.0
-    with pytest.raises(NonFiniteLossError, match=f"step 7: loss is {bad}") as raised:
-        writer.write(7, dict(_step_metrics(7), loss=jnp.float32(bad)))
+    with caplog.at_level(logging.INFO):
+        writer.write(7, dict(_step_metrics(7), loss=jnp.float32(bad), nonfinite_steps=jnp.int32(2)))
     writer.close()
-    assert raised.value.step == 7
     record = _strict_json((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
-    assert record["step"] == 7 and record["loss"] == str(bad)
+    assert record["step"] == 7 and record["loss"] == str(bad) and record["nonfinite_steps"] == 2
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 7/")][-1]
+    assert f"loss {bad:.4f}" in line and "non-finite steps skipped 2" in line, line
 
 
-def test_check_finite_accepts_device_scalars():
-    check_finite(3, jnp.float32(1.5))
-    check_finite(3, np.float64(0.0))
-    with pytest.raises(NonFiniteLossError, match="step 4: loss is nan"):
-        check_finite(4, jnp.float32(jnp.nan))
+def _steps_on_file(workdir):
+    return [_strict_json(line)["step"] for line in (workdir / METRICS_FILE).read_text().splitlines()]
 
 
 def test_a_resumed_run_appends(tmp_path):
-    """Restarting in the same workdir keeps the earlier records (the log of the whole run)."""
+    """Restarting in the same workdir from the last written step keeps the earlier records."""
     for step in (5, 6):
-        writer = _writer(tmp_path, FakeClock())
+        writer = _writer(tmp_path, FakeClock(), start_step=step - 1)
         writer.write(step, _step_metrics(step))
         writer.close()
-    steps = [_strict_json(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert steps == [5, 6]
+    assert _steps_on_file(tmp_path) == [5, 6]
+
+
+def test_a_resume_drops_the_records_after_its_checkpoint(tmp_path):
+    """A run killed at step 5 after checkpointing step 3 wrote records 4 and 5 (the last one cut
+    short); resumed from step 3 it writes them again, and each step is on file once."""
+    writer = _writer(tmp_path, FakeClock())
+    for step in range(1, 6):
+        writer.write(step, _step_metrics(step))
+    writer.close()
+    path = tmp_path / METRICS_FILE
+    path.write_text(path.read_text() + '{"step": 6, "lo')
+    resumed = _writer(tmp_path, FakeClock(), start_step=3)
+    assert _steps_on_file(tmp_path) == [1, 2, 3]
+    for step in (4, 5):
+        resumed.write(step, _step_metrics(step))
+    resumed.close()
+    assert _steps_on_file(tmp_path) == [1, 2, 3, 4, 5]

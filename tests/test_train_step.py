@@ -61,7 +61,8 @@ def _single_device_state(args, tx):
     state = jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])()
     params, routing = split_variables(state)
     return graphdef, TrainState(step=np.zeros((), np.int32), params=params, opt_state=tx.init(params),
-                                routing=routing, rng=jax.random.key_data(jax.random.key(0)))
+                                routing=routing, rng=jax.random.key_data(jax.random.key(0)),
+                                nonfinite_steps=np.zeros((), np.int32))
 
 
 @pytest.fixture(scope="module")

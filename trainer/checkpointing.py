@@ -109,7 +109,8 @@ def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransfo
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar), params=params,
                       opt_state=opt_state, routing=routing,
-                      rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar))
+                      rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar),
+                      nonfinite_steps=jax.ShapeDtypeStruct((), np.int32, sharding=scalar))
 
 
 def abstract_like(state, shardings) -> Any:
@@ -173,8 +174,8 @@ class Checkpointer:
         With async saves this returns once the arrays are copied to host memory, so `state` may be
         donated to the next step right away; the files are written in the background. A step that is
         already saved (e.g. the final step right after a periodic save) is skipped. `metrics` (scalars)
-        rank the step for keep-best; the caller must not pass a non-finite state (see
-        `trainer.metrics.check_finite`): a NaN checkpoint would be kept like any other.
+        rank the step for keep-best. Nothing here checks for NaN: the train step never produces a
+        non-finite state (`trainer.nonfinite`), and a NaN checkpoint would be kept like any other.
         """
         if not force and step % self.save_every:
             return False

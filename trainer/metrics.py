@@ -10,9 +10,13 @@ MFU = achieved model FLOP/s / peak FLOP/s, with the analytic training FLOPs per 
 (`topology.peak_flops * mesh.size`); on an emulated CPU mesh it is an estimate of nothing physical,
 but the same formula reads true on the real machine.
 
-A NaN or Inf loss is recorded like any other value (as the string "nan"/"inf" in the JSON file,
-which stays strict JSON) and then raises `NonFiniteLossError` naming the step, so the run stops
-before a poisoned state reaches a checkpoint.
+A NaN or Inf value is recorded like any other (as the string "nan"/"inf" in the JSON file, which
+stays strict JSON); what the run does about it is `trainer.nonfinite`'s business.
+
+A run resumed from the checkpoint of step k drops the records after k from `metrics.jsonl`: the
+interrupted run wrote them after its last complete checkpoint and the resumed run writes those steps
+again, so the file stays one record per step, the curve of the run that the checkpoints hold.
+(TensorBoard keeps both copies of those points in its separate event files.)
 """
 import datetime
 import json
@@ -25,6 +29,8 @@ from absl import logging
 from etils import epath
 from tensorboard.summary import Writer
 
+from trainer.nonfinite import NONFINITE_STEPS
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Names of the step's metrics (trainer.step.make_train_step) that the progress line shows.
@@ -34,26 +40,23 @@ IMBALANCE, DROPS = "expert_load_max_over_mean", "dropped_assignments"
 TOKENS_PER_SECOND, MFU, ETA_SECONDS = "tokens_per_second", "mfu", "eta_seconds"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss of a step is NaN or Inf: the parameters are (or are about to be) corrupt."""
-
-    def __init__(self, step: int, value: float):
-        self.step, self.value = step, value
-        super().__init__(f"step {step}: loss is {value}; stopping before the state is checkpointed "
-                         "(lower the learning rate, check the data of this step, or resume from the "
-                         "last checkpoint)")
-
-
-def check_finite(step: int, loss) -> None:
-    """Raises NonFiniteLossError if `loss` (a host or device scalar) is NaN or +-Inf."""
-    value = float(np.asarray(loss))
-    if not math.isfinite(value):
-        raise NonFiniteLossError(step, value)
-
-
 def _json_value(value: float):
     """Floats as JSON accepts them: NaN/Inf become strings instead of the non-standard NaN token."""
     return value if math.isfinite(value) else str(value)
+
+
+def _drop_records_after(path: epath.Path, step: int) -> None:
+    """Keeps the complete records of steps <= `step` in the JSONL file at `path` (if any), replacing the
+    file in one rename so a crash leaves the old or the new one. A last line without its newline was
+    cut by a killed process and goes too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        rewritten = path.parent / (path.name + ".rewrite")
+        rewritten.write_text("".join(kept))
+        rewritten.replace(path)
 
 
 def _format_line(step: int, total_steps: int, values: dict) -> str:
@@ -62,6 +65,8 @@ def _format_line(step: int, total_steps: int, values: dict) -> str:
                (TOKENS_PER_SECOND, "{:,.0f} tok/s"), (MFU, "MFU {:.2%}"), (IMBALANCE, "load max/mean {:.3f}"),
                (DROPS, "drops {:.0f}")]
     parts += [fmt.format(values[name]) for name, fmt in formats if name in values]
+    if values.get(NONFINITE_STEPS):
+        parts.append(f"non-finite steps skipped {values[NONFINITE_STEPS]:.0f}")
     if ETA_SECONDS in values:
         parts.append(f"ETA {datetime.timedelta(seconds=round(values[ETA_SECONDS]))}")
     return " | ".join(parts)
@@ -73,7 +78,9 @@ class MetricsWriter:
 
     tokens_per_step: tokens the model processes per step (global batch x sequence length).
     flops_per_token: model training FLOPs per token; peak_flops: FLOP/s of all devices together.
-    `clock` is injectable so tests can control the measured throughput.
+    start_step: the step the run starts from (0, or the restored checkpoint's); later records of an
+    earlier run in the same workdir are dropped. `clock` is injectable so tests can control the
+    measured throughput.
     """
 
     def __init__(self, workdir, *, total_steps: int, tokens_per_step: int, flops_per_token: float,
@@ -82,6 +89,7 @@ class MetricsWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = workdir / METRICS_FILE
         self.tensorboard_dir = workdir / TENSORBOARD_DIR
+        _drop_records_after(self.jsonl_path, start_step)
         self._jsonl = self.jsonl_path.open("a")
         self._tensorboard = Writer(str(self.tensorboard_dir))
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
@@ -96,10 +104,12 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> dict:
         """Records the scalar entries of `metrics` for `step`, with tokens/s, MFU and ETA; -> the record.
 
-        Raises NonFiniteLossError after recording if the loss is NaN or Inf.
+        NaN and Inf are recorded like any other value (see `trainer.nonfinite`).
         """
-        now = self._clock()
         host = jax.device_get(metrics)
+        # After the fetch, which waits for the step: the clock then reads when `step` finished, not
+        # when it was dispatched (steps run asynchronously).
+        now = self._clock()
         values = {name: float(np.asarray(value)) for name, value in host.items() if np.ndim(value) == 0}
         steps, seconds = step - self._mark_step, now - self._mark_time
         if steps > 0 and seconds > 0:
@@ -115,8 +125,6 @@ class MetricsWriter:
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
         logging.info("%s", _format_line(step, self.total_steps, values))
-        if LOSS in values:
-            check_finite(step, values[LOSS])
         return record
 
     def close(self) -> None:

@@ -15,14 +15,17 @@ from trainer.sharded_init import init_sharded
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """step: int32 scalar; params: trainable nnx.State (fp32 masters); opt_state: the optimizer's;
-    routing: selection biases and hash tables (not trained by gradients); rng: a PRNG key."""
+    """step: int32 scalar, steps taken (skipped ones included: each consumed a batch); params:
+    trainable nnx.State (fp32 masters); opt_state: the optimizer's; routing: selection biases and hash
+    tables (not trained by gradients); rng: a PRNG key; nonfinite_steps: int32 scalar, steps whose
+    update was refused because the loss, gradient or update was NaN/Inf (see trainer.nonfinite)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     routing: Any
     rng: jax.Array
+    nonfinite_steps: jax.Array
 
 
 def split_variables(state):
@@ -56,10 +59,11 @@ def create_train_state(args, mesh, rules, tx, seed: int):
     opt_state = jax.tree.map(lambda x: jax.device_put(x, sharding_on_mesh(x.sharding, mesh)), opt_state)
     train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), scalar), params=params,
                              opt_state=opt_state, routing=routing,
-                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar))
+                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar),
+                             nonfinite_steps=jax.device_put(jnp.zeros((), jnp.int32), scalar))
     state_shardings = TrainState(step=scalar, params=param_shardings,
                                  opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
-                                 routing=routing_shardings, rng=scalar)
+                                 routing=routing_shardings, rng=scalar, nonfinite_steps=scalar)
     return graphdef, train_state, state_shardings
 
 

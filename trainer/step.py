@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 
 from mesh.sharding import constrain, logical_to_spec
 from model.losses import language_model_loss, target_counts
+from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
 from trainer.state import TrainState, split_variables
 
 BATCH = ("act_batch", "act_length")
@@ -69,18 +70,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         (grads, loss, load, dropped, tiles, balance, main, mtp), _ = jax.lax.scan(accumulate, init, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        model = nnx.merge(graphdef, params, state.routing)
+        # copy=True: merge otherwise shares the Variables of state.routing, and the update would
+        # overwrite the biases that select_finite keeps for a refused step.
+        model = nnx.merge(graphdef, params, state.routing, copy=True)
         model.update_routing_bias(load, train_config.bias_update_rate)
         _, routing = split_variables(nnx.state(model))
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        finite = all_finite(loss, grad_norm, update_norm)
+        params, opt_state, routing = select_finite(finite, (params, opt_state, routing),
+                                                   (state.params, state.opt_state, state.routing))
+        refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
         metrics = {
             "loss": loss, "main_loss": main, "mtp_loss": mtp, "balance_loss": balance,
-            "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
+            "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
             "target_tokens": counts[0], "expert_load_max_over_mean": jnp.mean(jnp.max(load, -1) / mean_load),
             "dropped_assignments": dropped, "expert_tiles": tiles,
         }
+        metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
-                               rng=state.rng)
+                               rng=state.rng, nonfinite_steps=state.nonfinite_steps + refused)
         return new_state, metrics
 
     return step
