@@ -1,37 +1,221 @@
 """The README's main job, run as a user runs it (a subprocess on its own emulated topology): it trains,
-writes checkpoints and metrics, and a second run with the same workdir resumes where it stopped."""
+evaluates, writes checkpoints and metrics; stopped part-way by a real signal and restarted with the
+same workdir, it ends bit-identical to an uninterrupted run (parameters, optimizer state, routing
+biases, data position) with the same loss at every step.
+
+Three processes in the default set: a straight run, a run stopped by SIGTERM, and its resume. The
+SIGKILL variant and the non-finite policies run end to end (two more processes each) are marked slow.
+"""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--config.eval.num_examples=8", "--config.eval.batch_rows=8", "--config.checkpoint.log_every=1"]
+STEPS = 6
+SAVE_EVERY = 2
+RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_every=1",
+       f"--config.checkpoint.save_every={SAVE_EVERY}"]
+WITH_EVAL = ["--config.eval.num_examples=8", "--config.eval.batch_rows=8"]
+NO_EVAL = ["--config.eval.num_examples=0"]
+# Generous bounds for a loaded 2-core machine, never reached when things work.
+RUN_TIMEOUT_S = 900
+POLL_S = 0.2
 
 
-def _train(workdir, steps):
+def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
+    """train.py in the background; stdout/stderr go to files next to the workdir (a pipe nobody reads
+    would fill up with the checkpoint logs and stall the child)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--steps={steps}",
-         *QUICK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    logs = workdir.parent
+    return subprocess.Popen(
+        [sys.executable, "train.py", f"--workdir={workdir}", *run, *flags], cwd=ROOT, env=env,
+        stdout=(logs / f"{name}.stdout").open("w"), stderr=(logs / f"{name}.stderr").open("w"), text=True)
 
 
-def test_main_job_trains_checkpoints_and_resumes(tmp_path):
-    first = _train(tmp_path, 3)
-    assert "on topology cm384-8 (8 devices)" in first
-    assert re.search(r"held-out exact match before training: [0-9.]+ \(\d+/8\)", first)
-    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", first)]
-    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses), first
-    assert (tmp_path / "checkpoints" / "3").is_dir()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+def _output(process: subprocess.Popen, workdir: Path, name: str, returncode: int = 0) -> str:
+    """Waits for `process`, checks how it ended, -> its stdout."""
+    process.wait(timeout=RUN_TIMEOUT_S)
+    stderr = (workdir.parent / f"{name}.stderr").read_text()
+    assert process.returncode == returncode, stderr[-3000:]
+    return (workdir.parent / f"{name}.stdout").read_text()
 
-    second = _train(tmp_path, 5)
-    assert "resumed from step 3" in second
-    assert "held-out exact match before" not in second
-    assert [int(s) for s in re.findall(r"step (\d+): loss", second)] == [4, 5]
-    assert (tmp_path / "checkpoints" / "5").is_dir()
+
+def _run(workdir: Path, name: str, flags) -> str:
+    return _output(_start(workdir, name, flags), workdir, name)
+
+
+def _records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_until(condition, process: subprocess.Popen, what: str):
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not condition():
+        assert process.poll() is None, f"train.py exited with {process.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(POLL_S)
+
+
+def _has_step(workdir: Path, step: int):
+    return lambda: any(r["step"] >= step for r in _records(workdir))
+
+
+def _complete_steps(workdir: Path) -> list[int]:
+    """Steps with a complete checkpoint directory (an interrupted save is `<step>.orbax-checkpoint-tmp`)."""
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl; each step is recorded exactly once."""
+    records = _records(workdir)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"steps recorded out of order or twice: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _saved_run(workdir: Path, step: int):
+    """(train state, data-iterator state) of the checkpoint of `step`, restored on the tiny config's mesh."""
+    from configs import tiny
+    from mesh.sharding import activate
+    from model.args import from_config
+    from trainer.checkpointing import Checkpointer, abstract_train_state
+    from trainer.optimizer import build_optimizer
+    from trainer.sharded_init import build_mesh
+    from trainer.state import abstract_params
+
+    config = tiny.get_config()
+    args = from_config(config.model)
+    mesh, rules = build_mesh(config.mesh), config.mesh.rules
+    with activate(mesh, rules):
+        abstract = abstract_train_state(args, mesh, rules, build_optimizer(config.optimizer, abstract_params(args)))
+    checkpointer = Checkpointer(workdir, config, keep=1, save_every=1)
+    try:
+        return checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
+
+
+def _assert_same_run(workdir: Path, reference: Path):
+    """Bitwise the same final checkpoint (every leaf) and data position, and the same loss at every step."""
+    (ours, our_data), (theirs, their_data) = _saved_run(workdir, STEPS), _saved_run(reference, STEPS)
+    assert our_data == their_data
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(theirs)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{jax.tree_util.keystr(path)} differs"
+    assert _losses(workdir) == _losses(reference)
+    assert sorted(_losses(reference)) == list(range(1, STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run of STEPS steps, with held-out evaluation -> (workdir, stdout)."""
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    return workdir, _run(workdir, "straight", WITH_EVAL)
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A run sent SIGTERM once it has logged step 2, then resumed to STEPS with evaluation
+    -> (workdir, stdout of the stopped run, stdout of the resume)."""
+    workdir = tmp_path_factory.mktemp("preempted") / "run"
+    process = _start(workdir, "stopped", NO_EVAL)
+    _wait_until(_has_step(workdir, 2), process, "step 2 in metrics.jsonl")
+    process.send_signal(signal.SIGTERM)
+    stopped = _output(process, workdir, "stopped")
+    return workdir, stopped, _run(workdir, "resumed", WITH_EVAL)
+
+
+def _accuracy_lines(stdout: str) -> list[str]:
+    return re.findall(r"held-out exact match .*", stdout)
+
+
+def test_main_job_trains_evaluates_and_checkpoints(straight):
+    workdir, stdout = straight
+    assert "on topology cm384-8 (8 devices)" in stdout
+    before, after = _accuracy_lines(stdout)
+    assert re.fullmatch(r"held-out exact match before training: [0-9.]+ \(\d+/8\)", before), stdout
+    assert re.fullmatch(rf"held-out exact match after {STEPS} steps: [0-9.]+ \(\d+/8\)", after), stdout
+    losses = _losses(workdir)
+    assert list(losses) == list(range(1, STEPS + 1))
+    assert all(0 < loss < 20 for loss in losses.values()), losses
+    assert _complete_steps(workdir) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+
+
+def test_sigterm_saves_the_step_and_exits_zero(preempted):
+    workdir, stopped, resumed = preempted
+    match = re.search(r"SIGTERM received: saved step (\d+) and stopping", stopped)
+    assert match, stopped
+    step = int(match.group(1))
+    assert 2 <= step < STEPS
+    assert "held-out exact match" not in stopped, "num_examples=0 skips evaluation"
+    assert f"resumed from step {step} " in resumed
+    assert "held-out exact match before" not in resumed
+    assert [int(s) for s in re.findall(r"step (\d+): loss", resumed)] == list(range(step + 1, STEPS + 1))
+
+
+def test_preempted_run_ends_like_the_straight_run(straight, preempted):
+    workdir, _, resumed = preempted
+    _assert_same_run(workdir, straight[0])
+    assert _accuracy_lines(resumed) == _accuracy_lines(straight[1])[1:]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_last_complete_checkpoint(straight, tmp_path):
+    """SIGKILL (no chance to save) once step 2's checkpoint is complete and step 3 is logged: the
+    resume starts from the newest complete checkpoint, and metrics.jsonl drops the records the killed
+    run wrote after it, which the resumed run writes again."""
+    workdir = tmp_path / "run"
+    process = _start(workdir, "killed", NO_EVAL)
+    _wait_until(lambda: SAVE_EVERY in _complete_steps(workdir) and _has_step(workdir, SAVE_EVERY + 1)(),
+                process, "a complete checkpoint and a later step")
+    process.send_signal(signal.SIGKILL)
+    _output(process, workdir, "killed", returncode=-signal.SIGKILL)
+    latest = max(_complete_steps(workdir))
+    resumed = _run(workdir, "resumed", NO_EVAL)
+    assert f"resumed from step {latest} " in resumed
+    _assert_same_run(workdir, straight[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_an_overflowing_update_is_never_applied(tmp_path, policy):
+    """A learning rate of 1e30 (0 at step 1, in warmup) makes step 2's update norm overflow. "stop":
+    the run exits non-zero naming step 2, with step 1 the last checkpoint; "skip": it runs to the end,
+    every later update refused and counted, and the checkpoints of steps 2 to 4 all hold step 1's
+    finite state (the oldest kept one is step 2's: keep=3)."""
+    workdir = tmp_path / "run"
+    run = ["--config=configs/tiny.py", "--steps=4", "--config.checkpoint.log_every=1",
+           "--config.checkpoint.save_every=1", "--config.optimizer.learning_rate=1e30"]
+    process = _start(workdir, policy, [*NO_EVAL, f"--config.train.nonfinite={policy}"], run=run)
+    if policy == "stop":
+        _output(process, workdir, policy, returncode=1)
+        stderr = (workdir.parent / f"{policy}.stderr").read_text()
+        assert re.search(r"NonFiniteStepError: step 2: loss [0-9.]+, grad_norm [0-9.]+, update_norm inf: not finite",
+                         stderr), stderr[-3000:]
+        assert _complete_steps(workdir) == [1]
+        records = _records(workdir)
+        assert [r["step"] for r in records] == [1, 2] and records[-1]["nonfinite"] == 1
+    else:
+        stdout = _output(process, workdir, policy)
+        assert stdout.count("(non-finite: update not applied)") == 3, stdout
+        records = _records(workdir)
+        assert [(r["step"], r["nonfinite"], r["nonfinite_steps"]) for r in records] == [
+            (1, 0, 0), (2, 1, 1), (3, 1, 2), (4, 1, 3)]
+        assert _complete_steps(workdir)[-1] == 4
+        last, _ = _saved_run(workdir, 4)
+        first_refused, _ = _saved_run(workdir, 2)
+        assert int(last.step) == 4 and int(last.nonfinite_steps) == 3 and int(first_refused.nonfinite_steps) == 1
+        for a, b in zip(jax.tree.leaves((last.params, last.opt_state, last.routing)),
+                        jax.tree.leaves((first_refused.params, first_refused.opt_state, first_refused.routing))):
+            assert np.isfinite(np.asarray(a)).all() and np.array_equal(np.asarray(a), np.asarray(b))
