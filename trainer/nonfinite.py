@@ -21,7 +21,7 @@ from absl import logging
 
 STOP, SKIP = "stop", "skip"
 POLICIES = (STOP, SKIP)
-# Names of the step's metrics: 1.0 if this step's update was refused; refused steps of the run so far.
+# Names of the step's metrics: 1 if this step's update was refused; refused steps of the run so far.
 NONFINITE, NONFINITE_STEPS = "nonfinite", "nonfinite_steps"
 # The scalars whose finiteness decides (also names of the step's metrics).
 CHECKED = ("loss", "grad_norm", "update_norm")
@@ -39,7 +39,8 @@ def select_finite(finite: jax.Array, new, old):
 
 
 def was_refused(metrics: dict) -> bool:
-    """Whether the step that returned `metrics` refused its update (reads one device scalar)."""
+    """Whether the step that returned `metrics` refused its update. Reads one device scalar, so the
+    loop waits for every step here: the price of naming the exact step and stopping at once."""
     return bool(np.asarray(metrics[NONFINITE]))
 
 
