@@ -81,7 +81,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     for name, repeats in extrapolate.variants(args):
         variant = extrapolate.with_repeats(args, repeats)
         log(f"compiling variant {name}: {variant.num_layers} layers unrolled ...")
-        step = compile_step(variant, config, mesh, tx, schedule)
+        step = compile_step(variant, config, mesh, *_optimizer(config, variant))
         compile_seconds[name] = step.compile_seconds
         measured[name] = measure.measure(step.compiled, shape)
     totals = extrapolate.combine(args, measured)
