@@ -6,8 +6,6 @@ Tolerances: loss to 1e-5 relative, gradient norm to 1e-4; updated parameters: ev
 float32 noise of a different summation order (measured up to 4e-3 of that tensor's largest
 gradient) shows up in its normalised step; routing biases exactly. The compiled step must show the collectives the
 layout implies (parameter all-gathers over fsdp, gradient reductions)."""
-import re
-
 import jax
 import ml_collections
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import parallelism
+from mesh import hlo_collectives
 from mesh.sharding import activate
 from model.transformer import DeepSeekV4
 from tests.model_configs import parity_args
@@ -102,10 +101,50 @@ def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr):
         np.testing.assert_array_equal(np.asarray(ours), reference)
     experts = new_state.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert experts.sharding.spec == shardings.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"].get_value().spec
-    hlo = compiled.as_text()
-    if axes.get("fsdp", 1) > 1:
-        assert re.search(r"all-gather", hlo), "FSDP parameters are never gathered"
-    assert re.search(r"all-reduce|reduce-scatter", hlo), "gradients are never reduced"
+    _assert_collectives(compiled.as_text(), dict(mesh.shape))
+
+
+def _assert_collectives(hlo: str, mesh_axes: dict):
+    """The collectives the layout implies, with the mesh axes their replica groups span: token
+    exchanges by all-to-all over `expert` (partitioner reshuffles over other axes: measured 3% of
+    those bytes on fsdp=2,expert=2,tensor=2, bound 5%); parameters gathered over `fsdp`; gradients of
+    parameters replicated over the batch axes reduced over them."""
+    parsed = [(c, axes) for c in hlo_collectives.parse(hlo) if (axes := c.axes(mesh_axes))]  # () = no-op
+    found = [(c.kind, axes) for c, axes in parsed]
+    if mesh_axes.get("expert", 1) > 1:
+        # The dispatch's exchanges; the partitioner may add small reshuffles over other axes.
+        moved = {}
+        for c, axes in parsed:
+            if c.kind == "all-to-all":
+                moved[axes] = moved.get(axes, 0) + c.bytes
+        other = sum(nbytes for axes, nbytes in moved.items() if axes != ("expert",))
+        assert other < 0.05 * moved.get(("expert",), 0), moved
+    if mesh_axes.get("fsdp", 1) > 1:
+        assert any(kind == "all-gather" and "fsdp" in spans for kind, spans in found), found
+    batch_axes = {axis for axis in ("data", "fsdp", "expert") if mesh_axes.get(axis, 1) > 1}
+    reduced = set().union(*(spans for kind, spans in found if kind in ("all-reduce", "reduce-scatter")))
+    assert batch_axes <= reduced, (batch_axes, found)
+
+
+def _muon(args):
+    """Muon for hidden matrices + AdamW for the rest, Newton-Schulz in float32 so the comparison sees
+    summation order, not bf16 rounding; constant learning rate, no clipping."""
+    from configs import optimizer
+    from trainer.optimizer import build_optimizer
+    from trainer.state import abstract_params
+
+    config = optimizer.get_config("muon", learning_rate=LR, warmup_steps=0, decay="constant",
+                                  muon_ns_dtype="float32", adam_eps=1e-8, clip_grad_norm=0.0)
+    return build_optimizer(config, abstract_params(args))
+
+
+def test_muon_sharded_step_matches_single_device(single_device):
+    args, _, _, batch, _, _ = single_device
+    tx = _muon(args)
+    graphdef, state = _single_device_state(args, tx)
+    expected_state, expected = jax.device_get(
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))(state, batch))
+    _check_sharded_step(args, batch, expected_state, expected, dict(fsdp=2, expert=2, tensor=2), tx, LR)
 
 
 def test_microbatches_sum_to_the_whole_batch(single_device):
