@@ -138,6 +138,7 @@ def _muon(args):
     return build_optimizer(config, abstract_params(args))
 
 
+@pytest.mark.slow  # ~2 min; the default set covers the sharded step with AdamW and Muon on one device
 def test_muon_sharded_step_matches_single_device(single_device):
     args, _, _, batch, _, _ = single_device
     tx = _muon(args)
