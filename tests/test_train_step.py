@@ -186,3 +186,23 @@ def test_bias_update_moves_load_toward_balance():
         model.update_routing_bias(load, rate=0.002)
         load = load_of(nnx.state(model))
     assert imbalance(load) < before - 0.15, (before, imbalance(load))  # measured 1.29 -> 1.04
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizer_state_is_sharded_like_the_parameters(name):
+    """ZeRO: per device, AdamW holds two moments per parameter shard and Muon one momentum (plus AdamW's
+    two for the non-matrix parameters): nothing beyond that is replicated (was 8-15x the parameters
+    when the state took the compiled init's replicated output shardings)."""
+    from configs import optimizer, tiny
+    from model.args import from_config
+    from planner.memory import shard_bytes
+    from trainer.checkpointing import abstract_train_state
+    from trainer.optimizer import build_optimizer
+    from trainer.state import abstract_params
+
+    config = tiny.get_config()
+    args = from_config(config.model)
+    tx = build_optimizer(optimizer.get_config(name), abstract_params(args))
+    state = abstract_train_state(args, build_mesh(config.mesh), config.mesh.rules, tx)
+    ratio = shard_bytes(state.opt_state) / shard_bytes(state.params)
+    assert {"adamw": 1.99, "muon": 1.0}[name] < ratio < {"adamw": 2.05, "muon": 1.3}[name], ratio

@@ -30,7 +30,7 @@ from flax import nnx
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
-from trainer.state import TrainState, replicated, sharding_on_mesh, split_variables
+from trainer.state import TrainState, optimizer_shardings, replicated, split_variables
 
 CHECKPOINT_DIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -94,18 +94,17 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransformation) -> TrainState:
     """The TrainState of `create_train_state` as ShapeDtypeStructs with that function's shardings on
     `mesh`, built without allocating or compiling the model: the restore target for a resume,
-    possibly on another mesh than the one that saved. Only the optimizer's init is compiled (a
-    second or so), because its output shardings are what `create_train_state` keeps."""
+    possibly on another mesh than the one that saved. Nothing is compiled."""
     with activate(mesh, rules):
         _, abstract = nnx.split(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
         shardings = param_shardings(abstract, mesh, rules)
     model_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params, routing = split_variables(model_state)
     scalar = replicated(mesh)
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_on_mesh(s, mesh)), opt_shapes, opt_shardings)
+    param_shardings_only, _ = split_variables(shardings)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, params),
+                             optimizer_shardings(tx, params, param_shardings_only, mesh))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar), params=params,
                       opt_state=opt_state, routing=routing,

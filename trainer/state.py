@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,13 +39,17 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def sharding_on_mesh(sharding, mesh) -> NamedSharding:
-    """`sharding` if it is a NamedSharding on `mesh`, else replicated on `mesh`. The optimizer's init
-    under jit shards moments like their parameters but leaves scalars (step counts) on one device,
-    which neither a step's in_shardings nor a restore onto `mesh` can take."""
-    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-        return sharding
-    return replicated(mesh)
+def optimizer_shardings(tx, params, param_shardings, mesh):
+    """Shardings of `tx`'s state for `params`: every leaf that stands for a parameter (moments,
+    momentum, accumulators) takes that parameter's sharding, so the state is as sharded as the
+    weights (ZeRO); the rest (step counts, scalars) is replicated on `mesh`. Read from the optimizer's
+    structure (optax.tree_map_params), not from what a compiled init returns, which XLA may leave
+    replicated."""
+    shapes = jax.eval_shape(tx.init, params)
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)  # a partition's slot for another's params
+    return optax.tree_map_params(tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, shapes,
+                                 param_shardings, transform_non_params=lambda _: replicated(mesh),
+                                 is_leaf=masked)
 
 
 def create_train_state(args, mesh, rules, tx, seed: int):
@@ -55,8 +60,8 @@ def create_train_state(args, mesh, rules, tx, seed: int):
     params, routing = split_variables(state)
     param_shardings, routing_shardings = split_variables(shardings)
     scalar = replicated(mesh)
-    opt_state = jax.jit(tx.init)(params)
-    opt_state = jax.tree.map(lambda x: jax.device_put(x, sharding_on_mesh(x.sharding, mesh)), opt_state)
+    opt_shardings = optimizer_shardings(tx, params, param_shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), scalar), params=params,
                              opt_state=opt_state, routing=routing,
                              rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar),
