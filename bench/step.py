@@ -12,7 +12,6 @@ tile (`model.grouped_mlp.tile_flops`). Timings on this
 machine are noisy; the two dispatches are measured in the same run, alternating.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -32,19 +31,11 @@ _DEVICES = 8
 def _uncounted_tile_flops(args, tiles: float, mesh, rules) -> float:
     """FLOPs of the tiles run beyond the one forward and one backward body per MoE layer and device
     that XLA's cost analysis includes (no remat: each forward loop runs once)."""
-    import jax.numpy as jnp
-
-    from mesh.sharding import resolve_spec
-    from model.expert_dispatch import W13_NAMES
-    from model.grouped_mlp import tile_flops
+    from planner.measure import tile_body_flops
 
     if args.remat_policy != "none":
         raise ValueError(f"tile accounting assumes remat_policy='none', got {args.remat_policy!r}")
-    shape = (args.num_routed_experts, args.hidden_size, args.moe_intermediate_size)
-    spec = resolve_spec("routed w1/w3", W13_NAMES, shape, dict(mesh.shape), rules)[2]  # I's mesh axes
-    split = 1 if spec is None else math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
-    forward, backward = tile_flops(args.expert_tile, args.hidden_size, args.moe_intermediate_size // split,
-                                   jnp.dtype(args.dtype), args.swiglu_limit)
+    forward, backward = tile_body_flops(args, dict(mesh.shape), rules)
     loops = mesh.size * (args.num_layers + args.num_mtp_layers)
     return (tiles - loops) * (forward + backward)
 

@@ -34,6 +34,16 @@ def measure(compiled, mesh_shape: dict) -> dict:
     return figures
 
 
+def tile_body_flops(args: ModelArgs, mesh_shape: dict, rules) -> tuple:
+    """(forward, backward) XLA-counted FLOPs of one expert-MLP tile on this mesh, whose `tensor`-like
+    axes split the expert hidden width I the way the routed weights' rules do."""
+    shape = (args.num_routed_experts, args.hidden_size, args.moe_intermediate_size)
+    spec = resolve_spec("routed w1/w3", W13_NAMES, shape, mesh_shape, rules)[2]
+    split = math.prod(mesh_shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+    return tile_flops(args.expert_tile, args.hidden_size, args.moe_intermediate_size // split,
+                      args.compute_dtype, args.swiglu_limit)
+
+
 def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict, rules) -> float:
     """FLOPs per device of the tiled expert MLP's tiles beyond the one body per loop XLA counts, for
     every MoE layer, assuming balanced routing (each source sends t*k/E rows to every expert).
@@ -44,11 +54,7 @@ def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_sh
     tokens = batch_size * seq_len // math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     rows = min(capacity(tokens, k, experts, args.capacity_factor or None), tokens * k / experts)
     tiles = experts * math.ceil(rows / args.expert_tile)  # chunks per device: (local expert, source) = E
-    shape = (experts, args.hidden_size, args.moe_intermediate_size)
-    spec = resolve_spec("routed w1/w3", W13_NAMES, shape, mesh_shape, rules)[2]
-    split = math.prod(mesh_shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
-    forward, backward = tile_flops(args.expert_tile, args.hidden_size, args.moe_intermediate_size // split,
-                                   args.compute_dtype, args.swiglu_limit)
+    forward, backward = tile_body_flops(args, mesh_shape, rules)
     forward_loops = 1 if args.remat_policy == "none" else 2
     layers = args.num_layers + args.num_mtp_layers
     return layers * (tiles - 1) * (forward_loops * forward + backward)
