@@ -1,53 +1,17 @@
-"""Greedy decoding for evaluation, correct before fast: every new token recomputes the whole prefix
-with one fixed-shape forward pass (no KV cache), which is fine at the tiny model's scale.
-
-Prompts are left-aligned in a [rows, prompt + new] buffer; causality makes the not-yet-written tail
-irrelevant to the positions before it, so one compiled program serves every step.
-"""
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+"""Greedy decoding for evaluation: the sampler (trainer/sampler.py) at temperature 0, with the weights
+bound, in the `generate(prompts) -> ids` form that data/evaluation.py consumes."""
+from trainer.sampler import make_sampler
 
 
 def make_greedy_generate(graphdef, params, routing, *, max_new_tokens: int, batch_rows: int,
                          max_prompt_len: int, stop_id: int, batch_sharding=None):
     """-> generate(prompts: list of int32 arrays) -> list of generated id lists (stopping after
     `stop_id`). `batch_rows` rows run at once (a multiple of the batch's shard count)."""
-    length = max_prompt_len + max_new_tokens
-
-    @jax.jit
-    def next_tokens(params, routing, buffer, lengths):
-        logits = nnx.merge(graphdef, params, routing)(buffer).logits  # [rows, length, vocab]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return jnp.argmax(last, axis=-1).astype(jnp.int32)
+    sample = make_sampler(graphdef, max_new_tokens=max_new_tokens, batch_rows=batch_rows,
+                          max_prompt_len=max_prompt_len, batch_sharding=batch_sharding)
 
     def generate(prompts):
-        results = []
-        for start in range(0, len(prompts), batch_rows):
-            chunk = prompts[start:start + batch_rows]
-            buffer = np.zeros((batch_rows, length), np.int32)
-            lengths = np.ones((batch_rows,), np.int32)
-            for row, prompt in enumerate(chunk):
-                if len(prompt) > max_prompt_len:
-                    raise ValueError(f"prompt {start + row} has {len(prompt)} tokens, more than "
-                                     f"max_prompt_len={max_prompt_len}")
-                buffer[row, :len(prompt)] = prompt
-                lengths[row] = len(prompt)
-            done = np.zeros((batch_rows,), bool)
-            done[len(chunk):] = True
-            outputs = [[] for _ in chunk]
-            for _ in range(max_new_tokens):
-                device_buffer = buffer if batch_sharding is None else jax.device_put(buffer, batch_sharding)
-                token = np.asarray(next_tokens(params, routing, device_buffer, lengths))
-                for row in np.flatnonzero(~done):
-                    outputs[row].append(int(token[row]))
-                    buffer[row, lengths[row]] = token[row]
-                    lengths[row] += 1
-                    done[row] = token[row] == stop_id
-                if done.all():
-                    break
-            results.extend(outputs)
-        return results
+        completions = sample(params, routing, prompts, stop_ids=(stop_id,), temperature=0.0)
+        return [completion.ids.tolist() for completion in completions]
 
     return generate
