@@ -77,7 +77,8 @@ def test_exact_match_accuracy(encoder):
 
 
 def test_sample_dir_holds_only_generated_files():
-    assert sorted(os.listdir(SAMPLE_DIR)) == sorted(SAMPLE_FILES + ("tokenizer.json",))
+    # rollouts.jsonl comes from scripts/make_sample_rollouts.py (reproduced in test_rollouts.py)
+    assert sorted(os.listdir(SAMPLE_DIR)) == sorted(SAMPLE_FILES + ("tokenizer.json", "rollouts.jsonl"))
     with open(sample_path("prompts.jsonl")) as f:
         assert set(json.loads(f.readline())) == {"prompt", "answer", "task"}
 
