@@ -33,7 +33,8 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
 def _with_preceding(blocks: jax.Array, count: int, fill=0) -> jax.Array:
     """[b, nb, B, ...] -> [b, nb, (count+1)*B, ...]: each block preceded by the `count` blocks before it
     (`fill` before the sequence start), oldest first."""
-    shifted = [jnp.pad(blocks[:, :blocks.shape[1] - m], [(0, 0), (m, 0)] + [(0, 0)] * (blocks.ndim - 2),
+    nb = blocks.shape[1]
+    shifted = [jnp.pad(blocks[:, :max(nb - m, 0)], [(0, 0), (min(m, nb), 0)] + [(0, 0)] * (blocks.ndim - 2),
                        constant_values=fill) for m in range(count, 0, -1)]
     return jnp.concatenate(shifted + [blocks], axis=2)
 

@@ -15,14 +15,19 @@ SEQ = 75
 WINDOW = 16
 
 
-def attention_and_grad(kind, block):
+PACKED = (40, 30)  # two documents, then padding up to SEQ
+
+
+def attention_and_grad(kind, block, seq=SEQ, documents=PACKED):
     args = parity_args(sliding_window=WINDOW, window_block=block)
     layer = Attention(args, kind, nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    u = jnp.asarray(rng.normal(size=(2, SEQ, args.hidden_size)), jnp.float32)
-    segments = jnp.asarray(np.repeat([[1] * 40 + [2] * 30 + [0] * 5], 2, axis=0), jnp.int32)
-    positions = jnp.asarray(np.concatenate([np.arange(40), np.arange(30), np.arange(5)])[None].repeat(2, 0),
-                            jnp.int32)
+    u = jnp.asarray(rng.normal(size=(2, seq, args.hidden_size)), jnp.float32)
+    padding = seq - sum(documents)
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(documents)] + [np.zeros(padding)])
+    positions = np.concatenate([np.arange(n) for n in documents] + [np.zeros(padding)])
+    segments = jnp.asarray(np.repeat(segments[None], 2, axis=0), jnp.int32)
+    positions = jnp.asarray(np.repeat(positions[None], 2, axis=0), jnp.int32)
     cotangent = jnp.asarray(rng.normal(size=u.shape), jnp.float32)
     graphdef, state = nnx.split(layer)
 
@@ -34,10 +39,12 @@ def attention_and_grad(kind, block):
     return out, grads
 
 
-@pytest.mark.parametrize("kind", [SLIDING, CSA])
-def test_window_blocks_agree(kind):
-    out, (grad_state, grad_u) = attention_and_grad(kind, WINDOW)
-    other, (other_state, other_u) = attention_and_grad(kind, WINDOW // 4)
+@pytest.mark.parametrize("kind,seq,documents", [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED),
+                                                (SLIDING, 6, (6,))],  # shorter than the window minus a block
+                         ids=["sliding", "csa", "short"])
+def test_window_blocks_agree(kind, seq, documents):
+    out, (grad_state, grad_u) = attention_and_grad(kind, WINDOW, seq, documents)
+    other, (other_state, other_u) = attention_and_grad(kind, WINDOW // 4, seq, documents)
     np.testing.assert_allclose(other, out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(other_u, grad_u, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(other_state), jax.tree.leaves(grad_state)):
