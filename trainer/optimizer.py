@@ -143,10 +143,12 @@ def _map_roles(fn, roles: dict[str, ParamRole], tree, *rest):
 
 
 def _to_matrices(x: jax.Array, role: ParamRole) -> jax.Array:
-    """[..] -> [matrices, rows, columns], batch axes and groups flattened into the first axis."""
+    """[..] -> [*batch axes, groups, rows, columns]. The batch axes (layers, experts) stay separate
+    axes: merged into one, an expert-sharded stack would no longer be a tiling of its shards and the
+    partitioner would gather it whole."""
     order = role.batch + role.reduction + role.output
     rows, columns = role.matrix_shape(x.shape)
-    return x.transpose(order).reshape(-1, rows, columns)
+    return x.transpose(order).reshape(*(x.shape[a] for a in role.batch), -1, rows, columns)
 
 
 def _from_matrices(m: jax.Array, role: ParamRole, shape) -> jax.Array:
@@ -156,7 +158,7 @@ def _from_matrices(m: jax.Array, role: ParamRole, shape) -> jax.Array:
 
 
 def newton_schulz(m: jax.Array, stages, eps: float, dtype) -> jax.Array:
-    """Approximately orthogonalise each matrix of m [B, r, c] (push its singular values towards 1).
+    """Approximately orthogonalise each matrix of m [..., r, c] (push its singular values towards 1).
 
     Normalised by the Frobenius norm so every singular value starts at most 1, then per stage
     (iterations, a, b, c): X <- aX + b(XX^T)X + c(XX^T)^2 X. The Gram matrix is taken on the short
