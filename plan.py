@@ -29,12 +29,10 @@ GIB = 2 ** 30
 
 
 def _optimizer(config, args):
-    from configs import optimizer
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.state import abstract_params
 
-    settings = config.optimizer if "optimizer" in config else optimizer.get_config()
-    return build_optimizer(settings, abstract_params(args)), learning_rate_schedule(settings)
+    return build_optimizer(config.optimizer, abstract_params(args)), learning_rate_schedule(config.optimizer)
 
 
 def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print) -> dict:

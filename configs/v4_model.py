@@ -6,6 +6,8 @@ section 1.1): mHC with 4 streams and 20 Sinkhorn iterations, SwiGLU clamp 10, Ro
 """
 import ml_collections
 
+from configs import objectives, optimizer
+
 
 def compress_ratios(num_layers: int, first: int, num_mtp_layers: int = 1) -> tuple:
     """The released schedule: layers 0-1 use `first` (0 = sliding only, 128 = HCA), then even layers
@@ -67,4 +69,7 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
         # in the `nonfinite_steps` metric (trainer/nonfinite.py has the details).
         nonfinite="stop",
     ))
+    config.optimizer = optimizer.get_config()
+    config.objective = "sft"  # sft | dpo | grpo | distill; settings in config.dpo / .grpo / .distill
+    config.update(objectives.get_config())
     return config
