@@ -1,4 +1,5 @@
-"""Post-training entry point: SFT of a DeepSeek-V4 on an (emulated) Ascend mesh.
+"""Post-training entry point: SFT, DPO, GRPO or on-policy distillation of a DeepSeek-V4 on an (emulated)
+Ascend mesh (`--config.objective=sft|dpo|grpo|distill`, objectives/).
 
     python train.py --config=configs/tiny.py --workdir=DIR [--config.optimizer.learning_rate=1e-3]
                     [--config.mesh.topology=cm384-16 --config.mesh.axes.expert=4] [--steps=N]
@@ -7,7 +8,9 @@ The run resumes from the newest complete checkpoint in DIR (train state, data po
 every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), logs progress lines,
 `DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after
 (`--config.eval.num_examples=0` skips it). A resumed run repeats the interrupted one bit for bit from
-its checkpoint. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
+its checkpoint. DPO and GRPO compare against a frozen reference: the run's initial weights
+(`--init_checkpoint`, or the seed's initialisation), re-read on resume; distillation's teacher is
+`--config.distill.teacher`. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
 or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
 """
 import contextlib
@@ -48,6 +51,37 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
           flush=True)
 
 
+def _frozen_weights(config, objective, state, abstract_weights):
+    """The frozen model an objective compares against, {"params", "routing"} sharded like the trained
+    one, or None: distillation's teacher checkpoint, else (DPO/GRPO reference) a copy of the initial
+    weights, taken before training (the step donates the state)."""
+    import jax
+
+    from trainer.checkpointing import Checkpointer
+
+    if not objective.uses_frozen:
+        return None
+    if config.objective == "distill":
+        if not config.distill.teacher:
+            raise ValueError("config.distill.teacher: distillation needs the teacher's checkpoint workdir")
+        teacher, _ = Checkpointer(config.distill.teacher, config, keep=1, save_every=1).restore_weights(
+            None, abstract_weights)
+        print(f"teacher weights from {config.distill.teacher}", flush=True)
+        return teacher
+    return jax.tree.map(lambda x: x.copy(), {"params": state.params, "routing": state.routing})
+
+
+def _step_batch(arrays: dict, keys: tuple, sharding) -> dict:
+    """The arrays the objective reads (a source may produce more), placed on the mesh."""
+    import jax
+    import numpy as np
+
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"the batch lacks {missing} (it has {sorted(arrays)})")
+    return {k: jax.device_put(np.asarray(arrays[k]), sharding) for k in keys}
+
+
 def _progress_line(step: int, record: dict, refused: bool) -> str:
     """The stdout line of a recorded step (the writer logs the full one); NaN/Inf arrive as strings."""
     line = (f"step {step}: loss {float(record['loss']):.4f} lr {float(record['learning_rate']):.2e} "
@@ -70,12 +104,12 @@ def main(argv):
         jax.config.update("jax_platforms", "cpu")
         emulate(topology)
 
-    import numpy as np
-
-    from data.pipeline import build_encoder, build_sft_pipeline
+    from data.pipeline import build_encoder
     from mesh.sharding import activate
     from model.args import from_config
     from model.flops import train_flops_per_token
+    from objectives import build_objective
+    from trainer.batch_source import build_batch_source
     from trainer.checkpointing import Checkpointer, abstract_train_state
     from trainer.metrics import MetricsWriter
     from trainer.nonfinite import NonFinitePolicy, was_refused
@@ -86,6 +120,7 @@ def main(argv):
     from trainer.step import jit_train_step, make_train_step
 
     nonfinite_policy = NonFinitePolicy(config.train.nonfinite)
+    objective = build_objective(config)
     total_steps = _STEPS.value or config.train.steps
     args = from_config(config.model)
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
@@ -100,24 +135,26 @@ def main(argv):
         schedule = learning_rate_schedule(config.optimizer)
         checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
-        pipeline = build_sft_pipeline(config.data, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-        batches = iter(pipeline)
-        if checkpointer.latest_step() is not None:
-            state, data_state = checkpointer.restore(None, abstract)
-            batches.set_state(data_state)
-            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
-        elif _INIT.value:
+        abstract_weights = {"params": abstract.params, "routing": abstract.routing}
+        resuming = checkpointer.latest_step() is not None
+        if _INIT.value and (not resuming or objective.uses_frozen):
             initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
-                None, {"params": abstract.params, "routing": abstract.routing},
-                fallback={"params": state.params, "routing": state.routing})
+                None, abstract_weights, fallback={"params": state.params, "routing": state.routing})
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
             print(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
                                                            f"initialisation, e.g. {fresh[0]}" if fresh else ""),
                   flush=True)
-        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
-                                                 shardings, mesh, rules)
+        frozen = _frozen_weights(config, objective, state, abstract_weights)
+        frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
+        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train, objective),
+                                                 shardings, mesh, rules, objective.batch_keys, frozen_shardings)
         encoder = build_encoder(config.data)
+        source = build_batch_source(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                                    graphdef=graphdef, batch_sharding=batch_sharding, encoder=encoder)
+        if resuming:
+            state, data_state = checkpointer.restore(None, abstract)
+            source.set_state(data_state)
+            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
         start_step = int(state.step)
         if start_step == 0:
             _report_heldout("before training", config, graphdef, state, encoder, batch_sharding)
@@ -129,17 +166,17 @@ def main(argv):
         log_every = config.checkpoint.log_every
         with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
-                batch = {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in next(batches).items()}
-                state, metrics = step_fn(state, batch)
+                batch = _step_batch(source.next(state), objective.batch_keys, batch_sharding)
+                state, metrics = step_fn(state, batch, *(() if frozen is None else (frozen,)))
                 done = step + 1
                 refused = was_refused(metrics)
                 if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:
-                    record = writer.write(done, dict(metrics, **pipeline.stats.as_metrics()))
+                    record = writer.write(done, dict(metrics, **source.metrics()))
                     print(_progress_line(done, record, refused), flush=True)
                 if refused:
                     nonfinite_policy.handle(done, record)
                 stopping = guard.should_stop()
-                checkpointer.save(done, state, batches.get_state(), force=stopping or done == total_steps)
+                checkpointer.save(done, state, source.get_state(), force=stopping or done == total_steps)
                 if stopping:
                     checkpointer.wait()
                     print(f"{guard.signal_name} received: saved step {done} and stopping", flush=True)

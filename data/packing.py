@@ -54,3 +54,19 @@ def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: b
         padding_struct={"tokens": pad_id, "loss_mask": 0},
     )
     return packed.map(_to_batch_fields)
+
+
+def pair_row(sides: dict[str, dict[str, np.ndarray]], seq_len: int, pad_id: int) -> dict[str, np.ndarray] | None:
+    """A preference pair ({"chosen"|"rejected": {"tokens", "loss_mask"}}, see encode.preference_sequences)
+    as one row of the four batch fields: chosen = segment 1, rejected = segment 2, each with positions
+    from 0; None when both do not fit in seq_len."""
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    lengths = (len(chosen["tokens"]), len(rejected["tokens"]))
+    if sum(lengths) > seq_len:
+        return None
+    pad = seq_len - sum(lengths)
+    fill = lambda parts, value: np.concatenate(parts + [np.full(pad, value, np.int32)]).astype(np.int32)
+    return {"tokens": fill([chosen["tokens"], rejected["tokens"]], pad_id),
+            "loss_mask": fill([chosen["loss_mask"], rejected["loss_mask"]], 0),
+            "segment_ids": fill([np.full(lengths[0], 1), np.full(lengths[1], 2)], 0),
+            "positions": fill([np.arange(lengths[0]), np.arange(lengths[1])], 0)}

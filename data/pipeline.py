@@ -26,7 +26,7 @@ import numpy as np
 
 from data import packing
 from data.chat_template import get_template
-from data.encode import Encoder, encode_preference, encode_prompt, encode_sft, reject
+from data.encode import Encoder, encode_preference, encode_prompt, encode_sft, preference_sequences, reject
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.formats import parse_preference, parse_prompt, parse_sft
 from data.jsonl import read_records
@@ -83,13 +83,26 @@ def _source_examples(config, encoder, stats) -> tuple[list[list[dict]], list[flo
 def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1,
                        encoder: Encoder | None = None) -> SFTPipeline:
     """Batches for SFT (pass jax.process_index() / jax.process_count() on a multi-host run)."""
-    if config.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {config.global_batch_size} does not split over "
-                         f"{process_count} processes")
+    _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
     stats = LoadStats()
     examples, weights = _source_examples(config, encoder, stats)
+    rows = packing.pack(
+        _mixed_share(examples, weights, config, process_index, process_count),
+        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
+        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
+    return _batched(rows, config, process_count, stats, encoder)
 
+
+def _check_process_share(config, process_count: int) -> None:
+    if config.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {config.global_batch_size} does not split over "
+                         f"{process_count} processes")
+
+
+def _mixed_share(examples: list[list], weights: list[float], config, process_index: int,
+                 process_count: int) -> grain.IterDataset:
+    """Each source shuffled per epoch and repeated, sources mixed by weight, this process's share."""
     sources = []
     for i, source_examples in enumerate(examples):
         ds = grain.MapDataset.source(source_examples)
@@ -97,17 +110,41 @@ def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int 
             ds = EpochShuffle(ds, seed=config.shuffle_seed + i)
         sources.append(ds.repeat(config.num_epochs))
     mixed = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
-    shard = mixed[process_index::process_count]
+    return mixed[process_index::process_count].to_iter_dataset(
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
 
-    rows = packing.pack(
-        shard.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                                prefetch_buffer_size=config.read_buffer)),
-        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
-        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
+
+def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadStats, encoder: Encoder):
     batches = rows.batch(config.global_batch_size // process_count, drop_remainder=True)
     if config.prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)
     return SFTPipeline(batches, stats, encoder)
+
+
+def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                              process_count: int = 1, encoder: Encoder | None = None) -> SFTPipeline:
+    """Batches for DPO from `config.preference_sources`: one pair per row (`packing.pair_row`: chosen as
+    segment 1, rejected as segment 2, replies in the loss mask); a pair longer than the row is
+    dropped and counted (a cut reply would compare different things)."""
+    _check_process_share(config, process_count)
+    encoder = encoder or build_encoder(config)
+    stats = LoadStats()
+    pad_id = encoder.tokenizer.token_id(encoder.template.pad)
+    examples, weights = [], []
+    for pattern, weight in config.preference_sources:
+        rows = []
+        for pair in load_preferences(pattern, encoder, skip_bad=config.skip_bad_records, stats=stats):
+            row = packing.pair_row(preference_sequences(pair), config.seq_len, pad_id)
+            if row is None:
+                stats.dropped_too_long += 1
+            else:
+                rows.append(row)
+        if not rows:
+            raise DataError(pattern, f"no preference pair fits seq_len={config.seq_len}", reason="no_examples")
+        examples.append(rows)
+        weights.append(float(weight))
+    return _batched(_mixed_share(examples, weights, config, process_index, process_count), config,
+                    process_count, stats, encoder)
 
 
 def load_conversations(pattern: str, *, skip_bad: bool = False, stats: LoadStats | None = None) -> list:

@@ -21,10 +21,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, "embed", eps)
         self.moe = MoE(args, routing == "hash", rngs)
 
-    def __call__(self, streams: jax.Array, positions: jax.Array, segment_ids: jax.Array, token_ids: jax.Array):
-        """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s] -> (streams, MoEStats)."""
+    def __call__(self, streams: jax.Array, positions: jax.Array, segment_ids: jax.Array, token_ids: jax.Array,
+                 replay=None):
+        """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s]; replay [b,s,k] int32 or None (experts
+        to use instead of the router's choice) -> (streams, MoEStats)."""
         u, post, comb = self.attn_hc(streams)
         streams = HyperConnection.merge(streams, self.attn(self.attn_norm(u), positions, segment_ids), post, comb)
         u, post, comb = self.ffn_hc(streams)
-        out, stats = self.moe(self.ffn_norm(u), token_ids)
+        out, stats = self.moe(self.ffn_norm(u), token_ids, replay)
         return HyperConnection.merge(streams, out, post, comb), stats

@@ -11,24 +11,34 @@ import jax.numpy as jnp
 from model.transformer import ModelOutput
 
 
+def ahead(a: jax.Array, shift: int, fill=0) -> jax.Array:
+    """[b,s,...] -> [b,s,...] whose position i holds a's position i+shift (`fill` past the end): moves
+    values that belong to a token onto the position that predicts it."""
+    pad = [(0, 0), (0, shift)] + [(0, 0)] * (a.ndim - 2)
+    return jnp.pad(a[:, shift:], pad, constant_values=fill)
+
+
 def shifted_targets(tokens: jax.Array, loss_mask: jax.Array, shift: int, segment_ids=None):
     """tokens, loss_mask, segment_ids [b,s] -> (targets [b,s], weights [b,s] float32): the target of
     position i is token i+shift."""
-    ahead = lambda a, fill=0: jnp.pad(a[:, shift:], ((0, 0), (0, shift)), constant_values=fill)
-    weights = ahead(loss_mask).astype(jnp.float32)
+    weights = ahead(loss_mask, shift).astype(jnp.float32)
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
-    weights = weights * (ahead(segment_ids, -1) == segment_ids)
-    return ahead(tokens), weights
+    weights = weights * (ahead(segment_ids, shift, -1) == segment_ids)
+    return ahead(tokens, shift), weights
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits [b,s,vocab], targets [b,s] -> log p(target) [b,s] float32. The target logit is read by a
+    one-hot contraction, not a gather, so a vocab-sharded logits tensor is never gathered whole."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """-> (sum of weighted token losses, sum of weights), float32. The target logit is read by a one-hot
-    contraction, not a gather, so a vocab-sharded logits tensor is never gathered whole."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    token_loss = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    return jnp.sum(token_loss * weights), jnp.sum(weights)
+    """-> (sum of weighted token losses, sum of weights), float32."""
+    return -jnp.sum(token_logprobs(logits, targets) * weights), jnp.sum(weights)
 
 
 def target_counts(tokens, loss_mask, segment_ids, num_mtp: int) -> jax.Array:

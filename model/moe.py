@@ -41,11 +41,15 @@ class Router(nnx.Module):
         else:
             self.bias = params.constant((e,), ("expert_gate",), 0.0, jnp.float32, kind=params.RoutingBias)
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array) -> Routing:
-        """x [t,d], token_ids [t] -> Routing."""
+    def __call__(self, x: jax.Array, token_ids: jax.Array, replay=None) -> Routing:
+        """x [t,d], token_ids [t], replay [t,k] int32 or None -> Routing. With `replay` (routing replay for
+        MoE RL: the experts an inference engine chose) those experts are used; their gate weights are
+        still this router's scores, so the router keeps its gradient."""
         logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         scores = jnp.sqrt(jax.nn.softplus(logits))
-        if self.hashed:
+        if replay is not None:
+            experts = replay
+        elif self.hashed:
             experts = self.tid2eid[...][token_ids]
         else:
             _, experts = jax.lax.top_k(jax.lax.stop_gradient(scores) + self.bias[...], self.k)
@@ -108,12 +112,14 @@ class RoutedExperts(nnx.Module):
 class MoEStats:
     """Per layer: load [E] (token-expert assignments per expert), balance (sequence-wise balance loss,
     before its weight), dropped (assignments a capacity limit dropped), tiles (tiles the tiled expert
-    MLP ran, over all devices; see model.grouped_mlp)."""
+    MLP ran, over all devices; see model.grouped_mlp), experts [b,s,k] int32 (the experts each token
+    used: what a rollout records for routing replay)."""
 
     load: jax.Array
     balance: jax.Array
     dropped: jax.Array
     tiles: jax.Array
+    experts: jax.Array
 
 
 def sequence_balance_loss(routing: Routing, rows: int, k: int) -> jax.Array:
@@ -132,17 +138,18 @@ class MoE(nnx.Module):
         self.experts = RoutedExperts(args, rngs)
         self.shared = SharedExpert(args, rngs) if args.num_shared_experts else None
 
-    def __call__(self, u: jax.Array, token_ids: jax.Array):
-        """u [b,s,d], token_ids [b,s] -> (output [b,s,d], MoEStats). Rows are the balance loss's sequences
-        (hash-routed layers choose by token id, so their balance term is zero)."""
+    def __call__(self, u: jax.Array, token_ids: jax.Array, replay=None):
+        """u [b,s,d], token_ids [b,s], replay [b,s,k] or None -> (output [b,s,d], MoEStats). Rows are the
+        balance loss's sequences (hash-routed layers choose by token id, so their balance term is zero)."""
         b, s, d = u.shape
         x = u.reshape(b * s, d)
-        routing = self.router(x, token_ids.reshape(b * s))
+        routing = self.router(x, token_ids.reshape(b * s), None if replay is None else replay.reshape(b * s, -1))
         y, dropped, tiles = self.experts(x, routing)
         if self.shared is not None:
             y = y + self.shared(x)
         load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
         balance = (jnp.zeros((), jnp.float32) if self.router.hashed
                    else sequence_balance_loss(routing, b, self.router.k))
-        stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles)
+        stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles,
+                         experts=routing.experts.reshape(b, s, -1))
         return y.astype(u.dtype).reshape(b, s, d), stats

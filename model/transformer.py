@@ -32,7 +32,7 @@ REMAT = {
 class ModelOutput:
     logits: jax.Array  # [b, s, vocab] float32, predicts token i+1
     mtp_logits: tuple  # per depth k: [b, s, vocab] float32, predicts token i+k+1
-    moe: MoEStats  # per layer, MTP layers last: load [L + mtp, E], balance [L + mtp], dropped [L + mtp]
+    moe: MoEStats  # per layer, MTP layers last: load [L + mtp, E], balance [L + mtp], experts [L + mtp, b, s, k], ...
     hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
 
 
@@ -60,16 +60,22 @@ class LayerGroup(nnx.Module):
         self.remat_policy, self.scan_layers = args.remat_policy, args.scan_layers
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
-    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool):
-        """-> (streams, MoEStats stacked [repeats*len(pattern), ...], hidden [repeats*len(pattern), ...] or None),
+    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None):
+        """replay: [repeats*len(pattern), b, s, k] experts per layer or None ->
+        (streams, MoEStats stacked [repeats*len(pattern), ...], hidden [repeats*len(pattern), ...] or None),
         layers in schedule order."""
         graphdef, state = nnx.split(self.blocks)
+        period = len(self.pattern)
+        if replay is not None:
+            replay = replay.reshape(self.repeats, period, *replay.shape[1:])
 
-        def body(carry, layer_state):
+        def body(carry, xs):
+            layer_state, layer_replay = xs
             blocks = nnx.merge(graphdef, layer_state)
             stats, hidden = [], []
-            for block in blocks:
-                carry, layer_stats = block(carry, positions, segment_ids, token_ids)
+            for position, block in enumerate(blocks):
+                carry, layer_stats = block(carry, positions, segment_ids, token_ids,
+                                           None if layer_replay is None else layer_replay[position])
                 stats.append(layer_stats)
                 hidden.append(carry)
             return carry, (_stack(stats), jnp.stack(hidden) if collect_hidden else None)
@@ -77,11 +83,11 @@ class LayerGroup(nnx.Module):
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
         if self.scan_layers:
-            streams, (stats, hidden) = jax.lax.scan(body, streams, state)
+            streams, (stats, hidden) = jax.lax.scan(body, streams, (state, replay))
         else:
             outputs = []
             for r in range(self.repeats):
-                streams, out = body(streams, jax.tree.map(lambda x: x[r], state))
+                streams, out = body(streams, jax.tree.map(lambda x: x[r], (state, replay)))
                 outputs.append(out)
             stats, hidden = _stack(outputs)
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
@@ -112,9 +118,12 @@ class DeepSeekV4(nnx.Module):
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False) -> ModelOutput:
+                 segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False,
+                 routed_experts: Optional[jax.Array] = None) -> ModelOutput:
         """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
-        positions restarting at 0 in each document; by default a row is one document 0..s-1."""
+        positions restarting at 0 in each document; by default a row is one document 0..s-1.
+        routed_experts [b, s, num_layers, k] int32 (routing replay) makes every main layer use those
+        experts; the MTP layers route themselves (inference engines do not record them)."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -123,8 +132,11 @@ class DeepSeekV4(nnx.Module):
         x = self.embed_tokens(tokens)
         streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
         stats, hidden = [], []
+        replay = None if routed_experts is None else jnp.moveaxis(routed_experts, 2, 0)  # [L, b, s, k]
         for group in self.groups:
-            streams, group_stats, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden)
+            layers = slice(group.first_layer, group.first_layer + group.repeats * len(group.pattern))
+            streams, group_stats, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden,
+                                                       None if replay is None else replay[layers])
             stats.append(group_stats)
             hidden.append(group_hidden)
         logits = self.logits(self.norm(self.hc_head(streams)))

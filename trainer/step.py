@@ -1,8 +1,12 @@
 """One post-training step: micro-batched forward and backward, optimizer update, MoE bias update.
 
-Gradients are accumulated over `microbatches` slices of the global batch; every loss term is a
-global per-token mean (normalisers counted over the whole batch first), so the accumulated gradient
-equals the one of the whole batch in one pass.
+The objective (objectives/: SFT, DPO, GRPO, distillation) supplies the loss; the step is the same for
+all. Gradients are accumulated over `microbatches` slices of the global batch; the objective's
+normalisers are counted over the whole batch first, so every micro-batch loss and metric is its share
+of the global value and they add up: the accumulated gradient equals the one of the whole batch in one
+pass. Objectives that compare against a frozen model (DPO/GRPO reference, distillation teacher) get
+its output on the same micro-batch; the frozen weights are a step argument sharded like the trained
+ones, never differentiated.
 """
 import jax
 import jax.numpy as jnp
@@ -11,17 +15,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mesh.sharding import constrain, logical_to_spec
-from model.losses import language_model_loss, target_counts
+from objectives.sft import SFT
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
 from trainer.state import TrainState, split_variables
 
 BATCH = ("act_batch", "act_length")
-BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = SFT.batch_keys
+REPLAY_KEY = "routed_experts"  # optional [B, S, layers + mtp, k] int32: routing replay
 
 
 def _microbatches(batch: dict, count: int) -> dict:
-    """[B, S] -> [count, B/count, S]; micro-batch i takes rows i, i+count, ... so each stays spread over
-    the batch shards."""
+    """[B, S, ...] -> [count, B/count, S, ...]; micro-batch i takes rows i, i+count, ... so each stays
+    spread over the batch shards."""
     def split(x):
         b = x.shape[0]
         if b % count:
@@ -30,63 +35,72 @@ def _microbatches(batch: dict, count: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config):
-    """-> step(state: TrainState, batch: dict of [B, S] int32) -> (state, metrics).
+def _constrained(batch: dict) -> dict:
+    return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
-    train_config: mtp_weight, balance_weight, bias_update_rate, microbatches.
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective=None):
+    """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
+
+    train_config: balance_weight, microbatches (and mtp_weight, bias_update_rate for the default SFT
+    objective). `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
     """
-    mtp_weight, balance_weight = train_config.mtp_weight, train_config.balance_weight
+    if objective is None:
+        objective = SFT(mtp_weight=train_config.mtp_weight, bias_update_rate=train_config.bias_update_rate)
+    microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
 
-    def loss_fn(params, routing, micro, counts):
+    def forward(params, routing, batch):
+        """-> (model, ModelOutput)."""
         model = nnx.merge(graphdef, params, routing)
-        batch = {k: constrain(micro[k], BATCH) for k in BATCH_KEYS}
-        output = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-        loss, metrics = language_model_loss(output, batch["tokens"], batch["loss_mask"], mtp_weight,
-                                            batch["segment_ids"], counts)
-        balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1)
-        metrics = dict(metrics, balance_loss=balance, load=output.moe.load, dropped=jnp.sum(output.moe.dropped),
-                       expert_tiles=jnp.sum(output.moe.tiles))
-        return loss + balance_weight * balance / train_config.microbatches, metrics
+        return model, model(batch["tokens"], batch["positions"], batch["segment_ids"],
+                            routed_experts=batch.get(REPLAY_KEY))
 
-    def step(state: TrainState, batch: dict):
-        model = nnx.merge(graphdef, state.params, state.routing)
-        counts = target_counts(batch["tokens"], batch["loss_mask"], batch["segment_ids"], len(model.mtp))
-        micro = _microbatches(batch, train_config.microbatches)
+    def loss_fn(params, routing, frozen, micro, normalisers):
+        batch = _constrained(micro)
+        model, output = forward(params, routing, batch)
+        frozen_output = None
+        if objective.uses_frozen:
+            frozen_output = jax.lax.stop_gradient(forward(frozen["params"], frozen["routing"], batch)[1])
+        loss, metrics = objective.loss(output, batch, frozen_output, normalisers)
+        balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1) / microbatches
+        total = loss + balance_weight * balance
+        metrics = dict(metrics, loss=total, balance_loss=balance, load=output.moe.load,
+                       dropped_assignments=jnp.sum(output.moe.dropped), expert_tiles=jnp.sum(output.moe.tiles))
+        return total, metrics
+
+    def step(state: TrainState, batch: dict, frozen=None):
+        num_mtp = nnx.merge(graphdef, state.params, state.routing).args.num_mtp_layers
+        normalisers = objective.normalisers(batch, num_mtp)
+        micro = _microbatches(batch, microbatches)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, one):
-            grads, loss, load, dropped, tiles, balance, main, mtp = carry
-            (l, m), g = grad_fn(state.params, state.routing, one, counts)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, loss + l, load + m["load"], dropped + m["dropped"], tiles + m["expert_tiles"],
-                    balance + m["balance_loss"] / train_config.microbatches, main + m["main_loss"],
-                    mtp + m["mtp_loss"]), None
+            grads, metrics = carry
+            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        num_moe_layers = model.args.num_layers + model.args.num_mtp_layers
-        scalar = jnp.zeros((), jnp.float32)
-        init = (zeros, scalar, jnp.zeros((num_moe_layers, model.args.num_routed_experts)), scalar, scalar, scalar,
-                scalar, scalar)
-        (grads, loss, load, dropped, tiles, balance, main, mtp), _ = jax.lax.scan(accumulate, init, micro)
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first, normalisers)[1])
+        init = (jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        load = sums.pop("load")
         # copy=True: merge otherwise shares the Variables of state.routing, and the update would
         # overwrite the biases that select_finite keeps for a refused step.
         model = nnx.merge(graphdef, params, state.routing, copy=True)
-        model.update_routing_bias(load, train_config.bias_update_rate)
+        if objective.bias_update_rate:
+            model.update_routing_bias(load, objective.bias_update_rate)
         _, routing = split_variables(nnx.state(model))
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-        finite = all_finite(loss, grad_norm, update_norm)
+        finite = all_finite(sums["loss"], grad_norm, update_norm)
         params, opt_state, routing = select_finite(finite, (params, opt_state, routing),
                                                    (state.params, state.opt_state, state.routing))
         refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
-        metrics = {
-            "loss": loss, "main_loss": main, "mtp_loss": mtp, "balance_loss": balance,
-            "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
-            "target_tokens": counts[0], "expert_load_max_over_mean": jnp.mean(jnp.max(load, -1) / mean_load),
-            "dropped_assignments": dropped, "expert_tiles": tiles,
-        }
+        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=schedule(state.step),
+                       expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load))
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
                                rng=state.rng, nonfinite_steps=state.nonfinite_steps + refused)
@@ -95,9 +109,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     return step
 
 
-def jit_train_step(step, state_shardings, mesh, rules):
-    """The step under jax.jit with the state's shardings in and out, the state donated, and the batch
-    sharded by the `act_batch`/`act_length` rules."""
-    batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
-    return jax.jit(step, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,)), batch_sharding
+def batch_shardings(mesh, rules, keys=BATCH_KEYS) -> dict:
+    """Every batch array sharded by rows (`act_batch`) and positions (`act_length`), trailing axes whole."""
+    sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
+    return {k: sharding for k in keys}
+
+
+def jit_train_step(step, state_shardings, mesh, rules, batch_keys=BATCH_KEYS, frozen_shardings=None):
+    """The step under jax.jit with the state's shardings in and out, the state donated, the batch
+    sharded by the `act_batch`/`act_length` rules, and the frozen model (when given) sharded like the
+    trained one. Returns (jitted step, the batch's row sharding)."""
+    shardings = batch_shardings(mesh, rules, batch_keys)
+    in_shardings = (state_shardings, shardings) + ((frozen_shardings,) if frozen_shardings is not None else ())
+    return (jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=(0,)),
+            shardings[batch_keys[0]])
