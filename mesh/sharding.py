@@ -140,3 +140,17 @@ def param_shardings(abstract_state, mesh, rules):
 
     return jax.tree_util.tree_map_with_path(
         sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_local(fn, names, *arrays):
+    """fn(*arrays) run shard by shard: every array and every output of `fn` is split by the logical
+    `names` of its leading dims (trailing dims whole), so `fn` must act along the whole dims only.
+    For ops the partitioner does not split along batch dims but gathers whole (top-k: measured to
+    all-gather the router and indexer scores of the global batch onto every device). Without active
+    rules, plain fn(*arrays)."""
+    current = active()
+    if current is None:
+        return fn(*arrays)
+    mesh, rules = current
+    spec = resolve_spec("activation", names, arrays[0].shape[:len(names)], dict(mesh.shape), rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)

@@ -54,12 +54,20 @@ def _block_ids(positions, segment_ids, ratio, num_entries):
     return jnp.where(complete, jnp.take_along_axis(ordinal, first, axis=1), num_entries)
 
 
+def _per_row(segment_op, values, ids, num_segments):
+    """segment_op over each row: values [b,s,...], ids [b,s] -> [b, num_segments, ...]. Row by row (vmap,
+    a scatter with a batch dim), not over ids flattened across the batch: the partitioner keeps a
+    batched scatter split by rows, while a flat one it computes whole on every device and all-reduces."""
+    return jax.vmap(lambda v, i: segment_op(v, i, num_segments))(values, ids)
+
+
 def _pool_stats(values, scores, ids, num_segments):
-    """Per-entry softmax pooling parts over tokens grouped by `ids`: (max, sum exp, sum exp*value)."""
-    peak = jax.lax.stop_gradient(jax.ops.segment_max(scores, ids, num_segments))
-    weights = jnp.exp(scores - peak[ids])
-    return peak, jax.ops.segment_sum(weights, ids, num_segments), jax.ops.segment_sum(weights * values, ids,
-                                                                                      num_segments)
+    """Per-entry softmax pooling parts over tokens grouped by `ids` [b,s]: (max, sum exp, sum exp*value),
+    each [b, num_segments, channels]."""
+    peak = jax.lax.stop_gradient(_per_row(jax.ops.segment_max, scores, ids, num_segments))
+    weights = jnp.exp(scores - jnp.take_along_axis(peak, ids[..., None], axis=1))
+    return (peak, _per_row(jax.ops.segment_sum, weights, ids, num_segments),
+            _per_row(jax.ops.segment_sum, weights * values, ids, num_segments))
 
 
 class Compressor(nnx.Module):
@@ -74,31 +82,29 @@ class Compressor(nnx.Module):
 
     def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> Entries:
         """u [b,s,d], positions and segment_ids [b,s] -> Entries with n = s // ratio slots."""
-        b, s, _ = u.shape
+        s = u.shape[1]
         m, w = self.ratio, self.width
         n = s // m
         x = u.astype(jnp.float32)
         kv = jnp.einsum("bsd,dc->bsc", x, self.wkv[...].astype(jnp.float32))
         gate = jnp.einsum("bsd,dc->bsc", x, self.wgate[...].astype(jnp.float32))
         gate = gate + self.ape[...][positions % m]
-        # Flat entry ids over the batch; slot n of each row collects the dropped tokens.
-        ids = (_block_ids(positions, segment_ids, m, n) + jnp.arange(b)[:, None] * (n + 1)).reshape(-1)
-        count = b * (n + 1)
-        flat = lambda a: a.reshape(b * s, -1)
-        unflat = lambda a: a.reshape(b, n + 1, *a.shape[1:])[:, :n]
-        segment = unflat(jax.ops.segment_max(segment_ids.reshape(-1), ids, count))
-        first_position = unflat(jax.ops.segment_min(positions.reshape(-1), ids, count))
+        # Entry slot per token; slot n of each row collects the dropped tokens.
+        ids = _block_ids(positions, segment_ids, m, n)
+        count = n + 1
+        unflat = lambda a: a[:, :n]
+        segment = unflat(_per_row(jax.ops.segment_max, segment_ids, ids, count))
+        first_position = unflat(_per_row(jax.ops.segment_min, positions, ids, count))
         used = segment > 0
         segment = jnp.where(used, segment, 0)
         first_position = jnp.where(used, first_position, 0)
         if self.overlap:
             # Own block through the second half; the previous block of the same document through the first.
-            peak, total, weighted = (unflat(a) for a in _pool_stats(flat(kv[..., w:]), flat(gate[..., w:]), ids,
-                                                                     count))
+            peak, total, weighted = (unflat(a) for a in _pool_stats(kv[..., w:], gate[..., w:], ids, count))
             peak = jnp.where(used[..., None], peak, 0.0)  # empty slots: keep every term finite
             prev_peak, prev_total, prev_weighted = (
                 jnp.pad(unflat(a)[:, :-1], ((0, 0), (1, 0), (0, 0)))
-                for a in _pool_stats(flat(kv[..., :w]), flat(gate[..., :w]), ids, count))
+                for a in _pool_stats(kv[..., :w], gate[..., :w], ids, count))
             has_prev = (first_position >= m)[..., None]
             prev_peak = jnp.where(has_prev, prev_peak, -jnp.inf)
             joint = jnp.maximum(peak, prev_peak)
@@ -106,7 +112,7 @@ class Compressor(nnx.Module):
             total = total * own_scale + prev_total * prev_scale
             weighted = weighted * own_scale + prev_weighted * prev_scale
         else:
-            _, total, weighted = (unflat(a) for a in _pool_stats(flat(kv), flat(gate), ids, count))
+            _, total, weighted = (unflat(a) for a in _pool_stats(kv, gate, ids, count))
         pooled = jnp.where(used[..., None], weighted / jnp.where(used[..., None], total, 1.0), 0.0)
         pooled = rope.rotate(self.norm(pooled), first_position, rope.inverse_frequencies(self.args, compressed=True))
         return Entries(values=pooled, segment=segment, position=first_position)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesh.sharding import shard_local
 from model import params, rope
 from model.args import ModelArgs
 from model.compressor import Compressor
@@ -41,5 +42,5 @@ class Indexer(nnx.Module):
             return visible
         index = jnp.where(visible, index, -jnp.inf)
         k = min(self.topk, n)
-        kth_best = jax.lax.top_k(index, k)[0][..., -1:]
+        kth_best = shard_local(lambda i: jax.lax.top_k(i, k)[0][..., -1:], ("act_batch", "act_length"), index)
         return jax.lax.stop_gradient(visible & (index >= kth_best))

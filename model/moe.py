@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mesh.sharding import constrain
+from mesh.sharding import constrain, shard_local
 from model import params
 from model.activations import clamped_swiglu
 from model.args import ModelArgs
@@ -52,7 +52,8 @@ class Router(nnx.Module):
         elif self.hashed:
             experts = self.tid2eid[...][token_ids]
         else:
-            _, experts = jax.lax.top_k(jax.lax.stop_gradient(scores) + self.bias[...], self.k)
+            biased = jax.lax.stop_gradient(scores) + self.bias[...]
+            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], ("act_batch",), biased)
         chosen = jnp.take_along_axis(scores, experts, axis=-1)
         weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.scale
         return Routing(experts=experts.astype(jnp.int32), weights=weights, scores=scores)
