@@ -8,9 +8,12 @@ Modules, one job each:
 - `tokenizer`: a `tokenizer.json` behind a narrow interface.
 - `chat_template`: conversations -> text pieces that know whether they are training targets.
 - `encode`: records -> token ids and loss masks (SFT), or prompt/answer ids (DPO, GRPO).
-- `packing`: the over-long policy and the grain packing step that emits the batch fields.
+- `packing`: the over-long policy, the grain packing step that emits the batch fields, and the
+  one-pair-per-row layout of DPO batches.
 - `shuffle`: seeded per-epoch permutation of in-memory examples (O(1) per element).
-- `pipeline`: the grain graph (mixture, shuffle, per-process shard, pack, batch, prefetch).
+- `pipeline`: the grain graph (mixture, shuffle, per-process shard, pack, batch, prefetch), for SFT
+  and for preference pairs.
+- `rollouts`: rollouts JSONL from any inference engine -> validated groups -> GRPO batches.
 - `tasks`: the small checkable tasks of the shipped sample data.
 - `evaluation`: exact-match accuracy of a generate function on held-out conversations.
 
