@@ -4,7 +4,8 @@ Tests and the planner need to know what the partitioner really emitted (an all-t
 all-gathers over `fsdp`, ...), not what the layout intended. Each collective instruction carries its
 replica groups, listed (`{{0,1},{2,3}}`), in XLA's iota form (`[2,4]<=[4,2]T(1,0)`: the device ids
 arange(8) reshaped to [4,2], transposed by (1,0), reshaped to 2 groups of 4) or over named axes of
-a device grid (`mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`). A group
+a device grid (`mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`, whose devices may be laid out by an iota
+`device_ids=([4,2]T(1,0))`: grid position i holds device i of that arrangement). A group
 spans a set of mesh axes when its devices are exactly those reached by moving along those axes from
 one device of the group.
 """
@@ -23,7 +24,8 @@ _INSTRUCTION = re.compile(r"=\s*(?P<shape>\(?[^=]*?\)?)\s+(?P<kind>" + "|".join(
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+[0-9]*[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
 _LISTED = re.compile(r"replica_groups=\{(?P<groups>(?:\{[0-9,]*\},?)*)\}")
 _IOTA = re.compile(r"replica_groups=\[(?P<shape>[0-9,]+)\]<=\[(?P<dims>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?")
-_NAMED = re.compile(r"replica_groups=mesh\[(?P<mesh>[^\]]*)\]\s*\{(?P<axes>[^}]*)\}")
+_NAMED = re.compile(r"replica_groups=mesh\[(?P<mesh>[^\]]*)\]"
+                    r"(?:,\s*device_ids=\(\[(?P<ids>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?\))?\s*\{(?P<axes>[^}]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=\{(?P<pairs>(?:\{[0-9]+,[0-9]+\},?)*)\}")
 
 
@@ -67,11 +69,18 @@ def _groups(line: str) -> tuple:
         names, dims = [a for a, _ in axes], [int(size) for _, size in axes]
         chosen = [names.index(a) for a in re.findall(r"'([^']+)'", named["axes"])]
         rest = [i for i in range(len(names)) if i not in chosen]
-        ids = np.arange(math.prod(dims)).reshape(dims).transpose(rest + chosen)
+        ids = np.arange(math.prod(dims))
+        if named["ids"]:
+            ids = ids.reshape([int(d) for d in named["ids"].split(",")])
+            if named["perm"]:
+                ids = ids.transpose([int(p) for p in named["perm"].split(",")])
+        ids = ids.reshape(dims).transpose(rest + chosen)
         return tuple(tuple(int(d) for d in row) for row in ids.reshape(-1, math.prod(dims[i] for i in chosen)))
     pairs = _PAIRS.search(line)
     if pairs:
         return tuple(tuple(int(d) for d in pair.split(",")) for pair in re.findall(r"\{([0-9,]+)\}", pairs["pairs"]))
+    if "replica_groups=" in line or "source_target_pairs=" in line:
+        raise ValueError(f"replica groups in a form this reader does not know: {line.strip()[:300]}")
     return ()
 
 

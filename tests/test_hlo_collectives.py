@@ -12,6 +12,7 @@ HLO = """
   %ard = (f32[8]{0}, s32[2]{0}) all-reduce-done((f32[8]{0}, s32[2]{0}) %ars)
   %cp = f32[3]{0} collective-permute(f32[3]{0} %c), source_target_pairs={{0,4},{4,0},{1,5},{5,1}}
   %rs = f32[2]{0} reduce-scatter(f32[8]{0} %d), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  %ar2 = (f32[4]{0}, f32[2]{0}) all-reduce(f32[4]{0} %e, f32[2]{0} %f), replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, to_apply=%add
   %add.3 = f32[3]{0} add(f32[3]{0} %x, f32[3]{0} %y)
 """
 
@@ -19,12 +20,20 @@ HLO = """
 def test_parse_kinds_bytes_and_groups():
     found = parse(HLO)
     assert [c.kind for c in found] == ["all-to-all", "all-gather", "all-reduce", "collective-permute",
-                                          "reduce-scatter"]
-    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8]
+                                          "reduce-scatter", "all-reduce"]
+    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8, 24]
     assert found[1].groups == ((0, 4, 1, 5), (2, 6, 3, 7))  # arange(8).reshape(2,4).T -> 2 groups of 4
     assert found[2].groups == ((0, 1), (2, 3), (4, 5), (6, 7))
+    # Grid [1,4,2] over devices arange(8).reshape(2,4).T: grid (0, j, k) holds device 4k + j; groups
+    # along axis_1 (k fixed) are {0,1,2,3} and {4,5,6,7}: expert and tensor of MESH.
+    assert found[5].groups == ((0, 1, 2, 3), (4, 5, 6, 7))
     assert [c.axes(MESH) for c in found] == [("expert",), ("data", "tensor"), ("tensor",), ("data",),
-                                                 ("expert", "tensor")]
+                                                 ("expert", "tensor"), ("expert", "tensor")]
+
+
+def test_unknown_group_forms_are_an_error_not_a_no_op():
+    with pytest.raises(ValueError, match="does not know"):
+        parse("  %x = f32[2]{0} all-reduce(f32[2]{0} %a), replica_groups=somethingelse, to_apply=%add")
 
 
 def test_groups_that_follow_no_axis_are_an_error():
