@@ -219,3 +219,32 @@ def test_an_overflowing_update_is_never_applied(tmp_path, policy):
         for a, b in zip(jax.tree.leaves((last.params, last.opt_state, last.routing)),
                         jax.tree.leaves((first_refused.params, first_refused.opt_state, first_refused.routing))):
             assert np.isfinite(np.asarray(a)).all() and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _objective_run(tmp_path, name: str, flags) -> tuple[str, list[dict]]:
+    workdir = tmp_path / name
+    stdout = _run(workdir, name, [*NO_EVAL, "--steps=3", "--config.checkpoint.save_every=3", *flags])
+    assert _complete_steps(workdir) == [3]
+    return stdout, _records(workdir)
+
+
+def test_dpo_from_the_main_job_checkpoint(straight, tmp_path):
+    """DPO started from an SFT run: the reference is that run's weights, so the first step's loss is
+    exactly log 2 (policy == reference), and the pairs' margin then grows."""
+    stdout, records = _objective_run(tmp_path, "dpo", ["--config.objective=dpo", f"--init_checkpoint={straight[0]}",
+                                                      "--config.dpo.beta=0.5"])
+    assert f"initial weights from {straight[0]}" in stdout
+    assert abs(records[0]["main_loss"] - np.log(2.0)) < 1e-5, records[0]
+    assert records[0]["pairs"] == 8 and records[-1]["dpo_margin"] > records[0]["dpo_margin"], records
+
+
+@pytest.mark.slow
+def test_grpo_on_the_shipped_rollouts_and_distillation_from_a_teacher(straight, tmp_path):
+    """GRPO on data/sample/rollouts.jsonl (rewards and sampling log-probs from the file) and on-policy
+    distillation (the student samples on the mesh, the main job's weights teach) run end to end."""
+    _, grpo = _objective_run(tmp_path, "grpo", ["--config.objective=grpo",
+                                                f"--config.grpo.rollouts={ROOT / 'data/sample/rollouts.jsonl'}"])
+    assert all(np.isfinite(r["loss"]) and 0 <= r["rollout/reward_mean"] <= 1 for r in grpo), grpo
+    _, distill = _objective_run(tmp_path, "distill", ["--config.objective=distill",
+                                                      f"--config.distill.teacher={straight[0]}"])
+    assert all(r["reverse_kl"] > 0 for r in distill), distill
