@@ -95,9 +95,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     return step
 
 
+def batch_sharding_of(mesh, rules) -> NamedSharding:
+    """Where the rows and columns of a [B, S] batch go: the `act_batch`/`act_length` rules."""
+    return NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
+
+
 def jit_train_step(step, state_shardings, mesh, rules):
     """The step under jax.jit with the state's shardings in and out, the state donated, and the batch
-    sharded by the `act_batch`/`act_length` rules."""
-    batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
+    sharded by `batch_sharding_of`."""
+    batch_sharding = batch_sharding_of(mesh, rules)
     return jax.jit(step, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                    out_shardings=(state_shardings, None), donate_argnums=(0,)), batch_sharding
