@@ -9,13 +9,20 @@ every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), 
 (`--config.eval.num_examples=0` skips it). A resumed run repeats the interrupted one bit for bit from
 its checkpoint. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
 or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
+
+Several processes form one run with --num_processes, --process_id and --coordinator_address (or the
+launcher's environment, see trainer/distributed.py; scripts/launch_local.sh starts N on one host):
+each reads its rows of the global batch and writes its shards of every checkpoint; process 0 alone
+prints, logs and writes metrics.
 """
 import contextlib
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from trainer import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -26,9 +33,15 @@ _INIT = flags.DEFINE_string("init_checkpoint", None,
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
+def _say(text: str) -> None:
+    """A line on stdout from process 0 (the only one of a single-process run)."""
+    if distributed.is_primary():
+        print(text, flush=True)
+
+
 def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
     """Prints held-out exact-match accuracy with greedy decoding (config.eval); num_examples=0 skips
-    it, e.g. for runs that only exercise training."""
+    it, e.g. for runs that only exercise training. Every process decodes (the model spans them all)."""
     if not config.eval.num_examples:
         return
     from data.evaluation import exact_match_accuracy
@@ -44,8 +57,7 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
         batch_rows=config.eval.batch_rows, max_prompt_len=config.eval.max_prompt_len,
         stop_id=encoder.tokenizer.token_id(encoder.template.eos), batch_sharding=batch_sharding)
     result = exact_match_accuracy(conversations, generate, encoder)
-    print(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})",
-          flush=True)
+    _say(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
 
 def _progress_line(step: int, record: dict, refused: bool) -> str:
@@ -60,22 +72,20 @@ def _progress_line(step: int, record: dict, refused: bool) -> str:
 def main(argv):
     del argv
     config = _CONFIG.value
-    import jax
-
-    from mesh.emulate import emulate
     from mesh.presets import get_topology
 
     topology = get_topology(config.mesh.topology)
-    if _EMULATE.value:
-        jax.config.update("jax_platforms", "cpu")
-        emulate(topology)
+    distributed.initialize(distributed.from_flags(), topology, emulate_devices=_EMULATE.value)
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)
 
-    import numpy as np
+    import jax
 
-    from data.pipeline import build_encoder, build_sft_pipeline
+    from data.pipeline import build_encoder
     from mesh.sharding import activate
     from model.args import from_config
     from model.flops import train_flops_per_token
+    from trainer.batches import GlobalBatches
     from trainer.checkpointing import Checkpointer, abstract_train_state
     from trainer.metrics import MetricsWriter
     from trainer.nonfinite import NonFinitePolicy, was_refused
@@ -91,8 +101,9 @@ def main(argv):
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
-    print(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
-          f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)", flush=True)
+    _say(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
+         f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)"
+         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
     with activate(mesh, rules):
         tx = build_optimizer(config.optimizer, abstract_params(args))
@@ -100,23 +111,20 @@ def main(argv):
         schedule = learning_rate_schedule(config.optimizer)
         checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
-        pipeline = build_sft_pipeline(config.data, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-        batches = iter(pipeline)
+        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
+                                                 shardings, mesh, rules)
+        batches = GlobalBatches(config.data, batch_sharding)
         if checkpointer.latest_step() is not None:
             state, data_state = checkpointer.restore(None, abstract)
             batches.set_state(data_state)
-            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+            _say(f"resumed from step {int(state.step)} in {workdir}")
         elif _INIT.value:
             initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
                 None, {"params": abstract.params, "routing": abstract.routing},
                 fallback={"params": state.params, "routing": state.routing})
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
-            print(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
-                                                           f"initialisation, e.g. {fresh[0]}" if fresh else ""),
-                  flush=True)
-        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train),
-                                                 shardings, mesh, rules)
+            _say(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
+                                                          f"initialisation, e.g. {fresh[0]}" if fresh else ""))
         encoder = build_encoder(config.data)
         start_step = int(state.step)
         if start_step == 0:
@@ -125,24 +133,27 @@ def main(argv):
         tokens_per_step = config.data.global_batch_size * config.data.seq_len
         writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
                                flops_per_token=train_flops_per_token(args, config.data.seq_len),
-                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step)
+                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step,
+                               output=distributed.is_primary())
         log_every = config.checkpoint.log_every
         with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
-                batch = {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in next(batches).items()}
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, next(batches))
                 done = step + 1
                 refused = was_refused(metrics)
                 if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:
-                    record = writer.write(done, dict(metrics, **pipeline.stats.as_metrics()))
-                    print(_progress_line(done, record, refused), flush=True)
+                    record = writer.write(done, dict(metrics, **batches.stats.as_metrics()))
+                    _say(_progress_line(done, record, refused))
                 if refused:
                     nonfinite_policy.handle(done, record)
                 stopping = guard.should_stop()
-                checkpointer.save(done, state, batches.get_state(), force=stopping or done == total_steps)
+                force = stopping or done == total_steps
+                if checkpointer.due(done, force):
+                    checkpointer.save(done, state, batches.get_state(), force=force)
                 if stopping:
                     checkpointer.wait()
-                    print(f"{guard.signal_name} received: saved step {done} and stopping", flush=True)
+                    _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
+                         "and stopping")
                     return
         _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding)
 
