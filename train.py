@@ -81,7 +81,6 @@ def main(argv):
 
     import jax
 
-    from data.pipeline import build_encoder
     from mesh.sharding import activate
     from model.args import from_config
     from model.flops import train_flops_per_token
@@ -125,7 +124,7 @@ def main(argv):
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
             _say(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
                                                           f"initialisation, e.g. {fresh[0]}" if fresh else ""))
-        encoder = build_encoder(config.data)
+        encoder = batches.encoder
         start_step = int(state.step)
         if start_step == 0:
             _report_heldout("before training", config, graphdef, state, encoder, batch_sharding)

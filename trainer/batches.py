@@ -29,6 +29,7 @@ def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
 class GlobalBatches:
     """Iterator of {"tokens","loss_mask","segment_ids","positions"}: global int32[batch, seq_len]
     arrays with `sharding`; `get_state()` / `set_state()` save and restore every stream's position.
+    `encoder` and `stats` are those of the pipelines (`data.pipeline.SFTPipeline`).
 
     Every process must call `get_state` at the same step (it gathers the other processes' streams).
     """
@@ -46,8 +47,8 @@ class GlobalBatches:
         if rows != [row for s in self.local_streams for row in range(s * rows_per_stream, (s + 1) * rows_per_stream)]:
             raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
                              f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
-        encoder = build_encoder(config)
-        pipelines = [build_sft_pipeline(config, process_index=s, process_count=self.streams, encoder=encoder)
+        self.encoder = build_encoder(config)
+        pipelines = [build_sft_pipeline(config, process_index=s, process_count=self.streams, encoder=self.encoder)
                      for s in self.local_streams]
         # Every stream reads and validates the same files before taking its share: the counts agree.
         self.stats = pipelines[0].stats
