@@ -39,7 +39,7 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
+def _report_heldout(when, config, graphdef, state, encoder, batch_sharding, processes):
     """Prints held-out exact-match accuracy with greedy decoding (config.eval); num_examples=0 skips
     it, e.g. for runs that only exercise training. Every process decodes (the model spans them all)."""
     if not config.eval.num_examples:
@@ -56,6 +56,7 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
         graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens,
         batch_rows=config.eval.batch_rows, max_prompt_len=config.eval.max_prompt_len,
         stop_id=encoder.tokenizer.token_id(encoder.template.eos), batch_sharding=batch_sharding)
+    distributed.barrier(f"held-out evaluation {when} compiled", processes)
     result = exact_match_accuracy(conversations, generate, encoder)
     _say(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
@@ -75,7 +76,8 @@ def main(argv):
     from mesh.presets import get_topology
 
     topology = get_topology(config.mesh.topology)
-    distributed.initialize(distributed.from_flags(), topology, emulate_devices=_EMULATE.value)
+    processes = distributed.from_flags()
+    distributed.initialize(processes, topology, emulate_devices=_EMULATE.value)
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)
 
@@ -127,7 +129,10 @@ def main(argv):
         encoder = batches.encoder
         start_step = int(state.step)
         if start_step == 0:
-            _report_heldout("before training", config, graphdef, state, encoder, batch_sharding)
+            _report_heldout("before training", config, graphdef, state, encoder, batch_sharding, processes)
+        # Compiled ahead, then every process waits for the slowest: see distributed.barrier.
+        step_fn = step_fn.lower(state, batches.abstract()).compile()
+        distributed.barrier("train step compiled", processes)
 
         tokens_per_step = config.data.global_batch_size * config.data.seq_len
         writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
@@ -154,7 +159,8 @@ def main(argv):
                     _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
                          "and stopping")
                     return
-        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding)
+        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding,
+                        processes)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from jax.sharding import Sharding
 
 from data.pipeline import build_encoder, build_sft_pipeline
 from trainer.distributed import allgather_json
+from trainer.step import BATCH_KEYS
 
 
 def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
@@ -53,6 +54,10 @@ class GlobalBatches:
         # Every stream reads and validates the same files before taking its share: the counts agree.
         self.stats = pipelines[0].stats
         self._iterators = [iter(pipeline) for pipeline in pipelines]
+
+    def abstract(self) -> dict:
+        """ShapeDtypeStructs of a batch, e.g. to compile the step before the first batch exists."""
+        return {key: jax.ShapeDtypeStruct(self.shape, np.int32, sharding=self.sharding) for key in BATCH_KEYS}
 
     def __iter__(self):
         return self

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost
 
 from mesh.emulate import emulate
 from mesh.topology import Topology
@@ -41,7 +42,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's id, 0 .. num_processes-1; default: $JAX_PROCESS_ID, $SLURM_PROCID, "
     "$OMPI_COMM_WORLD_RANK.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "distributed_init_timeout_s", 300, "Seconds to wait for every process to join before failing.")
+    "distributed_init_timeout_s", 300, "Seconds to wait for every process to join, and at each `barrier` "
+    "(e.g. for the slowest to compile the step), before failing.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_s", 60, "A process silent this long is dead, and all the others abort.")
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
@@ -95,6 +97,17 @@ def initialize(processes: Processes, topology: Topology, *, emulate_devices: boo
             initialization_timeout=processes.init_timeout_s,
             heartbeat_timeout_seconds=processes.heartbeat_timeout_s,
             shutdown_timeout_seconds=processes.shutdown_timeout_s)
+
+
+def barrier(name: str, processes: Processes) -> None:
+    """Waits until every process gets here (up to the init timeout), through the coordination service.
+
+    XLA:CPU's gloo collectives give every process only 30 s to reach a collective's first use, so
+    processes that compile the same program at different speeds (one finds it in the compilation
+    cache, or runs on a busier host) fail there with "Gloo context initialization failed". Compiling
+    ahead and waiting here before the first run moves that wait to a barrier with a long timeout.
+    """
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=processes.init_timeout_s * 1000)
 
 
 def is_primary() -> bool:

@@ -34,6 +34,13 @@ def make_greedy_generate(graphdef, params, routing, *, max_new_tokens: int, batc
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
+    if batch_sharding is not None:
+        # Compiled here rather than at the first call, so that a multi-process caller can wait for
+        # every process to finish compiling before the first collective (trainer.distributed.barrier).
+        next_tokens = next_tokens.lower(
+            params, routing, jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=batch_sharding),
+            jax.ShapeDtypeStruct((batch_rows,), jnp.int32, sharding=replicated)).compile()
+
     def generate(prompts):
         results = []
         for start in range(0, len(prompts), batch_rows):
