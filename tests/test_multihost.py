@@ -7,10 +7,11 @@ positions agree; a SIGKILLed process (worker or coordinator) makes the other abo
 heartbeat timeout.
 
 Slow set, train.py end to end (each run compiles the tiny step, minutes on 2 loaded cores): 2
-processes train like 1 (every step's loss and the final checkpoint, within the tolerances below: not
-bitwise); a checkpoint saved by 2 processes resumes in 1 and the reverse, ending like the
-uninterrupted run; a process SIGKILLed mid-run makes the other exit with the runtime's error within
-the bound, and the last complete checkpoint restores, close to the uninterrupted run's at that step.
+processes train and evaluate like 1 (every step's loss and the final checkpoint within the
+tolerances below, not bitwise; the same held-out accuracy); a checkpoint saved by 2 processes
+resumes in 1 and the reverse, ending like the uninterrupted run; a process SIGKILLed mid-run makes
+the other exit with the runtime's error within the bound, and the last complete checkpoint restores,
+close to the uninterrupted run's at that step.
 """
 import json
 import re
@@ -27,8 +28,8 @@ from absl import flags
 from absl.testing import flagsaver
 
 from configs import tiny
-from tests.test_train_main import (NO_EVAL, _complete_steps, _finish, _has_step, _losses, _output, _saved_run,
-                                   _spawn, _start, _wait_until)
+from tests.test_train_main import (NO_EVAL, WITH_EVAL, _accuracy_lines, _complete_steps, _finish, _has_step,
+                                   _losses, _output, _saved_run, _spawn, _start, _wait_until)
 from trainer import distributed
 from trainer.batches import GlobalBatches
 from trainer.sharded_init import build_mesh
@@ -155,7 +156,7 @@ def test_a_killed_process_stops_the_other(tmp_path, killed):
 STEPS = 4
 RESUME_AT = 2
 RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_every=1",
-       f"--config.checkpoint.save_every={RESUME_AT}", *NO_EVAL, f"--config.data.streams={STREAMS}"]
+       f"--config.checkpoint.save_every={RESUME_AT}", f"--config.data.streams={STREAMS}"]
 
 
 # Not bitwise: gloo sums a cross-process all-reduce in another order than XLA:CPU's in-process one.
@@ -185,20 +186,20 @@ def _assert_close_run(workdir: Path, reference: Path):
     _assert_close_checkpoint(workdir, reference, STEPS)
 
 
-def _start_processes(workdir: Path, name: str, flags=(), env=None) -> list:
+def _start_processes(workdir: Path, name: str, flags=tuple(NO_EVAL), env=None) -> list:
     """train.py as PROCESSES processes of one run on loopback, logs `<name>.<id>.stdout|stderr`."""
     port = _free_port()
     return [_start(workdir, f"{name}.{i}", [*_process_flags(i, port), *flags], run=RUN, env=env)
             for i in range(PROCESSES)]
 
 
-def _run_processes(workdir: Path, name: str, env) -> str:
+def _run_processes(workdir: Path, name: str, env, flags=tuple(NO_EVAL)) -> str:
     """Runs train.py in PROCESSES processes to the end -> process 0's stdout; the others print none of
     the run's lines (gloo's connection messages are not ours)."""
-    processes = _start_processes(workdir, name, env=env)
+    processes = _start_processes(workdir, name, flags, env=env)
     outputs = [_output(process, workdir, f"{name}.{i}") for i, process in enumerate(processes)]
     for output in outputs[1:]:
-        assert not re.search(r"^(model|step|resumed)", output, re.MULTILINE), output
+        assert not re.search(r"^(model|step|resumed|held-out)", output, re.MULTILINE), output
     return outputs[0]
 
 
@@ -220,32 +221,40 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, compile_cache):
-    """1 process x 8 devices, STEPS steps, STREAMS data streams -> workdir."""
+def one_process_run(tmp_path_factory, compile_cache):
+    """1 process x 8 devices, STEPS steps, STREAMS data streams, held-out evaluation -> (workdir, stdout)."""
     workdir = tmp_path_factory.mktemp("one") / "run"
-    _output(_start(workdir, "one", [], run=RUN, env=compile_cache), workdir, "one")
-    return workdir
+    return workdir, _output(_start(workdir, "one", WITH_EVAL, run=RUN, env=compile_cache), workdir, "one")
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run):
+    return one_process_run[0]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, compile_cache):
     """The same run as 2 processes x 4 devices -> (workdir, process 0's stdout)."""
     workdir = tmp_path_factory.mktemp("two") / "run"
-    return workdir, _run_processes(workdir, "two", compile_cache)
+    return workdir, _run_processes(workdir, "two", compile_cache, WITH_EVAL)
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(one_process, two_processes):
+def test_two_processes_train_and_evaluate_like_one(one_process_run, two_processes):
+    """Same losses and final checkpoint (within the tolerances), and the greedy held-out evaluation
+    on the 2-process mesh reports what the 1-process one does, before and after training."""
     workdir, stdout = two_processes
     assert "on topology cm384-8 (8 devices) in 2 processes" in stdout
     assert [int(s) for s in re.findall(r"step (\d+): loss", stdout)] == list(range(1, STEPS + 1))
-    _assert_close_run(workdir, one_process)
+    _assert_close_run(workdir, one_process_run[0])
+    assert len(_accuracy_lines(stdout)) == 2
+    assert _accuracy_lines(stdout) == _accuracy_lines(one_process_run[1])
 
 
 @pytest.mark.slow
 def test_saved_by_two_processes_resumes_in_one(one_process, two_processes, tmp_path, compile_cache):
     workdir = _resumable_copy(two_processes[0], tmp_path / "run", RESUME_AT)
-    stdout = _output(_start(workdir, "resumed", [], run=RUN, env=compile_cache), workdir, "resumed")
+    stdout = _output(_start(workdir, "resumed", NO_EVAL, run=RUN, env=compile_cache), workdir, "resumed")
     assert f"resumed from step {RESUME_AT} " in stdout
     _assert_close_run(workdir, one_process)
 
