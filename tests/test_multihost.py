@@ -186,17 +186,17 @@ def _assert_close_run(workdir: Path, reference: Path):
     _assert_close_checkpoint(workdir, reference, STEPS)
 
 
-def _start_processes(workdir: Path, name: str, flags=tuple(NO_EVAL), env=None) -> list:
+def _start_processes(workdir: Path, name: str, flags=tuple(NO_EVAL)) -> list:
     """train.py as PROCESSES processes of one run on loopback, logs `<name>.<id>.stdout|stderr`."""
     port = _free_port()
-    return [_start(workdir, f"{name}.{i}", [*_process_flags(i, port), *flags], run=RUN, env=env)
+    return [_start(workdir, f"{name}.{i}", [*_process_flags(i, port), *flags], run=RUN)
             for i in range(PROCESSES)]
 
 
-def _run_processes(workdir: Path, name: str, env, flags=tuple(NO_EVAL)) -> str:
+def _run_processes(workdir: Path, name: str, flags=tuple(NO_EVAL)) -> str:
     """Runs train.py in PROCESSES processes to the end -> process 0's stdout; the others print none of
     the run's lines (gloo's connection messages are not ours)."""
-    processes = _start_processes(workdir, name, flags, env=env)
+    processes = _start_processes(workdir, name, flags)
     outputs = [_output(process, workdir, f"{name}.{i}") for i, process in enumerate(processes)]
     for output in outputs[1:]:
         assert not re.search(r"^(model|step|resumed|held-out)", output, re.MULTILINE), output
@@ -213,18 +213,10 @@ def _resumable_copy(workdir: Path, into: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs: runs with the same process count
-    compile the same programs, and on 2 loaded cores compiling is most of a run."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, compile_cache):
+def one_process_run(tmp_path_factory):
     """1 process x 8 devices, STEPS steps, STREAMS data streams, held-out evaluation -> (workdir, stdout)."""
     workdir = tmp_path_factory.mktemp("one") / "run"
-    return workdir, _output(_start(workdir, "one", WITH_EVAL, run=RUN, env=compile_cache), workdir, "one")
+    return workdir, _output(_start(workdir, "one", WITH_EVAL, run=RUN), workdir, "one")
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +225,10 @@ def one_process(one_process_run):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, compile_cache):
+def two_processes(tmp_path_factory):
     """The same run as 2 processes x 4 devices -> (workdir, process 0's stdout)."""
     workdir = tmp_path_factory.mktemp("two") / "run"
-    return workdir, _run_processes(workdir, "two", compile_cache, WITH_EVAL)
+    return workdir, _run_processes(workdir, "two", WITH_EVAL)
 
 
 @pytest.mark.slow
@@ -252,27 +244,27 @@ def test_two_processes_train_and_evaluate_like_one(one_process_run, two_processe
 
 
 @pytest.mark.slow
-def test_saved_by_two_processes_resumes_in_one(one_process, two_processes, tmp_path, compile_cache):
+def test_saved_by_two_processes_resumes_in_one(one_process, two_processes, tmp_path):
     workdir = _resumable_copy(two_processes[0], tmp_path / "run", RESUME_AT)
-    stdout = _output(_start(workdir, "resumed", NO_EVAL, run=RUN, env=compile_cache), workdir, "resumed")
+    stdout = _output(_start(workdir, "resumed", NO_EVAL, run=RUN), workdir, "resumed")
     assert f"resumed from step {RESUME_AT} " in stdout
     _assert_close_run(workdir, one_process)
 
 
 @pytest.mark.slow
-def test_saved_by_one_process_resumes_in_two(one_process, tmp_path, compile_cache):
+def test_saved_by_one_process_resumes_in_two(one_process, tmp_path):
     workdir = _resumable_copy(one_process, tmp_path / "run", RESUME_AT)
-    assert f"resumed from step {RESUME_AT} " in _run_processes(workdir, "resumed", compile_cache)
+    assert f"resumed from step {RESUME_AT} " in _run_processes(workdir, "resumed")
     _assert_close_run(workdir, one_process)
 
 
 @pytest.mark.slow
-def test_a_killed_process_ends_the_run_and_its_last_checkpoint_restores(one_process, tmp_path, compile_cache):
+def test_a_killed_process_ends_the_run_and_its_last_checkpoint_restores(one_process, tmp_path):
     """SIGKILL to process 1 once step 2's checkpoint is complete and step 3 is logged: process 0 aborts
     with the runtime's error within the bound, and the newest complete checkpoint holds the state of
     the uninterrupted run at that step."""
     workdir = tmp_path / "run"
-    processes = _start_processes(workdir, "killed", env=compile_cache)
+    processes = _start_processes(workdir, "killed")
     _wait_until(lambda: RESUME_AT in _complete_steps(workdir) and _has_step(workdir, RESUME_AT + 1)(), processes[0],
                 "a complete checkpoint and a later step")
     processes[1].send_signal(signal.SIGKILL)

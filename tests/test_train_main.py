@@ -31,19 +31,19 @@ RUN_TIMEOUT_S = 900
 POLL_S = 0.2
 
 
-def _spawn(argv, logs: Path, name: str, env=None) -> subprocess.Popen:
+def _spawn(argv, logs: Path, name: str) -> subprocess.Popen:
     """`python *argv` in the background from the repo root, emulating its own devices (no XLA_FLAGS
     from conftest); stdout/stderr go to `logs/<name>.stdout|stderr` (a pipe nobody reads would fill up
-    with the checkpoint logs and stall the child). `env` adds variables."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | dict(env or {})
+    with the checkpoint logs and stall the child)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.Popen(
         [sys.executable, *argv], cwd=ROOT, env=env,
         stdout=(logs / f"{name}.stdout").open("w"), stderr=(logs / f"{name}.stderr").open("w"), text=True)
 
 
-def _start(workdir: Path, name: str, flags, run=tuple(RUN), env=None) -> subprocess.Popen:
+def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
     """train.py in the background; its output goes to files next to the workdir."""
-    return _spawn(["train.py", f"--workdir={workdir}", *run, *flags], workdir.parent, name, env)
+    return _spawn(["train.py", f"--workdir={workdir}", *run, *flags], workdir.parent, name)
 
 
 def _finish(process: subprocess.Popen, logs: Path, name: str, returncode: int = 0,
