@@ -12,13 +12,20 @@ its checkpoint. DPO and GRPO compare against a frozen reference: the run's initi
 (`--init_checkpoint`, or the seed's initialisation), re-read on resume; distillation's teacher is
 `--config.distill.teacher`. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
 or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
+
+Several processes form one run with --num_processes, --process_id and --coordinator_address (or the
+launcher's environment, see trainer/distributed.py; scripts/launch_local.sh starts N on one host):
+each reads its rows of the global batch and writes its shards of every checkpoint; process 0 alone
+prints, logs and writes metrics.
 """
 import contextlib
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from trainer import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -29,9 +36,15 @@ _INIT = flags.DEFINE_string("init_checkpoint", None,
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
-def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
+def _say(text: str) -> None:
+    """A line on stdout from process 0 (the only one of a single-process run)."""
+    if distributed.is_primary():
+        print(text, flush=True)
+
+
+def _report_heldout(when, config, graphdef, state, encoder, batch_sharding, processes):
     """Prints held-out exact-match accuracy with greedy decoding (config.eval); num_examples=0 skips
-    it, e.g. for runs that only exercise training."""
+    it, e.g. for runs that only exercise training. Every process decodes (the model spans them all)."""
     if not config.eval.num_examples:
         return
     from data.evaluation import exact_match_accuracy
@@ -46,9 +59,9 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding):
         graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens,
         batch_rows=config.eval.batch_rows, max_prompt_len=config.eval.max_prompt_len,
         stop_id=encoder.tokenizer.token_id(encoder.template.eos), batch_sharding=batch_sharding)
+    distributed.barrier(f"held-out evaluation {when} compiled", processes)
     result = exact_match_accuracy(conversations, generate, encoder)
-    print(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})",
-          flush=True)
+    _say(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
 
 def _frozen_weights(config, objective, state, abstract_weights):
@@ -66,20 +79,22 @@ def _frozen_weights(config, objective, state, abstract_weights):
             raise ValueError("config.distill.teacher: distillation needs the teacher's checkpoint workdir")
         teacher, _ = Checkpointer(config.distill.teacher, config, keep=1, save_every=1).restore_weights(
             None, abstract_weights)
-        print(f"teacher weights from {config.distill.teacher}", flush=True)
+        _say(f"teacher weights from {config.distill.teacher}")
         return teacher
     return jax.tree.map(lambda x: x.copy(), {"params": state.params, "routing": state.routing})
 
 
 def _step_batch(arrays: dict, keys: tuple, sharding) -> dict:
-    """The arrays the objective reads (a source may produce more), placed on the mesh."""
+    """The arrays the objective reads (a source may produce more) as arrays on the mesh: global arrays
+    stay as they are, host arrays (single-process sources) are placed."""
     import jax
     import numpy as np
 
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise ValueError(f"the batch lacks {missing} (it has {sorted(arrays)})")
-    return {k: jax.device_put(np.asarray(arrays[k]), sharding) for k in keys}
+    place = lambda a: a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), sharding)
+    return {k: place(arrays[k]) for k in keys}
 
 
 def _progress_line(step: int, record: dict, refused: bool) -> str:
@@ -94,17 +109,16 @@ def _progress_line(step: int, record: dict, refused: bool) -> str:
 def main(argv):
     del argv
     config = _CONFIG.value
-    import jax
-
-    from mesh.emulate import emulate
     from mesh.presets import get_topology
 
     topology = get_topology(config.mesh.topology)
-    if _EMULATE.value:
-        jax.config.update("jax_platforms", "cpu")
-        emulate(topology)
+    processes = distributed.from_flags()
+    distributed.initialize(processes, topology, emulate_devices=_EMULATE.value)
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)
 
-    from data.pipeline import build_encoder
+    import jax
+
     from mesh.sharding import activate
     from model.args import from_config
     from model.flops import train_flops_per_token
@@ -126,8 +140,9 @@ def main(argv):
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
-    print(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
-          f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)", flush=True)
+    _say(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
+         f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)"
+         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
     with activate(mesh, rules):
         tx = build_optimizer(config.optimizer, abstract_params(args))
@@ -141,47 +156,55 @@ def main(argv):
             initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
                 None, abstract_weights, fallback={"params": state.params, "routing": state.routing})
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
-            print(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
-                                                           f"initialisation, e.g. {fresh[0]}" if fresh else ""),
-                  flush=True)
+            _say(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
+                                                          f"initialisation, e.g. {fresh[0]}" if fresh else ""))
         frozen = _frozen_weights(config, objective, state, abstract_weights)
         frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
+        frozen_args = () if frozen is None else (frozen,)
         step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train, objective),
                                                  shardings, mesh, rules, objective.batch_keys, frozen_shardings)
-        encoder = build_encoder(config.data)
-        source = build_batch_source(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                                    graphdef=graphdef, batch_sharding=batch_sharding, encoder=encoder)
+        source = build_batch_source(config, batch_sharding, graphdef=graphdef)
+        encoder = source.encoder
         if resuming:
             state, data_state = checkpointer.restore(None, abstract)
             source.set_state(data_state)
-            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+            _say(f"resumed from step {int(state.step)} in {workdir}")
         start_step = int(state.step)
         if start_step == 0:
-            _report_heldout("before training", config, graphdef, state, encoder, batch_sharding)
+            _report_heldout("before training", config, graphdef, state, encoder, batch_sharding, processes)
+        if jax.process_count() > 1:
+            # Compiled ahead, then every process waits for the slowest: see distributed.barrier.
+            step_fn = step_fn.lower(state, source.abstract(), *frozen_args).compile()
+            distributed.barrier("train step compiled", processes)
 
         tokens_per_step = config.data.global_batch_size * config.data.seq_len
         writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
                                flops_per_token=train_flops_per_token(args, config.data.seq_len),
-                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step)
+                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step,
+                               output=distributed.is_primary())
         log_every = config.checkpoint.log_every
         with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
-                batch = _step_batch(source.next(state), objective.batch_keys, batch_sharding)
-                state, metrics = step_fn(state, batch, *(() if frozen is None else (frozen,)))
+                state, metrics = step_fn(state, _step_batch(source.next(state), objective.batch_keys, batch_sharding),
+                                         *frozen_args)
                 done = step + 1
                 refused = was_refused(metrics)
                 if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:
                     record = writer.write(done, dict(metrics, **source.metrics()))
-                    print(_progress_line(done, record, refused), flush=True)
+                    _say(_progress_line(done, record, refused))
                 if refused:
                     nonfinite_policy.handle(done, record)
                 stopping = guard.should_stop()
-                checkpointer.save(done, state, source.get_state(), force=stopping or done == total_steps)
+                force = stopping or done == total_steps
+                if checkpointer.due(done, force):
+                    checkpointer.save(done, state, source.get_state(), force=force)
                 if stopping:
                     checkpointer.wait()
-                    print(f"{guard.signal_name} received: saved step {done} and stopping", flush=True)
+                    _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
+                         "and stopping")
                     return
-        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding)
+        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding,
+                        processes)
 
 
 if __name__ == "__main__":

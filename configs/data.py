@@ -39,6 +39,9 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
 
     config.seq_len = 256
     config.global_batch_size = 8               # rows per step over all processes
+    # Row blocks of the global batch read as independent streams (trainer/batches.py); 0: one per
+    # process. The batches depend on this alone, so fix it to train the same across process counts.
+    config.streams = 0
     config.pack = True                         # several examples per row (else one per row)
     config.num_packing_bins = 16               # rows filled at once; more -> less padding
     config.overlong = "truncate"               # or "drop"; both are counted

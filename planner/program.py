@@ -9,13 +9,12 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from mesh.sharding import activate, logical_to_spec
+from mesh.sharding import activate
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
 from trainer.checkpointing import abstract_train_state
-from trainer.step import BATCH, BATCH_KEYS, jit_train_step, make_train_step
+from trainer.step import BATCH_KEYS, batch_sharding_of, jit_train_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -27,7 +26,7 @@ class CompiledStep:
 
 
 def abstract_batch(batch_size: int, seq_len: int, mesh, rules) -> dict:
-    sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
+    sharding = batch_sharding_of(mesh, rules)
     return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
 
 

@@ -55,6 +55,13 @@ def test_same_count_after_start_is_fine():
     assert emulate(get_topology("cm384-8")) == 8
 
 
+def test_each_process_emulates_its_share():
+    assert jax.device_count() == 8
+    assert emulate(get_topology("cm384-16"), num_processes=2) == 8
+    with pytest.raises(ValueError, match="do not split evenly over 3 processes"):
+        emulate(get_topology("cm384-8"), num_processes=3)
+
+
 def test_too_late_says_how_to_fix():
     assert jax.device_count() == 8
     with pytest.raises(RuntimeError, match=re.escape(
@@ -68,7 +75,7 @@ def test_beyond_one_process_explains_multi_process():
         emulate(get_topology("cm384:4"))
     message = str(error.value)
     assert "3072 devices" in message and str(MAX_CPU_DEVICES_PER_PROCESS) in message
-    assert "jax.distributed.initialize" in message
+    assert "--num_processes" in message
 
 
 def test_2048_devices_mesh_without_computation():

@@ -1,6 +1,7 @@
 """The metrics writer: progress line, metrics.jsonl and TensorBoard events agree; derived throughput,
 MFU and ETA follow from an injected clock; NaN/Inf values are recorded as strict JSON; a resumed run
-replaces the records an interrupted run wrote after its last checkpoint."""
+replaces the records an interrupted run wrote after its last checkpoint; without output (processes
+other than 0) nothing is written."""
 import json
 import logging
 import math
@@ -34,10 +35,10 @@ def _step_metrics(step):
             "dropped_assignments": jnp.float32(3.0), "load": jnp.ones((4, 8))}
 
 
-def _writer(workdir, clock, start_step=0):
+def _writer(workdir, clock, start_step=0, output=True):
     return MetricsWriter(workdir, total_steps=TOTAL_STEPS, tokens_per_step=TOKENS_PER_STEP,
                          flops_per_token=FLOPS_PER_TOKEN, peak_flops=PEAK_FLOPS, start_step=start_step,
-                         clock=clock)
+                         clock=clock, output=output)
 
 
 def _strict_json(line):
@@ -52,6 +53,20 @@ def _tensorboard_scalars(logdir):
     return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
                   for event in accumulator.Tensors(tag)]
             for tag in accumulator.Tags()["tensors"]}
+
+
+def test_without_output_the_record_is_computed_and_nothing_written(tmp_path, caplog):
+    """Processes other than 0 of a multi-process run: the loop still reads the record."""
+    clock = FakeClock()
+    writer = _writer(tmp_path / "run", clock, output=False)
+    clock.now += 10 * SECONDS_PER_STEP
+    with caplog.at_level(logging.INFO):
+        record = writer.write(10, _step_metrics(10))
+    writer.close()
+    assert record["loss"] == pytest.approx(2.9)
+    assert record["tokens_per_second"] == pytest.approx(TOKENS_PER_STEP / SECONDS_PER_STEP)
+    assert not (tmp_path / "run").exists()
+    assert "step 10/" not in caplog.text
 
 
 def test_records_agree_and_rates_follow_the_clock(tmp_path, caplog):

@@ -31,22 +31,33 @@ RUN_TIMEOUT_S = 900
 POLL_S = 0.2
 
 
-def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
-    """train.py in the background; stdout/stderr go to files next to the workdir (a pipe nobody reads
-    would fill up with the checkpoint logs and stall the child)."""
+def _spawn(argv, logs: Path, name: str) -> subprocess.Popen:
+    """`python *argv` in the background from the repo root, emulating its own devices (no XLA_FLAGS
+    from conftest); stdout/stderr go to `logs/<name>.stdout|stderr` (a pipe nobody reads would fill up
+    with the checkpoint logs and stall the child)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    logs = workdir.parent
     return subprocess.Popen(
-        [sys.executable, "train.py", f"--workdir={workdir}", *run, *flags], cwd=ROOT, env=env,
+        [sys.executable, *argv], cwd=ROOT, env=env,
         stdout=(logs / f"{name}.stdout").open("w"), stderr=(logs / f"{name}.stderr").open("w"), text=True)
 
 
-def _output(process: subprocess.Popen, workdir: Path, name: str, returncode: int = 0) -> str:
-    """Waits for `process`, checks how it ended, -> its stdout."""
-    process.wait(timeout=RUN_TIMEOUT_S)
-    stderr = (workdir.parent / f"{name}.stderr").read_text()
+def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
+    """train.py in the background; its output goes to files next to the workdir."""
+    return _spawn(["train.py", f"--workdir={workdir}", *run, *flags], workdir.parent, name)
+
+
+def _finish(process: subprocess.Popen, logs: Path, name: str, returncode: int = 0,
+            timeout: float = RUN_TIMEOUT_S) -> tuple[str, str]:
+    """Waits for `process` (started by `_spawn`), checks how it ended, -> its (stdout, stderr)."""
+    process.wait(timeout=timeout)
+    stderr = (logs / f"{name}.stderr").read_text()
     assert process.returncode == returncode, stderr[-3000:]
-    return (workdir.parent / f"{name}.stdout").read_text()
+    return (logs / f"{name}.stdout").read_text(), stderr
+
+
+def _output(process: subprocess.Popen, workdir: Path, name: str, returncode: int = 0) -> str:
+    """Waits for train.py started by `_start`, checks how it ended, -> its stdout."""
+    return _finish(process, workdir.parent, name, returncode)[0]
 
 
 def _run(workdir: Path, name: str, flags) -> str:

@@ -1,42 +1,23 @@
 """Where each step's batch comes from, per objective, behind one interface the training loop uses:
-`next(state) -> dict of host arrays [B/processes, S, ...]`, `get_state()` / `set_state()` (saved with
-the checkpoint, so a resumed run sees the same batches) and `metrics()`.
+`next(state) -> dict of arrays [B, S, ...]`, `get_state()` / `set_state()` (saved with the
+checkpoint, so a resumed run sees the same batches), `metrics()` and `encoder`.
 
-SFT and DPO read fixed data (grain pipelines); GRPO and distillation sample completions from the
-current policy every step (trainer/rollout_source.py).
+SFT and DPO read fixed data: global batches assembled from per-process streams (trainer/batches.py);
+GRPO and distillation sample completions from the current policy every step, or read rollouts
+(trainer/rollout_source.py, one process).
 """
-from data.pipeline import build_preference_pipeline, build_sft_pipeline
+import jax
+
+from data.pipeline import build_encoder, build_preference_pipeline, build_sft_pipeline
+from trainer.batches import GlobalBatches
+
+READ = {"sft": build_sft_pipeline, "dpo": build_preference_pipeline}
 
 
-class PipelineSource:
-    """Batches of a grain pipeline (data/pipeline.py), independent of the train state."""
-
-    def __init__(self, pipeline):
-        self.pipeline = pipeline
-        self.iterator = iter(pipeline)
-
-    def next(self, state) -> dict:
-        del state
-        return next(self.iterator)
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def set_state(self, saved) -> None:
-        self.iterator.set_state(saved)
-
-    def metrics(self) -> dict:
-        return self.pipeline.stats.as_metrics()
-
-
-def build_batch_source(config, *, process_index: int, process_count: int, **sampling):
-    """The batch source of `config.objective`; `sampling` (graphdef, sharding, ...) is what the
-    sampled objectives need (see trainer/rollout_source.build_rollout_source)."""
-    if config.objective == "sft":
-        return PipelineSource(build_sft_pipeline(config.data, process_index=process_index,
-                                                 process_count=process_count))
-    if config.objective == "dpo":
-        return PipelineSource(build_preference_pipeline(config.data, process_index=process_index,
-                                                        process_count=process_count))
+def build_batch_source(config, batch_sharding, *, graphdef):
+    """The batch source of `config.objective`; `graphdef` is the model the sampled objectives sample from."""
+    if config.objective in READ:
+        return GlobalBatches(config.data, batch_sharding, build=READ[config.objective])
     from trainer.rollout_source import build_rollout_source
-    return build_rollout_source(config, process_index=process_index, process_count=process_count, **sampling)
+    return build_rollout_source(config, process_count=jax.process_count(), graphdef=graphdef,
+                                batch_sharding=batch_sharding, encoder=build_encoder(config.data))

@@ -176,9 +176,7 @@ class Checkpointer:
         rank the step for keep-best. Nothing here checks for NaN: the train step never produces a
         non-finite state (`trainer.nonfinite`), and a NaN checkpoint would be kept like any other.
         """
-        if not force and step % self.save_every:
-            return False
-        if step in self._manager.all_steps():
+        if not self.due(step, force):
             return False
         if metrics is not None:
             metrics = {name: float(value) for name, value in metrics.items()}
@@ -194,6 +192,11 @@ class Checkpointer:
         saved = self._manager.save(step, args=args, metrics=metrics, force=True)
         logging.info("%s: step %d save started, blocked %.3f s", self.directory, step, time.perf_counter() - started)
         return saved
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `save(step, ..., force)` would save: lets the caller gather the data position (a
+        collective on multi-process runs) only for the steps that are saved."""
+        return (force or step % self.save_every == 0) and step not in self._manager.all_steps()
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (None when there is none)."""

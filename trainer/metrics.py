@@ -80,18 +80,21 @@ class MetricsWriter:
     flops_per_token: model training FLOPs per token; peak_flops: FLOP/s of all devices together.
     start_step: the step the run starts from (0, or the restored checkpoint's); later records of an
     earlier run in the same workdir are dropped. `clock` is injectable so tests can control the
-    measured throughput.
+    measured throughput. `output=False` (every process but 0 of a multi-process run) computes the
+    records, which the loop's decisions read, and writes nothing.
     """
 
     def __init__(self, workdir, *, total_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, start_step: int = 0, clock=time.perf_counter):
+                 peak_flops: float, start_step: int = 0, clock=time.perf_counter, output: bool = True):
         workdir = epath.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = workdir / METRICS_FILE
         self.tensorboard_dir = workdir / TENSORBOARD_DIR
-        _drop_records_after(self.jsonl_path, start_step)
-        self._jsonl = self.jsonl_path.open("a")
-        self._tensorboard = Writer(str(self.tensorboard_dir))
+        self.output = output
+        if output:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _drop_records_after(self.jsonl_path, start_step)
+            self._jsonl = self.jsonl_path.open("a")
+            self._tensorboard = Writer(str(self.tensorboard_dir))
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._clock = clock
@@ -119,6 +122,8 @@ class MetricsWriter:
             values[ETA_SECONDS] = max(self.total_steps - step, 0) * seconds / steps
         self.mark(step)
         record = {"step": step, "time": time.time(), **{name: _json_value(v) for name, v in values.items()}}
+        if not self.output:
+            return record
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
@@ -128,5 +133,7 @@ class MetricsWriter:
         return record
 
     def close(self) -> None:
+        if not self.output:
+            return
         self._jsonl.close()
         self._tensorboard.close()

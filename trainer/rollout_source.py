@@ -146,12 +146,10 @@ class RolloutFileSource(_GroupBatches):
         return batch
 
 
-def build_rollout_source(config, *, process_index: int, process_count: int, graphdef, batch_sharding, encoder):
+def build_rollout_source(config, *, process_count: int, graphdef, batch_sharding, encoder):
     """The batch source of `config.objective` "grpo" or "distill"."""
     if process_count > 1:
-        raise ValueError(f"config.objective={config.objective!r} samples on one process; "
-                         f"this run has {process_count}")
-    del process_index
+        raise ValueError(f"config.objective={config.objective!r} runs on one process; this run has {process_count}")
     if config.objective == "distill":
         return SampledSource(config, config.distill, encoder, graphdef, batch_sharding, group_size=1, reward_fn=None)
     settings = config.grpo

@@ -20,12 +20,14 @@ Randomness: the draw of row r at step t uses fold_in(fold_in(key, r), t), r coun
 of a call, so a row's sample does not depend on `batch_rows` or on the other rows.
 """
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +78,13 @@ def draw(logits: jax.Array, keys: jax.Array, temperature, top_p):
 SampleFn = Callable[..., list[Completion]]
 
 
+def _place(host: np.ndarray, sharding):
+    """`host` as a global array with `sharding`, each process filling its own devices (as is for None)."""
+    return host if sharding is None else jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_len: int,
-                 batch_sharding=None) -> SampleFn:
+                 batch_sharding=None, compile_with=None) -> SampleFn:
     """-> sample(params, routing, prompts, *, stop_ids, key=None, temperature=1.0, top_p=1.0): a list
     of Completion, one per prompt (int32[P] arrays).
 
@@ -87,15 +94,28 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
     `batch_rows` is a multiple of the batch's shard count; `batch_sharding` places the buffer on the
     mesh (call inside `mesh.sharding.activate` for the model's activation rules). A row ends after
     any id in `stop_ids` or after `max_new_tokens`. `key` (a jax.random.key) is required unless
-    temperature is 0."""
-    length = max_prompt_len + max_new_tokens
+    temperature is 0.
 
-    @jax.jit
+    On a multi-process mesh every process calls `sample` with the same prompts: each places its
+    devices' rows of the buffer, and the drawn tokens come back replicated, readable everywhere.
+    `compile_with=(params, routing)` compiles the program now rather than at the first call, so that
+    such a caller can wait for every process to finish compiling before the first collective
+    (trainer.distributed.barrier)."""
+    length = max_prompt_len + max_new_tokens
+    replicated = None if batch_sharding is None else NamedSharding(batch_sharding.mesh, PartitionSpec())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
     def next_tokens(params, routing, buffer, lengths, key, rows, step, temperature, top_p):
         logits = nnx.merge(graphdef, params, routing)(buffer).logits  # [rows, length, vocab]
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
         keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
         return draw(last, keys, temperature, top_p)
+
+    if compile_with is not None:
+        row_ids = jax.ShapeDtypeStruct((batch_rows,), jnp.int32, sharding=replicated)
+        next_tokens = next_tokens.lower(
+            *compile_with, jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=batch_sharding), row_ids,
+            jax.random.key(0), row_ids, np.int32(0), np.float32(0), np.float32(1)).compile()
 
     def sample(params, routing, prompts, *, stop_ids: Sequence[int], key: Optional[jax.Array] = None,
                temperature: float = 1.0, top_p: float = 1.0) -> list[Completion]:
@@ -123,9 +143,9 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
             rows = np.arange(start, start + batch_rows, dtype=np.int32)
             outputs = [([], [], []) for _ in chunk]  # per row: ids, sampling log-probs, model log-probs
             for step in range(max_new_tokens):
-                device_buffer = buffer if batch_sharding is None else jax.device_put(buffer, batch_sharding)
-                drawn = next_tokens(params, routing, device_buffer, lengths, key, rows, np.int32(step),
-                                    np.float32(temperature), np.float32(top_p))
+                drawn = next_tokens(params, routing, _place(buffer, batch_sharding), _place(lengths, replicated), key,
+                                    _place(rows, replicated), np.int32(step), np.float32(temperature),
+                                    np.float32(top_p))
                 token, sampling_lp, model_lp = (np.asarray(a) for a in drawn)
                 for row in np.flatnonzero(~done):
                     for values, value in zip(outputs[row], (token, sampling_lp, model_lp)):

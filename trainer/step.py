@@ -109,17 +109,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     return step
 
 
-def batch_shardings(mesh, rules, keys=BATCH_KEYS) -> dict:
-    """Every batch array sharded by rows (`act_batch`) and positions (`act_length`), trailing axes whole."""
-    sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
-    return {k: sharding for k in keys}
+def batch_sharding_of(mesh, rules) -> NamedSharding:
+    """Where the rows and columns of a [B, S, ...] batch array go: the `act_batch`/`act_length` rules,
+    trailing axes whole."""
+    return NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
 
 
 def jit_train_step(step, state_shardings, mesh, rules, batch_keys=BATCH_KEYS, frozen_shardings=None):
     """The step under jax.jit with the state's shardings in and out, the state donated, the batch
-    sharded by the `act_batch`/`act_length` rules, and the frozen model (when given) sharded like the
-    trained one. Returns (jitted step, the batch's row sharding)."""
-    shardings = batch_shardings(mesh, rules, batch_keys)
-    in_shardings = (state_shardings, shardings) + ((frozen_shardings,) if frozen_shardings is not None else ())
+    sharded by `batch_sharding_of`, and the frozen model (when given) sharded like the trained one.
+    Returns (jitted step, the batch sharding)."""
+    batch_sharding = batch_sharding_of(mesh, rules)
+    in_shardings = (state_shardings, {k: batch_sharding for k in batch_keys})
+    in_shardings += (frozen_shardings,) if frozen_shardings is not None else ()
     return (jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=(0,)),
-            shardings[batch_keys[0]])
+            batch_sharding)

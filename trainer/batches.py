@@ -1,0 +1,96 @@
+"""Global batches from per-process reading: each process reads only the rows its devices hold.
+
+The global batch is cut into `streams` blocks of consecutive rows; stream s is the pipeline of
+`build_sft_pipeline(process_index=s, process_count=streams)` (its own share of the examples, packed
+on its own). A process reads the streams that cover the rows of its addressable devices and hands
+them to `jax.make_array_from_process_local_data`, which assembles one global array over all
+processes. The batches therefore depend on the stream count alone, not on how many processes read
+them: with `data.streams` fixed, 1 process x 8 devices and 2 processes x 4 devices train on the same
+batches, and a checkpoint's data position (one state per stream) resumes under any process count
+whose rows fall on stream boundaries. `data.streams=0` means one stream per process.
+"""
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Sharding
+
+from data.pipeline import build_encoder, build_sft_pipeline
+from trainer.distributed import allgather_json
+from trainer.step import BATCH_KEYS
+
+
+def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
+    """The batch rows (dimension 0) that this process's devices hold under `sharding`, ascending."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return sorted(rows)
+
+
+class GlobalBatches:
+    """Iterator of {"tokens","loss_mask","segment_ids","positions"}: global int32[batch, seq_len]
+    arrays with `sharding`; `get_state()` / `set_state()` save and restore every stream's position.
+    `encoder` and `stats` are those of the pipelines (`data.pipeline.SFTPipeline`).
+
+    Every process must call `get_state` at the same step (it gathers the other processes' streams).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, build=build_sft_pipeline):
+        """`build(config, process_index=, process_count=, encoder=)` makes one stream's pipeline:
+        `build_sft_pipeline` (SFT) or `build_preference_pipeline` (DPO pairs)."""
+        self.streams = config.streams or jax.process_count()
+        self.shape = (config.global_batch_size, config.seq_len)
+        self.sharding = sharding
+        if config.global_batch_size % self.streams:
+            raise ValueError(f"global_batch_size {config.global_batch_size} does not split into "
+                             f"{self.streams} data streams")
+        rows_per_stream = config.global_batch_size // self.streams
+        rows = process_rows(sharding, self.shape)
+        self.local_streams = sorted({row // rows_per_stream for row in rows})
+        if rows != [row for s in self.local_streams for row in range(s * rows_per_stream, (s + 1) * rows_per_stream)]:
+            raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
+                             f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
+        self.encoder = build_encoder(config)
+        pipelines = [build(config, process_index=s, process_count=self.streams, encoder=self.encoder)
+                     for s in self.local_streams]
+        # Every stream reads and validates the same files before taking its share: the counts agree.
+        self.stats = pipelines[0].stats
+        self._iterators = [iter(pipeline) for pipeline in pipelines]
+
+    def abstract(self) -> dict:
+        """ShapeDtypeStructs of a batch, e.g. to compile the step before the first batch exists."""
+        return {key: jax.ShapeDtypeStruct(self.shape, np.int32, sharding=self.sharding) for key in BATCH_KEYS}
+
+    def __iter__(self):
+        return self
+
+    def next(self, state) -> dict:
+        """The next batch (the train state does not matter for read data)."""
+        del state
+        return next(self)
+
+    def metrics(self) -> dict:
+        return self.stats.as_metrics()
+
+    def __next__(self) -> dict:
+        parts = [next(iterator) for iterator in self._iterators]
+        return {key: jax.make_array_from_process_local_data(
+                    self.sharding, np.concatenate([np.asarray(part[key]) for part in parts]), self.shape)
+                for key in parts[0]}
+
+    def get_state(self) -> list:
+        """The position of every stream (of all processes), in stream order."""
+        states = {}
+        for gathered in allgather_json([[s, it.get_state()] for s, it in zip(self.local_streams, self._iterators)]):
+            states.update(dict(gathered))
+        return [states[s] for s in range(self.streams)]
+
+    def set_state(self, states) -> None:
+        """Restores `get_state()`'s list; a lone state (checkpoints from before streams) is one stream."""
+        if not isinstance(states, list):
+            states = [states]
+        if len(states) != self.streams:
+            raise ValueError(f"the checkpoint's data position has {len(states)} streams and this run reads "
+                             f"{self.streams}: run with --config.data.streams={len(states)}")
+        for s, iterator in zip(self.local_streams, self._iterators):
+            iterator.set_state(states[s])

@@ -1,0 +1,127 @@
+"""Several processes, one global mesh: `jax.distributed` set up from flags or the launcher's environment.
+
+Every process runs the same command; they differ only in the process id. On a CPU host each process
+emulates its share of the topology's devices (mesh/emulate.py: process p holds ranks [p*n, (p+1)*n)),
+and XLA:CPU runs the cross-process collectives over gloo. The setup must happen before anything
+touches devices: the device count and the distributed client are both read once, when the backend
+starts.
+
+Where the values come from, first found wins:
+  process count: --num_processes, JAX_NUM_PROCESSES, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE (else 1)
+  process id:    --process_id, JAX_PROCESS_ID, SLURM_PROCID, OMPI_COMM_WORLD_RANK
+  coordinator:   --coordinator_address, JAX_COORDINATOR_ADDRESS; under Slurm or Open MPI JAX derives
+                 it (and a missing id) itself.
+
+A dead process must not leave the others waiting in a collective forever. The coordination service
+gives the bound: a process that stops sending heartbeats for --heartbeat_timeout_s is declared dead
+and every other process aborts with "the JAX distributed service detected fatal errors" (SIGABRT,
+exit status 134 from a shell); a dead coordinator (process 0) is noticed at once. A process that ends
+with a Python error waits up to --shutdown_timeout_s for the others before it exits, which then
+counts as its death.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost
+
+from mesh.emulate import emulate
+from mesh.topology import Topology
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordination service (multi-process runs); "
+    "default: $JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run; default: $JAX_NUM_PROCESSES, $SLURM_NTASKS, "
+    "$OMPI_COMM_WORLD_SIZE, else 1.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id, 0 .. num_processes-1; default: $JAX_PROCESS_ID, $SLURM_PROCID, "
+    "$OMPI_COMM_WORLD_RANK.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout_s", 300, "Seconds to wait for every process to join, and at each `barrier` "
+    "(e.g. for the slowest to compile the step), before failing.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60, "A process silent this long is dead, and all the others abort.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s", 60, "Seconds a finishing (or failing) process waits for the others to finish.")
+
+COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+ID_ENV = ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """Where this process stands in the run; `index`/`coordinator` None: JAX's cluster detection finds them."""
+    count: int
+    index: int | None
+    coordinator: str | None
+    init_timeout_s: int
+    heartbeat_timeout_s: int
+    shutdown_timeout_s: int
+
+
+def _first(value, names, env, kind):
+    if value is not None:
+        return value
+    for name in names:
+        if env.get(name):
+            return kind(env[name])
+    return None
+
+
+def from_flags(env=os.environ) -> Processes:
+    """The run's processes from the flags above, else from `env`."""
+    count = _first(_NUM_PROCESSES.value, COUNT_ENV, env, int) or 1
+    index = _first(_PROCESS_ID.value, ID_ENV, env, int)
+    if count == 1 and index not in (None, 0):
+        raise ValueError(f"process id {index} given for a single-process run; set --num_processes or "
+                         f"{COUNT_ENV[0]}")
+    return Processes(count, index, _first(_COORDINATOR.value, COORDINATOR_ENV, env, str),
+                     _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value)
+
+
+def initialize(processes: Processes, topology: Topology, *, emulate_devices: bool) -> None:
+    """Emulates this process's devices (on a CPU host) and joins the other processes; call before any
+    JAX computation or device query."""
+    if emulate_devices:
+        jax.config.update("jax_platforms", "cpu")
+        emulate(topology, processes.count)
+    if processes.count > 1:
+        jax.distributed.initialize(
+            processes.coordinator, processes.count, processes.index,
+            initialization_timeout=processes.init_timeout_s,
+            heartbeat_timeout_seconds=processes.heartbeat_timeout_s,
+            shutdown_timeout_seconds=processes.shutdown_timeout_s)
+
+
+def barrier(name: str, processes: Processes) -> None:
+    """Waits until every process gets here (up to the init timeout), through the coordination service.
+
+    XLA:CPU's gloo collectives give every process only 30 s to reach a collective's first use, so
+    processes that compile the same program at different speeds (one finds it in the compilation
+    cache, or runs on a busier host) fail there with "Gloo context initialization failed". Compiling
+    ahead and waiting here before the first run moves that wait to a barrier with a long timeout.
+    """
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=processes.init_timeout_s * 1000)
+
+
+def is_primary() -> bool:
+    """Process 0 writes what exists once per run: logs, progress lines, metrics.jsonl, TensorBoard."""
+    return jax.process_index() == 0
+
+
+def allgather_json(value) -> list:
+    """`value` (JSON data) of every process, in process order; every process must call this."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]
