@@ -10,7 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from objectives.sequence import scored_targets
+from objectives.sequence import BATCH_FIELDS, scored_targets
 
 
 def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
@@ -23,7 +23,7 @@ def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Arra
 @dataclasses.dataclass(frozen=True)
 class Distill:
     bias_update_rate: float
-    batch_keys = ("tokens", "loss_mask", "segment_ids", "positions")
+    batch_keys = BATCH_FIELDS
     uses_frozen = True
 
     def normalisers(self, batch: dict, num_mtp: int) -> jax.Array:

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from objectives.sequence import scored_logprobs, scored_targets, segment_sums
+from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets, segment_sums
 
 SIDES = 2  # chosen = segment 1, rejected = segment 2
 
@@ -41,7 +41,7 @@ def dpo_terms(policy: jax.Array, reference: jax.Array, beta: float):
 class DPO:
     beta: float
     bias_update_rate: float
-    batch_keys = ("tokens", "loss_mask", "segment_ids", "positions")
+    batch_keys = BATCH_FIELDS
     uses_frozen = True
 
     def normalisers(self, batch: dict, num_mtp: int) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.losses import ahead, token_logprobs
-from objectives.sequence import scored_logprobs, scored_targets
+from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets
 
 
 def group_advantages(rewards: np.ndarray, groups: np.ndarray, eps: float) -> np.ndarray:
@@ -55,7 +55,7 @@ class GRPO:
 
     @property
     def batch_keys(self) -> tuple:
-        keys = ("tokens", "loss_mask", "segment_ids", "positions", "sampling_logprobs", "advantages")
+        keys = BATCH_FIELDS + ("sampling_logprobs", "advantages")
         return keys + (("routed_experts",) if self.routing_replay else ())
 
     @property

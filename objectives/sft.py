@@ -4,13 +4,14 @@ import dataclasses
 import jax
 
 from model.losses import language_model_loss, target_counts
+from objectives.sequence import BATCH_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
 class SFT:
     mtp_weight: float
     bias_update_rate: float
-    batch_keys = ("tokens", "loss_mask", "segment_ids", "positions")
+    batch_keys = BATCH_FIELDS
     uses_frozen = False
 
     def normalisers(self, batch: dict, num_mtp: int) -> jax.Array:
