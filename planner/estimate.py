@@ -36,10 +36,10 @@ def collective_seconds(kind: str, axes: tuple, nbytes: float, layout: Layout) ->
     where = placement(layout, axes)
     if kind == "collective-permute":
         return nbytes / min(level.bandwidth for level, _ in where.factors)
-    if kind == "all-reduce" and "fsdp" in axes:
-        kind = "reduce-scatter"
     if kind == "reduce-scatter":
         nbytes *= where.size  # the HLO result is the scattered shard; the cost model takes the input
+    elif kind == "all-reduce" and "fsdp" in axes:
+        kind = "reduce-scatter"  # its result is the whole input already: no scaling
     return SECONDS[kind](where, nbytes)
 
 

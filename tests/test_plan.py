@@ -105,3 +105,18 @@ def test_extrapolation_equals_the_unrolled_full_depth():
     assert set(combined) == set(unrolled)
     for key, value in unrolled.items():
         assert combined[key] == pytest.approx(value, rel=1e-3), key
+
+
+def test_gradient_all_reduce_over_fsdp_is_costed_as_the_reduce_scatter_it_runs_as():
+    """The CPU prints a gradient reduce-scatter over fsdp as an all-reduce whose result is the whole
+    gradient; it costs what a reduce-scatter of that gradient costs (its HLO result: one shard), not
+    `size` times more."""
+    from mesh.layout import plan_layout
+    from mesh.presets import get_topology
+    from planner.estimate import collective_seconds
+
+    layout = plan_layout(get_topology("cm384"), {"data": 3, "fsdp": 2, "expert": 128}, {})
+    gradient = 2.0 ** 30
+    for axes, ways in ((("fsdp",), 2), (("fsdp", "expert"), 256)):
+        as_all_reduce = collective_seconds("all-reduce", axes, gradient, layout)
+        assert as_all_reduce == pytest.approx(collective_seconds("reduce-scatter", axes, gradient / ways, layout))
