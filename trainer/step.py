@@ -21,7 +21,7 @@ from trainer.state import TrainState, split_variables
 
 BATCH = ("act_batch", "act_length")
 BATCH_KEYS = SFT.batch_keys
-REPLAY_KEY = "routed_experts"  # optional [B, S, layers + mtp, k] int32: routing replay
+REPLAY_KEY = "routed_experts"  # optional [B, S, num_layers, k] int32: routing replay (main layers only)
 
 
 def _microbatches(batch: dict, count: int) -> dict:
