@@ -1,7 +1,7 @@
 """Direct preference optimisation (sigmoid loss) against a frozen reference model.
 
 A preference row holds one pair: the chosen sequence (prompt + chosen reply) as segment 1 and the
-rejected one as segment 2, replies in the loss mask (data/preference_batches.py builds them). A
+rejected one as segment 2, replies in the loss mask (data.pipeline.build_preference_pipeline, data.packing.pair_row). A
 row counts as a pair only when both replies have a scored token.
 
     loss = -mean over pairs of log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))
