@@ -24,6 +24,13 @@ _FULL = flags.DEFINE_bool("full_compile", True,
                           "Compile the full-depth scanned step for memory and compile time (else the "
                           "memory figures are the analytic ones only).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the topology's HBM per device (GiB).")
+_SEARCH = flags.DEFINE_bool("search", False,
+                            "Rank every mesh of the topology by estimated step time among those that fit "
+                            "(analytic, planner/search.py), then compile the best --search_confirm of them "
+                            "instead of the config's own mesh.")
+_SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --search.")
+_SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
+_SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
 
 GIB = 2 ** 30
 
@@ -38,6 +45,7 @@ def _optimizer(config, args):
 def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print) -> dict:
     """The report (see the module docstring) for `config` on its topology and mesh; JAX must already
     see the topology's devices (mesh.emulate.emulate)."""
+    from configs import parallelism
     from mesh.layout import plan_layout
     from mesh.presets import get_topology
     from model.args import from_config
@@ -51,6 +59,11 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     layout = plan_layout(topology, dict(config.mesh.axes), dict(config.mesh.pins))
     mesh, rules = layout.mesh(), config.mesh.rules
     args = from_config(config.model)
+    if config.train.microbatches != 1:
+        # The micro-batch loop is a scan, whose body XLA counts once like the layers'.
+        raise ValueError(f"config.train.microbatches={config.train.microbatches}: plan.py counts FLOPs and "
+                         f"collectives of one pass over the batch; plan with microbatches=1 and "
+                         f"batch_size / microbatches (memory then covers one micro-batch's activations)")
     tx, schedule = _optimizer(config, args)
     devices = mesh.size
     shape = dict(mesh.shape)
@@ -58,6 +71,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     tokens = config.batch_size * config.seq_len
 
     report = {"config": {"topology": topology.name, "mesh": shape, "devices": devices,
+                         "expert_axes": list(parallelism.expert_mesh_axes(rules)),
                          "batch_size": config.batch_size, "seq_len": config.seq_len,
                          "tokens_per_step": tokens}}
     counts = count_parameters(args)
@@ -118,7 +132,8 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
 def format_report(report: dict) -> str:
     c = report["config"]
     gib = lambda b: f"{b / GIB:,.2f} GiB"
-    lines = [f"topology {c['topology']}: {c['devices']} devices, mesh {c['mesh']}",
+    lines = [f"topology {c['topology']}: {c['devices']} devices, mesh {c['mesh']}, routed experts over "
+             f"{' x '.join(c['expert_axes'])}",
              f"parameters {report['parameters']['total']:,} (activated {report['parameters']['activated']:,}); "
              f"{c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['seq_len']})"]
     fits = {None: "unknown (no HBM figure)", True: "FITS", False: "DOES NOT FIT"}[report["fits"]]
@@ -144,6 +159,39 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
+                       log=print) -> dict:
+    """`--search`: the ranked candidates, then make_plan of the best `confirm` fitting ones; the report
+    of the one the compile estimates fastest among those that fit (else the first), with the search."""
+    from mesh.presets import get_topology
+    from model.args import from_config
+    from planner import search
+
+    topology = get_topology(config.mesh.topology)
+    hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
+    args = from_config(config.model)
+    table = search.tensors(args, _optimizer(config, args)[0])
+    candidates = search.search(args, config, topology, table, hbm, max_tensor)
+    log(search.format_table(candidates, top))
+    best = [c for c in candidates if not c.rejected and c.fits][:confirm]
+    if not best:
+        raise ValueError(f"--search: no mesh of {topology.name} fits {config.batch_size} x {config.seq_len} "
+                         f"in {hbm / GIB:.1f} GiB per device by the analytic estimate")
+    reports = []
+    for candidate in best:
+        log(f"confirming {candidate.name} by compiling it ...")
+        reports.append(make_plan(search.apply(config, candidate), full_compile, hbm_bytes, log))
+        reports[-1]["search_estimate"] = search.as_dict(candidate)
+    ranked = sorted(reports, key=lambda r: (not r["fits"], r["step_time_s"] or 0.0))
+    report = dict(ranked[0])
+    report["search"] = {"candidates": [search.as_dict(c) for c in candidates if not c.rejected][:top],
+                        "considered": len(candidates), "rejected": search.rejection_counts(candidates),
+                        "confirmed": [{"mesh": r["config"]["mesh"], "fits": r["fits"],
+                                       "per_device_bytes": r["per_device_bytes"], "step_time_s": r["step_time_s"],
+                                       "estimate": r["search_estimate"]} for r in reports]}
+    return report
+
+
 def main(argv):
     del argv
     import jax
@@ -155,7 +203,12 @@ def main(argv):
     jax.config.update("jax_platforms", "cpu")
     emulate(get_topology(config.mesh.topology))
     start = time.perf_counter()
-    report = make_plan(config, _FULL.value, None if _HBM_GIB.value is None else _HBM_GIB.value * GIB)
+    hbm = None if _HBM_GIB.value is None else _HBM_GIB.value * GIB
+    if _SEARCH.value:
+        report = search_and_confirm(config, _FULL.value, hbm, _SEARCH_TOP.value, _SEARCH_CONFIRM.value,
+                                    _SEARCH_MAX_TENSOR.value)
+    else:
+        report = make_plan(config, _FULL.value, hbm)
     report["wall_seconds"] = time.perf_counter() - start
     print(format_report(report), flush=True)
     if _JSON.value:

@@ -4,6 +4,8 @@ Tags: [P] primary source, [S] secondary, [D] derived there from cited numbers. B
 device and one direction. Spec strings: a preset name, optionally `:count` (servers or supernodes),
 or `custom:name=size@bandwidth[/latency],...` for any other machine (innermost level first).
 """
+import re
+
 from mesh.topology import Level, Topology
 
 # --- Ascend 910C (Atlas A3): the software device is one die [P: CM384 3.3.1; HCCL-RT] -----------
@@ -50,12 +52,18 @@ def _a3(name, levels):
     return Topology(name, tuple(levels), DIE_HBM_BYTES, DIE_BF16_FLOPS, _CM384_SOURCE)
 
 
-def cm384(supernodes=1):
-    """One CloudMatrix384 (768 dies), or `supernodes` of them joined over RoCE."""
-    levels = [_chip(), _server(), _supernode()]
+def cm384(supernodes=1, servers=SERVERS_PER_CM384):
+    """One CloudMatrix384 (768 dies), or `supernodes` of them joined over RoCE; `servers` < 48 uses
+    that many of each supernode's servers, as deployments that take part of a supernode do (the
+    CM384 serving setup ran on 256 of its 384 chips [P: CM384]), e.g. 4 x 32 servers = 1,024 chips."""
+    if not 1 <= servers <= SERVERS_PER_CM384:
+        raise ValueError(f"a CloudMatrix384 supernode has 1..{SERVERS_PER_CM384} servers, got {servers}")
+    levels = [_chip(), _server(), _supernode(servers)]
     if supernodes > 1:
         levels.append(_a3_cluster(supernodes))
     name = "cm384" if supernodes == 1 else f"cm384:{supernodes}"
+    if servers != SERVERS_PER_CM384:
+        name = f"cm384:{supernodes}x{servers}"
     return _a3(name, levels)
 
 
@@ -112,7 +120,8 @@ def custom(levels_text):
 PRESETS = {
     "atlas800t-a2": (atlas800t_a2, None),
     "a2-cluster": (a2_cluster, "number of A2 servers"),
-    "cm384": (cm384, "number of supernodes (optional, default 1)"),
+    "cm384": (cm384, "number of supernodes (optional, default 1), optionally x servers used of each "
+                     "(1-48, default 48), e.g. cm384:4x32"),
     "cm384-8": (cm384_8, None),
     "cm384-16": (cm384_16, None),
     "cm384-64": (cm384_64, None),
@@ -139,6 +148,9 @@ def get_topology(spec: str) -> Topology:
         raise ValueError(f"topology {name!r} takes no ':' argument; valid: {valid_specs()}")
     if name == "custom":
         return factory(arg)
+    if name == "cm384" and re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", arg):
+        supernodes, servers = arg.split("x")
+        return factory(int(supernodes), int(servers))
     if not arg.isdigit() or int(arg) < 1:
         raise ValueError(f"topology {spec!r}: {arg_doc} must be a positive integer, got {arg!r}")
     return factory(int(arg))

@@ -50,15 +50,11 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
     return streams + attention + indexer + moe
 
 
-def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_shape: dict) -> dict:
-    """Breakdown per device for the abstract TrainState `state` and a [batch_size, seq_len] batch.
-
-    Activations: without remat every layer keeps its intermediates (`_layer_bytes_per_token`); with
-    remat a layer keeps only its input streams and one layer's intermediates are live at a time. On
-    top, the largest transient: the MoE dispatch buffers or the vocabulary logits."""
-    weights = shard_bytes(state.params) + shard_bytes(state.routing)
-    gradients = shard_bytes(state.params)
-    optimizer = shard_bytes(state.opt_state)
+def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict) -> float:
+    """Activations per device for a [batch_size, seq_len] batch: without remat every layer keeps its
+    intermediates (`_layer_bytes_per_token`); with remat a layer keeps only its input streams and one
+    layer's intermediates are live at a time. On top, the largest transient: the MoE dispatch
+    buffers or the vocabulary logits."""
     token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
     tokens = batch_size * seq_len // token_shards
@@ -73,6 +69,14 @@ def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_s
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
     moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways
     logits = tokens * args.vocab_size // tensor * 4 * 2
-    activations = kept + max(moe, logits)
+    return kept + max(moe, logits)
+
+
+def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_shape: dict) -> dict:
+    """Breakdown per device for the abstract TrainState `state` and a [batch_size, seq_len] batch."""
+    weights = shard_bytes(state.params) + shard_bytes(state.routing)
+    gradients = shard_bytes(state.params)
+    optimizer = shard_bytes(state.opt_state)
+    activations = activation_bytes(args, batch_size, seq_len, mesh_shape)
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
             "total": weights + gradients + optimizer + activations}

@@ -14,6 +14,8 @@ SOURCE_TAG = re.compile(r"\[(P|S|D)?:? ?[A-Za-z]")
     ("a2-cluster:4", 32, ("server", "cluster")),
     ("cm384", 768, ("chip", "server", "supernode")),
     ("cm384:4", 3072, ("chip", "server", "supernode", "cluster")),
+    ("cm384:4x32", 2048, ("chip", "server", "supernode", "cluster")),
+    ("cm384:1x16", 256, ("chip", "server", "supernode")),
     ("cm384-8", 8, ("chip", "server", "supernode")),
     ("cm384-16", 16, ("chip", "server", "supernode", "cluster")),
     ("cm384-64", 64, ("chip", "server", "supernode")),
@@ -53,6 +55,8 @@ def test_custom_levels_from_text():
     ("a2-cluster", "needs ':<number of A2 servers>'"),
     ("a2-cluster:x", "positive integer"),
     ("cm384-8:2", "takes no ':' argument"),
+    ("cm384:2x49", "1..48 servers, got 49"),
+    ("cm384:2x", "positive integer"),
     ("custom:chip=2", "expected name=size@bandwidth"),
     ("custom:chip=2@270e9,chip=2@1e9", "level names repeat"),
 ])

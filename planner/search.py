@@ -1,0 +1,294 @@
+"""`plan.py --search`: the meshes a topology allows for a config, ranked by estimated step time among
+those whose memory fits, from an analytic model (compiling one full-size candidate takes minutes,
+so only the best few are compiled, by plan.py, to confirm).
+
+A candidate is (data, fsdp, expert, tensor) sizes multiplying to the device count, tensor a power
+of two up to `max_tensor`, with the routed experts over `expert` or over (data, expert)
+(configs.parallelism.rules). It is rejected, with the reason, when the layout or a parameter's
+sharding is impossible (a dimension the mesh axes do not divide) or the global batch does not
+split over the token axes. Per device it is costed as:
+- memory: weights, gradients and optimizer state from every parameter's shard under the rules
+  (exact, as planner.memory reads them from a compiled state), activations from
+  planner.memory.activation_bytes;
+- compute: the model FLOPs of the step over the devices at peak, with the matmuls of weights
+  replicated over `tensor` repeated on every tensor rank;
+- communication, no overlap, each collective timed on the levels its axes cross (mesh.cost):
+  every weight is all-gathered (compute dtype) over the axes that shard it without splitting its
+  work (all but `tensor`, and the routed experts' expert axes), once per forward pass (remat runs
+  the forward twice) and once in the backward, layer by layer; its gradient (parameter dtype) is
+  reduce-scattered over the same axes and all-reduced over the token axes that replicate it. Each
+  MoE layer sends its [E, C, d] buffers out and back by all-to-all over the expert axes per pass
+  (rows in the compute dtype out, float32 back). With tensor > 1, three [t, d] float32 partial sums
+  per layer and pass (attention output, shared and routed experts) are all-reduced over `tensor`.
+The model leaves out what the partitioner adds on its own (plan.py's compile shows that), so it
+ranks candidates; it does not replace their compile.
+"""
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import parallelism
+from mesh import axes as mesh_axes
+from mesh import cost
+from mesh.layout import plan_layout
+from mesh.sharding import resolve_spec
+from model.args import ModelArgs
+from model.expert_dispatch import capacity
+from model.flops import train_flops_per_token
+from model.summary import abstract_model, component_of
+from planner import memory
+from planner.estimate import placement
+from trainer.state import split_variables
+
+TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)
+PARTIAL_SUMS_PER_LAYER = 3  # attention output, shared expert, routed experts: psum over tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One parameter (or routing variable) as the search needs it."""
+    path: str
+    names: tuple            # logical axis names
+    shape: tuple
+    itemsize: int
+    optimizer_bytes: int    # bytes of the optimizer state tied to it, unsharded
+    matmul_share: float     # multiply-adds per token it takes part in (0: lookups, vectors)
+
+
+def _axes_of(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+class _Owner:
+    """An optimizer-state leaf tagged with the parameter it belongs to (a pytree leaf)."""
+
+    def __init__(self, path, nbytes):
+        self.path, self.nbytes = path, nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    params: tuple               # Tensors
+    routing: tuple              # Tensors: selection biases, hash tables
+    replicated_optimizer: int   # bytes of optimizer state tied to no parameter (step counts)
+
+
+def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
+    """The parameters and routing variables of `args` as Tensors, with the optimizer bytes of each."""
+    _, state = nnx.split(abstract_model(args))
+    params, routing = split_variables(state)
+    keys = jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace("/".join(str(getattr(k, "key", k)) for k in path)), params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    owners = optax.tree_map_params(
+        tx, lambda leaf, path: leaf if isinstance(leaf, optax.MaskedNode) else _Owner(path, leaf.size * leaf.dtype.itemsize),
+        jax.eval_shape(tx.init, params), keys,
+        transform_non_params=lambda leaf: _Owner(None, leaf.size * leaf.dtype.itemsize),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    optimizer_bytes = {}  # parameter path -> bytes; None -> the replicated rest (step counts)
+    for owner in jax.tree.leaves(owners, is_leaf=lambda x: isinstance(x, _Owner)):
+        if isinstance(owner, _Owner):
+            optimizer_bytes[owner.path] = optimizer_bytes.get(owner.path, 0) + owner.nbytes
+    routed_share = args.num_experts_per_tok / args.num_routed_experts
+
+    def table(tree, with_optimizer):
+        out = []
+        for path, var in nnx.to_flat_state(tree):
+            key = "/".join(str(p) for p in path)
+            value = var.get_value()
+            names = tuple(var.get_metadata()["out_sharding"])
+            component = component_of(path)
+            share = 0.0
+            if with_optimizer and value.ndim - (names[0] == "layers") >= 2 and component != "embedding":
+                share = math.prod(value.shape) * (routed_share if "expert" in names else 1.0)
+            out.append(Tensor(key, names, tuple(value.shape), np.dtype(value.dtype).itemsize,
+                              optimizer_bytes.get(key, 0) if with_optimizer else 0, share))
+        return tuple(out)
+
+    return Table(table(params, True), table(routing, False), optimizer_bytes.get(None, 0))
+
+
+@dataclasses.dataclass
+class Candidate:
+    axes: dict
+    experts_over_data: bool
+    memory: dict = None
+    fits: bool = None
+    compute_s: float = None
+    comm_s: dict = None
+    step_time_s: float = None
+    mfu: float = None
+    rejected: str = None
+
+    @property
+    def name(self) -> str:
+        shape = ",".join(f"{k}={v}" for k, v in self.axes.items())
+        return shape + (" experts over data" if self.experts_over_data else "")
+
+
+def mesh_shapes(devices: int, max_tensor: int) -> list:
+    """Every {data, fsdp, expert, tensor} multiplying to `devices`, tensor a power of two <= max_tensor."""
+    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+    shapes = []
+    for tensor in (t for t in divisors if t <= max_tensor and t & (t - 1) == 0):
+        for expert in (e for e in divisors if (devices // tensor) % e == 0):
+            rest = devices // tensor // expert
+            for fsdp in (f for f in divisors if rest % f == 0):
+                shapes.append({mesh_axes.DATA: rest // fsdp, mesh_axes.FSDP: fsdp, mesh_axes.EXPERT: expert,
+                               mesh_axes.TENSOR: tensor})
+    return shapes
+
+
+def _gathered(names, spec) -> tuple:
+    """Mesh axes a weight is all-gathered over before use: those sharding it, minus the ones that split
+    its computation (tensor, and the expert axes on a routed expert dim)."""
+    axes = []
+    for name, entry in zip(names, spec):
+        for axis in _axes_of(entry):
+            if axis != mesh_axes.TENSOR and name != "expert":
+                axes.append(axis)
+    return tuple(axes)
+
+
+def step_model_flops(args: ModelArgs, config) -> float:
+    return train_flops_per_token(args, config.seq_len) * config.batch_size * config.seq_len
+
+
+def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Table, hbm_bytes,
+             model_flops: float | None = None) -> Candidate:
+    """Fills in `candidate`'s memory, fit, time estimate, or the reason it is rejected; `model_flops`
+    of the step (`step_model_flops`) may be given to spare recounting them."""
+    params, routing = table.params, table.routing
+    shape = dict(candidate.axes)
+    rules = parallelism.rules(candidate.experts_over_data)
+    token_shards = math.prod(shape[a] for a in TOKEN_AXES)
+    if config.batch_size % token_shards:
+        candidate.rejected = f"batch {config.batch_size} does not split over {token_shards} token shards"
+        return candidate
+    try:
+        layout = plan_layout(topology, shape, dict(config.mesh.pins))
+        specs = [resolve_spec(t.path, t.names, t.shape, shape, rules) for t in params + routing]
+    except ValueError as error:
+        candidate.rejected = str(error).split(";")[0]
+        return candidate
+    act = np.dtype(args.compute_dtype).itemsize
+    passes = 2 if args.remat_policy == "none" else 3  # forward (again under remat) and backward
+    seconds = {"all-gather": 0.0, "reduce-scatter": 0.0, "all-reduce": 0.0, "all-to-all": 0.0}
+    weights = gradients = 0
+    optimizer = table.replicated_optimizer
+    flops_weight = flops_total = 0.0
+    for t, spec in zip(routing, specs[len(params):]):
+        weights += math.prod(t.shape) // math.prod(shape[a] for e in spec for a in _axes_of(e)) * t.itemsize
+    for t, spec in zip(params, specs):
+        split = math.prod(shape[a] for e in spec for a in _axes_of(e))
+        numel = math.prod(t.shape)
+        weights += numel // split * t.itemsize
+        gradients += numel // split * t.itemsize
+        optimizer += t.optimizer_bytes // split
+        tensor_split = math.prod(shape[a] for e in spec for a in _axes_of(e) if a == mesh_axes.TENSOR)
+        flops_total += t.matmul_share
+        flops_weight += t.matmul_share * shape[mesh_axes.TENSOR] / tensor_split
+        gathered = _gathered(t.names, spec)
+        layers = t.shape[0] if t.names[0] == "layers" else 1
+        if gathered:
+            where = placement(layout, gathered)
+            full = numel // layers // (split // where.size)
+            seconds["all-gather"] += passes * layers * cost.all_gather_seconds(where, full * act)
+            seconds["reduce-scatter"] += layers * cost.reduce_scatter_seconds(where, full * t.itemsize)
+        used = {a for e in spec for a in _axes_of(e)}
+        replicating = tuple(a for a in TOKEN_AXES if a not in used and shape[a] > 1)
+        if replicating:
+            seconds["all-reduce"] += cost.all_reduce_seconds(placement(layout, replicating),
+                                                             numel // split * t.itemsize)
+    tokens = config.batch_size * config.seq_len // token_shards
+    moe_layers = args.num_layers + args.num_mtp_layers
+    expert_axes = parallelism.expert_mesh_axes(rules)
+    if math.prod(shape[a] for a in expert_axes) > 1:
+        rows = args.num_routed_experts * capacity(tokens, args.num_experts_per_tok, args.num_routed_experts,
+                                                  args.capacity_factor or None)
+        where = placement(layout, expert_axes)
+        per_call = cost.all_to_all_seconds(where, rows * args.hidden_size * act)
+        back = cost.all_to_all_seconds(where, rows * args.hidden_size * 4)
+        seconds["all-to-all"] = passes * moe_layers * (per_call + back)
+    if shape[mesh_axes.TENSOR] > 1:
+        where = placement(layout, (mesh_axes.TENSOR,))
+        seconds["all-reduce"] += (passes * moe_layers * PARTIAL_SUMS_PER_LAYER
+                                  * cost.all_reduce_seconds(where, tokens * args.hidden_size * 4))
+    candidate.memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+                        "activations": memory.activation_bytes(args, config.batch_size, config.seq_len, shape)}
+    candidate.memory["total"] = sum(candidate.memory.values())
+    candidate.fits = hbm_bytes is None or candidate.memory["total"] <= hbm_bytes
+    model_flops = step_model_flops(args, config) if model_flops is None else model_flops
+    devices = topology.num_devices
+    if topology.peak_flops:
+        candidate.compute_s = model_flops / devices / topology.peak_flops * flops_weight / max(flops_total, 1.0)
+        candidate.comm_s = seconds
+        candidate.step_time_s = candidate.compute_s + sum(seconds.values())
+        candidate.mfu = model_flops / (candidate.step_time_s * topology.peak_flops * devices)
+    return candidate
+
+
+def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tensor: int = 8) -> list:
+    """Every candidate mesh for `config` on `topology`, evaluated with `table` (`tensors(args, tx)`):
+    fitting ones first, by estimated step time (then by memory), then the ones that do not fit, then
+    the rejected ones."""
+    candidates, model_flops = [], step_model_flops(args, config)
+    for shape in mesh_shapes(topology.num_devices, max_tensor):
+        for over_data in (False, True) if shape[mesh_axes.DATA] > 1 else (False,):
+            candidates.append(evaluate(Candidate(shape, over_data), args, config, topology, table, hbm_bytes,
+                                       model_flops))
+
+    def order(c):
+        if c.rejected:
+            return (2, 0.0, 0.0)
+        return (0 if c.fits else 1, c.step_time_s or 0.0, c.memory["total"])
+
+    return sorted(candidates, key=order)
+
+
+def apply(config, candidate: Candidate):
+    """A copy of `config` laid out as `candidate`."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        mesh = parallelism.get_config(config.mesh.topology, dict(config.mesh.pins),
+                                      experts_over_data=candidate.experts_over_data, **candidate.axes)
+        config.mesh = mesh
+    return config
+
+
+def as_dict(candidate: Candidate) -> dict:
+    return {"mesh": dict(candidate.axes), "experts_over_data": candidate.experts_over_data,
+            "fits": candidate.fits, "memory": candidate.memory, "compute_s": candidate.compute_s,
+            "comm_s": candidate.comm_s, "step_time_s": candidate.step_time_s, "mfu": candidate.mfu,
+            "rejected": candidate.rejected}
+
+
+def rejection_counts(candidates: list) -> dict:
+    """How many candidates each reason rejected (reasons without the tensor's numbers)."""
+    counts = {}
+    for c in candidates:
+        if c.rejected:
+            reason = c.rejected.split(":", 1)[-1].strip() if ":" in c.rejected else c.rejected
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def format_table(candidates: list, top: int) -> str:
+    gib = 2 ** 30
+    viable = [c for c in candidates if not c.rejected]
+    lines = [f"search: {len(candidates)} candidate meshes, {len(viable)} shardable, "
+             f"{sum(1 for c in viable if c.fits)} fit; the best {min(top, len(viable))} (analytic):",
+             f"{'#':>3} {'mesh':<52}{'GiB/device':>11}{'fits':>6}{'compute s':>11}{'comm s':>9}"
+             f"{'step s':>9}{'MFU':>7}"]
+    for rank, c in enumerate(viable[:top], 1):
+        timed = c.step_time_s is not None
+        lines.append(f"{rank:>3} {c.name:<52}{c.memory['total'] / gib:>11.2f}{'yes' if c.fits else 'no':>6}"
+                     + (f"{c.compute_s:>11.3g}{sum(c.comm_s.values()):>9.3g}{c.step_time_s:>9.3g}{c.mfu:>7.1%}"
+                        if timed else ""))
+    for reason, count in sorted(rejection_counts(candidates).items(), key=lambda kv: -kv[1]):
+        lines.append(f"    rejected {count}: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""plan.py --search without compiling: the candidate meshes, why some are rejected, the memory of each
+against the shard shapes of the real abstract train state, and the order of the ranking."""
+import itertools
+import math
+
+import pytest
+
+from configs import optimizer, parallelism, tiny
+from mesh.layout import plan_layout
+from mesh.presets import get_topology
+from model.args import from_config
+from planner import memory, search
+from trainer.checkpointing import abstract_train_state
+from trainer.optimizer import build_optimizer
+from trainer.state import abstract_params
+
+GIB = 2 ** 30
+
+
+def small_config(name="muon"):
+    config = tiny.get_config()
+    config.batch_size, config.seq_len = 8, 128
+    config.optimizer = optimizer.get_config(name)
+    return config
+
+
+@pytest.fixture(scope="module", params=["muon", "adamw"])
+def setup(request):
+    config = small_config(request.param)
+    args = from_config(config.model)
+    tx = build_optimizer(config.optimizer, abstract_params(args))
+    return config, args, tx, search.tensors(args, tx)
+
+
+def test_mesh_shapes_are_every_factorisation():
+    want = {(d, f, e, t) for d, f, e, t in itertools.product(range(1, 17), repeat=4)
+            if d * f * e * t == 16 and t in (1, 2, 4)}
+    got = {tuple(s[a] for a in ("data", "fsdp", "expert", "tensor")) for s in search.mesh_shapes(16, 4)}
+    assert got == want
+
+
+def test_rejections_name_the_reason(setup):
+    config, args, _, table = setup
+    topology = get_topology(config.mesh.topology)
+    tensor4 = search.evaluate(search.Candidate(dict(data=2, fsdp=1, expert=1, tensor=4), False), args, config,
+                              topology, table, None)
+    assert "o_groups" in tensor4.rejected and "not divisible by 4" in tensor4.rejected
+    config = small_config()
+    config.batch_size = 4
+    batch = search.evaluate(search.Candidate(dict(data=1, fsdp=8, expert=1, tensor=1), False), args, config,
+                            topology, table, None)
+    assert batch.rejected == "batch 4 does not split over 8 token shards"
+
+
+@pytest.mark.parametrize("shape,over_data", [
+    (dict(data=1, fsdp=4, expert=2, tensor=1), False),
+    (dict(data=2, fsdp=1, expert=4, tensor=1), True),
+    (dict(data=2, fsdp=2, expert=1, tensor=2), False),
+])
+def test_state_memory_equals_the_abstract_train_state(setup, shape, over_data):
+    """Weights, gradients and optimizer bytes per device from the rules alone equal the shard shapes of
+    the train state plan.py compiles (trainer.checkpointing.abstract_train_state) on that mesh."""
+    config, args, tx, table = setup
+    topology = get_topology(config.mesh.topology)
+    candidate = search.evaluate(search.Candidate(shape, over_data), args, config, topology, table, None)
+    mesh = plan_layout(topology, shape).mesh()
+    state = abstract_train_state(args, mesh, parallelism.rules(over_data), tx)
+    want = memory.analytic_bytes(args, state, config.batch_size, config.seq_len, shape)
+    for key in ("weights", "gradients", "optimizer", "activations"):
+        assert candidate.memory[key] == want[key], key
+
+
+def test_experts_over_data_trade_gradient_all_reduce_for_all_to_all(setup):
+    """Spreading the routed experts over data divides their state by data, removes their gradient
+    all-reduce over data, and widens the token all-to-all from 4 to 8 ranks."""
+    config, args, _, table = setup
+    topology = get_topology(config.mesh.topology)
+    shape = dict(data=2, fsdp=1, expert=4, tensor=1)
+    plain, spread = (search.evaluate(search.Candidate(shape, over), args, config, topology, table, None)
+                     for over in (False, True))
+    assert spread.memory["weights"] < plain.memory["weights"]
+    assert spread.comm_s["all-reduce"] < plain.comm_s["all-reduce"]
+    assert spread.comm_s["all-to-all"] > plain.comm_s["all-to-all"]
+
+
+def test_ranking_puts_fitting_meshes_first_by_step_time(setup):
+    config, args, _, table = setup
+    topology = get_topology(config.mesh.topology)
+    everything = search.search(args, config, topology, table, None)
+    totals = sorted(c.memory["total"] for c in everything if not c.rejected)
+    hbm = totals[len(totals) // 2]  # about half fit
+    ranked = search.search(args, config, topology, table, hbm)
+    status = [2 if c.rejected else 0 if c.fits else 1 for c in ranked]
+    assert status == sorted(status) and 0 in status and 1 in status and 2 in status
+    fitting = [c for c in ranked if c.fits and not c.rejected]
+    assert all(c.memory["total"] <= hbm for c in fitting)
+    times = [c.step_time_s for c in fitting]
+    assert times == sorted(times)
+    table = search.format_table(ranked, 3)
+    assert table.splitlines()[0].startswith(f"search: {len(ranked)} candidate meshes")
+    assert "rejected" in table
+
+
+def test_apply_lays_the_config_out_as_the_candidate(setup):
+    config = setup[0]
+    candidate = search.Candidate(dict(data=2, fsdp=1, expert=4, tensor=1), True)
+    laid_out = search.apply(config, candidate)
+    assert dict(laid_out.mesh.axes) == dict(data=2, fsdp=1, expert=4, tensor=1)
+    assert parallelism.expert_mesh_axes(laid_out.mesh.rules) == ("data", "expert")
+    assert parallelism.expert_mesh_axes(config.mesh.rules) == ("expert",)  # the original is untouched
+    assert math.prod(laid_out.mesh.axes.values()) == 8
