@@ -13,6 +13,7 @@ FLOPs and collectives come from shallow unrolled compiles extrapolated exactly t
 time come from the full-depth scanned program itself (--full_compile).
 """
 import json
+import tempfile
 import time
 
 from absl import app, flags
@@ -23,6 +24,10 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON obj
 _FULL = flags.DEFINE_bool("full_compile", True,
                           "Compile the full-depth scanned step for memory and compile time (else the "
                           "memory figures are the analytic ones only).")
+_PEAK_BUFFERS = flags.DEFINE_integer(
+    "peak_buffers", 0, "With --full_compile: list this many of the largest buffers live at the compiled "
+    "program's memory peak, named by the JAX op that made them (XLA's live-range dump, written to a "
+    "temporary directory: a few hundred MB for a full-size step).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the topology's HBM per device (GiB).")
 _SEARCH = flags.DEFINE_bool("search", False,
                             "Rank every mesh of the topology by estimated step time among those that fit "
@@ -42,9 +47,11 @@ def _optimizer(config, args):
     return build_optimizer(config.optimizer, abstract_params(args)), learning_rate_schedule(config.optimizer)
 
 
-def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print) -> dict:
+def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print,
+              peak_buffers: int = 0) -> dict:
     """The report (see the module docstring) for `config` on its topology and mesh; JAX must already
-    see the topology's devices (mesh.emulate.emulate)."""
+    see the topology's devices (mesh.emulate.emulate). `peak_buffers` > 0 adds the largest buffers
+    live at the full-depth program's memory peak."""
     from configs import parallelism
     from mesh.layout import plan_layout
     from mesh.presets import get_topology
@@ -78,10 +85,14 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     report["parameters"] = {"total": counts["total_params"], "activated": counts["active_params"],
                             "mtp": counts["mtp_params"]}
 
-    compile_seconds = {}
+    compile_seconds, peak = {}, None
     if full_compile:
         log(f"compiling the full-depth step ({args.num_layers} layers, scanned) on {devices} devices ...")
-        full = compile_step(args, config, mesh, tx, schedule)
+        with tempfile.TemporaryDirectory() as dump_dir:
+            options = dict(memory.LIVE_RANGE_DUMP, xla_dump_to=dump_dir) if peak_buffers else None
+            full = compile_step(args, config, mesh, tx, schedule, options)
+            if peak_buffers:
+                peak = memory.peak_buffers(memory.live_range_text(dump_dir), peak_buffers)
         compile_seconds["full"] = full.compile_seconds
         state = full.state
         compiled_memory = memory.compiled_bytes(full.compiled)
@@ -120,7 +131,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     report.update({
         "fits": None if hbm is None else bool(per_device <= hbm),
         "per_device_bytes": per_device, "hbm_bytes": hbm,
-        "memory_compiled": compiled_memory, "memory_analytic": analytic,
+        "memory_compiled": compiled_memory, "memory_analytic": analytic, "memory_peak": peak,
         "compile_seconds": compile_seconds,
         "xla_flops": flops_per_device * devices, "model_flops": model_flops,
         "flops_ratio": flops_per_device * devices / model_flops,
@@ -143,6 +154,10 @@ def format_report(report: dict) -> str:
         m = report["memory_compiled"]
         lines.append(f"  compiled: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased "
                      f"{gib(m['aliased'])}, temporaries {gib(m['temporaries'])}")
+    if report.get("memory_peak"):
+        peak = report["memory_peak"]
+        lines.append(f"  live at the compiled peak: {gib(peak['bytes'])}; the largest buffers:")
+        lines += [f"    {gib(b['bytes']):>12}  {b['what']}" for b in peak["buffers"]]
     a = report["memory_analytic"]
     lines.append(f"  analytic: weights {gib(a['weights'])}, gradients {gib(a['gradients'])}, optimizer "
                  f"{gib(a['optimizer'])}, activations ~{gib(a['activations'])} (total ~{gib(a['total'])})")
@@ -160,7 +175,7 @@ def format_report(report: dict) -> str:
 
 
 def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
-                       log=print) -> dict:
+                       log=print, peak_buffers: int = 0) -> dict:
     """`--search`: the ranked candidates, then make_plan of the best `confirm` fitting ones; the report
     of the one the compile estimates fastest among those that fit (else the first), with the search."""
     from mesh.presets import get_topology
@@ -180,7 +195,7 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
     reports = []
     for candidate in best:
         log(f"confirming {candidate.name} by compiling it ...")
-        reports.append(make_plan(search.apply(config, candidate), full_compile, hbm_bytes, log))
+        reports.append(make_plan(search.apply(config, candidate), full_compile, hbm_bytes, log, peak_buffers))
         reports[-1]["search_estimate"] = search.as_dict(candidate)
     ranked = sorted(reports, key=lambda r: (not r["fits"], r["step_time_s"] or 0.0))
     report = dict(ranked[0])
@@ -206,9 +221,9 @@ def main(argv):
     hbm = None if _HBM_GIB.value is None else _HBM_GIB.value * GIB
     if _SEARCH.value:
         report = search_and_confirm(config, _FULL.value, hbm, _SEARCH_TOP.value, _SEARCH_CONFIRM.value,
-                                    _SEARCH_MAX_TENSOR.value)
+                                    _SEARCH_MAX_TENSOR.value, peak_buffers=_PEAK_BUFFERS.value)
     else:
-        report = make_plan(config, _FULL.value, hbm)
+        report = make_plan(config, _FULL.value, hbm, peak_buffers=_PEAK_BUFFERS.value)
     report["wall_seconds"] = time.perf_counter() - start
     print(format_report(report), flush=True)
     if _JSON.value:

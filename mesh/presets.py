@@ -1,8 +1,9 @@
 """Named Ascend topologies, every figure cited from ../shared/design/ascend_topology.md.
 
 Tags: [P] primary source, [S] secondary, [D] derived there from cited numbers. Bandwidths are per
-device and one direction. Spec strings: a preset name, optionally `:count` (servers or supernodes),
-or `custom:name=size@bandwidth[/latency],...` for any other machine (innermost level first).
+device and one direction. Spec strings: a preset name, optionally `:count` (servers or supernodes;
+`cm384:SxN` takes N servers of each of S supernodes), or `custom:name=size@bandwidth[/latency],...`
+for any other machine (innermost level first).
 """
 import re
 

@@ -5,7 +5,10 @@ The compiled figure is XLA's own: arguments + outputs - aliased (donated) + temp
 The breakdown: weights, gradients and optimizer state are exact (their shard shapes); activations are
 an estimate from the shapes of what the layers keep for the backward pass (see `analytic_bytes`).
 """
+import glob
 import math
+import os
+import re
 
 import jax
 import numpy as np
@@ -20,6 +23,49 @@ def compiled_bytes(compiled) -> dict:
              + stats.temp_size_in_bytes)
     return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
             "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes, "total": total}
+
+
+# Debug options that make XLA write its buffer live ranges (and nothing slow: no per-fusion LLVM IR).
+LIVE_RANGE_DUMP = {"xla_dump_hlo_pass_re": "^$", "xla_dump_emitter_re": "^$", "xla_dump_buffer_assignment_analysis": True}
+_PEAK = re.compile(r"Stack trace breakdown for peak usage: (?P<bytes>[0-9 ]+) bytes")
+_CHILD = re.compile(r"^ {6}[├└]── (?P<what>.+) \([0-9.]+%, total: (?P<bytes>[0-9 ]+) bytes")
+
+
+def _readable(op_name: str) -> str:
+    """A JAX op path with the wrappers every step has taken out: jit(step)/while/body/closed_call/x ->
+    loop/x."""
+    name = re.sub(r"^jit\([^)]*\)/", "", op_name)
+    return name.replace("closed_call/", "").replace("while/body/", "loop/").replace(
+        "checkpoint/rematted_computation/", "remat/")
+
+
+def peak_buffers(live_range_text: str, top: int) -> dict:
+    """{"bytes": live at the peak, "buffers": [{"what", "bytes"}] the `top` largest}, from XLA's
+    live-range dump: the buffers alive when the program's memory peaks, each named by the JAX op
+    that produced it (or XLA's own name for a copy it added)."""
+    lines = live_range_text.splitlines()
+    for index, line in enumerate(lines):
+        found = _PEAK.search(line)
+        if found:
+            break
+    else:
+        raise ValueError("no 'Stack trace breakdown for peak usage' in the live-range dump")
+    buffers = []
+    for line in lines[index + 1:]:
+        child = _CHILD.match(line)
+        if child:
+            buffers.append({"what": _readable(child["what"]), "bytes": int(child["bytes"].replace(" ", ""))})
+    buffers.sort(key=lambda b: -b["bytes"])
+    return {"bytes": int(found["bytes"].replace(" ", "")), "buffers": buffers[:top]}
+
+
+def live_range_text(dump_dir: str) -> str:
+    """The live-range dump of the one jit_step module compiled into `dump_dir`."""
+    files = glob.glob(os.path.join(dump_dir, "*jit_step*live-range.txt"))
+    if len(files) != 1:
+        raise ValueError(f"expected one jit_step live-range dump in {dump_dir}, found {files}")
+    with open(files[0]) as f:
+        return f.read()
 
 
 def shard_bytes(tree) -> int:

@@ -30,9 +30,10 @@ def abstract_batch(batch_size: int, seq_len: int, mesh, rules) -> dict:
     return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
 
 
-def compile_step(args: ModelArgs, config, mesh, tx, schedule) -> CompiledStep:
+def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None) -> CompiledStep:
     """Lowers and compiles `trainer.step` for `args` (possibly a reduced-depth variant of
-    config.model) with config's batch shape, train settings and rules on `mesh`."""
+    config.model) with config's batch shape, train settings and rules on `mesh`; `compiler_options`
+    are XLA debug options for this compile (e.g. dumps)."""
     rules = config.mesh.rules
     with activate(mesh, rules):
         state = abstract_train_state(args, mesh, rules, tx)
@@ -42,6 +43,6 @@ def compile_step(args: ModelArgs, config, mesh, tx, schedule) -> CompiledStep:
         start = time.perf_counter()
         lowered = step.lower(state, abstract_batch(config.batch_size, config.seq_len, mesh, rules))
         lowered_at = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
         done = time.perf_counter()
     return CompiledStep(compiled, state, lowered_at - start, done - lowered_at)

@@ -77,6 +77,7 @@ def _completion_batch(args, rng, rows=8, prompt=8):
             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape).copy()}
 
 
+@pytest.mark.slow  # 1.5-2.5 min; the reverse-KL loss and gradient are checked in test_objectives.py
 def test_distillation_lowers_the_reverse_kl_to_the_teacher():
     args = _args()
     tx = optax.adamw(LR)

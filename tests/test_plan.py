@@ -8,7 +8,7 @@ import pytest
 
 from configs import optimizer, parallelism, tiny
 from model.args import from_config
-from planner import extrapolate, measure, memory
+from planner import extrapolate, measure, memory, search
 from planner.program import compile_step
 from trainer.optimizer import build_optimizer, learning_rate_schedule
 from trainer.sharded_init import build_mesh
@@ -46,7 +46,40 @@ def test_variants_and_combination():
 
 @pytest.fixture(scope="module")
 def report():
-    return plan.make_plan(small_config(), full_compile=True, log=lambda _: None)
+    return plan.make_plan(small_config(), full_compile=True, log=lambda _: None, peak_buffers=8)
+
+
+LIVE_RANGE_EXCERPT = """HloLiveRange (max 9):
+  Live ranges at 5 (peak):
+    copy.1: 3706716160 bytes
+  Stack trace breakdown for peak usage: 17 390 120 000 bytes
+    main.3218_spmd (100.0%, total: 17 390 120 000 bytes, current: 0 bytes, remaining: 17 390 120 000 bytes)
+      ├── jit(step)/while/body/closed_call/transpose(jvp(bsd,dv->bsv))/dot_general (64.6%, total: 11 237 588 992 bytes, current: 11 237 588 992 bytes, remaining: 6 152 531 008 bytes)
+      │   └── nested (1.0%, total: 1 000 bytes, current: 1 000 bytes, remaining: 0 bytes)
+      ├── copy.10452 (21.3%, total: 3 706 716 160 bytes, current: 3 706 716 160 bytes, remaining: 2 445 814 848 bytes)
+      └── jit(step)/while/body/closed_call/transpose(jvp())/while/body/closed_call/checkpoint/rematted_computation/mul (14.1%, total: 2 445 814 848 bytes, current: 2 445 814 848 bytes, remaining: 0 bytes)
+"""
+
+
+def test_peak_buffers_are_read_from_the_live_range_dump():
+    """The peak and its largest buffers, biggest first, op paths without the wrappers every step has."""
+    peak = memory.peak_buffers(LIVE_RANGE_EXCERPT, top=2)
+    assert peak["bytes"] == 17_390_120_000
+    assert peak["buffers"] == [{"what": "loop/transpose(jvp(bsd,dv->bsv))/dot_general", "bytes": 11_237_588_992},
+                               {"what": "copy.10452", "bytes": 3_706_716_160}]
+    assert memory.peak_buffers(LIVE_RANGE_EXCERPT, top=5)["buffers"][-1]["what"] == "loop/transpose(jvp())/loop/remat/mul"
+    with pytest.raises(ValueError, match="no 'Stack trace breakdown"):
+        memory.peak_buffers("HloLiveRange (max 1):", top=1)
+
+
+@pytest.mark.slow
+def test_peak_buffers_of_the_compiled_step(report):
+    """The live-range dump of the full compile: its peak is at most the compiled footprint, and the
+    buffers listed are the largest alive then."""
+    peak, compiled = report["memory_peak"], report["memory_compiled"]
+    assert compiled["temporaries"] / 2 <= peak["bytes"] <= compiled["total"]
+    sizes = [b["bytes"] for b in peak["buffers"]]
+    assert len(sizes) == 8 and sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak["bytes"]
 
 
 @pytest.mark.slow
@@ -120,3 +153,25 @@ def test_gradient_all_reduce_over_fsdp_is_costed_as_the_reduce_scatter_it_runs_a
     for axes, ways in ((("fsdp",), 2), (("fsdp", "expert"), 256)):
         as_all_reduce = collective_seconds("all-reduce", axes, gradient, layout)
         assert as_all_reduce == pytest.approx(collective_seconds("reduce-scatter", axes, gradient / ways, layout))
+
+
+def test_microbatched_configs_are_refused_by_name():
+    """The micro-batch loop is a scan XLA counts once: plan.py says so instead of undercounting."""
+    config = small_config()
+    config.train.microbatches = 2
+    with pytest.raises(ValueError, match="config.train.microbatches=2"):
+        plan.make_plan(config, full_compile=False, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_search_compiles_the_best_candidate():
+    """--search on 8 devices: the report is the compile of the best-ranked fitting mesh, with the
+    ranking beside it."""
+    report = plan.search_and_confirm(small_config(), full_compile=False, hbm_bytes=None, top=3, confirm=1,
+                                     max_tensor=2, log=lambda _: None)
+    best = report["search"]["candidates"][0]
+    assert report["config"]["mesh"] == best["mesh"]
+    assert report["config"]["expert_axes"] == (["data", "expert"] if best["experts_over_data"] else ["expert"])
+    assert report["fits"] and report["search"]["confirmed"][0]["estimate"] == best
+    shapes = search.mesh_shapes(8, 2)
+    assert report["search"]["considered"] == sum(2 if s["data"] > 1 else 1 for s in shapes)

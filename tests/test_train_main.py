@@ -239,6 +239,7 @@ def _objective_run(tmp_path, name: str, flags) -> tuple[str, list[dict]]:
     return stdout, _records(workdir)
 
 
+@pytest.mark.slow  # ~3 min; DPO on the step is in test_objective_steps.py
 def test_dpo_from_the_main_job_checkpoint(straight, tmp_path):
     """DPO started from an SFT run: the reference is that run's weights, so the first step's loss is
     exactly log 2 (policy == reference), and the pairs' margin then grows."""

@@ -71,7 +71,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     def step(state: TrainState, batch: dict, frozen=None):
         num_mtp = nnx.merge(graphdef, state.params, state.routing).args.num_mtp_layers
         normalisers = objective.normalisers(batch, num_mtp)
-        micro = _microbatches(batch, microbatches)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, one):
@@ -79,11 +78,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
             (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first, normalisers)[1])
-        init = (jax.tree.map(jnp.zeros_like, state.params),
-                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-        (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
+        if microbatches == 1:
+            # No accumulator: the loop would hold a zero gradient tree beside the one it adds.
+            (_, sums), grads = grad_fn(state.params, state.routing, frozen, batch, normalisers)
+        else:
+            micro = _microbatches(batch, microbatches)
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first,
+                                                           normalisers)[1])
+            init = (jax.tree.map(jnp.zeros_like, state.params),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+            (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         load = sums.pop("load")
