@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,                    # scales the policy/reference log-ratio margin
+        reference="model",           # "model": the frozen initial weights, run in the step; "data": the
+                                     # pairs' ref_chosen_logps / ref_rejected_logps (score_preferences.py)
         bias_update_rate=0.0,
     ))
     config.grpo = ml_collections.ConfigDict(dict(

@@ -17,6 +17,7 @@ from data.formats import Conversation, PreferencePair, PromptRecord
 from data.jsonl import Located
 from data.tokenizer import Tokenizer
 
+REFERENCE_LOGPS = "reference_logps"  # float32[2] of a pair, [B, 2] in a DPO batch
 LOSS_MASK_MODES = ("all_assistant_turns", "last_assistant_turn")
 
 
@@ -106,13 +107,17 @@ def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, 
 
 
 def encode_preference(pair: PreferencePair, encoder: Encoder) -> dict[str, np.ndarray]:
-    """prompt int32[P] (ending with the reply cue), chosen int32[C], rejected int32[R]; both
-    replies end with the template's end-of-reply marker, as the model must learn to emit it."""
+    """prompt int32[P] (ending with the reply cue), chosen int32[C], rejected int32[R], and the
+    pair's reference log-probabilities float32[2] (chosen, rejected) when it has them; both replies
+    end with the template's end-of-reply marker, as the model must learn to emit it."""
     encoder.check_texts([m.content for m in pair.prompt] + [pair.chosen, pair.rejected])
     (prompt, _), = encoder.pieces_to_ids([render(encoder.template, pair.prompt, generation_prompt=True)])
     end = encoder.template.assistant_suffix
     chosen, rejected = encoder.ids([pair.chosen + end, pair.rejected + end])
-    return {"prompt": np.asarray(prompt, np.int32), "chosen": chosen, "rejected": rejected}
+    encoded = {"prompt": np.asarray(prompt, np.int32), "chosen": chosen, "rejected": rejected}
+    if pair.reference_logps is not None:
+        encoded[REFERENCE_LOGPS] = np.asarray(pair.reference_logps, np.float32)
+    return encoded
 
 
 def preference_sequences(encoded: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:

@@ -9,11 +9,14 @@ SFT records come in three forms:
   assistant turn (that is what is trained on); an assistant turn may carry `reasoning_content`;
 - `{"prompt": str, "completion": str}`, the single-turn shorthand;
 - `{"tokens": [int, ...], "loss_mask": [0|1, ...]}`, already tokenised (mask optional: all ones).
-Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}`.
+Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}`, optionally with
+`"ref_chosen_logps": float, "ref_rejected_logps": float`, the replies' summed log-probabilities under
+the reference model (score_preferences.py writes them), for DPO without a reference forward.
 Prompt sets (GRPO): `{"prompt": str | messages, "answer": str?, ...}`; other fields are kept for the
 reward function.
 """
 import dataclasses
+import math
 from typing import Any
 
 from data.errors import InvalidRecord
@@ -47,6 +50,7 @@ class PreferencePair:
     prompt: tuple[Message, ...]
     chosen: str
     rejected: str
+    reference_logps: tuple[float, float] | None = None  # (chosen, rejected) under the reference model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +146,32 @@ def parse_sft(value: Any) -> Conversation | Pretokenized:
     raise InvalidRecord("missing_field", "an SFT record needs 'messages', 'prompt'/'completion' or 'tokens'")
 
 
-def parse_preference(value: Any) -> PreferencePair:
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _reference_logps(record: dict, required: bool) -> tuple[float, float] | None:
+    present = [field for field in REFERENCE_FIELDS if field in record]
+    if not present and not required:
+        return None
+    if len(present) != len(REFERENCE_FIELDS):
+        missing = [field for field in REFERENCE_FIELDS if field not in record]
+        raise InvalidRecord("missing_reference", f"the pair lacks {missing} (write them with score_preferences.py)")
+    values = []
+    for field in REFERENCE_FIELDS:
+        value = record[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
+            raise InvalidRecord("bad_reference", f"'{field}' must be a finite log-probability (<= 0), got {value!r}")
+        values.append(float(value))
+    return tuple(values)
+
+
+def parse_preference(value: Any, require_reference: bool = False) -> PreferencePair:
+    """`require_reference`: the pair must carry the reference log-probabilities."""
     record = _require_object(value)
     prompt = _parse_prompt(record)
     chosen = _require_str(record, "chosen", non_empty=True, reason="empty_assistant")
     rejected = _require_str(record, "rejected", non_empty=True, reason="empty_assistant")
-    return PreferencePair(prompt, chosen, rejected)
+    return PreferencePair(prompt, chosen, rejected, _reference_logps(record, require_reference))
 
 
 def parse_prompt(value: Any) -> PromptRecord:

@@ -18,6 +18,7 @@ the batches it would have seen.
 """
 import atexit
 import dataclasses
+import functools
 import weakref
 
 import grain
@@ -26,7 +27,8 @@ import numpy as np
 
 from data import packing
 from data.chat_template import get_template
-from data.encode import Encoder, encode_preference, encode_prompt, encode_sft, preference_sequences, reject
+from data.encode import (REFERENCE_LOGPS, Encoder, encode_preference, encode_prompt, encode_sft,
+                         preference_sequences, reject)
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.formats import parse_preference, parse_prompt, parse_sft
 from data.jsonl import read_records
@@ -122,10 +124,12 @@ def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadSta
 
 
 def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
-                              process_count: int = 1, encoder: Encoder | None = None) -> SFTPipeline:
+                              process_count: int = 1, encoder: Encoder | None = None,
+                              with_reference: bool = False) -> SFTPipeline:
     """Batches for DPO from `config.preference_sources`: one pair per row (`packing.pair_row`: chosen as
     segment 1, rejected as segment 2, replies in the loss mask); a pair longer than the row is
-    dropped and counted (a cut reply would compare different things)."""
+    dropped and counted (a cut reply would compare different things). `with_reference`: every pair
+    must carry its reference log-probabilities, batched as `reference_logps` float32[batch, 2]."""
     _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
     stats = LoadStats()
@@ -133,12 +137,15 @@ def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_inde
     examples, weights = [], []
     for pattern, weight in config.preference_sources:
         rows = []
-        for pair in load_preferences(pattern, encoder, skip_bad=config.skip_bad_records, stats=stats):
+        for pair in load_preferences(pattern, encoder, skip_bad=config.skip_bad_records, stats=stats,
+                                     require_reference=with_reference):
             row = packing.pair_row(preference_sequences(pair), config.seq_len, pad_id)
             if row is None:
                 stats.dropped_too_long += 1
-            else:
-                rows.append(row)
+                continue
+            if with_reference:
+                row[REFERENCE_LOGPS] = pair[REFERENCE_LOGPS]
+            rows.append(row)
         if not rows:
             raise DataError(pattern, f"no preference pair fits seq_len={config.seq_len}", reason="no_examples")
         examples.append(rows)
@@ -167,10 +174,12 @@ def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
     return out
 
 
-def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
-                     stats: LoadStats | None = None) -> list[dict[str, np.ndarray]]:
-    """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R]}] (see encode_preference)."""
-    return _load_encoded(pattern, parse_preference, encode_preference, encoder, skip_bad,
+def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False, stats: LoadStats | None = None,
+                     require_reference: bool = False) -> list[dict[str, np.ndarray]]:
+    """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R], ("reference_logps": float32[2])}]
+    (see encode_preference); `require_reference`: a pair without reference log-probabilities is bad."""
+    parse = functools.partial(parse_preference, require_reference=require_reference)
+    return _load_encoded(pattern, parse, encode_preference, encoder, skip_bad,
                          stats or LoadStats(), ("prompt", "chosen", "rejected"))
 
 

@@ -28,7 +28,8 @@ def build_objective(config: ml_collections.ConfigDict):
     if name == "sft":
         return SFT(mtp_weight=config.train.mtp_weight, bias_update_rate=config.train.bias_update_rate)
     if name == "dpo":
-        return DPO(beta=config.dpo.beta, bias_update_rate=config.dpo.bias_update_rate)
+        return DPO(beta=config.dpo.beta, bias_update_rate=config.dpo.bias_update_rate,
+                   reference=config.dpo.reference)
     if name == "grpo":
         settings = config.grpo
         return GRPO(clip_low=settings.clip_low, clip_high=settings.clip_high, kl_coef=settings.kl_coef,

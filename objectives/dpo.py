@@ -6,16 +6,21 @@ row counts as a pair only when both replies have a scored token.
 
     loss = -mean over pairs of log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))
 
-with pi / ref the summed reply log-probabilities under the policy / the reference.
+with pi / ref the summed reply log-probabilities under the policy / the reference. The reference is
+either run in the step (`reference="model"`: the frozen initial weights, on the same mesh) or read
+from the batch (`reference="data"`: `reference_logps` [b, 2], precomputed by score_preferences.py
+and stored with the pairs), which spares its forward pass and its copy of the weights.
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from data.encode import REFERENCE_LOGPS
 from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets, segment_sums
 
 SIDES = 2  # chosen = segment 1, rejected = segment 2
+REFERENCES = ("model", "data")
 
 
 def valid_pairs(weights: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -41,8 +46,19 @@ def dpo_terms(policy: jax.Array, reference: jax.Array, beta: float):
 class DPO:
     beta: float
     bias_update_rate: float
-    batch_keys = BATCH_FIELDS
-    uses_frozen = True
+    reference: str = "model"  # one of REFERENCES
+
+    def __post_init__(self):
+        if self.reference not in REFERENCES:
+            raise ValueError(f"config.dpo.reference={self.reference!r} is not one of {REFERENCES}")
+
+    @property
+    def uses_frozen(self) -> bool:
+        return self.reference == "model"
+
+    @property
+    def batch_keys(self) -> tuple:
+        return BATCH_FIELDS + ((REFERENCE_LOGPS,) if self.reference == "data" else ())
 
     def normalisers(self, batch: dict, num_mtp: int) -> jax.Array:
         """Pairs in the whole batch (a scalar), so micro-batch losses add up to the batch mean."""
@@ -50,7 +66,10 @@ class DPO:
 
     def loss(self, output, batch: dict, reference, pairs: jax.Array):
         policy, valid = pair_logprobs(output.logits, batch)
-        reference_sums, _ = pair_logprobs(reference.logits, batch)
+        if self.uses_frozen:
+            reference_sums, _ = pair_logprobs(reference.logits, batch)
+        else:
+            reference_sums = batch[REFERENCE_LOGPS].astype(jnp.float32)
         per_pair, margin = dpo_terms(policy, reference_sums, self.beta)
         mean = lambda x: jnp.sum(x * valid) / jnp.maximum(pairs, 1.0)
         chosen = self.beta * (policy[:, 0] - reference_sums[:, 0])

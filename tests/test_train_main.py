@@ -250,6 +250,22 @@ def test_dpo_from_the_main_job_checkpoint(straight, tmp_path):
     assert records[0]["pairs"] == 8 and records[-1]["dpo_margin"] > records[0]["dpo_margin"], records
 
 
+@pytest.mark.slow  # ~4 min
+def test_dpo_from_stored_reference_logps(straight, tmp_path):
+    """score_preferences.py scores the shipped pairs with the SFT run's weights; DPO from those weights
+    with `reference=data` then needs no reference forward and starts at log 2, like the in-step one."""
+    scored = tmp_path / "scored.jsonl"
+    process = _spawn(["score_preferences.py", "--config=configs/tiny.py", f"--init_checkpoint={straight[0]}",
+                      f"--output={scored}"], tmp_path, "score")
+    stdout, _ = _finish(process, tmp_path, "score")
+    assert f"wrote {scored}: {{'scored': 300, 'dropped_too_long': 0, 'skipped': 0}}" in stdout
+    _, records = _objective_run(tmp_path, "dpo_stored", [
+        "--config.objective=dpo", "--config.dpo.reference=data", f"--init_checkpoint={straight[0]}",
+        "--config.dpo.beta=0.5", f"--config.data.preference_sources=(('{scored}', 1.0),)"])
+    assert abs(records[0]["main_loss"] - np.log(2.0)) < 1e-4, records[0]
+    assert records[0]["pairs"] == 8 and records[-1]["dpo_margin"] > records[0]["dpo_margin"], records
+
+
 @pytest.mark.slow
 def test_grpo_on_the_shipped_rollouts_and_distillation_from_a_teacher(straight, tmp_path):
     """GRPO on data/sample/rollouts.jsonl (rewards and sampling log-probs from the file) and on-policy

@@ -27,19 +27,28 @@ def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
     return sorted(rows)
 
 
+TOKEN_FIELDS = {key: ("seq", np.int32) for key in BATCH_KEYS}
+
+
 class GlobalBatches:
-    """Iterator of {"tokens","loss_mask","segment_ids","positions"}: global int32[batch, seq_len]
-    arrays with `sharding`; `get_state()` / `set_state()` save and restore every stream's position.
-    `encoder` and `stats` are those of the pipelines (`data.pipeline.SFTPipeline`).
+    """Iterator of global arrays with `sharding`, one per field: by default {"tokens","loss_mask",
+    "segment_ids","positions"} int32[batch, seq_len]; `get_state()` / `set_state()` save and restore
+    every stream's position. `encoder` and `stats` are those of the pipelines
+    (`data.pipeline.SFTPipeline`).
 
     Every process must call `get_state` at the same step (it gathers the other processes' streams).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, build=build_sft_pipeline):
+    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, build=build_sft_pipeline,
+                 fields=None):
         """`build(config, process_index=, process_count=, encoder=)` makes one stream's pipeline:
-        `build_sft_pipeline` (SFT) or `build_preference_pipeline` (DPO pairs)."""
+        `build_sft_pipeline` (SFT) or `build_preference_pipeline` (DPO pairs). `fields` maps each
+        batch key to (trailing dims: "seq" for seq_len or a tuple, dtype); default TOKEN_FIELDS."""
         self.streams = config.streams or jax.process_count()
         self.shape = (config.global_batch_size, config.seq_len)
+        self.fields = {key: ((config.global_batch_size, config.seq_len) if dims == "seq"
+                             else (config.global_batch_size, *dims), np.dtype(dtype))
+                       for key, (dims, dtype) in (fields or TOKEN_FIELDS).items()}
         self.sharding = sharding
         if config.global_batch_size % self.streams:
             raise ValueError(f"global_batch_size {config.global_batch_size} does not split into "
@@ -59,7 +68,8 @@ class GlobalBatches:
 
     def abstract(self) -> dict:
         """ShapeDtypeStructs of a batch, e.g. to compile the step before the first batch exists."""
-        return {key: jax.ShapeDtypeStruct(self.shape, np.int32, sharding=self.sharding) for key in BATCH_KEYS}
+        return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)
+                for key, (shape, dtype) in self.fields.items()}
 
     def __iter__(self):
         return self
@@ -75,8 +85,8 @@ class GlobalBatches:
     def __next__(self) -> dict:
         parts = [next(iterator) for iterator in self._iterators]
         return {key: jax.make_array_from_process_local_data(
-                    self.sharding, np.concatenate([np.asarray(part[key]) for part in parts]), self.shape)
-                for key in parts[0]}
+                    self.sharding, np.concatenate([np.asarray(part[key], dtype) for part in parts]), shape)
+                for key, (shape, dtype) in self.fields.items()}
 
     def get_state(self) -> list:
         """The position of every stream (of all processes), in stream order."""
