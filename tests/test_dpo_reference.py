@@ -1,5 +1,5 @@
 """DPO with the reference log-probabilities stored with the pairs (`config.dpo.reference="data"`):
-score_preferences.py writes them from the reference model, the preference pipeline batches them,
+objectives/dpo_reference.py (score_preferences.py) writes them from the reference model, the preference pipeline batches them,
 and they are the reference forward's own numbers, so the loss is the in-step one."""
 import itertools
 import json
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import score_preferences
 from configs import tiny
 from data.errors import DataError
 from data.pipeline import build_preference_pipeline
 from mesh.sharding import activate
 from model.args import from_config
 from objectives.dpo import DPO, pair_logprobs
+from objectives.dpo_reference import score_pairs
 from objectives.sequence import BATCH_FIELDS
 from trainer.sharded_init import build_mesh, init_sharded
 from trainer.state import split_variables
@@ -43,7 +43,7 @@ def scored(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("scored")
     config = _config(tmp_path, _shipped_pairs(PAIRS))
     output = tmp_path / "scored.jsonl"
-    result = score_preferences.score(config, None, str(output), log=lambda _: None)
+    result = score_pairs(config, None, str(output), log=lambda _: None)
     return config, output, result
 
 
