@@ -25,6 +25,7 @@ def get_config():
         o_lora_rank=32,
         sliding_window=32,
         window_block=8,
+        query_chunk=64,
         compress_ratios=compress_ratios(NUM_LAYERS, first=0),
         index_n_heads=4,
         index_head_dim=32,

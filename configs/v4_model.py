@@ -42,6 +42,7 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
         vocab_size=129280,
         sliding_window=128,
         window_block=32,  # queries per window block: W + 32 keys scored per query instead of 2W
+        query_chunk=512,  # queries whose attention scores are alive at once (0: the whole sequence)
         index_n_heads=64,
         index_head_dim=128,
     )

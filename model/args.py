@@ -65,6 +65,7 @@ class ModelArgs:
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * tokens * k / E) assignments
     expert_tile: int = 0  # padded dispatch: > 0 runs the expert MLP only on occupied tiles of this many rows
     window_block: int = 0  # query rows per sliding-window block, dividing the window (config 0 = the window)
+    query_chunk: int = 0  # queries whose attention scores are alive at once, a multiple of window_block; 0 = all
 
     @property
     def compute_dtype(self):
@@ -135,6 +136,8 @@ def from_config(model_config) -> ModelArgs:
     _require(args.expert_tile >= 0, "expert_tile", f"{args.expert_tile} must be >= 0 (0 = whole buffers)")
     _require(args.window_block > 0 and args.sliding_window % args.window_block == 0, "window_block",
              f"{args.window_block} must divide sliding_window={args.sliding_window}")
+    _require(args.query_chunk >= 0 and args.query_chunk % args.window_block == 0, "query_chunk",
+             f"{args.query_chunk} must be 0 (all queries at once) or a multiple of window_block={args.window_block}")
     _require(args.num_heads % args.o_groups == 0, "o_groups",
              f"{args.o_groups} does not divide num_heads={args.num_heads}")
     _require(0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0, "rope_head_dim",

@@ -7,6 +7,12 @@ The window is computed blockwise: the queries of a block of B rows (B = window_b
 window W) see the W + B keys that end with their block, so the cost is O(S * (W + B)) instead of
 O(S^2); smaller blocks compute fewer masked-out scores (2W at B = W, 1.25W at B = W/4) in more,
 smaller matmuls. Window, compressed entries and sink share one softmax.
+
+Scores and probabilities are float32 [heads, queries, W + B + entries + 1]: for V4-Pro's 128 heads
+and 1,024 CSA entries, 2.3 GiB per 4,096-token sequence, each, several alive in the backward. With
+`query_chunk` > 0 the blocks go through that softmax `query_chunk` queries at a time, in a loop whose
+body is recomputed in the backward pass, so only one chunk's scores are ever alive; the arithmetic
+per query is the same.
 """
 import jax
 import jax.numpy as jnp
@@ -52,6 +58,47 @@ def _window_mask(segment_ids: jax.Array, window: int, block: int) -> jax.Array:
     return in_window & (seg_q[..., :, None] == seg_k[..., None, :])
 
 
+def _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale):
+    """One softmax over window keys, compressed entries and sink for m blocks of B queries.
+
+    q_blocks [b, m, B, h, c], kv_blocks [b, m, W+B, c], mask [b, m, B, W+B] bool, entries [b, n, c] or
+    None, usable [b, m, B, n] bool (with entries), sink [h] -> [b, m, B, h, c] in q's dtype."""
+    dtype = q_blocks.dtype
+    span = kv_blocks.shape[2]
+    logits = jnp.einsum("bmqhc,bmkc->bmhqk", q_blocks, kv_blocks, preferred_element_type=jnp.float32) * scale
+    pieces = [jnp.where(mask[:, :, None], logits, -jnp.inf)]
+    if entries is not None:
+        comp = jnp.einsum("bmqhc,bnc->bmhqn", q_blocks, entries, preferred_element_type=jnp.float32) * scale
+        pieces.append(jnp.where(usable[:, :, None], comp, -jnp.inf))
+    b, m, h, block = logits.shape[:4]
+    pieces.append(jnp.broadcast_to(sink[None, None, :, None, None], (b, m, h, block, 1)))
+    probs = jax.nn.softmax(jnp.concatenate(pieces, axis=-1), axis=-1)
+    out = jnp.einsum("bmhqk,bmkc->bmqhc", probs[..., :span].astype(dtype), kv_blocks)
+    if entries is not None:
+        out = out + jnp.einsum("bmhqn,bnc->bmqhc", probs[..., span:-1].astype(dtype), entries)
+    return out
+
+
+def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, chunk_blocks: int):
+    """`_attend` over groups of `chunk_blocks` blocks, one group at a time, each recomputed in the
+    backward pass (see the module docstring); 0 or more blocks than there are: all at once."""
+    nb = q_blocks.shape[1]
+    if not chunk_blocks or chunk_blocks >= nb:
+        return _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale)
+    chunks = -(-nb // chunk_blocks)
+
+    def split(x):
+        """[b, nb, ...] -> [chunks, b, chunk_blocks, ...]; padded blocks are masked out (False / 0)."""
+        x = jnp.pad(x, [(0, 0), (0, chunks * chunk_blocks - nb)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk_blocks, *x.shape[2:]), 1, 0)
+
+    inputs = (q_blocks, kv_blocks, mask) + ((usable,) if entries is not None else ())
+    body = jax.checkpoint(lambda xs: _attend(*xs[:3], entries, xs[3] if entries is not None else None, sink, scale))
+    out = jax.lax.map(body, tuple(split(x) for x in inputs))               # [chunks, b, chunk_blocks, B, h, c]
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], chunks * chunk_blocks, *out.shape[3:])[:, :nb]
+
+
 class Attention(nnx.Module):
     def __init__(self, args: ModelArgs, kind: str, rngs: nnx.Rngs):
         self.kind, self.args = kind, args
@@ -76,7 +123,6 @@ class Attention(nnx.Module):
         args, dtype = self.args, u.dtype
         b, s, _ = u.shape
         window, block = args.sliding_window, args.window_block
-        span = window + block
         q_latent = self.q_norm(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)))
         q = jnp.einsum("bsr,rhc->bshc", q_latent, self.wq_b[...].astype(dtype))
         q = rms_normalize(q, args.rms_norm_eps).astype(dtype)
@@ -85,36 +131,21 @@ class Attention(nnx.Module):
         kv = rope.rotate(kv, positions, self._inv_freq())
         scale = args.head_dim ** -0.5
 
-        # Window logits, blockwise: [b, nb, h, B, W+B].
+        # Query blocks of B rows, each with the W + B keys ending at it: [b, nb, B, ...].
         q_blocks = _blocks(q, block)
         kv_blocks = _with_preceding(_blocks(kv, block), window // block)
         nb = q_blocks.shape[1]
-        win_logits = jnp.einsum("bnqhc,bnkc->bnhqk", q_blocks, kv_blocks,
-                                preferred_element_type=jnp.float32) * scale
-        win_logits = jnp.where(_window_mask(segment_ids, window, block)[:, :, None], win_logits, -jnp.inf)
-        win_logits = win_logits.transpose(0, 2, 1, 3, 4).reshape(b, args.num_heads, nb * block, span)
-
-        pieces = [win_logits]
+        entries = usable = None
         if self.compressor is not None:
             compressed = self.compressor(u, positions, segment_ids)
             entries = compressed.values.astype(dtype)  # [b, n, c]
             usable = compressed.usable(positions, segment_ids, self.ratio)
             if self.indexer is not None:
                 usable = self.indexer(u, q_latent, positions, segment_ids, usable)
-            comp_logits = jnp.einsum("bshc,bnc->bhsn", q, entries, preferred_element_type=jnp.float32) * scale
-            comp_logits = jnp.where(usable[:, None], comp_logits, -jnp.inf)
-            pieces.append(jnp.pad(comp_logits, ((0, 0), (0, 0), (0, nb * block - s), (0, 0)),
-                                  constant_values=-jnp.inf))
-        sink = jnp.broadcast_to(self.attn_sink[...].astype(jnp.float32)[None, :, None, None],
-                                (b, args.num_heads, nb * block, 1))
-        probs = jax.nn.softmax(jnp.concatenate(pieces + [sink], axis=-1), axis=-1)
-
-        win_probs = probs[..., :span].reshape(b, args.num_heads, nb, block, span)
-        out = jnp.einsum("bhnqk,bnkc->bnqhc", win_probs.astype(dtype), kv_blocks)
+            usable = _blocks(usable, block)  # [b, nb, B, n]; rows past the sequence use none
+        out = _attend_in_chunks(q_blocks, kv_blocks, _window_mask(segment_ids, window, block), entries, usable,
+                                self.attn_sink[...].astype(jnp.float32), scale, args.query_chunk // block)
         out = out.reshape(b, nb * block, args.num_heads, -1)[:, :s]
-        if self.compressor is not None:
-            comp_probs = probs[:, :, :s, span:-1]
-            out = out + jnp.einsum("bhsn,bnc->bshc", comp_probs.astype(dtype), entries)
         # Keys are values, so values carry absolute RoPE: rotate back by the query position.
         out = constrain(rope.rotate(out, positions[..., None], self._inv_freq(), inverse=True), HEADS)
 

@@ -77,18 +77,28 @@ def shard_bytes(tree) -> int:
     return total
 
 
+def _score_bytes_per_query(args: ModelArgs, seq_len: int, tensor: int) -> float:
+    """Attention scores and probabilities of one query (window span + compressed entries + sink,
+    float32), the largest per-query intermediates."""
+    ratios = [r for r in args.compress_ratios if r]
+    entries = seq_len // min(ratios) if ratios else 0
+    span = args.sliding_window + args.window_block + entries + 1
+    return 2 * max(args.num_heads // tensor, 1) * span * 4
+
+
 def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
     """What one layer keeps per token for its backward pass when nothing is recomputed: residual
-    streams, attention projections, scores and probabilities (window span + compressed entries +
-    sink, float32), the indexer's per-head scores, the routed rows' gate/up/h (float32) and the
-    shared expert's."""
+    streams, attention projections, scores and probabilities unless they are computed in query
+    chunks (`_score_bytes_per_query`), the indexer's per-head scores, the routed rows' gate/up/h
+    (float32) and the shared expert's."""
     act = np.dtype(args.compute_dtype).itemsize
     heads = max(args.num_heads // tensor, 1)
     ratios = [r for r in args.compress_ratios if r]
     entries = seq_len // min(ratios) if ratios else 0
-    span = args.sliding_window + args.window_block + entries + 1
     streams = 3 * args.hc_mult * args.hidden_size * act + 2 * args.hidden_size * act
-    attention = (3 * heads * args.head_dim + args.head_dim + args.q_lora_rank) * act + 2 * heads * span * 4
+    attention = (3 * heads * args.head_dim + args.head_dim + args.q_lora_rank) * act
+    if not args.query_chunk:
+        attention += _score_bytes_per_query(args, seq_len, tensor)
     indexer = 2 * max(args.index_n_heads // tensor, 1) * entries * 4 if ratios else 0
     inter = args.moe_intermediate_size // tensor
     moe = (args.num_experts_per_tok * (args.hidden_size * act + 3 * inter * 4)
@@ -99,14 +109,18 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
 def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict) -> float:
     """Activations per device for a [batch_size, seq_len] batch: without remat every layer keeps its
     intermediates (`_layer_bytes_per_token`); with remat a layer keeps only its input streams and one
-    layer's intermediates are live at a time. On top, the largest transient: the MoE dispatch
-    buffers or the vocabulary logits."""
+    layer's intermediates are live at a time. On top, one query chunk's attention scores (when they
+    are chunked) and the largest transient: the MoE dispatch buffers or the vocabulary logits."""
     token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
     tokens = batch_size * seq_len // token_shards
     act = np.dtype(args.compute_dtype).itemsize
     layers = args.num_layers + args.num_mtp_layers
     per_layer = _layer_bytes_per_token(args, seq_len, tensor) * tokens
+    if args.query_chunk:  # recomputed chunk by chunk: one chunk of every local row is alive
+        chunk_scores = _score_bytes_per_query(args, seq_len, tensor) * tokens // seq_len * min(args.query_chunk, seq_len)
+    else:
+        chunk_scores = 0
     if args.remat_policy == "none":
         kept = layers * per_layer
     else:
@@ -115,7 +129,7 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
     moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways
     logits = tokens * args.vocab_size // tensor * 4 * 2
-    return kept + max(moe, logits)
+    return kept + chunk_scores + max(moe, logits)
 
 
 def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_shape: dict) -> dict:
