@@ -89,7 +89,7 @@ def rules(experts_over_data: bool = False) -> tuple:
 
 def expert_mesh_axes(rule_table) -> tuple:
     """The mesh axes the routed experts' `expert` dim is sharded over under `rule_table`."""
-    target = dict(rule_table)["expert"]
+    target = next(target for name, target in rule_table if name == "expert")  # the first rule wins
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
