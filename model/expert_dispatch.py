@@ -1,5 +1,7 @@
 """Expert-parallel dispatch of the routed experts: sort where the tokens are, all-to-all over the
-`expert` mesh axis, grouped matmul over the local experts, all-to-all back, combine.
+mesh axes of the experts' `expert` dim (`expert`, or data x expert with
+`configs.parallelism.rules(experts_over_data=True)`), grouped matmul over the local experts,
+all-to-all back, combine.
 
 `model.moe.RoutedExperts.__call__` (the dense reference) runs every expert on every token, so it
 costs E/k times the useful FLOPs. Here each device sorts its own (token, expert) assignments by
