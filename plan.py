@@ -56,7 +56,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     from mesh.layout import plan_layout
     from mesh.presets import get_topology
     from model.args import from_config
-    from model.flops import train_flops_per_token
+    from model.flops import train_flops_per_step
     from model.summary import count_parameters
     from planner import estimate, extrapolate, measure, memory
     from planner.program import compile_step
@@ -110,7 +110,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     totals = extrapolate.combine(args, measured)
     flops_per_device = totals[measure.FLOPS] + measure.uncounted_tile_flops(
         args, config.batch_size, config.seq_len, shape, rules)
-    model_flops = train_flops_per_token(args, config.seq_len) * tokens
+    model_flops = train_flops_per_step(args, config.batch_size, config.seq_len)
 
     collectives, comm_seconds = [], 0.0
     for key in sorted(totals):

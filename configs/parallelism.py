@@ -33,6 +33,7 @@ Note: a dimension must divide by the product of its mesh axes (mesh.sharding che
 import ml_collections
 
 from mesh import axes
+from mesh.axes import mesh_axes_of
 
 DEFAULT_TOPOLOGY = "cm384-8"
 
@@ -89,8 +90,7 @@ def rules(experts_over_data: bool = False) -> tuple:
 
 def expert_mesh_axes(rule_table) -> tuple:
     """The mesh axes the routed experts' `expert` dim is sharded over under `rule_table`."""
-    target = next(target for name, target in rule_table if name == "expert")  # the first rule wins
-    return (target,) if isinstance(target, str) else tuple(target or ())
+    return mesh_axes_of(next(target for name, target in rule_table if name == "expert"))  # the first rule wins
 
 
 # Pure FSDP unless told otherwise: fsdp takes whatever the other axes leave.

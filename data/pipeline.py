@@ -126,26 +126,16 @@ def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadSta
 def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
                               process_count: int = 1, encoder: Encoder | None = None,
                               with_reference: bool = False) -> SFTPipeline:
-    """Batches for DPO from `config.preference_sources`: one pair per row (`packing.pair_row`: chosen as
-    segment 1, rejected as segment 2, replies in the loss mask); a pair longer than the row is
-    dropped and counted (a cut reply would compare different things). `with_reference`: every pair
-    must carry its reference log-probabilities, batched as `reference_logps` float32[batch, 2]."""
+    """Batches for DPO from `config.preference_sources`: one pair per row (`preference_rows`); a pair
+    longer than the row is dropped and counted (a cut reply would compare different things).
+    `with_reference`: every pair must carry its reference log-probabilities, batched as
+    `reference_logps` float32[batch, 2]."""
     _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
     stats = LoadStats()
-    pad_id = encoder.tokenizer.token_id(encoder.template.pad)
     examples, weights = [], []
     for pattern, weight in config.preference_sources:
-        rows = []
-        for pair in load_preferences(pattern, encoder, skip_bad=config.skip_bad_records, stats=stats,
-                                     require_reference=with_reference):
-            row = packing.pair_row(preference_sequences(pair), config.seq_len, pad_id)
-            if row is None:
-                stats.dropped_too_long += 1
-                continue
-            if with_reference:
-                row[REFERENCE_LOGPS] = pair[REFERENCE_LOGPS]
-            rows.append(row)
+        rows = [row for _, row in preference_rows(pattern, encoder, config, stats, require_reference=with_reference)]
         if not rows:
             raise DataError(pattern, f"no preference pair fits seq_len={config.seq_len}", reason="no_examples")
         examples.append(rows)
@@ -154,33 +144,58 @@ def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_inde
                     process_count, stats, encoder)
 
 
+def preference_rows(pattern: str, encoder: Encoder, config: ml_collections.ConfigDict, stats: LoadStats, *,
+                    require_reference: bool = False):
+    """(the record as read, its batch row) of every pair of `pattern` that fits `config.seq_len`, in file
+    order; the row is `packing.pair_row` (chosen = segment 1, rejected = segment 2, replies in the loss
+    mask), plus `reference_logps` float32[2] when `require_reference` (a pair without them is bad).
+    Pairs that do not fit are counted in `stats.dropped_too_long`."""
+    pad_id = encoder.tokenizer.token_id(encoder.template.pad)
+    parse = functools.partial(parse_preference, require_reference=require_reference)
+    for located, pair in _encoded_records(pattern, lambda value: (value, parse(value)),
+                                          lambda record, enc: encode_preference(record[1], enc), encoder,
+                                          config.skip_bad_records, stats, PAIR_ARRAYS):
+        row = packing.pair_row(preference_sequences(pair), config.seq_len, pad_id)
+        if row is None:
+            stats.dropped_too_long += 1
+            continue
+        if require_reference:
+            row[REFERENCE_LOGPS] = pair[REFERENCE_LOGPS]
+        yield located.record[0], row
+
+
 def load_conversations(pattern: str, *, skip_bad: bool = False, stats: LoadStats | None = None) -> list:
     """The SFT conversations of a held-out set, for `evaluation.exact_match_accuracy`."""
     stats = stats or LoadStats()
     return [r.record for r in read_records(pattern, parse_sft, skip_bad=skip_bad, stats=stats)]
 
 
-def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
-    out = []
+def _encoded_records(pattern, parse, encode, encoder, skip_bad, stats, arrays):
+    """(Located, encode(record)) of every record whose `arrays` are in the vocabulary."""
     for located in read_records(pattern, parse, skip_bad=skip_bad, stats=stats):
         try:
             item = encode(located.record, encoder)
             for key in arrays:
                 encoder.check_vocab(item[key])
-            out.append(item)
         except InvalidRecord as e:
             reject(located, e, skip_bad=skip_bad, stats=stats)
-    stats.records_kept += len(out)
-    return out
+            continue
+        stats.records_kept += 1
+        yield located, item
 
 
-def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False, stats: LoadStats | None = None,
-                     require_reference: bool = False) -> list[dict[str, np.ndarray]]:
-    """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R], ("reference_logps": float32[2])}]
-    (see encode_preference); `require_reference`: a pair without reference log-probabilities is bad."""
-    parse = functools.partial(parse_preference, require_reference=require_reference)
-    return _load_encoded(pattern, parse, encode_preference, encoder, skip_bad,
-                         stats or LoadStats(), ("prompt", "chosen", "rejected"))
+def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
+    return [item for _, item in _encoded_records(pattern, parse, encode, encoder, skip_bad, stats, arrays)]
+
+
+PAIR_ARRAYS = ("prompt", "chosen", "rejected")
+
+
+def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
+                     stats: LoadStats | None = None) -> list[dict[str, np.ndarray]]:
+    """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R]}] (see encode_preference)."""
+    return _load_encoded(pattern, parse_preference, encode_preference, encoder, skip_bad,
+                         stats or LoadStats(), PAIR_ARRAYS)
 
 
 def load_prompts(pattern: str, encoder: Encoder, *, skip_bad: bool = False,

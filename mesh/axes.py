@@ -67,3 +67,10 @@ ACTIVATION_AXES = {
 }
 
 LOGICAL_AXES = {**PARAM_AXES, **ACTIVATION_AXES}
+
+
+def mesh_axes_of(rule):
+    """A rule's value or a PartitionSpec entry as a tuple of mesh axes (None -> (), 'fsdp' -> ('fsdp',))."""
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)

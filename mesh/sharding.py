@@ -12,6 +12,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mesh.axes import mesh_axes_of
+
 _ACTIVE = threading.local()
 
 
@@ -46,13 +48,6 @@ def active():
     return getattr(_ACTIVE, "value", None)
 
 
-def _mesh_axes_of(rule):
-    """A rule's value as a tuple of mesh axes (None -> (), 'fsdp' -> ('fsdp',))."""
-    if rule is None:
-        return ()
-    return (rule,) if isinstance(rule, str) else tuple(rule)
-
-
 def resolve_spec(what, names, shape, mesh_sizes, rules):
     """The checked PartitionSpec of a tensor `what` with logical `names` (shape may be None).
 
@@ -71,7 +66,7 @@ def resolve_spec(what, names, shape, mesh_sizes, rules):
                            f"rules cover {sorted(table)}")
         chosen = None
         for target in table[name]:
-            axes = _mesh_axes_of(target)
+            axes = mesh_axes_of(target)
             for axis in axes:
                 if axis not in mesh_sizes:
                     raise ValueError(f"{what}: rule {name!r} -> {target!r} names mesh axis "
@@ -80,7 +75,7 @@ def resolve_spec(what, names, shape, mesh_sizes, rules):
                 chosen = axes
                 break
         if chosen is None:
-            taken = {axis: used[axis] for target in table[name] for axis in _mesh_axes_of(target)
+            taken = {axis: used[axis] for target in table[name] for axis in mesh_axes_of(target)
                      if axis in used}
             owners = ", ".join(f"{axis!r} by dim {d} ({names[d]!r})" for axis, d in taken.items())
             raise ValueError(f"{what} {shape}: every rule of dim {dim} ({name!r}) needs a mesh axis "
@@ -100,7 +95,7 @@ def logical_to_spec(names, rules, mesh_sizes=None):
     """A PartitionSpec for a tuple of logical names; unknown names are an error."""
     if mesh_sizes is None:
         mesh_sizes = {axis: 1 for target in candidates(rules).values() for t in target
-                      for axis in _mesh_axes_of(t)}
+                      for axis in mesh_axes_of(t)}
     return resolve_spec("activation", names, None, mesh_sizes, rules)
 
 

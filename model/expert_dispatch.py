@@ -52,6 +52,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from mesh import axes
+from mesh.axes import mesh_axes_of
 from mesh.sharding import active, resolve_spec
 from model.activations import clamped_swiglu
 from model.grouped_mlp import expert_mlp, occupied_tiles
@@ -62,13 +63,6 @@ W13_NAMES = ("expert", "expert_embed", "expert_mlp")  # w1, w3 [E, d, I]
 W2_NAMES = ("expert", "expert_mlp", "expert_embed")   # w2 [E, I, d]
 # Platforms whose XLA backend implements the ragged-all-to-all HLO (XLA:CPU does not).
 RAGGED_ALL_TO_ALL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
-
-
-def _mesh_axes(entry):
-    """A PartitionSpec entry as a tuple of mesh axes."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def ragged_all_to_all_supported(platform: str) -> bool:
@@ -260,7 +254,7 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
     w2_spec = resolve_spec("routed w2", W2_NAMES, w2.shape, sizes, rules)
     if w2_spec != PartitionSpec(w13_spec[0], w13_spec[2], w13_spec[1]):
         raise ValueError(f"routed w2 spec {w2_spec} is not w1's {w13_spec} with d and I swapped")
-    expert_axes = _mesh_axes(w13_spec[0])
+    expert_axes = mesh_axes_of(w13_spec[0])
     ep = math.prod(sizes[axis] for axis in expert_axes)
     platform = mesh.devices.flat[0].platform
     if backend == "ragged" and ep > 1 and not ragged_all_to_all_supported(platform):
@@ -270,9 +264,9 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
             f"use backend='padded'")
     body = jax.shard_map(
         lambda *args: _shard(*args, expert_axes=expert_axes, ep=ep,
-                             gather_axes=tuple(a for a in _mesh_axes(w13_spec[1]) if sizes[a] > 1),
-                             tensor_axes=_mesh_axes(w13_spec[2]),
-                             token_axes=_mesh_axes(token_spec[0]), **settings),
+                             gather_axes=tuple(a for a in mesh_axes_of(w13_spec[1]) if sizes[a] > 1),
+                             tensor_axes=mesh_axes_of(w13_spec[2]),
+                             token_axes=mesh_axes_of(token_spec[0]), **settings),
         mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w13_spec, w13_spec, w2_spec),
         out_specs=(token_spec, PartitionSpec()))
     return body(x, routing.experts, routing.weights, w1, w3, w2)

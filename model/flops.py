@@ -40,3 +40,7 @@ def attention_flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 def train_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return 3 * (2 * matmul_params_per_token(args) + attention_flops_per_token(args, seq_len))
+
+
+def train_flops_per_step(args: ModelArgs, batch_size: int, seq_len: int) -> float:
+    return train_flops_per_token(args, seq_len) * batch_size * seq_len

@@ -9,6 +9,7 @@ summed log-probabilities added as `ref_chosen_logps` / `ref_rejected_logps`. The
 DPO would use in the step: the weights of an Orbax checkpoint, or the seed's initialisation. The
 output file appears only when complete.
 """
+import itertools
 import json
 import os
 
@@ -16,12 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data import packing
-from data.encode import encode_preference, preference_sequences, reject
-from data.errors import InvalidRecord, LoadStats
-from data.formats import parse_preference
-from data.jsonl import read_records
-from data.pipeline import build_encoder
+from data.errors import LoadStats
+from data.pipeline import build_encoder, preference_rows
 from mesh.sharding import activate
 from model.args import from_config
 from objectives.dpo import pair_logprobs
@@ -29,27 +26,6 @@ from trainer.checkpointing import Checkpointer, abstract_like
 from trainer.sharded_init import build_mesh, init_sharded
 from trainer.state import split_variables
 from trainer.step import batch_sharding_of
-
-
-def _pairs(config, encoder, stats):
-    """(raw record, batch row) of every pair that fits, in source then file order."""
-    pad_id = encoder.tokenizer.token_id(encoder.template.pad)
-    for pattern, _ in config.preference_sources:
-        for located in read_records(pattern, lambda value: (value, parse_preference(value)),
-                                    skip_bad=config.skip_bad_records, stats=stats):
-            raw, pair = located.record
-            try:
-                encoded = encode_preference(pair, encoder)
-                for key in ("prompt", "chosen", "rejected"):
-                    encoder.check_vocab(encoded[key])
-            except InvalidRecord as error:
-                reject(located, error, skip_bad=config.skip_bad_records, stats=stats)
-                continue
-            row = packing.pair_row(preference_sequences(encoded), config.seq_len, pad_id)
-            if row is None:
-                stats.dropped_too_long += 1
-                continue
-            yield raw, row
 
 
 def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> dict:
@@ -76,33 +52,29 @@ def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> 
             logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
             return pair_logprobs(logits, batch)[0]
 
-        def flush(raws, rows, out):
+        def write(scored, out):
+            """Scores one batch of (record, row) and writes the records with their reference log-probs."""
+            rows = [row for _, row in scored]
             padded = rows + [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (rows_per_batch - len(rows))
             batch = {k: jax.device_put(np.stack([r[k] for r in padded]), batch_sharding) for k in rows[0]}
             sums = np.asarray(reference_logps(weights, batch))
-            for raw, (chosen, rejected) in zip(raws, sums[:len(rows)]):
+            for (raw, _), (chosen, rejected) in zip(scored, sums):
                 out.write(json.dumps({**raw, "ref_chosen_logps": float(chosen),
                                       "ref_rejected_logps": float(rejected)}) + "\n")
 
         encoder = build_encoder(config.data)
-        partial = f"{output}.partial"
-        scored = 0
+        pairs = itertools.chain.from_iterable(
+            preference_rows(pattern, encoder, config.data, stats) for pattern, _ in config.data.preference_sources)
+        partial, written = f"{output}.partial", 0
         try:
             with open(partial, "w") as out:
-                raws, rows = [], []
-                for raw, row in _pairs(config.data, encoder, stats):
-                    raws.append(raw)
-                    rows.append(row)
-                    if len(rows) == rows_per_batch:
-                        flush(raws, rows, out)
-                        scored, raws, rows = scored + len(rows), [], []
-                if rows:
-                    flush(raws, rows, out)
-                    scored += len(rows)
+                while batch_pairs := list(itertools.islice(pairs, rows_per_batch)):
+                    write(batch_pairs, out)
+                    written += len(batch_pairs)
             os.replace(partial, output)
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
-    result = {"scored": scored, "dropped_too_long": stats.dropped_too_long, "skipped": sum(stats.skipped.values())}
+    result = {"scored": written, "dropped_too_long": stats.dropped_too_long, "skipped": sum(stats.skipped.values())}
     log(f"wrote {output}: {result}")
     return result

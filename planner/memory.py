@@ -77,12 +77,16 @@ def shard_bytes(tree) -> int:
     return total
 
 
+def _compressed_entries(args: ModelArgs, seq_len: int) -> int:
+    """Compressed KV entries of a sequence in the layers that have the most (0 without compression)."""
+    ratios = [r for r in args.compress_ratios if r]
+    return seq_len // min(ratios) if ratios else 0
+
+
 def _score_bytes_per_query(args: ModelArgs, seq_len: int, tensor: int) -> float:
     """Attention scores and probabilities of one query (window span + compressed entries + sink,
     float32), the largest per-query intermediates."""
-    ratios = [r for r in args.compress_ratios if r]
-    entries = seq_len // min(ratios) if ratios else 0
-    span = args.sliding_window + args.window_block + entries + 1
+    span = args.sliding_window + args.window_block + _compressed_entries(args, seq_len) + 1
     return 2 * max(args.num_heads // tensor, 1) * span * 4
 
 
@@ -93,13 +97,12 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
     (float32) and the shared expert's."""
     act = np.dtype(args.compute_dtype).itemsize
     heads = max(args.num_heads // tensor, 1)
-    ratios = [r for r in args.compress_ratios if r]
-    entries = seq_len // min(ratios) if ratios else 0
+    entries = _compressed_entries(args, seq_len)
     streams = 3 * args.hc_mult * args.hidden_size * act + 2 * args.hidden_size * act
     attention = (3 * heads * args.head_dim + args.head_dim + args.q_lora_rank) * act
     if not args.query_chunk:
         attention += _score_bytes_per_query(args, seq_len, tensor)
-    indexer = 2 * max(args.index_n_heads // tensor, 1) * entries * 4 if ratios else 0
+    indexer = 2 * max(args.index_n_heads // tensor, 1) * entries * 4
     inter = args.moe_intermediate_size // tensor
     moe = (args.num_experts_per_tok * (args.hidden_size * act + 3 * inter * 4)
            + 3 * inter * 4 * args.num_shared_experts + 3 * args.num_routed_experts * 4)

@@ -34,11 +34,12 @@ from flax import nnx
 from configs import parallelism
 from mesh import axes as mesh_axes
 from mesh import cost
+from mesh.axes import mesh_axes_of
 from mesh.layout import plan_layout
 from mesh.sharding import resolve_spec
 from model.args import ModelArgs
 from model.expert_dispatch import capacity
-from model.flops import train_flops_per_token
+from model.flops import train_flops_per_step
 from model.summary import abstract_model, component_of
 from planner import memory
 from planner.estimate import placement
@@ -57,10 +58,6 @@ class Tensor:
     itemsize: int
     optimizer_bytes: int    # bytes of the optimizer state tied to it, unsharded
     matmul_share: float     # multiply-adds per token it takes part in (0: lookups, vectors)
-
-
-def _axes_of(entry) -> tuple:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class _Owner:
@@ -95,7 +92,7 @@ def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
             optimizer_bytes[owner.path] = optimizer_bytes.get(owner.path, 0) + owner.nbytes
     routed_share = args.num_experts_per_tok / args.num_routed_experts
 
-    def table(tree, with_optimizer):
+    def table(tree, trainable):
         out = []
         for path, var in nnx.to_flat_state(tree):
             key = "/".join(str(p) for p in path)
@@ -103,10 +100,10 @@ def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
             names = tuple(var.get_metadata()["out_sharding"])
             component = component_of(path)
             share = 0.0
-            if with_optimizer and value.ndim - (names[0] == "layers") >= 2 and component != "embedding":
+            if trainable and value.ndim - (names[0] == "layers") >= 2 and component != "embedding":
                 share = math.prod(value.shape) * (routed_share if "expert" in names else 1.0)
             out.append(Tensor(key, names, tuple(value.shape), np.dtype(value.dtype).itemsize,
-                              optimizer_bytes.get(key, 0) if with_optimizer else 0, share))
+                              optimizer_bytes.get(key, 0) if trainable else 0, share))
         return tuple(out)
 
     return Table(table(params, True), table(routing, False), optimizer_bytes.get(None, 0))
@@ -148,20 +145,16 @@ def _gathered(names, spec) -> tuple:
     its computation (tensor, and the expert axes on a routed expert dim)."""
     axes = []
     for name, entry in zip(names, spec):
-        for axis in _axes_of(entry):
+        for axis in mesh_axes_of(entry):
             if axis != mesh_axes.TENSOR and name != "expert":
                 axes.append(axis)
     return tuple(axes)
 
 
-def step_model_flops(args: ModelArgs, config) -> float:
-    return train_flops_per_token(args, config.seq_len) * config.batch_size * config.seq_len
-
-
 def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Table, hbm_bytes,
              model_flops: float | None = None) -> Candidate:
     """Fills in `candidate`'s memory, fit, time estimate, or the reason it is rejected; `model_flops`
-    of the step (`step_model_flops`) may be given to spare recounting them."""
+    of the step (`model.flops.train_flops_per_step`) may be given to spare recounting them."""
     params, routing = table.params, table.routing
     shape = dict(candidate.axes)
     rules = parallelism.rules(candidate.experts_over_data)
@@ -181,15 +174,16 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
     weights = gradients = 0
     optimizer = table.replicated_optimizer
     flops_weight = flops_total = 0.0
-    for t, spec in zip(routing, specs[len(params):]):
-        weights += math.prod(t.shape) // math.prod(shape[a] for e in spec for a in _axes_of(e)) * t.itemsize
-    for t, spec in zip(params, specs):
-        split = math.prod(shape[a] for e in spec for a in _axes_of(e))
+    spec_axes = [tuple(a for entry in spec for a in mesh_axes_of(entry)) for spec in specs]
+    for t, used in zip(routing, spec_axes[len(params):]):
+        weights += math.prod(t.shape) // math.prod(shape[a] for a in used) * t.itemsize
+    for t, spec, used in zip(params, specs, spec_axes):
+        split = math.prod(shape[a] for a in used)
         numel = math.prod(t.shape)
         weights += numel // split * t.itemsize
         gradients += numel // split * t.itemsize
         optimizer += t.optimizer_bytes // split
-        tensor_split = math.prod(shape[a] for e in spec for a in _axes_of(e) if a == mesh_axes.TENSOR)
+        tensor_split = shape[mesh_axes.TENSOR] if mesh_axes.TENSOR in used else 1
         flops_total += t.matmul_share
         flops_weight += t.matmul_share * shape[mesh_axes.TENSOR] / tensor_split
         gathered = _gathered(t.names, spec)
@@ -199,7 +193,6 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
             full = numel // layers // (split // where.size)
             seconds["all-gather"] += passes * layers * cost.all_gather_seconds(where, full * act)
             seconds["reduce-scatter"] += layers * cost.reduce_scatter_seconds(where, full * t.itemsize)
-        used = {a for e in spec for a in _axes_of(e)}
         replicating = tuple(a for a in TOKEN_AXES if a not in used and shape[a] > 1)
         if replicating:
             seconds["all-reduce"] += cost.all_reduce_seconds(placement(layout, replicating),
@@ -222,7 +215,8 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
                         "activations": memory.activation_bytes(args, config.batch_size, config.seq_len, shape)}
     candidate.memory["total"] = sum(candidate.memory.values())
     candidate.fits = hbm_bytes is None or candidate.memory["total"] <= hbm_bytes
-    model_flops = step_model_flops(args, config) if model_flops is None else model_flops
+    if model_flops is None:
+        model_flops = train_flops_per_step(args, config.batch_size, config.seq_len)
     devices = topology.num_devices
     if topology.peak_flops:
         candidate.compute_s = model_flops / devices / topology.peak_flops * flops_weight / max(flops_total, 1.0)
@@ -236,7 +230,7 @@ def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tenso
     """Every candidate mesh for `config` on `topology`, evaluated with `table` (`tensors(args, tx)`):
     fitting ones first, by estimated step time (then by memory), then the ones that do not fit, then
     the rejected ones."""
-    candidates, model_flops = [], step_model_flops(args, config)
+    candidates, model_flops = [], train_flops_per_step(args, config.batch_size, config.seq_len)
     for shape in mesh_shapes(topology.num_devices, max_tensor):
         for over_data in (False, True) if shape[mesh_axes.DATA] > 1 else (False,):
             candidates.append(evaluate(Candidate(shape, over_data), args, config, topology, table, hbm_bytes,
