@@ -116,7 +116,12 @@ def main(argv):
     distributed.initialize(processes, topology, emulate_devices=_EMULATE.value)
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)
+    with distributed.collective_errors_named(processes):
+        _train(config, topology, processes)
 
+
+def _train(config, topology, processes):
+    """The run, once this process has joined the others."""
     import jax
 
     from mesh.sharding import activate

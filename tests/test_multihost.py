@@ -3,8 +3,11 @@ loopback: 2 processes x 4 emulated devices against 1 process x 8 devices of the 
 
 Default set (no model is compiled, tests/multihost_worker.py): where the process settings come from;
 the global batches one process reads equal those two processes assemble, and their gathered data
-positions agree; a SIGKILLed process (worker or coordinator) makes the other abort within the
-heartbeat timeout.
+positions agree, whether the processes are told who they are by flags or by Slurm's or Open MPI's
+environment, and with emulated or the platform's own devices (--noemulate; too few are refused);
+DPO pairs with stored reference log-probabilities likewise; a SIGKILLed process (worker or
+coordinator) makes the other abort within the heartbeat timeout; a live process that stops joining
+the collectives stops the run after the collective timeout.
 
 Slow set, train.py end to end (each run compiles the tiny step, minutes on 2 loaded cores): 2
 processes train and evaluate like 1 (every step's loss and the final checkpoint within the
@@ -30,7 +33,9 @@ from absl.testing import flagsaver
 from configs import tiny
 from tests.test_train_main import (NO_EVAL, WITH_EVAL, _accuracy_lines, _complete_steps, _finish, _has_step,
                                    _losses, _output, _saved_run, _spawn, _start, _wait_until)
+from tests.multihost_worker import worker_config
 from trainer import distributed
+from trainer.batch_source import build_batch_source
 from trainer.batches import GlobalBatches
 from trainer.sharded_init import build_mesh
 from trainer.step import batch_sharding_of
@@ -79,14 +84,13 @@ def test_process_settings_from_flags_then_environment(parsed_flags):
         distributed.from_flags(env={})
 
 
-def _one_process_batches(count: int) -> tuple[list[dict], list]:
-    """`count` global batches of the tiny config read with STREAMS streams by this one process (8
+def _one_process_batches(count: int, preferences: str | None = None) -> tuple[list[dict], list]:
+    """`count` global batches of the workers' config read with STREAMS streams by this one process (8
     devices), and the data position after them."""
-    config = tiny.get_config()
-    config.data.streams = STREAMS
-    batches = GlobalBatches(config.data, batch_sharding_of(build_mesh(config.mesh), config.mesh.rules))
-    seen = [{key: np.asarray(array) for key, array in next(batches).items()} for _ in range(count)]
-    return seen, batches.get_state()
+    config = worker_config(STREAMS, preferences)
+    source = build_batch_source(config, batch_sharding_of(build_mesh(config.mesh), config.mesh.rules), graphdef=None)
+    seen = [{key: np.asarray(array) for key, array in source.next(None).items()} for _ in range(count)]
+    return seen, source.get_state()
 
 
 def test_one_process_reads_every_stream():
@@ -116,23 +120,98 @@ def test_one_process_reads_every_stream():
         GlobalBatches(config, sharding).set_state(state)
 
 
-def _workers(tmp_path: Path, extra=()) -> list:
-    port = _free_port()
-    return [_spawn(["-m", "tests.multihost_worker", f"--out={tmp_path}", *_process_flags(i, port), *extra],
-                   tmp_path, f"worker{i}") for i in range(PROCESSES)]
+# Ports a launcher's environment makes JAX derive (jax/_src/clusters): 61440 + job id mod 4096.
+DERIVED_PORTS = 61440
+DERIVED_PORT_RANGE = 4096
+OMPI_JOB_ID_UNIT = 4096   # Open MPI job ids are multiples of 2^12; JAX divides them out
 
 
-def test_two_processes_assemble_the_batches_of_one(tmp_path):
-    processes = _workers(tmp_path)
+def _free_derived_port() -> int:
+    """A free port in the range JAX derives coordinator ports from."""
+    for port in np.random.default_rng().permutation(DERIVED_PORT_RANGE) + DERIVED_PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port to derive")
+
+
+def _launcher_env(launcher: str, index: int, port: int) -> dict:
+    """What Slurm (srun) or Open MPI (mpirun) would put in process `index`'s environment on one host,
+    with the job id chosen so that JAX derives `port` for the coordinator."""
+    job = port - DERIVED_PORTS
+    if launcher == "slurm":
+        return {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(PROCESSES),
+                "SLURM_PROCID": str(index), "SLURM_LOCALID": str(index), "SLURM_STEP_NUM_NODES": "1"}
+    return {"OMPI_MCA_orte_hnp_uri": f"{job * OMPI_JOB_ID_UNIT}.0;tcp://127.0.0.1:1", "OMPI_COMM_WORLD_SIZE":
+            str(PROCESSES), "OMPI_COMM_WORLD_RANK": str(index), "OMPI_COMM_WORLD_LOCAL_RANK": str(index)}
+
+
+def _workers(tmp_path: Path, extra=(), launcher: str = "flags", env: dict | None = None) -> list:
+    """PROCESSES workers of one run, told who they are by flags or by a launcher's environment."""
+    if launcher == "flags":
+        port = _free_port()
+        return [_spawn(["-m", "tests.multihost_worker", f"--out={tmp_path}", *_process_flags(i, port), *extra],
+                       tmp_path, f"worker{i}", env) for i in range(PROCESSES)]
+    port = _free_derived_port()
+    timeouts = [f"--heartbeat_timeout_s={HEARTBEAT_S}", f"--shutdown_timeout_s={HEARTBEAT_S}"]
+    return [_spawn(["-m", "tests.multihost_worker", f"--out={tmp_path}", *timeouts, *extra], tmp_path,
+                   f"worker{i}", {**_launcher_env(launcher, i, port), **(env or {})}) for i in range(PROCESSES)]
+
+
+def _assert_batches_of_one(tmp_path: Path, processes: list, preferences: str | None = None):
+    """Every worker ends well and saw the global batches (and data position) one process reads."""
     for i, process in enumerate(processes):
         _finish(process, tmp_path, f"worker{i}")
-    expected, expected_state = _one_process_batches(2)
+    expected, expected_state = _one_process_batches(2, preferences)
     for i in range(PROCESSES):
         seen = np.load(tmp_path / f"process_{i}.npz")
+        assert sorted(seen) == sorted(f"{b}/{key}" for b in range(len(expected)) for key in expected[b])
         for b, batch in enumerate(expected):
             for key, array in batch.items():
                 np.testing.assert_array_equal(seen[f"{b}/{key}"], array, err_msg=f"process {i} batch {b} {key}")
-        assert json.loads((tmp_path / f"process_{i}.json").read_text()) == expected_state
+        stands = json.loads((tmp_path / f"process_{i}.json").read_text())
+        assert stands == {"position": expected_state, "process_index": i, "process_count": PROCESSES,
+                          "local_devices": 8 // PROCESSES}
+
+
+# Each process brings 4 CPU devices of its own, as an accelerator host brings its chips.
+PLATFORM_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+@pytest.mark.parametrize("launcher,extra,env", [
+    ("flags", [], None),
+    ("slurm", [], None),
+    ("ompi", [], None),
+    ("flags", ["--noemulate"], PLATFORM_DEVICES),
+], ids=["flags", "slurm environment", "open mpi environment", "platform devices (--noemulate)"])
+def test_two_processes_assemble_the_batches_of_one(tmp_path, launcher, extra, env):
+    """However the processes learn who they are (flags; Slurm's or Open MPI's variables, with the
+    coordinator derived by JAX) and whether the devices are emulated or the platform's own."""
+    _assert_batches_of_one(tmp_path, _workers(tmp_path, extra, launcher, env))
+
+
+def test_a_process_without_its_share_of_devices_is_refused(tmp_path):
+    """--noemulate on hosts that bring 3 devices each, for a topology of 8: the mesh names the gap."""
+    processes = _workers(tmp_path, ["--noemulate"], env={**PLATFORM_DEVICES, "XLA_FLAGS":
+                                                         "--xla_force_host_platform_device_count=3"})
+    for i, process in enumerate(processes):
+        _, stderr = _finish(process, tmp_path, f"worker{i}", returncode=1)
+        assert "cm384-8" in stderr and "8 devices" in stderr and "6" in stderr, stderr[-2000:]
+
+
+def test_two_processes_assemble_the_stored_reference_pairs_of_one(tmp_path):
+    """DPO with reference=data: the pairs' reference log-probabilities reach the rows they belong to."""
+    source = Path(tiny.get_config().data.preference_sources[0][0])
+    pairs = tmp_path / "scored.jsonl"
+    with source.open() as f, pairs.open("w") as out:
+        for line_number, line in enumerate(f):
+            # Distinct per pair, so a row paired with another's values is caught.
+            record = dict(json.loads(line), ref_chosen_logps=-1.0 - line_number, ref_rejected_logps=-0.5 - line_number)
+            out.write(json.dumps(record) + "\n")
+    _assert_batches_of_one(tmp_path, _workers(tmp_path, [f"--preferences={pairs}"]), str(pairs))
 
 
 @pytest.mark.parametrize("killed", [1, 0], ids=["worker killed", "coordinator killed"])
@@ -148,6 +227,39 @@ def test_a_killed_process_stops_the_other(tmp_path, killed):
     assert time.monotonic() - started < EXIT_BOUND_S
     assert FATAL in stderr
     processes[killed].wait()
+
+
+COLLECTIVE_TIMEOUT_S = 15
+# The waiting process fails after the collective timeout and waits the shutdown timeout for the
+# stuck one, whose runtime then aborts it; the rest is slack for a loaded machine.
+STALL_BOUND_S = COLLECTIVE_TIMEOUT_S + HEARTBEAT_S + 40
+
+
+def test_a_stuck_live_process_stops_the_run(tmp_path):
+    """Process 1 stays alive (heartbeats go on) but stops joining the collectives: process 0's
+    collective fails after --collective_timeout_s with an error that says so; the stuck process
+    never reaches the shutdown barrier, whose failure the runtime then reports to both (SIGABRT)."""
+    processes = _workers(tmp_path, ["--wait_forever", "--stall_process=1",
+                                    f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"])
+    _wait_until(lambda: all((tmp_path / f"process_{i}.json").exists() for i in range(PROCESSES)),
+                processes[0], "both processes running")
+    started = time.monotonic()
+    _, stderr = _finish(processes[0], tmp_path, "worker0", returncode=-signal.SIGABRT, timeout=STALL_BOUND_S)
+    assert f"process 0 of 2: a cross-process collective waited longer than --collective_timeout_s=" \
+           f"{COLLECTIVE_TIMEOUT_S} s" in stderr, stderr[-3000:]
+    _, stuck = _finish(processes[1], tmp_path, "worker1", returncode=-signal.SIGABRT, timeout=STALL_BOUND_S)
+    assert FATAL in stuck
+    assert time.monotonic() - started < STALL_BOUND_S
+
+
+def test_the_collective_timeout_reaches_xla_once():
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    distributed._bound_cpu_collectives(30, env)
+    distributed._bound_cpu_collectives(40, env)
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_collective_timeout_seconds=30"
+    env = {"XLA_FLAGS": "--xla_cpu_collective_timeout_seconds=5"}
+    distributed._bound_cpu_collectives(30, env)
+    assert env["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=5"
 
 
 # --- train.py end to end --------------------------------------------------------------------

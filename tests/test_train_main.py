@@ -31,11 +31,12 @@ RUN_TIMEOUT_S = 900
 POLL_S = 0.2
 
 
-def _spawn(argv, logs: Path, name: str) -> subprocess.Popen:
+def _spawn(argv, logs: Path, name: str, env: dict | None = None) -> subprocess.Popen:
     """`python *argv` in the background from the repo root, emulating its own devices (no XLA_FLAGS
-    from conftest); stdout/stderr go to `logs/<name>.stdout|stderr` (a pipe nobody reads would fill up
-    with the checkpoint logs and stall the child)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    from conftest) and with `env` added to its environment; stdout/stderr go to
+    `logs/<name>.stdout|stderr` (a pipe nobody reads would fill up with the checkpoint logs and stall
+    the child)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}
     return subprocess.Popen(
         [sys.executable, *argv], cwd=ROOT, env=env,
         stdout=(logs / f"{name}.stdout").open("w"), stderr=(logs / f"{name}.stderr").open("w"), text=True)

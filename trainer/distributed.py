@@ -18,7 +18,15 @@ and every other process aborts with "the JAX distributed service detected fatal 
 exit status 134 from a shell); a dead coordinator (process 0) is noticed at once. A process that ends
 with a Python error waits up to --shutdown_timeout_s for the others before it exits, which then
 counts as its death.
+
+A live process that stops joining the collectives (stuck in host code: a hung read, a deadlock) keeps
+sending heartbeats, so the service never declares it dead; without a bound the others would wait in
+their next collective forever (and ignore SIGTERM there). --collective_timeout_s bounds that wait: on
+CPU it is XLA's gloo timeout, after which the waiting collective fails, `collective_errors_named`
+turns the runtime's message into one that names the cause, and the failing process's exit brings
+the stuck one down as above. On Ascend the same bound is HCCL's (HCCL_EXEC_TIMEOUT, in seconds).
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,10 +56,18 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_s", 60, "A process silent this long is dead, and all the others abort.")
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
     "shutdown_timeout_s", 60, "Seconds a finishing (or failing) process waits for the others to finish.")
+_COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
+    "collective_timeout_s", 600, "Seconds a cross-process collective waits for a live peer that does not "
+    "join it (stuck in host code) before it fails and the run stops; longer than any host-side work one "
+    "process does while the others wait (a checkpoint write, an evaluation).")
 
 COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 ID_ENV = ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
 COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS",)
+XLA_FLAGS_ENV = "XLA_FLAGS"
+CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
+# How XLA:CPU's gloo collectives report the timeout above.
+COLLECTIVE_TIMEOUT_MESSAGES = ("Timed out waiting",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +79,7 @@ class Processes:
     init_timeout_s: int
     heartbeat_timeout_s: int
     shutdown_timeout_s: int
+    collective_timeout_s: int
 
 
 def _first(value, names, env, kind):
@@ -82,7 +99,16 @@ def from_flags(env=os.environ) -> Processes:
         raise ValueError(f"process id {index} given for a single-process run; set --num_processes or "
                          f"{COUNT_ENV[0]}")
     return Processes(count, index, _first(_COORDINATOR.value, COORDINATOR_ENV, env, str),
-                     _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value)
+                     _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value,
+                     _COLLECTIVE_TIMEOUT.value)
+
+
+def _bound_cpu_collectives(timeout_s: int, env=os.environ) -> None:
+    """Adds the gloo collective timeout to XLA_FLAGS, read when the backend starts; a value the user
+    put there already wins."""
+    current = env.get(XLA_FLAGS_ENV, "")
+    if CPU_COLLECTIVE_TIMEOUT_FLAG not in current:
+        env[XLA_FLAGS_ENV] = f"{current} {CPU_COLLECTIVE_TIMEOUT_FLAG}={timeout_s}".strip()
 
 
 def initialize(processes: Processes, topology: Topology, *, emulate_devices: bool) -> None:
@@ -92,6 +118,7 @@ def initialize(processes: Processes, topology: Topology, *, emulate_devices: boo
         jax.config.update("jax_platforms", "cpu")
         emulate(topology, processes.count)
     if processes.count > 1:
+        _bound_cpu_collectives(processes.collective_timeout_s)
         jax.distributed.initialize(
             processes.coordinator, processes.count, processes.index,
             initialization_timeout=processes.init_timeout_s,
@@ -108,6 +135,20 @@ def barrier(name: str, processes: Processes) -> None:
     ahead and waiting here before the first run moves that wait to a barrier with a long timeout.
     """
     multihost.get_barrier_sync_fn()(key=name, timeout_ms=processes.init_timeout_s * 1000)
+
+
+@contextlib.contextmanager
+def collective_errors_named(processes: Processes):
+    """Re-raises a collective's timeout as an error that says what it means and where to look."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if processes.count == 1 or not any(m in str(error) for m in COLLECTIVE_TIMEOUT_MESSAGES):
+            raise
+        raise RuntimeError(
+            f"process {jax.process_index()} of {processes.count}: a cross-process collective waited longer "
+            f"than --collective_timeout_s={processes.collective_timeout_s} s for another process, which is "
+            f"stuck (alive, not joining) or gone; see the other processes' logs") from error
 
 
 def is_primary() -> bool:
