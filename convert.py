@@ -15,9 +15,16 @@ and config.json in the release layout):
 
 Both check every tensor against the config before writing, stream one tensor at a time, log
 progress with bytes and ETA, and create OUT only once it is complete.
+
+An import can be shared by N processes (one per host, OUT on storage all of them see), told who they
+are as train.py is (--num_processes/--process_id/--coordinator_address or the launcher's
+environment, trainer/distributed.py): each converts its share of the tensors (hf_io/team.py), process
+0 logs and publishes OUT once all are done. An export runs in one process.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from trainer import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model + mesh config, e.g. configs/v4_flash.py.")
 _DIRECTION = flags.DEFINE_enum("direction", None, ["import", "export"], "import: HF -> Orbax; export: Orbax -> HF.")
@@ -30,6 +37,26 @@ _FORMAT = flags.DEFINE_enum("format", "bf16", ["bf16", "fp8"],
 _STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest complete one).")
 _SHARD_GIB = flags.DEFINE_float("shard_gib", 5.0, "Export: maximum safetensors shard size in GiB.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only validate the input against the config; write nothing.")
+_WAIT = flags.DEFINE_integer("team_wait_s", 3600, "Import in several processes: how long one that finished "
+                             "its share waits for the others before failing.")
+
+
+def _team():
+    """This process's place in the conversion; joins the other processes if there are several."""
+    from hf_io.team import Team
+
+    processes = distributed.from_flags()
+    if processes.count == 1:
+        return Team(wait_s=_WAIT.value)
+    if _DIRECTION.value == "export":
+        raise ValueError(f"--direction=export runs in one process; got {processes.count} processes")
+    # Only the coordination service and one default device per process are needed: no emulation.
+    distributed.initialize(processes, None, emulate_devices=False)
+    import jax
+
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)
+    return Team(jax.process_index(), jax.process_count(), _WAIT.value)
 
 
 def main(argv):
@@ -38,8 +65,12 @@ def main(argv):
     from hf_io.importer import import_checkpoint
 
     config = _CONFIG.value
+    team = _team()
     if _DIRECTION.value == "import":
-        summary = import_checkpoint(_INPUT.value, _OUTPUT.value, config, dtype=_DTYPE.value, dry_run=_DRY_RUN.value)
+        summary = import_checkpoint(_INPUT.value, _OUTPUT.value, config, dtype=_DTYPE.value, dry_run=_DRY_RUN.value,
+                                    team=team)
+        if not team.is_lead:
+            return
         print(f"{'validated' if _DRY_RUN.value else 'imported'} {summary.tensors} tensors "
               f"({summary.input_bytes / 2**30:.2f} GiB) from {_INPUT.value}"
               + ("" if _DRY_RUN.value else f" into {_OUTPUT.value}")

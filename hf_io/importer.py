@@ -21,6 +21,7 @@ from hf_io.hf_config import config_json
 from hf_io.orbax_writer import WeightsWriter, step_directory
 from hf_io.progress import Progress
 from hf_io.safetensors_reader import SafetensorsCheckpoint
+from hf_io.team import SOLO, Team
 from hf_io.validation import FP8_TILES, MXFP4, ConversionError, SourceTensor, check_source
 from hf_io.weights_layout import model_leaves
 from model.args import DTYPES, from_config
@@ -63,8 +64,9 @@ def _storage(sources: list, leaves: dict, dtype) -> dict:
 
 
 def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bfloat16",
-                      dry_run: bool = False) -> ImportSummary:
-    """Converts `source_dir` for `config` (its `model` and target `mesh`) into workdir `output_dir`."""
+                      dry_run: bool = False, team: Team = SOLO) -> ImportSummary:
+    """Converts `source_dir` for `config` (its `model` and target `mesh`) into workdir `output_dir`;
+    in a team, this process converts its share of the tensors (hf_io/team.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not allowed; allowed: {sorted(DTYPES)}")
     storage_dtype = np.dtype(DTYPES[dtype])
@@ -87,10 +89,12 @@ def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bf
                  summary.input_bytes / 2**30, summary.leaves)
     if dry_run:
         return summary
-    progress = Progress(f"import {source_dir}", summary.input_bytes)
-    with atomic_directory(output_dir) as temporary:
-        writer = WeightsWriter(step_directory(temporary, IMPORT_STEP), storage)
-        for source in sources:
+    share = [sources[i] for i in team.share([sizes[s.weight] for s in sources])]
+    what = f"import {source_dir}" + (f" (process {team.index} of {team.count})" if team.count > 1 else "")
+    progress = Progress(what, sum(sizes[s.weight] for s in share))
+    with atomic_directory(output_dir, team) as temporary:
+        writer = WeightsWriter(step_directory(temporary, IMPORT_STEP), storage, team)
+        for source in share:
             tensor = source.tensor
             leaf = leaves[tensor.leaf]
             try:

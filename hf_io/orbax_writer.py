@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from hf_io.team import SOLO, Team
 from hf_io.weights_layout import Leaf
 from trainer.checkpointing import CHECKPOINT_DIR, CONFIG, STATE
 
@@ -55,13 +56,17 @@ def write_slice(array: ts.TensorStore, index: tuple, value: np.ndarray) -> ts.Wr
 class WeightsWriter:
     """Creates the arrays of `leaves` (Leaf -> (storage dtype, positional dims)) under the step
     directory, takes slices, and finishes the item files; `positional dims` are the leading dims
-    written one index at a time (layers, experts), which get chunk extent 1."""
+    written one index at a time (layers, experts), which get chunk extent 1.
 
-    def __init__(self, step_dir: str, leaves: dict):
+    In a team, process 0 creates the arrays and writes the item files; every process writes slices."""
+
+    def __init__(self, step_dir: str, leaves: dict, team: Team = SOLO):
         self.started_ns = time.time_ns()
         self.state_dir = os.path.join(step_dir, STATE)
         self.step_dir = step_dir
-        os.makedirs(self.state_dir)
+        self.team = team
+        if team.is_lead:
+            os.makedirs(self.state_dir)
         self.leaves = leaves
         self.arrays, self._pending = {}, []
         # No fsync per chunk file: the caller syncs once before publishing the directory.
@@ -71,7 +76,13 @@ class WeightsWriter:
             spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
                     "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
                     "dtype": np.dtype(dtype).name, "store_data_equal_to_fill_value": True}
-            self.arrays[leaf.path] = ts.open(spec, create=True, context=self._context).result()
+            if team.is_lead:
+                self.arrays[leaf.path] = ts.open(spec, create=True, context=self._context).result()
+        team.barrier(f"{step_dir}: arrays created")
+        if not team.is_lead:
+            for leaf in leaves:
+                spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)}}
+                self.arrays[leaf.path] = ts.open(spec, open=True, context=self._context).result()
 
     def write(self, leaf: Leaf, index: tuple, value: np.ndarray, what: str):
         """Writes `value` (made from source tensor `what`) at `index` of `leaf`; at most
@@ -97,8 +108,10 @@ class WeightsWriter:
             self._wait_oldest()
 
     def finish(self, config: dict):
-        """Waits for the data, then writes the files that make the step readable."""
+        """Waits for this process's data, then (process 0) writes the files that make the step readable."""
         self.flush()
+        if not self.team.is_lead:
+            return
         with open(os.path.join(self.state_dir, ORBAX_TREE_METADATA), "w") as f:
             json.dump(_tree_metadata(self.leaves), f)
         config_dir = epath.Path(self.step_dir) / CONFIG

@@ -31,6 +31,7 @@ from hf_io.atomic import INCOMPLETE_MARK
 from hf_io.exporter import export_checkpoint
 from hf_io.fixtures import write_release_checkpoint
 from hf_io.importer import import_checkpoint
+from hf_io.team import Team
 from hf_io.orbax_reader import WeightsReader
 from hf_io.progress import Progress
 from hf_io.safetensors_reader import INDEX_FILE, CheckpointError, SafetensorsCheckpoint
@@ -413,3 +414,47 @@ def test_train_starts_from_an_imported_checkpoint(release, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"initial weights from {release['fp8'][1]}\n" in result.stdout
     assert re.search(r"step 1: loss [0-9.]+", result.stdout)
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def test_team_shares_are_disjoint_balanced_and_agreed():
+    sizes = [70, 10, 10, 40, 30, 30, 5, 5]
+    shares = [Team(p, 3).share(sizes) for p in range(3)]
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(sizes[i] for i in range(len(sizes)) if sizes[i] < 70)
+    assert all(share == sorted(share) for share in shares)
+    assert Team().share(sizes) == list(range(len(sizes)))
+
+
+def _files_under(root: str) -> dict:
+    """Relative path -> bytes of every file, but the step metadata (it holds the write time)."""
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if name != orbax_writer.ORBAX_STEP_METADATA:
+                path = os.path.join(directory, name)
+                out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def test_two_processes_import_what_one_does(release, tmp_path):
+    """convert.py as 2 processes on loopback: each converts its share into one output, process 0
+    publishes it; the files equal the one-process import's, byte for byte."""
+    from tests.test_multihost import _free_port, _process_flags
+    from tests.test_train_main import _finish, _spawn
+
+    source, imported = release["fp8"]
+    output = tmp_path / "out"
+    port = _free_port()
+    processes = [_spawn(["convert.py", "--direction=import", "--config=configs/tiny.py", f"--input={source}",
+                         f"--output={output}", *_process_flags(i, port)], tmp_path, f"convert{i}") for i in range(2)]
+    outputs = [_finish(process, tmp_path, f"convert{i}", timeout=600) for i, process in enumerate(processes)]
+    assert f"into {output}" in outputs[0][0] and "imported" not in outputs[1][0]   # gloo prints its own lines
+    assert "(process 0 of 2)" in outputs[0][1] and "(process 1 of 2)" not in outputs[1][1]   # progress: process 0
+    ours, theirs = _files_under(str(output)), _files_under(imported)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", *(f"convert{i}.{s}" for i in range(2) for s in ("stdout", "stderr"))])

@@ -111,9 +111,9 @@ def _bound_cpu_collectives(timeout_s: int, env=os.environ) -> None:
         env[XLA_FLAGS_ENV] = f"{current} {CPU_COLLECTIVE_TIMEOUT_FLAG}={timeout_s}".strip()
 
 
-def initialize(processes: Processes, topology: Topology, *, emulate_devices: bool) -> None:
-    """Emulates this process's devices (on a CPU host) and joins the other processes; call before any
-    JAX computation or device query."""
+def initialize(processes: Processes, topology: Topology | None, *, emulate_devices: bool) -> None:
+    """Emulates this process's devices of `topology` (on a CPU host) and joins the other processes;
+    call before any JAX computation or device query."""
     if emulate_devices:
         jax.config.update("jax_platforms", "cpu")
         emulate(topology, processes.count)
