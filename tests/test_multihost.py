@@ -272,11 +272,14 @@ RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_
 
 
 # Not bitwise: gloo sums a cross-process all-reduce in another order than XLA:CPU's in-process one.
-# Measured after 4 steps, 2 processes against 1: losses within 2.4e-7 relative (step 1 bitwise),
-# parameters within 3.6e-4 of each leaf's largest magnitude, Adam moments within 3e-3 (of values
-# near 1e-7). A wrong batch moves the losses by ~1e-3 and the moments by their own size.
+# Measured after 4 steps, 2 processes against 1 (attention in query chunks, Muon + AdamW): losses
+# within 2.3e-6 relative (step 1 bitwise); the largest leaf differences, relative to each leaf's
+# largest magnitude, where gradients cancel to rounding level: 2.2e-2 in the AdamW first moment of
+# an MTP mHC bias (values 6.6e-8), 1.4e-2 in an mHC bias (values 8.6e-4: Adam turns a near-zero
+# gradient's rounding into a whole lr-sized step). A wrong batch moves the losses by ~1e-3; a shard
+# written to the wrong place, or another process's data, moves a leaf by its own size.
 LOSS_RTOL = 1e-5
-LEAF_TOL = 1e-2   # of the leaf's largest magnitude; integer leaves (step, RNG key) exactly
+LEAF_TOL = 5e-2   # of the leaf's largest magnitude; integer leaves (step, RNG key) exactly
 
 
 def _assert_close_checkpoint(workdir: Path, reference: Path, step: int):
