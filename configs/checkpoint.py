@@ -21,6 +21,9 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
         # Split the writing of replicated arrays among their replicas. Off: each distinct shape costs
         # a compiled slice on the first save (15 s of blocking for a 10 MiB test state on CPU).
         replica_parallel=False,
+        # Nice value (0..19) of the threads that write async saves: at 19 they use the CPU time the
+        # step leaves, at 0 they compete with it (trainer/io_priority.py).
+        writer_nice=19,
         log_every=10,            # steps between progress lines / metrics.jsonl records / TensorBoard points
     ))
     for name, value in overrides.items():
@@ -33,6 +36,8 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values a command line may have overridden; each error names its field."""
+    if not isinstance(config.writer_nice, int) or not 0 <= config.writer_nice <= 19:
+        raise ValueError(f"checkpoint.writer_nice must be an integer in 0..19, got {config.writer_nice!r}")
     for name in ("save_every", "keep", "log_every"):
         value = config[name]
         if not isinstance(value, int) or value < 1:

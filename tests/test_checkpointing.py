@@ -309,7 +309,39 @@ def test_preemption_guard_sets_the_flag_and_restores_the_handler():
     (dict(keep=0), "checkpoint.keep must be a positive integer, got 0"),
     (dict(keep_best_mode="lowest"), "checkpoint.keep_best_mode must be one of \\('min', 'max'\\), got 'lowest'"),
     (dict(save_interval=5), "checkpoint config has no field 'save_interval'"),
+    (dict(writer_nice=20), "checkpoint.writer_nice must be an integer in 0..19, got 20"),
 ])
 def test_checkpoint_config_errors_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):
         checkpoint_config.get_config(**override)
+
+
+def _nice(thread_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, thread_id)
+
+
+def test_async_saves_write_from_low_priority_threads(tmp_path):
+    """With writer_nice=19 the threads Orbax starts for a save, and TensorStore's pool, run at nice 19
+    while the caller's thread keeps its own; the save is complete and restores bit for bit."""
+    import threading
+
+    mesh, rules = _mesh_and_rules(**SAVE_AXES)
+    abstract = abstract_train_state(_args(), mesh, rules, optax.adamw(1e-3))
+    state = _random_state(abstract)
+    config = _run_config()
+    config.checkpoint.writer_nice = 19
+    checkpointer = Checkpointer.from_config(tmp_path, config, config.checkpoint)
+    main_nice = _nice(threading.get_native_id())
+    assert checkpointer.save(3, state, DATA_STATE, force=True)
+    writers = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    alive = {t.name: _nice(t.native_id) for t in writers if t.is_alive()}
+    pool = [int(tid) for tid in os.listdir("/proc/self/task")
+            if open(f"/proc/self/task/{tid}/comm").read().strip() == "ts_pool_worker"]
+    checkpointer.wait()
+    assert alive and set(alive.values()) == {19}, alive
+    assert pool and {_nice(tid) for tid in pool if os.path.exists(f"/proc/self/task/{tid}")} == {19}
+    assert _nice(threading.get_native_id()) == main_nice
+    restored, data = checkpointer.restore(3, abstract)
+    assert data == DATA_STATE
+    _assert_same_state(restored, state, abstract)
+    checkpointer.close()

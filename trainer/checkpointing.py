@@ -30,6 +30,7 @@ from flax import nnx
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
+from trainer.io_priority import BackgroundWriter
 from trainer.state import TrainState, optimizer_shardings, replicated, split_variables
 
 CHECKPOINT_DIR = "checkpoints"
@@ -128,7 +129,7 @@ class Checkpointer:
 
     def __init__(self, workdir, config: ml_collections.ConfigDict, *, keep: int, save_every: int,
                  keep_best_metric: str | None = None, keep_best_mode: str = "min", async_save: bool = True,
-                 replica_parallel: bool = False):
+                 replica_parallel: bool = False, writer_nice: int = 0):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
         self.config = config
         self.save_every = save_every
@@ -154,6 +155,7 @@ class Checkpointer:
         handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
                     DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._writer = BackgroundWriter(writer_nice if async_save else 0)
         incomplete = sorted(p.name for p in self.directory.iterdir() if p.name.endswith(TMP_SUFFIX))
         if incomplete:
             logging.warning("%s: ignoring incomplete saves %s (a process died while writing them)",
@@ -165,7 +167,7 @@ class Checkpointer:
         return cls(workdir, config, keep=checkpoint_config.keep, save_every=checkpoint_config.save_every,
                    keep_best_metric=checkpoint_config.keep_best_metric,
                    keep_best_mode=checkpoint_config.keep_best_mode, async_save=checkpoint_config.async_save,
-                   replica_parallel=checkpoint_config.replica_parallel)
+                   replica_parallel=checkpoint_config.replica_parallel, writer_nice=checkpoint_config.writer_nice)
 
     def save(self, step: int, state, data_state, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts saving `step` if it is on the `save_every` grid or `force`d; -> whether it saves.
@@ -189,7 +191,7 @@ class Checkpointer:
             CONFIG: ocp.args.JsonSave(config_to_json(self.config)),
         })
         started = time.perf_counter()
-        saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+        saved = self._writer.run(self._manager.save, step, args=args, metrics=metrics, force=True)
         logging.info("%s: step %d save started, blocked %.3f s", self.directory, step, time.perf_counter() - started)
         return saved
 
@@ -276,6 +278,10 @@ class Checkpointer:
                                     f"complete ones: {self.all_steps()}")
         return step
 
+    def saving(self) -> bool:
+        """Whether a background save is still writing."""
+        return self._manager.is_saving_in_progress()
+
     def wait(self):
         """Blocks until a background save has finished writing (and old steps are pruned)."""
         self._manager.wait_until_finished()
@@ -283,3 +289,4 @@ class Checkpointer:
     def close(self):
         """Finishes any background save and releases the manager's threads."""
         self._manager.close()
+        self._writer.close()
