@@ -8,6 +8,7 @@
   holding optimizer state too) loads in `transformers` and gives ours. Tolerance: 2e-5 of the largest
   logit, as in test_model_parity (float32 weights that are exact in bf16, so the export loses nothing).
 - Bad input fails before writing, naming the file or tensor; a full disk mid-write leaves nothing.
+- Several processes: convert.py run as 2 processes writes what one process writes, byte for byte.
 """
 import errno
 import json
