@@ -71,18 +71,22 @@ class WeightsWriter:
         self.arrays, self._pending = {}, []
         # No fsync per chunk file: the caller syncs once before publishing the directory.
         self._context = ts.Context({"file_io_sync": False})
+        specs = {}
         for leaf, (dtype, positional) in leaves.items():
             chunks = (1,) * positional + leaf.shard_shape()[positional:]
-            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
-                    "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
-                    "dtype": np.dtype(dtype).name, "store_data_equal_to_fill_value": True}
-            if team.is_lead:
-                self.arrays[leaf.path] = ts.open(spec, create=True, context=self._context).result()
+            specs[leaf] = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
+                           "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
+                           "dtype": np.dtype(dtype).name, "store_data_equal_to_fill_value": True}
+        # Process 0 creates every array; the others open what it created (and check it matches).
+        if team.is_lead:
+            self._open(specs, create=True)
         team.barrier(f"{step_dir}: arrays created")
         if not team.is_lead:
-            for leaf in leaves:
-                spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)}}
-                self.arrays[leaf.path] = ts.open(spec, open=True, context=self._context).result()
+            self._open(specs, open=True)
+
+    def _open(self, specs: dict, **mode):
+        for leaf, spec in specs.items():
+            self.arrays[leaf.path] = ts.open(spec, context=self._context, **mode).result()
 
     def write(self, leaf: Leaf, index: tuple, value: np.ndarray, what: str):
         """Writes `value` (made from source tensor `what`) at `index` of `leaf`; at most
