@@ -4,7 +4,11 @@ Static shapes force the dispatch's buffers to the worst case (dropless: a source
 tokens to one expert), so most rows are empty. Multiplying whole buffers costs E/k times the routed
 work; here a while loop visits only the `tile`-row tiles that hold routed rows, so the work done is the
 routed rows rounded up to whole tiles per chunk. A while loop with a data-dependent trip count has no
-reverse-mode derivative, so a custom VJP walks the same tiles again for the gradients.
+reverse-mode derivative, so a custom VJP walks the same tiles again for the gradients. The forward
+loop keeps each tile's gate and up projections (float32, in [G, R, I] buffers laid out like x), what
+autodiff of an unrolled MLP would store, so the backward loop runs only the four gradient matmuls and
+the SwiGLU's derivative instead of recomputing the two input matmuls (a third of a tile's backward).
+Under remat the forward loop is rerun once to rebuild them, as for any other activation.
 
 Layout: x [G, R, d] holds G chunks of R rows; chunk g's first counts[g] rows are real, the rest are
 ignored (their outputs and gradients are zero). Chunk g uses expert g // chunks_per_expert of the
@@ -28,16 +32,34 @@ def occupied_tiles(counts: jax.Array, tile: int) -> jax.Array:
     return jnp.sum((counts + tile - 1) // tile).astype(jnp.int32)
 
 
-def _tile_mlp(x, weight, mask, w1, w3, w2, limit):
-    """One tile: x [T,d], weight [T] f32, mask [T] bool, w1/w3 [d,I], w2 [I,d] -> [T,d] float32.
+def _tile_forward(x, weight, mask, w1, w3, w2, limit):
+    """One tile: x [T,d], weight [T] f32, mask [T] bool, w1/w3 [d,I], w2 [I,d] ->
+    (y [T,d], gate [T,I], up [T,I]), all float32.
 
     Matmuls in x.dtype with float32 accumulation; the routing weight scales h before w2 (masked rows
     get weight 0, so their outputs and every gradient through them are 0)."""
-    dt = x.dtype
     gate = jnp.dot(x, w1, preferred_element_type=jnp.float32)
     up = jnp.dot(x, w3, preferred_element_type=jnp.float32)
-    h = (clamped_swiglu(gate, up, limit) * jnp.where(mask, weight, 0.0)[:, None]).astype(dt)
+    return _tile_output(gate, up, weight, mask, w2, limit, x.dtype), gate, up
+
+
+def _tile_output(gate, up, weight, mask, w2, limit, dtype):
+    """gate/up [T,I] f32 -> y [T,d] f32: the part of a tile after its input projections."""
+    h = (clamped_swiglu(gate, up, limit) * jnp.where(mask, weight, 0.0)[:, None]).astype(dtype)
     return jnp.dot(h, w2, preferred_element_type=jnp.float32)
+
+
+def _tile_backward(x, weight, mask, gate, up, w1, w3, w2, dy, limit):
+    """Gradients of one tile from its saved gate/up: dy [T,d] f32 -> (dx, dweight, dw1, dw3, dw2)."""
+    _, output_pullback = jax.vjp(lambda g, u, wt, w: _tile_output(g, u, wt, mask, w, limit, x.dtype),
+                                 gate, up, weight, w2)
+    dgate, dup, dweight, dw2 = output_pullback(dy)
+    # The projections' primal outputs are unused here (XLA drops them); only their transposes run.
+    _, input_pullback = jax.vjp(lambda a, b, c: (jnp.dot(a, b, preferred_element_type=jnp.float32),
+                                                 jnp.dot(a, c, preferred_element_type=jnp.float32)),
+                                x, w1, w3)
+    dx, dw1, dw3 = input_pullback((dgate, dup))
+    return dx, dweight, dw1, dw3, dw2
 
 
 def _tile_plan(counts, tile):
@@ -93,40 +115,49 @@ def _pad_rows(a, tile):
     return jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2)) if extra else a
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _expert_mlp(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit):
+def _forward_loop(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit, keep: bool):
+    """-> y [G,R,d] f32, and with `keep` also the gate/up buffers [G,R,I] f32 of the tiles run."""
     total, locate = _tile_plan(counts, tile)
+    axes = _varying(x, weights, counts, w1, w3, w2)
+    inner = w1.shape[-1]
+    buffers = (_zeros(x.shape, jnp.float32, axes),) + (
+        (_zeros(x.shape[:2] + (inner,), jnp.float32, axes),) * 2 if keep else ())
 
-    def body(i, y):
+    def body(i, outputs):
         chunk, start, mask = locate(i)
         e = chunk // chunks_per_expert
-        out = _tile_mlp(_read(x, chunk, start, tile), _read(weights, chunk, start, tile), mask,
-                        w1[e], w3[e], w2[e], limit)
-        return _write(y, out, chunk, start)
+        tile_outputs = _tile_forward(_read(x, chunk, start, tile), _read(weights, chunk, start, tile), mask,
+                                     w1[e], w3[e], w2[e], limit)
+        return tuple(_write(buffer, value, chunk, start) for buffer, value in zip(outputs, tile_outputs))
 
-    axes = _varying(x, weights, counts, w1, w3, w2)
-    return lax.fori_loop(0, total, body, _zeros(x.shape, jnp.float32, axes))
+    return lax.fori_loop(0, total, body, buffers)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _expert_mlp(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit):
+    return _forward_loop(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit, keep=False)[0]
 
 
 def _expert_mlp_forward(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit):
-    y = _expert_mlp(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit)
-    return y, (x, weights, counts, w1, w3, w2)
+    y, gate, up = _forward_loop(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit, keep=True)
+    return y, (x, weights, counts, w1, w3, w2, gate, up)
 
 
 def _expert_mlp_backward(chunks_per_expert, tile, limit, residuals, dy):
-    x, weights, counts, w1, w3, w2 = residuals
+    x, weights, counts, w1, w3, w2, gate, up = residuals
     total, locate = _tile_plan(counts, tile)
 
     def body(i, grads):
         dx, dweights, dw1, dw3, dw2 = grads
         chunk, start, mask = locate(i)
         e = chunk // chunks_per_expert
-        # Every input made varying over all axes, so the pullback returns per-device partial sums
+        # Every input made varying over all axes, so the pullbacks return per-device partial sums
         # (no collective per tile); they are summed over replicated axes once, after the loop.
-        primals = (_read(x, chunk, start, tile), _read(weights, chunk, start, tile), w1[e], w3[e], w2[e])
-        _, pullback = jax.vjp(lambda *a: _tile_mlp(*a[:2], mask, *a[2:], limit),
-                              *(_vary(a, axes) for a in primals))
-        gx, gweights, g1, g3, g2 = pullback(_vary(_read(dy, chunk, start, tile), axes))
+        rows = (_read(a, chunk, start, tile) for a in (x, weights))
+        saved = (_read(a, chunk, start, tile) for a in (gate, up))
+        gx, gweights, g1, g3, g2 = _tile_backward(
+            *(_vary(a, axes) for a in rows), mask, *(_vary(a, axes) for a in saved),
+            *(_vary(a[e], axes) for a in (w1, w3, w2)), _vary(_read(dy, chunk, start, tile), axes), limit)
         return (_write(dx, gx, chunk, start), _write(dweights, gweights, chunk, start),
                 dw1.at[e].add(g1.astype(jnp.float32)), dw3.at[e].add(g3.astype(jnp.float32)),
                 dw2.at[e].add(g2.astype(jnp.float32)))
@@ -156,13 +187,11 @@ def tile_flops(tile: int, d: int, inter: int, dtype, limit: float) -> tuple:
     """-> (forward, backward) FLOPs XLA counts for one tile at these sizes: what each executed tile
     adds beyond the single body the cost analysis of a whole program includes per loop."""
     spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
-    args = (spec(tile, d), spec(tile, dt=jnp.float32), spec(tile, dt=jnp.bool_), spec(d, inter),
-            spec(d, inter), spec(inter, d))
-
-    def backward(x, weight, mask, w1, w3, w2, dy):
-        _, pullback = jax.vjp(lambda *a: _tile_mlp(a[0], a[1], mask, *a[2:], limit), x, weight, w1, w3, w2)
-        return pullback(dy)
-
+    f32 = functools.partial(spec, dt=jnp.float32)
+    mask = spec(tile, dt=jnp.bool_)
     counted = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"]
-    return (counted(functools.partial(_tile_mlp, limit=limit), *args),
-            counted(backward, *args, spec(tile, d, dt=jnp.float32)))
+    forward = lambda *a: _tile_forward(*a, limit)
+    backward = lambda *a: _tile_backward(*a, limit)
+    return (counted(forward, spec(tile, d), f32(tile), mask, spec(d, inter), spec(d, inter), spec(inter, d)),
+            counted(backward, spec(tile, d), f32(tile), mask, f32(tile, inter), f32(tile, inter), spec(d, inter),
+                    spec(d, inter), spec(inter, d), f32(tile, d)))

@@ -65,7 +65,10 @@ def test_forward_and_gradients_match_numpy(chunks_per_expert):
 
 def test_tiles_run_and_their_flops():
     assert int(occupied_tiles(jnp.asarray(COUNTS), TILE)) == 0 + 1 + 3 + 1 + 2 + 1
-    forward, backward = tile_flops(TILE, WIDTH, HIDDEN, jnp.float32, LIMIT)
-    matmuls = 2 * TILE * WIDTH * HIDDEN
+    # Sizes where the matmuls dominate the elementwise SwiGLU, so a recomputed projection would show.
+    tile, width, hidden = 16, 64, 64
+    forward, backward = tile_flops(tile, width, hidden, jnp.float32, LIMIT)
+    matmuls = 2 * tile * width * hidden
     assert 3 * matmuls <= forward < 4 * matmuls  # three matmuls + the elementwise swiglu
-    assert 6 * matmuls <= backward < 4 * forward  # recomputed gate/up, six matmuls, the swiglu's derivative
+    # Six gradient matmuls + the swiglu's derivative; recomputing gate/up would add two more.
+    assert 6 * matmuls <= backward < 7 * matmuls
