@@ -14,6 +14,12 @@ Rules (logical name -> mesh axis, tuple of mesh axes, or None = replicated):
   big intermediates stay split instead of being gathered.
 - Tokens: act_batch -> (data, fsdp, expert), every non-tensor rank holds its own sequences; the
   MoE layer moves them across `expert` itself (all-to-all in shard_map).
+- Sequence parallelism (Megatron's, with tensor): between the tensor-parallel regions the residual
+  streams and everything token-wise on them (mHC mixing and Sinkhorn, norms, the replicated
+  low-rank projections wq_a, wkv, the compressors', MTP's) hold 1/tensor of each sequence
+  (`act_stream_length`), instead of every tensor rank computing all of it. The tensor regions
+  gather their (narrow) inputs along the sequence and the row-parallel outputs come back reduced
+  onto the sequence shards. A sequence the tensor axis does not divide stays whole (the next rule).
 - Small vectors (norms, mHC mixing, compressor, router output, hash table) stay replicated.
 - A name may have several rules, tried in order; the first whose mesh axes are still free in that
   tensor wins. The low-rank dims (`q_lora`, `o_lora`) take (fsdp, expert) in the weights that have
@@ -68,6 +74,8 @@ PARAM_RULES = (
 ACTIVATION_RULES = (
     ("act_batch", (axes.DATA, axes.FSDP, axes.EXPERT)),
     ("act_length", None),
+    ("act_stream_length", axes.TENSOR),
+    ("act_stream_length", None),
     ("act_embed", None),
     ("act_hc", None),
     ("act_heads", axes.TENSOR),

@@ -56,6 +56,8 @@ PARAM_AXES = {
 ACTIVATION_AXES = {
     "act_batch": "sequences of a micro-batch",
     "act_length": "tokens of a sequence",
+    "act_stream_length": "tokens of a sequence in the token-wise parts between tensor-parallel regions "
+                         "(residual streams, mHC, norms, low-rank projections): sequence parallelism",
     "act_embed": "model width d of activations",
     "act_hc": "hyper-connection streams of the residual state",
     "act_heads": "attention heads of activations",

@@ -48,12 +48,14 @@ def active():
     return getattr(_ACTIVE, "value", None)
 
 
-def resolve_spec(what, names, shape, mesh_sizes, rules):
+def resolve_spec(what, names, shape, mesh_sizes, rules, indivisible_falls_back=False):
     """The checked PartitionSpec of a tensor `what` with logical `names` (shape may be None).
 
     Errors name the tensor: a name without a rule, a rule naming an axis the mesh lacks, a name
     whose every rule needs a mesh axis another dim already took, or a dimension the chosen mesh
-    axes do not divide.
+    axes do not divide. With `indivisible_falls_back` (activations, whose sizes vary per call: a
+    sampled sequence may have any length) a rule whose axes do not divide the dimension yields to
+    the name's next rule instead; only the last one is an error.
     """
     table = candidates(rules)
     entries, used = [], {}
@@ -72,8 +74,10 @@ def resolve_spec(what, names, shape, mesh_sizes, rules):
                     raise ValueError(f"{what}: rule {name!r} -> {target!r} names mesh axis "
                                      f"{axis!r}, absent from the mesh {mesh_sizes}")
             if not any(axis in used for axis in axes):
-                chosen = axes
-                break
+                divides = shape is None or shape[dim] % math.prod(mesh_sizes[axis] for axis in axes) == 0
+                if divides or not indivisible_falls_back or target is table[name][-1]:
+                    chosen = axes
+                    break
         if chosen is None:
             taken = {axis: used[axis] for target in table[name] for axis in mesh_axes_of(target)
                      if axis in used}
@@ -105,7 +109,7 @@ def constrain(x, names):
     if current is None:
         return x
     mesh, rules = current
-    spec = resolve_spec("activation", names, x.shape, dict(mesh.shape), rules)
+    spec = resolve_spec("activation", names, x.shape, dict(mesh.shape), rules, indivisible_falls_back=True)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -147,5 +151,6 @@ def shard_local(fn, names, *arrays):
     if current is None:
         return fn(*arrays)
     mesh, rules = current
-    spec = resolve_spec("activation", names, arrays[0].shape[:len(names)], dict(mesh.shape), rules)
+    spec = resolve_spec("activation", names, arrays[0].shape[:len(names)], dict(mesh.shape), rules,
+                        indivisible_falls_back=True)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)

@@ -22,6 +22,7 @@ from mesh.sharding import constrain
 from model import params, rope
 from model.args import CSA, HCA, SLIDING, ModelArgs
 from model.compressor import Compressor
+from model.layouts import NARROW_SHARDED, NARROW_WHOLE
 from model.indexer import Indexer
 from model.norms import RMSNorm, rms_normalize
 
@@ -123,12 +124,13 @@ class Attention(nnx.Module):
         args, dtype = self.args, u.dtype
         b, s, _ = u.shape
         window, block = args.sliding_window, args.window_block
-        q_latent = self.q_norm(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)))
+        q_latent = self.q_norm(constrain(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)), NARROW_SHARDED))
+        q_latent = constrain(q_latent, NARROW_WHOLE)
         q = jnp.einsum("bsr,rhc->bshc", q_latent, self.wq_b[...].astype(dtype))
         q = rms_normalize(q, args.rms_norm_eps).astype(dtype)
         q = constrain(rope.rotate(q, positions[..., None], self._inv_freq()), HEADS)
-        kv = self.kv_norm(jnp.einsum("bsd,dc->bsc", u, self.wkv[...].astype(dtype)))
-        kv = rope.rotate(kv, positions, self._inv_freq())
+        kv = self.kv_norm(constrain(jnp.einsum("bsd,dc->bsc", u, self.wkv[...].astype(dtype)), NARROW_SHARDED))
+        kv = constrain(rope.rotate(kv, positions, self._inv_freq()), NARROW_WHOLE)
         scale = args.head_dim ** -0.5
 
         # Query blocks of B rows, each with the W + B keys ending at it: [b, nb, B, ...].

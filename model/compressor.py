@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesh.sharding import constrain
 from model import params, rope
 from model.args import ModelArgs
+from model.layouts import NARROW_SHARDED, NARROW_WHOLE
 from model.norms import RMSNorm
 
 
@@ -86,9 +88,9 @@ class Compressor(nnx.Module):
         m, w = self.ratio, self.width
         n = s // m
         x = u.astype(jnp.float32)
-        kv = jnp.einsum("bsd,dc->bsc", x, self.wkv[...].astype(jnp.float32))
-        gate = jnp.einsum("bsd,dc->bsc", x, self.wgate[...].astype(jnp.float32))
-        gate = gate + self.ape[...][positions % m]
+        project = lambda w: constrain(jnp.einsum("bsd,dc->bsc", x, w[...].astype(jnp.float32)), NARROW_SHARDED)
+        kv = constrain(project(self.wkv), NARROW_WHOLE)
+        gate = constrain(project(self.wgate) + self.ape[...][positions % m], NARROW_WHOLE)
         # Entry slot per token; slot n of each row collects the dropped tokens.
         ids = _block_ids(positions, segment_ids, m, n)
         count = n + 1

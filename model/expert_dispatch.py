@@ -14,10 +14,15 @@ Layout under a mesh (full-manual `jax.shard_map` over every mesh axis, specs fro
 - tokens x/experts/weights: P(act_batch axes, None), i.e. split over (data, fsdp, expert), replicated
   over tensor. Each device dispatches only its own tokens, so the sort never crosses devices; tensor
   ranks holding the same tokens repeat the (cheap) sort and exchange inside their expert group.
+  Tokens given as [b, s, ...] are laid out as the model's token-wise activations (`SEQUENCE_NAMES`):
+  under sequence parallelism each tensor rank brings a share of every sequence, all-gathered over
+  tensor on entry, and the output is reduce-scattered back onto the shares (psum_scatter, whose
+  transpose is the all-gather): the bytes of the one psum, without replicating the router or the
+  shared expert around it.
 - w1/w3 [E,d,I], w2 [E,I,d]: their parameter specs (E over expert, d over fsdp, I over tensor). Inside,
   d is all-gathered over fsdp (the usual ZeRO-3 gather; its transpose is the gradient reduce-scatter,
   a real reduce-scatter even on XLA:CPU, whose partitioner would emit an all-reduce) and I stays split: each tensor rank computes a partial output over its I slice, summed by one psum
-  over tensor of y [t_local, d] at the end (Megatron-style MLP). Gradients of weights that are
+  (or psum_scatter, above) over tensor of y [t_local, d] at the end (Megatron-style MLP). Gradients of weights that are
   replicated over data are psum-ed over data by shard_map's transpose.
 Full-manual rather than partial-manual (`axis_names={"expert"}`): with data/fsdp left to the SPMD
 partitioner the token sort would run on a dimension the partitioner sees as sharded over data/fsdp,
@@ -59,6 +64,7 @@ from model.grouped_mlp import expert_mlp, occupied_tiles
 
 BACKENDS = ("padded", "ragged")
 TOKEN_NAMES = ("act_batch", "act_embed")
+SEQUENCE_NAMES = ("act_batch", "act_stream_length", "act_embed")  # tokens as [b, s, d]
 W13_NAMES = ("expert", "expert_embed", "expert_mlp")  # w1, w3 [E, d, I]
 W2_NAMES = ("expert", "expert_mlp", "expert_embed")   # w2 [E, I, d]
 # Platforms whose XLA backend implements the ragged-all-to-all HLO (XLA:CPU does not).
@@ -202,7 +208,8 @@ def _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep):
 
 def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, tile, expert_axes, ep,
            gather_axes, tensor_axes, token_axes):
-    """One device's dispatch (or the whole batch without a mesh) -> (y [t,d] f32, stats)."""
+    """One device's dispatch (or the whole batch without a mesh) -> (y [t,d] f32, partial over
+    tensor_axes, stats)."""
     t, k = experts.shape
     num_experts = w1.shape[0] * ep
     cap = capacity(t, k, num_experts, capacity_factor)
@@ -215,8 +222,6 @@ def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, 
         y, tiles = _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, tile)
     else:
         y, tiles = _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep), jnp.zeros((), jnp.int32)
-    if tensor_axes:
-        y = lax.psum(y, tensor_axes)
     load, dropped = counts, jnp.sum(counts - kept)
     if token_axes:
         load, dropped, tiles = (lax.psum(v, token_axes) for v in (load, dropped, tiles))
@@ -228,9 +233,31 @@ def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, 
     return y, stats
 
 
+def _sequence_shard(x, experts, weights, w1, w3, w2, *, stream_axes, tensor_axes, **settings):
+    """One device's tokens [..., d] (with stream_axes, [b, s/stream, d]: its share of each sequence)
+    -> (y [..., d] f32, stats): the dispatch of the gathered tokens, reduced over tensor."""
+    if stream_axes:
+        x, experts, weights = (lax.all_gather(a, stream_axes, axis=1, tiled=True) for a in (x, experts, weights))
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    y, stats = _shard(flat(x), flat(experts), flat(weights), w1, w3, w2, tensor_axes=tensor_axes, **settings)
+    y = y.reshape(x.shape)
+    if stream_axes:
+        # Every stream rank dispatched the same gathered tokens, so the statistics agree; pmax says so
+        # to shard_map (they leave replicated).
+        stats = {name: lax.pmax(value, stream_axes) for name, value in stats.items()}
+    if stream_axes and stream_axes == tensor_axes:
+        return lax.psum_scatter(y, tensor_axes, scatter_dimension=1, tiled=True), stats
+    if tensor_axes:
+        y = lax.psum(y, tensor_axes)
+    if stream_axes:
+        share = y.shape[1] // math.prod(lax.axis_size(axis) for axis in stream_axes)
+        y = lax.dynamic_slice_in_dim(y, lax.axis_index(stream_axes) * share, share, axis=1)
+    return y, stats
+
+
 def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_factor=None, tile=0):
-    """Routed experts by sorted dispatch: x [t,d], routing (experts [t,k], weights [t,k]),
-    w1/w3 [E,d,I], w2 [E,I,d] -> (y [t,d] float32, stats).
+    """Routed experts by sorted dispatch: x [t,d] or [b,s,d], routing (experts [...,k], weights
+    [...,k]), w1/w3 [E,d,I], w2 [E,I,d] -> (y [...,d] float32, stats).
 
     stats (float32 scalars, over the global batch): dropped_tokens = distinct (token, expert)
     assignments dropped by the capacity limit, max_load / mean_load = assignments per expert,
@@ -244,12 +271,15 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
     settings = dict(limit=limit, backend=backend, capacity_factor=capacity_factor, tile=tile)
     current = active()
     if current is None:
-        return _shard(x, routing.experts, routing.weights, w1, w3, w2, expert_axes=(), ep=1,
-                      gather_axes=(), tensor_axes=(), token_axes=(), **settings)
+        return _sequence_shard(x, routing.experts, routing.weights, w1, w3, w2, expert_axes=(), ep=1,
+                               gather_axes=(), tensor_axes=(), token_axes=(), stream_axes=(), **settings)
     mesh, rules = current
     sizes = dict(mesh.shape)
-    token_spec = resolve_spec("moe tokens", TOKEN_NAMES, x.shape, sizes, rules)
-    token_spec = PartitionSpec(token_spec[0], None)
+    names = SEQUENCE_NAMES if x.ndim == 3 else TOKEN_NAMES
+    token_spec = resolve_spec("moe tokens", names[:-1], x.shape[:-1], sizes, rules, indivisible_falls_back=True)
+    token_spec = PartitionSpec(*(tuple(token_spec) + (None,) * (x.ndim - len(token_spec))))
+    batch_axes = mesh_axes_of(token_spec[0])
+    stream_axes = mesh_axes_of(token_spec[1]) if x.ndim == 3 else ()
     w13_spec = resolve_spec("routed w1/w3", W13_NAMES, w1.shape, sizes, rules)
     w2_spec = resolve_spec("routed w2", W2_NAMES, w2.shape, sizes, rules)
     if w2_spec != PartitionSpec(w13_spec[0], w13_spec[2], w13_spec[1]):
@@ -263,10 +293,10 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
             f"XLA on {platform!r} does not implement (HLO ragged-all-to-all is UNIMPLEMENTED); "
             f"use backend='padded'")
     body = jax.shard_map(
-        lambda *args: _shard(*args, expert_axes=expert_axes, ep=ep,
-                             gather_axes=tuple(a for a in mesh_axes_of(w13_spec[1]) if sizes[a] > 1),
-                             tensor_axes=mesh_axes_of(w13_spec[2]),
-                             token_axes=mesh_axes_of(token_spec[0]), **settings),
+        lambda *args: _sequence_shard(*args, expert_axes=expert_axes, ep=ep,
+                                      gather_axes=tuple(a for a in mesh_axes_of(w13_spec[1]) if sizes[a] > 1),
+                                      tensor_axes=mesh_axes_of(w13_spec[2]),
+                                      token_axes=batch_axes, stream_axes=stream_axes, **settings),
         mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w13_spec, w13_spec, w2_spec),
         out_specs=(token_spec, PartitionSpec()))
     return body(x, routing.experts, routing.weights, w1, w3, w2)

@@ -12,9 +12,9 @@ from flax import nnx
 from mesh.sharding import constrain
 from model import params
 from model.args import ModelArgs
+from model.layouts import STREAMS
 from model.norms import rms_normalize
 
-STREAMS = ("act_batch", "act_length", "act_hc", "act_embed")
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:

@@ -19,10 +19,13 @@ from model.activations import clamped_swiglu
 from model.args import ModelArgs
 from model.expert_dispatch import routed_experts
 
+TOKEN_AXES = ("act_batch", "act_stream_length")  # logical names of the token dims [b, s] (or [t])
+
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """Per-token choice: experts [t,k] int32, weights [t,k] f32, scores [t,E] f32 (unbiased)."""
+    """Per-token choice: experts [...,k] int32, weights [...,k] f32, scores [...,E] f32 (unbiased);
+    tokens as [t] or [b,s], like the router's input."""
 
     experts: jax.Array
     weights: jax.Array
@@ -42,10 +45,10 @@ class Router(nnx.Module):
             self.bias = params.constant((e,), ("expert_gate",), 0.0, jnp.float32, kind=params.RoutingBias)
 
     def __call__(self, x: jax.Array, token_ids: jax.Array, replay=None) -> Routing:
-        """x [t,d], token_ids [t], replay [t,k] int32 or None -> Routing. With `replay` (routing replay for
-        MoE RL: the experts an inference engine chose) those experts are used; their gate weights are
-        still this router's scores, so the router keeps its gradient."""
-        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        """x [...,d], token_ids [...], replay [...,k] int32 or None -> Routing (tokens [t] or [b,s]). With
+        `replay` (routing replay for MoE RL: the experts an inference engine chose) those experts are
+        used; their gate weights are still this router's scores, so the router keeps its gradient."""
+        logits = jnp.einsum("...d,de->...e", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         scores = jnp.sqrt(jax.nn.softplus(logits))
         if replay is not None:
             experts = replay
@@ -53,7 +56,7 @@ class Router(nnx.Module):
             experts = self.tid2eid[...][token_ids]
         else:
             biased = jax.lax.stop_gradient(scores) + self.bias[...]
-            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], ("act_batch",), biased)
+            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], TOKEN_AXES[:x.ndim - 1], biased)
         chosen = jnp.take_along_axis(scores, experts, axis=-1)
         weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.scale
         return Routing(experts=experts.astype(jnp.int32), weights=weights, scores=scores)
@@ -68,12 +71,12 @@ class SharedExpert(nnx.Module):
         self.w2 = params.normal(rngs, (i, d), ("mlp", "embed"), std, wdt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [t,d] -> [t,d] float32."""
+        """x [...,d] -> [...,d] float32."""
         dt = x.dtype
-        gate = jnp.einsum("td,di->ti", x, self.w1[...].astype(dt), preferred_element_type=jnp.float32)
-        up = jnp.einsum("td,di->ti", x, self.w3[...].astype(dt), preferred_element_type=jnp.float32)
+        gate = jnp.einsum("...d,di->...i", x, self.w1[...].astype(dt), preferred_element_type=jnp.float32)
+        up = jnp.einsum("...d,di->...i", x, self.w3[...].astype(dt), preferred_element_type=jnp.float32)
         h = clamped_swiglu(gate, up, self.limit).astype(dt)
-        return jnp.einsum("ti,id->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("...i,id->...d", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
 
 
 class RoutedExperts(nnx.Module):
@@ -87,7 +90,7 @@ class RoutedExperts(nnx.Module):
         self.w2 = params.normal(rngs, (e, i, d), ("expert", "expert_mlp", "expert_embed"), std, wdt)
 
     def __call__(self, x: jax.Array, routing: Routing):
-        """x [t,d] -> (y [t,d] float32, assignments dropped by a capacity limit, expert tiles run)."""
+        """x [...,d] -> (y [...,d] float32, assignments dropped by a capacity limit, expert tiles run)."""
         if self.dispatch == "dense":
             return self.dense(x, routing), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         dt = x.dtype
@@ -97,15 +100,17 @@ class RoutedExperts(nnx.Module):
         return y, stats["dropped_tokens"], stats["expert_tiles"]
 
     def dense(self, x: jax.Array, routing: Routing) -> jax.Array:
-        """Dense reference dispatch: x [t,d] -> [t,d] float32 (the routing weight scales h before w2)."""
-        dt = x.dtype
+        """Dense reference dispatch: x [...,d] -> [...,d] float32 (the routing weight scales h before w2)."""
+        shape, dt = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1])
+        experts, weights = (a.reshape(x.shape[0], -1) for a in (routing.experts, routing.weights))
         combine = jnp.zeros((x.shape[0], self.num_experts), jnp.float32)
-        combine = combine.at[jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)
+        combine = combine.at[jnp.arange(x.shape[0])[:, None], experts].add(weights)
         gate = jnp.einsum("td,edi->tei", x, self.w1[...].astype(dt), preferred_element_type=jnp.float32)
         up = jnp.einsum("td,edi->tei", x, self.w3[...].astype(dt), preferred_element_type=jnp.float32)
         h = clamped_swiglu(gate, up, self.limit) * combine[..., None]
         h = constrain(h.astype(dt), ("act_batch", "act_expert", "act_mlp"))
-        return jnp.einsum("tei,eid->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("tei,eid->td", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32).reshape(shape)
 
 
 @jax.tree_util.register_dataclass
@@ -126,9 +131,9 @@ class MoEStats:
 def sequence_balance_loss(routing: Routing, rows: int, k: int) -> jax.Array:
     """Mean over rows of sum_i f_i * P_i: f_i = E/(k*T) * tokens choosing expert i, P_i = mean of the
     normalised scores s_i / sum_j s_j over the row's T tokens. Equals 1 when perfectly balanced."""
-    t, e = routing.scores.shape
-    probs = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(rows, t // rows, e)
-    chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=1).reshape(rows, t // rows, e)
+    e = routing.scores.shape[-1]
+    probs = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(rows, -1, e)
+    chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=-2).reshape(rows, -1, e)
     fraction = jax.lax.stop_gradient(chosen.mean(axis=1)) * (e / k)
     return jnp.mean(jnp.sum(fraction * probs.mean(axis=1), axis=-1))
 
@@ -142,15 +147,14 @@ class MoE(nnx.Module):
     def __call__(self, u: jax.Array, token_ids: jax.Array, replay=None):
         """u [b,s,d], token_ids [b,s], replay [b,s,k] or None -> (output [b,s,d], MoEStats). Rows are the
         balance loss's sequences (hash-routed layers choose by token id, so their balance term is zero)."""
-        b, s, d = u.shape
-        x = u.reshape(b * s, d)
-        routing = self.router(x, token_ids.reshape(b * s), None if replay is None else replay.reshape(b * s, -1))
-        y, dropped, tiles = self.experts(x, routing)
+        b = u.shape[0]
+        routing = self.router(u, token_ids, replay)
+        y, dropped, tiles = self.experts(u, routing)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self.shared(u)
         load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
         balance = (jnp.zeros((), jnp.float32) if self.router.hashed
                    else sequence_balance_loss(routing, b, self.router.k))
         stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles,
-                         experts=routing.experts.reshape(b, s, -1))
-        return y.astype(u.dtype).reshape(b, s, d), stats
+                         experts=routing.experts)
+        return y.astype(u.dtype), stats

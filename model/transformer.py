@@ -15,7 +15,8 @@ from mesh.sharding import constrain
 from model import params
 from model.args import ModelArgs, layer_groups
 from model.block import Block
-from model.hyper_connections import STREAMS, HyperHead
+from model.hyper_connections import HyperHead
+from model.layouts import STREAMS, TOKENS
 from model.moe import MoEStats
 from model.mtp import MTPLayer
 from model.norms import RMSNorm
@@ -109,7 +110,7 @@ class DeepSeekV4(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.args.compute_dtype)
-        return constrain(x, ("act_batch", "act_length", "act_embed"))
+        return constrain(x, TOKENS)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Normalised hidden [b,s,d] -> float32 logits [b,s,vocab] through the shared head."""

@@ -297,3 +297,30 @@ def test_flop_ratio():
     assert EXPERTS / TOP_K <= dropless < 1.05 * EXPERTS / TOP_K
     assert capped < 1.05
     assert 1.0 <= tiled < 1.2
+
+
+@pytest.mark.parametrize("tile", [0, TILE])
+def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile):
+    """Tokens as [b, s, d] split over tensor along s (the model's sequence-parallel layout): the
+    dispatch equals the reference, forward and gradients; over tensor it all-gathers the tokens in and
+    reduce-scatters the output back, with no all-reduce of the output."""
+    p = problem(seed=3)
+    rows, mesh_shape = 4, MESHES["fsdp2_expert2_tensor2"]
+    as_rows = lambda a: a.reshape(rows, TOKENS // rows, *a.shape[1:])
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(TOKENS, WIDTH)), jnp.float32)
+
+    def loss(x, weights, w1, w3, w2):
+        y, _ = routed_experts(as_rows(x), Routing(as_rows(p["experts"]), as_rows(weights), None), w1, w3, w2,
+                              limit=LIMIT, tile=tile)
+        assert y.shape == (rows, TOKENS // rows, WIDTH)
+        return jnp.sum(y.reshape(TOKENS, WIDTH) * cotangent), y.reshape(TOKENS, WIDTH)
+
+    args = (p["x"], p["weights"], p["w1"], p["w3"], p["w2"])
+    with activate(make_mesh(mesh_shape), RULES):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True)).lower(*args).compile()
+        (_, y), g = compiled(*args)
+    assert_matches(p, y, g)
+    over_tensor = {c.kind for c in hlo_collectives.parse(compiled.as_text())
+                   if c.axes(dict(zip(MESH_NAMES, mesh_shape))) == ("tensor",)}
+    assert {"all-gather", "reduce-scatter"} <= over_tensor, over_tensor
+    assert "all-reduce" not in over_tensor, over_tensor

@@ -133,6 +133,20 @@ def test_fallback_rule_when_the_first_choice_is_taken():
     assert wq_b["w"].get_value().spec == P(("fsdp", "expert"), "tensor", None)
 
 
+def test_activations_indivisible_by_their_first_rule_take_the_next():
+    """A sampled sequence of odd length stays whole instead of failing sequence parallelism; a name
+    with no further rule (the batch) and a parameter (where 6 % 4 fails, test above) still refuse."""
+    mesh = mesh_for(fsdp=2, expert=2, tensor=2)
+    tokens = ("act_batch", "act_stream_length", "act_embed")
+    with activate(mesh, RULES):
+        even = jax.jit(lambda v: constrain(v, tokens))(jnp.zeros((4, 6, 8)))
+        odd = jax.jit(lambda v: constrain(v, tokens))(jnp.zeros((4, 7, 8)))
+        with pytest.raises(ValueError, match=re.escape("dim 0 ('act_batch') has size 3, not divisible by 4")):
+            constrain(jnp.zeros((3, 6, 8)), tokens)
+    assert even.sharding.is_equivalent_to(NamedSharding(mesh, P(("fsdp", "expert"), "tensor", None)), 3)
+    assert odd.sharding.is_equivalent_to(NamedSharding(mesh, P(("fsdp", "expert"), None, None)), 3)
+
+
 def test_constrain_applies_rules_only_when_active():
     mesh = mesh_for(data=2, fsdp=2, tensor=2)
     x = jnp.arange(8 * 4, dtype=jnp.float32).reshape(8, 4)

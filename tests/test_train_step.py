@@ -106,9 +106,11 @@ def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr):
 
 def _assert_collectives(hlo: str, mesh_axes: dict):
     """The collectives the layout implies, with the mesh axes their replica groups span: token
-    exchanges by all-to-all over `expert` (partitioner reshuffles over other axes: measured 3% of
-    those bytes on fsdp=2,expert=2,tensor=2, bound 5%); parameters gathered over `fsdp`; gradients of
-    parameters replicated over the batch axes reduced over them."""
+    exchanges by all-to-all over `expert` (partitioner reshuffles over the batch axes: measured 0.4%
+    of those bytes on fsdp=2,expert=2,tensor=2, bound 5%); over `tensor`, the sequence-parallel
+    gathers into the tensor regions (and all-to-alls between sequence and head shards, 3.8% of the
+    expert bytes there); parameters gathered over `fsdp`; gradients of parameters replicated over the
+    batch axes reduced over them."""
     parsed = [(c, axes) for c in hlo_collectives.parse(hlo) if (axes := c.axes(mesh_axes))]  # () = no-op
     found = [(c.kind, axes) for c, axes in parsed]
     if mesh_axes.get("expert", 1) > 1:
@@ -117,10 +119,11 @@ def _assert_collectives(hlo: str, mesh_axes: dict):
         for c, axes in parsed:
             if c.kind == "all-to-all":
                 moved[axes] = moved.get(axes, 0) + c.bytes
-        other = sum(nbytes for axes, nbytes in moved.items() if axes != ("expert",))
+        other = sum(nbytes for axes, nbytes in moved.items() if axes not in (("expert",), ("tensor",)))
         assert other < 0.05 * moved.get(("expert",), 0), moved
-    if mesh_axes.get("fsdp", 1) > 1:
-        assert any(kind == "all-gather" and "fsdp" in spans for kind, spans in found), found
+    for axis in ("fsdp", "tensor"):
+        if mesh_axes.get(axis, 1) > 1:
+            assert any(kind == "all-gather" and axis in spans for kind, spans in found), (axis, found)
     batch_axes = {axis for axis in ("data", "fsdp", "expert") if mesh_axes.get(axis, 1) > 1}
     reduced = set().union(*(spans for kind, spans in found if kind in ("all-reduce", "reduce-scatter")))
     assert batch_axes <= reduced, (batch_axes, found)
