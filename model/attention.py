@@ -22,8 +22,8 @@ from mesh.sharding import constrain
 from model import params, rope
 from model.args import CSA, HCA, SLIDING, ModelArgs
 from model.compressor import Compressor
-from model.layouts import NARROW_SHARDED, NARROW_WHOLE
 from model.indexer import Indexer
+from model.layouts import NARROW_SHARDED, NARROW_WHOLE
 from model.norms import RMSNorm, rms_normalize
 
 HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")

@@ -6,8 +6,8 @@ work; here a while loop visits only the `tile`-row tiles that hold routed rows, 
 routed rows rounded up to whole tiles per chunk. A while loop with a data-dependent trip count has no
 reverse-mode derivative, so a custom VJP walks the same tiles again for the gradients. The forward
 loop keeps each tile's gate and up projections (float32, in [G, R, I] buffers laid out like x), what
-autodiff of an unrolled MLP would store, so the backward loop runs only the four gradient matmuls and
-the SwiGLU's derivative instead of recomputing the two input matmuls (a third of a tile's backward).
+autodiff of an unrolled MLP would store, so the backward loop runs only the six gradient matmuls and
+the SwiGLU's derivative instead of also recomputing the two input matmuls (a quarter of its matmuls).
 Under remat the forward loop is rerun once to rebuild them, as for any other activation.
 
 Layout: x [G, R, d] holds G chunks of R rows; chunk g's first counts[g] rows are real, the rest are

@@ -299,11 +299,18 @@ def test_flop_ratio():
     assert 1.0 <= tiled < 1.2
 
 
+EXPERTS_WHOLE = tuple((name, None) if name == "expert_mlp" else (name, target) for name, target in RULES)
+
+
 @pytest.mark.parametrize("tile", [0, TILE])
-def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile):
+@pytest.mark.parametrize("mesh_rules, expected", [(RULES, {"all-gather", "reduce-scatter"}),
+                                                  (EXPERTS_WHOLE, {"all-gather"})],
+                         ids=["experts split over tensor", "experts whole on every tensor rank"])
+def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile, mesh_rules, expected):
     """Tokens as [b, s, d] split over tensor along s (the model's sequence-parallel layout): the
     dispatch equals the reference, forward and gradients; over tensor it all-gathers the tokens in and
-    reduce-scatters the output back, with no all-reduce of the output."""
+    reduce-scatters the partial outputs back (experts split over tensor) or keeps its own share of
+    the whole ones, never all-reducing the output."""
     p = problem(seed=3)
     rows, mesh_shape = 4, MESHES["fsdp2_expert2_tensor2"]
     as_rows = lambda a: a.reshape(rows, TOKENS // rows, *a.shape[1:])
@@ -316,11 +323,10 @@ def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile):
         return jnp.sum(y.reshape(TOKENS, WIDTH) * cotangent), y.reshape(TOKENS, WIDTH)
 
     args = (p["x"], p["weights"], p["w1"], p["w3"], p["w2"])
-    with activate(make_mesh(mesh_shape), RULES):
+    with activate(make_mesh(mesh_shape), mesh_rules):
         compiled = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True)).lower(*args).compile()
         (_, y), g = compiled(*args)
     assert_matches(p, y, g)
     over_tensor = {c.kind for c in hlo_collectives.parse(compiled.as_text())
                    if c.axes(dict(zip(MESH_NAMES, mesh_shape))) == ("tensor",)}
-    assert {"all-gather", "reduce-scatter"} <= over_tensor, over_tensor
-    assert "all-reduce" not in over_tensor, over_tensor
+    assert expected <= over_tensor and "all-reduce" not in over_tensor, over_tensor
