@@ -8,7 +8,10 @@ reverse-mode derivative, so a custom VJP walks the same tiles again for the grad
 loop keeps each tile's gate and up projections (float32, in [G, R, I] buffers laid out like x), what
 autodiff of an unrolled MLP would store, so the backward loop runs only the six gradient matmuls and
 the SwiGLU's derivative instead of also recomputing the two input matmuls (a quarter of its matmuls).
-Under remat the forward loop is rerun once to rebuild them, as for any other activation.
+Under remat the forward loop is rerun once to rebuild them, as for any other activation. Their cost is
+8*I bytes per buffer row, alive from a layer's forward to its backward (one layer at a time under
+remat): about 1.7x the bf16 x buffer at V4 widths (I=3072, d=7168), so the worst-case-sized dropless
+buffers grow accordingly; capacity-factor buffers stay small.
 
 Layout: x [G, R, d] holds G chunks of R rows; chunk g's first counts[g] rows are real, the rest are
 ignored (their outputs and gradients are zero). Chunk g uses expert g // chunks_per_expert of the
