@@ -106,10 +106,10 @@ def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr):
 
 def _assert_collectives(hlo: str, mesh_axes: dict):
     """The collectives the layout implies, with the mesh axes their replica groups span: token
-    exchanges by all-to-all over `expert` (partitioner reshuffles over the batch axes: measured 0.4%
-    of those bytes on fsdp=2,expert=2,tensor=2, bound 5%); over `tensor`, the sequence-parallel
-    gathers into the tensor regions (and all-to-alls between sequence and head shards, 3.8% of the
-    expert bytes there); parameters gathered over `fsdp`; gradients of parameters replicated over the
+    exchanges by all-to-all over `expert` (partitioner reshuffles over the batch axes: 0.4% of those
+    bytes in the tiny config's step on fsdp=2,expert=2,tensor=2, bound 5%); over `tensor`, the
+    sequence-parallel gathers into the tensor regions (and all-to-alls between sequence and head
+    shards, 3.8% of the expert bytes there); parameters gathered over `fsdp`; gradients of parameters replicated over the
     batch axes reduced over them."""
     parsed = [(c, axes) for c in hlo_collectives.parse(hlo) if (axes := c.axes(mesh_axes))]  # () = no-op
     found = [(c.kind, axes) for c, axes in parsed]
