@@ -61,10 +61,11 @@ from mesh.axes import mesh_axes_of
 from mesh.sharding import active, resolve_spec
 from model.activations import clamped_swiglu
 from model.grouped_mlp import expert_mlp, occupied_tiles
+from model.layouts import TOKENS
 
 BACKENDS = ("padded", "ragged")
 TOKEN_NAMES = ("act_batch", "act_embed")
-SEQUENCE_NAMES = ("act_batch", "act_stream_length", "act_embed")  # tokens as [b, s, d]
+SEQUENCE_NAMES = TOKENS  # tokens as [b, s, d], laid out as the model's token-wise activations
 W13_NAMES = ("expert", "expert_embed", "expert_mlp")  # w1, w3 [E, d, I]
 W2_NAMES = ("expert", "expert_mlp", "expert_embed")   # w2 [E, I, d]
 # Platforms whose XLA backend implements the ragged-all-to-all HLO (XLA:CPU does not).

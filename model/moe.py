@@ -18,8 +18,7 @@ from model import params
 from model.activations import clamped_swiglu
 from model.args import ModelArgs
 from model.expert_dispatch import routed_experts
-
-TOKEN_AXES = ("act_batch", "act_stream_length")  # logical names of the token dims [b, s] (or [t])
+from model.layouts import TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Router(nnx.Module):
             experts = self.tid2eid[...][token_ids]
         else:
             biased = jax.lax.stop_gradient(scores) + self.bias[...]
-            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], TOKEN_AXES[:x.ndim - 1], biased)
+            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], TOKENS[:x.ndim - 1], biased)  # token dims [t] or [b,s]
         chosen = jnp.take_along_axis(scores, experts, axis=-1)
         weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.scale
         return Routing(experts=experts.astype(jnp.int32), weights=weights, scores=scores)
