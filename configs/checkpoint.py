@@ -18,8 +18,9 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
         keep_best_metric=ml_collections.FieldReference(None, field_type=str),
         keep_best_mode="min",    # "min" or "max": which end of keep_best_metric is best
         async_save=True,         # write in a background thread; the step loop only waits for the host copy
-        # Split the writing of replicated arrays among their replicas. Off: each distinct shape costs
-        # a compiled slice on the first save (15 s of blocking for a 10 MiB test state on CPU).
+        # Split the writing of replicated arrays among their replicas (Orbax's array handler): each
+        # distinct shape costs a compiled slice on the first save (15 s of blocking for a 10 MiB test
+        # state on CPU). Off: each process writes its shards merged into blocks (trainer/array_writer.py).
         replica_parallel=False,
         # Nice value (0..19) of the threads that write async saves: at 19 they use the CPU time the
         # step leaves, at 0 they compete with it (trainer/io_priority.py).

@@ -30,6 +30,7 @@ from flax import nnx
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
+from trainer.array_writer import BlockArrayHandler
 from trainer.io_priority import BackgroundWriter
 from trainer.state import TrainState, optimizer_shardings, replicated, split_variables
 
@@ -146,10 +147,13 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         # Replica-parallel saving splits each replicated array among its replicas with one sliced
         # copy per distinct shape, each compiled on first use: measured here, the first save of the
-        # 10 MiB test state blocked the loop 15 s with it and 0.5 s without. A registry of this
-        # manager's own (rather than the global one) keeps the choice local.
+        # 10 MiB test state blocked the loop 15 s with it and 0.5 s without. Without it, each
+        # process's shards are written as merged blocks (trainer/array_writer.py). A registry of
+        # this manager's own (rather than the global one) keeps the choice local.
+        array_handler = (ocp.type_handlers.ArrayHandler(use_replica_parallel=True) if replica_parallel
+                         else BlockArrayHandler())
         registry = ocp.type_handlers.create_type_handler_registry(
-            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel)),
+            (jax.Array, array_handler),
             (np.ndarray, ocp.type_handlers.NumpyHandler()),
             (np.number, ocp.type_handlers.ScalarHandler()))
         handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
