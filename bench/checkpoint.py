@@ -1,26 +1,26 @@
 """What an asynchronous checkpoint costs the training loop, and save/restore throughput; tiny config,
 8 emulated devices, the trainer's own Checkpointer and jitted step.
 
-    python bench/checkpoint.py [--repeats=3] [--window=10]
+    python bench/checkpoint.py [--repeats=5] [--window=10]
 
-Prints one JSON object, for the configured priority of the writer threads
-(`checkpoint.writer_nice`, trainer/io_priority.py) and, under `at_nice`, for it and for 0 (writers
-competing with the step) measured in the same run:
-- `async_save_overhead`: the mean step time over `window` steps that begin with a save call (its
-  blocking part, the steps that run while the write goes on in the background, and any wait for the
-  write to finish at the end) over the mean step time of `window` steps without a save, minus 1.
-  `window` is a save interval; the target is under 0.05.
-- `in_flight_step_overhead`: the mean time of the steps that start while a save is writing in the
-  background (after the blocking call) over the mean step without a save, minus 1; `in_flight_steps`
-  how many steps per save that was.
-- `save_blocking_s`: how long `save` holds the loop (the device-to-host copy and the bookkeeping);
-  `save_cost_s`: the loop time a save adds in all (blocking part and the slowdown of the steps the
-  background write shares the machine with), so the overhead at any save interval is
-  save_cost_s / (interval x step seconds).
+Each measurement is a save interval of `window` steps whose first step follows a save call. The
+steps of the interval that start after the background write has finished are the baseline: they
+run in the same minute as the ones the write overlapped, so the drift of a shared machine's speed
+(steps here wander between 1.5 and 2.3 s over tens of seconds) falls on both alike. Prints one JSON
+object, for the configured priority of the writer threads (`checkpoint.writer_nice`,
+trainer/io_priority.py) and, under `at_nice`, for it and for 0 (writers competing with the step):
+- `save_cost_s`: the loop time a save adds: its blocking part (the device-to-host copy and the
+  bookkeeping), the excess over the baseline of the steps that start while the write goes on in the
+  background, and any wait for the write at the end of the interval.
+- `async_save_overhead`: save_cost_s over the interval's baseline time (window x baseline step): the
+  fraction of step time a save costs at that save interval (at any other: save_cost_s / (interval x
+  step seconds)). The target is under 0.05.
+- `in_flight_step_overhead`: the mean time of the steps that start while a save is writing over the
+  baseline step, minus 1; `in_flight_steps` how many steps per save that was; `save_blocking_s`.
 - `save_mb_s` / `restore_mb_s`: train-state megabytes (1e6 bytes) per second for a whole save (call
   to write finished) and for a restore onto the same mesh (the resume path), nothing else running.
-Each quantity is the median over `repeats`; windows with and without a save alternate so that the
-machine's noise falls on both alike.
+Each quantity is the median over `repeats` intervals (in_flight_step_overhead: over all in-flight
+steps, relative to their own interval's baseline).
 """
 import json
 import os
@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Measurements of each kind (after one warm-up).")
-_WINDOW = flags.DEFINE_integer("window", 10, "Steps per timed window: the save interval the overhead is spread over.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Measurements of each kind (after one warm-up).")
+_WINDOW = flags.DEFINE_integer("window", 10, "Steps per measured save interval (the first follows the save call).")
 _DEVICES = 8
 _MB = 1e6
 _DATA_STATE = {"position": 0}
@@ -77,21 +77,20 @@ def main(argv):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
         state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / _MB
 
-        def window(state, checkpointer, with_save: bool):
-            """-> (state, seconds per step, seconds the save call blocked, times of in-flight steps)."""
+        def interval(state, checkpointer):
+            """-> (state, {blocked, in-flight step seconds, baseline step seconds, end wait})."""
             started = time.perf_counter()
-            blocked, in_flight = 0.0, []
-            if with_save:
-                checkpointer.save(int(state.step), state, _DATA_STATE, force=True)
-                blocked = time.perf_counter() - started
+            checkpointer.save(int(state.step), state, _DATA_STATE, force=True)
+            blocked, in_flight, baseline = time.perf_counter() - started, [], []
             for _ in range(_WINDOW.value):
-                writing, step_started = with_save and checkpointer.saving(), time.perf_counter()
+                writing, step_started = checkpointer.saving(), time.perf_counter()
                 state, _ = step_fn(state, batch)
                 jax.block_until_ready(state)
-                if writing:
-                    in_flight.append(time.perf_counter() - step_started)
+                (in_flight if writing else baseline).append(time.perf_counter() - step_started)
+            started = time.perf_counter()
             checkpointer.wait()
-            return state, (time.perf_counter() - started) / _WINDOW.value, blocked, in_flight
+            return state, dict(blocked=blocked, in_flight=in_flight, baseline=baseline,
+                               waited=time.perf_counter() - started)
 
         def measure(state, nice: int):
             """The loop-side figures of saves whose writer threads run at `nice`."""
@@ -99,22 +98,26 @@ def main(argv):
             checkpoint_config.writer_nice = nice
             workdir = tempfile.mkdtemp(prefix="bench_checkpoint_")
             checkpointer = Checkpointer.from_config(workdir, config, checkpoint_config)
-            state, _, _, _ = window(state, checkpointer, with_save=True)
-            with_save, without_save, blocking, in_flight = [], [], [], []
+            state, _ = interval(state, checkpointer)
+            costs, overheads, excess, flying, blocking, base_steps = [], [], [], 0, [], []
             for _ in range(_REPEATS.value):
-                state, seconds, blocked, flying = window(state, checkpointer, with_save=True)
-                with_save.append(seconds)
-                blocking.append(blocked)
-                in_flight.extend(flying)
-                state, seconds, _, _ = window(state, checkpointer, with_save=False)
-                without_save.append(seconds)
-            step_with, step_without = statistics.median(with_save), statistics.median(without_save)
+                state, one = interval(state, checkpointer)
+                if not one["baseline"]:
+                    raise SystemExit(f"a save outlasted the {_WINDOW.value}-step interval; raise --window")
+                base = statistics.mean(one["baseline"])
+                cost = one["blocked"] + sum(t - base for t in one["in_flight"]) + one["waited"]
+                costs.append(cost)
+                overheads.append(cost / (_WINDOW.value * base))
+                excess.extend(t / base - 1 for t in one["in_flight"])
+                flying += len(one["in_flight"])
+                blocking.append(one["blocked"])
+                base_steps.append(base)
             figures = {
-                "async_save_overhead": step_with / step_without - 1,
-                "in_flight_step_overhead": statistics.mean(in_flight) / step_without - 1 if in_flight else 0.0,
-                "in_flight_steps": len(in_flight) / _REPEATS.value,
-                "save_blocking_s": statistics.median(blocking), "save_cost_s": (step_with - step_without) * _WINDOW.value,
-                "step_seconds": {"with_save": step_with, "without_save": step_without}}
+                "async_save_overhead": statistics.median(overheads),
+                "in_flight_step_overhead": statistics.mean(excess) if excess else 0.0,
+                "in_flight_steps": flying / _REPEATS.value,
+                "save_blocking_s": statistics.median(blocking), "save_cost_s": statistics.median(costs),
+                "baseline_step_seconds": statistics.median(base_steps)}
             return state, checkpointer, workdir, figures
 
         def whole_save(state, checkpointer):

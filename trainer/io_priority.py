@@ -3,9 +3,9 @@
 An async save copies the state to host memory while the loop waits, then serialises and writes it
 from background threads (Orbax's, and TensorStore's pool). Where the step keeps the host's cores
 busy (emulated devices; the host side of an accelerator step) those threads compete with it: on
-the tiny config (8 emulated devices, 2 cores) a save's background part is ~1.3 core-seconds of
-per-shard work for 9 MB, and it slowed the steps it overlapped by 0.75 s in all. Run at the
-lowest priority they take only the time the step does not use (bench/checkpoint.py).
+the tiny config (8 emulated devices, 2 cores) a save's background part is ~0.45 core-seconds for
+9 MB (trainer/array_writer.py). Run at the lowest priority they yield the CPU to the step whenever
+it wants it (bench/checkpoint.py measures both priorities).
 
 Linux keeps a nice value per thread and a new thread inherits its creator's, so the saves are
 started from one low-priority thread and every thread Orbax starts for them runs at that priority;
