@@ -46,7 +46,7 @@ def test_a_full_grid_in_any_order_becomes_one_block(shape, cuts):
     assert merged[0][0] == tuple((0, n) for n in shape)
 
 
-def test_what_cannot_be_one_box_keeps_the_fewest_boxes_and_every_value():
+def test_what_cannot_be_one_box_stays_two_boxes_with_every_value():
     array = np.arange(36.0).reshape(6, 6)
     boxes = _grid(array.shape, ([2, 4], [2, 4]))
     l_shape = [b for b in boxes if not (b[0][0] >= 2 and b[1][0] >= 2)]  # 5 tiles: top row + left column

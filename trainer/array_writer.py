@@ -4,9 +4,8 @@ Orbax's ArrayHandler writes every unique shard of every array as its own TensorS
 by its own asyncio task, and a sharding file per array beside it. That is per-shard Python work: on
 the tiny config (448 arrays, 2,408 unique shards over 8 emulated devices) ~1.9 core-seconds of
 background work per 9 MB save, which the training step competes with on a busy host. This handler
-first joins the shards a process owns into the fewest contiguous blocks (one per array when the
-process holds a box of it, as it does for FSDP, expert and tensor sharding over a process-major
-mesh), then opens every array and issues all block writes as one batch, waiting on their
+first joins the shards a process owns into contiguous blocks (one per array when the process holds
+a box of it, as it does for FSDP, expert and tensor sharding over a process-major mesh), then opens every array and issues all block writes as one batch, waiting on their
 TensorStore futures together: ~0.45 core-seconds for the same save (bench/checkpoint.py).
 
 What lands on disk is Orbax's own layout, so the stock ArrayHandler (inherited here) restores it,
