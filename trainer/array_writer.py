@@ -68,11 +68,17 @@ def _join(run, axis: int):
     return bounds, np.concatenate([data for _, data in run], axis=axis)
 
 
-def _owned_fragments(array: jax.Array, replica_id: int) -> list[tuple[Bounds, np.ndarray]]:
-    """The shards of `array` this process writes (replica `replica_id` of each), as host copies."""
+def _owned_shards(array: jax.Array, replica_id: int) -> list:
+    """The shards of `array` this process writes (replica `replica_id` of each), their device-to-host
+    copies started."""
     shards = [shard for shard in array.addressable_shards if shard.replica_id == replica_id]
     for shard in shards:
         shard.data.copy_to_host_async()
+    return shards
+
+
+def _host_fragments(array: jax.Array, shards: list) -> list[tuple[Bounds, np.ndarray]]:
+    """`shards` of `array` as host copies with their bounds (waits for their copies)."""
     fragments = []
     for shard in shards:
         data = np.asarray(shard.data)
@@ -98,7 +104,9 @@ class BlockArrayHandler(ocp.type_handlers.ArrayHandler):
             if jax.process_count() > 1 and value.is_fully_addressable:
                 raise ValueError(f"{info.name}: a process-local array (sharding {value.sharding}) cannot be "
                                  "saved by a multi-process run; make it a global array first")
-        blocks = [merge_fragments(_owned_fragments(value, self._replica_id)) for value in values]
+        # Every array's copies start before the first is waited for, so they overlap on accelerators.
+        owned = [_owned_shards(value, self._replica_id) for value in values]
+        blocks = [merge_fragments(_host_fragments(value, shards)) for value, shards in zip(values, owned)]
         chunks = [value.sharding.shard_shape(value.shape) for value in values]
         primary = multihost.is_primary_host(self._primary_host)
 
