@@ -75,11 +75,11 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     devices = mesh.size
     shape = dict(mesh.shape)
     hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
-    tokens = config.batch_size * config.seq_len
+    tokens = config.data.global_batch_size * config.data.seq_len
 
     report = {"config": {"topology": topology.name, "mesh": shape, "devices": devices,
                          "expert_axes": list(parallelism.expert_mesh_axes(rules)),
-                         "batch_size": config.batch_size, "seq_len": config.seq_len,
+                         "batch_size": config.data.global_batch_size, "seq_len": config.data.seq_len,
                          "tokens_per_step": tokens}}
     counts = count_parameters(args)
     report["parameters"] = {"total": counts["total_params"], "activated": counts["active_params"],
@@ -109,8 +109,8 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         measured[name] = measure.measure(step.compiled, shape)
     totals = extrapolate.combine(args, measured)
     flops_per_device = totals[measure.FLOPS] + measure.uncounted_tile_flops(
-        args, config.batch_size, config.seq_len, shape, rules)
-    model_flops = train_flops_per_step(args, config.batch_size, config.seq_len)
+        args, config.data.global_batch_size, config.data.seq_len, shape, rules)
+    model_flops = train_flops_per_step(args, config.data.global_batch_size, config.data.seq_len)
 
     collectives, comm_seconds = [], 0.0
     for key in sorted(totals):
@@ -125,7 +125,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         collectives.append({"kind": kind, "axes": list(axes), "levels": list(estimate.placement(layout, axes).levels),
                             "count": round(count), "bytes": nbytes, "seconds": seconds})
 
-    analytic = memory.analytic_bytes(args, state, config.batch_size, config.seq_len, shape)
+    analytic = memory.analytic_bytes(args, state, config.data.global_batch_size, config.data.seq_len, shape)
     per_device = compiled_memory["total"] if compiled_memory else analytic["total"]
     timing = estimate.step_estimate(flops_per_device, comm_seconds, model_flops, devices, topology.peak_flops)
     report.update({
@@ -190,7 +190,7 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
     log(search.format_table(candidates, top))
     best = [c for c in candidates if not c.rejected and c.fits][:confirm]
     if not best:
-        raise ValueError(f"--search: no mesh of {topology.name} fits {config.batch_size} x {config.seq_len} "
+        raise ValueError(f"--search: no mesh of {topology.name} fits {config.data.global_batch_size} x {config.data.seq_len} "
                          f"in {hbm / GIB:.1f} GiB per device by the analytic estimate")
     reports = []
     for candidate in best:

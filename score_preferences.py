@@ -11,6 +11,8 @@ configured (emulated) mesh: see objectives/dpo_reference.py.
 from absl import app, flags
 from ml_collections import config_flags
 
+from trainer.cli import exits_on_bad_input
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _INIT = flags.DEFINE_string("init_checkpoint", None,
                             "Workdir of the reference weights (an Orbax checkpoint); default: the seed's init.")
@@ -18,15 +20,18 @@ _OUTPUT = flags.DEFINE_string("output", None, "The scored JSONL to write.")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
+@exits_on_bad_input
 def main(argv):
     del argv
     import jax
 
     from mesh.emulate import emulate
     from mesh.presets import get_topology
+    from configs.release import resolve_tokenizer
     from objectives.dpo_reference import score_pairs
 
     config = _CONFIG.value
+    resolve_tokenizer(config)
     if _EMULATE.value:
         jax.config.update("jax_platforms", "cpu")
         emulate(get_topology(config.mesh.topology))

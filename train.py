@@ -26,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from trainer import distributed
+from trainer.cli import exits_on_bad_input
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -106,10 +107,14 @@ def _progress_line(step: int, record: dict, refused: bool) -> str:
     return line + (" (non-finite: update not applied)" if refused else "")
 
 
+@exits_on_bad_input
 def main(argv):
     del argv
     config = _CONFIG.value
+    from configs.release import resolve_tokenizer
     from mesh.presets import get_topology
+
+    resolve_tokenizer(config)
 
     topology = get_topology(config.mesh.topology)
     processes = distributed.from_flags()

@@ -62,10 +62,10 @@ def main(argv):
     args = from_config(config.model)
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     rng = np.random.default_rng(0)
-    shape = (config.batch_size, config.seq_len)
+    shape = (config.data.global_batch_size, config.data.seq_len)
     host_batch = {"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
                   "loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
-                  "positions": np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), shape).copy()}
+                  "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy()}
     configured_nice = config.checkpoint.writer_nice
     with activate(mesh, rules):
         tx = build_optimizer(config.optimizer, abstract_params(args))

@@ -61,10 +61,10 @@ def main(argv):
     train_config = config.train
     train_config.microbatches = 1
     rng = np.random.default_rng(0)
-    shape = (config.batch_size, config.seq_len)
+    shape = (config.data.global_batch_size, config.data.seq_len)
     batch = {"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
              "loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
-             "positions": np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), shape).copy()}
+             "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy()}
     tokens = float(np.prod(shape))
     results = []
     for text in _MESHES.value.split(";"):
@@ -94,7 +94,7 @@ def main(argv):
                 counted = compiled.cost_analysis()["flops"] * mesh.size
                 if args.expert_tile:
                     counted += _uncounted_tile_flops(args, float(metrics["expert_tiles"]), mesh, mesh_config.rules)
-                flops = counted / (train_flops_per_token(args, config.seq_len) * tokens)
+                flops = counted / (train_flops_per_token(args, config.data.seq_len) * tokens)
         results.append({"mesh": text, "tokens_per_sec": tokens / timings[_DISPATCH.value],
                         "flops_ratio": flops, "moe_dispatch_ratio": timings[_DISPATCH.value] / timings["dense"],
                         "step_seconds": timings})

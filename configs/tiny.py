@@ -1,9 +1,7 @@
 """A tiny DeepSeek-V4 with the full structure (every layer kind, hash and score routing, MTP) that
 post-trains on the shipped sample tasks on 2 CPU cores; the numbers are small, nothing else differs
 from V4-Flash."""
-import ml_collections
-
-from configs import checkpoint, data, optimizer, parallelism
+from configs import checkpoint, optimizer, parallelism
 from configs.v4_model import compress_ratios, model_config, run_config
 
 NUM_LAYERS = 6
@@ -39,13 +37,7 @@ def get_config():
         expert_tile=16,
     )
     mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
-    config = run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN)
-    config.train.steps = STEPS
-    config.data = data.get_config(seq_len=SEQ_LEN, global_batch_size=BATCH)
-    config.optimizer = optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20, total_steps=STEPS,
-                                            adam_eps=1e-8)
-    config.checkpoint = checkpoint.get_config(save_every=100, log_every=20)
-    # Held-out exact match before and after training; num_examples=0 skips it.
-    config.eval = ml_collections.ConfigDict(dict(num_examples=64, max_new_tokens=12, max_prompt_len=48,
-                                                 batch_rows=32))
-    return config
+    return run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN, steps=STEPS,
+                      optimizer_config=optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20,
+                                                            adam_eps=1e-8),
+                      checkpoint_config=checkpoint.get_config(save_every=100, log_every=20))

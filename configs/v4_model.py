@@ -6,7 +6,7 @@ section 1.1): mHC with 4 streams and 20 Sinkhorn iterations, SwiGLU clamp 10, Ro
 """
 import ml_collections
 
-from configs import objectives, optimizer
+from configs import checkpoint, data, objectives, optimizer
 
 
 def compress_ratios(num_layers: int, first: int, num_mtp_layers: int = 1) -> tuple:
@@ -50,17 +50,65 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def scaled_numbers(*, first: int, num_routed_experts: int, routed_scaling_factor: float) -> dict:
+    """Model numbers of a full-size config's scaled twin (8 emulated CPU devices, the shipped sample
+    tokenizer): what `model_config` fixes is kept (hash layers, MTP, 6 experts per token, YaRN, mHC,
+    bf16 compute, full remat, padded dispatch), the widths and depth shrink, and the ratios stay: 8
+    heads per output group, top-k below the compressed entries of a sequence, a window below it."""
+    num_layers = 6
+    return dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=num_layers,
+        num_heads=16,
+        head_dim=32,
+        rope_head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        sliding_window=32,
+        window_block=8,
+        query_chunk=64,
+        compress_ratios=compress_ratios(num_layers, first=first),
+        index_n_heads=4,
+        index_head_dim=32,
+        index_topk=16,
+        num_routed_experts=num_routed_experts,
+        moe_intermediate_size=32,
+        routed_scaling_factor=routed_scaling_factor,
+        expert_tile=16,
+    )
+
+
+def eval_config(num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len: int = 48,
+                batch_rows: int = 32) -> ml_collections.ConfigDict:
+    """Held-out exact match before and after training (greedy decoding); num_examples=0 skips it."""
+    return ml_collections.ConfigDict(dict(num_examples=num_examples, max_new_tokens=max_new_tokens,
+                                          max_prompt_len=max_prompt_len, batch_rows=batch_rows))
+
+
 def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, *, batch_size: int,
-               seq_len: int, seed: int = 0) -> ml_collections.ConfigDict:
-    """The top-level config every entry point reads: model, mesh, and the shape of a global batch."""
+               seq_len: int, seed: int = 0, steps: int = 1000, release_dir: str | None = None,
+               optimizer_config: ml_collections.ConfigDict | None = None,
+               checkpoint_config: ml_collections.ConfigDict | None = None,
+               **data_fields) -> ml_collections.ConfigDict:
+    """The complete config every entry point reads: model, mesh, data, checkpoint, eval, optimizer,
+    objective and train settings. The batch shape lives in `config.data` alone (global_batch_size,
+    seq_len), and `config.data.vocab_size` is a reference to `config.model.vocab_size`: overriding
+    either changes both. `release_dir` (a Hugging Face release directory) supplies the tokenizer
+    when given (configs/release.py). The optimizer's schedule length is `config.train.steps`."""
     config = ml_collections.ConfigDict()
     config.model = model
     config.mesh = mesh
     config.seed = seed
-    config.batch_size = batch_size  # sequences per global batch
-    config.seq_len = seq_len
+    # The release directory whose tokenizer.json the data pipeline reads when data.tokenizer_path is
+    # unset (full-size configs; `--config.release_dir=DeepSeek-V4-Flash`).
+    config.release_dir = ml_collections.FieldReference(release_dir, field_type=str)
+    config.data = data.get_config(seq_len=seq_len, global_batch_size=batch_size, **data_fields)
+    config.data.vocab_size = config.model.get_ref("vocab_size")
     # Objective terms and step mechanics (spec section 5.3: MTP weight 0.3, balance 1e-4, bias 1e-3).
     config.train = ml_collections.ConfigDict(dict(
+        steps=steps,
         mtp_weight=0.3,
         balance_weight=1e-4,
         bias_update_rate=1e-3,
@@ -70,7 +118,10 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
         # in the `nonfinite_steps` metric (trainer/nonfinite.py has the details).
         nonfinite="stop",
     ))
-    config.optimizer = optimizer.get_config()
+    config.optimizer = optimizer_config or optimizer.get_config()
+    config.optimizer.total_steps = config.train.get_ref("steps")
+    config.checkpoint = checkpoint_config or checkpoint.get_config()
+    config.eval = eval_config()
     config.objective = "sft"  # sft | dpo | grpo | distill; settings in config.dpo / .grpo / .distill
     config.update(objectives.get_config())
     return config

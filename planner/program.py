@@ -41,7 +41,7 @@ def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=N
         shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
         step, _ = jit_train_step(make_train_step(graphdef, tx, schedule, config.train), shardings, mesh, rules)
         start = time.perf_counter()
-        lowered = step.lower(state, abstract_batch(config.batch_size, config.seq_len, mesh, rules))
+        lowered = step.lower(state, abstract_batch(config.data.global_batch_size, config.data.seq_len, mesh, rules))
         lowered_at = time.perf_counter()
         compiled = lowered.compile(compiler_options=compiler_options)
         done = time.perf_counter()

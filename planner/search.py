@@ -159,8 +159,8 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
     shape = dict(candidate.axes)
     rules = parallelism.rules(candidate.experts_over_data)
     token_shards = math.prod(shape[a] for a in TOKEN_AXES)
-    if config.batch_size % token_shards:
-        candidate.rejected = f"batch {config.batch_size} does not split over {token_shards} token shards"
+    if config.data.global_batch_size % token_shards:
+        candidate.rejected = f"batch {config.data.global_batch_size} does not split over {token_shards} token shards"
         return candidate
     try:
         layout = plan_layout(topology, shape, dict(config.mesh.pins))
@@ -197,7 +197,7 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
         if replicating:
             seconds["all-reduce"] += cost.all_reduce_seconds(placement(layout, replicating),
                                                              numel // split * t.itemsize)
-    tokens = config.batch_size * config.seq_len // token_shards
+    tokens = config.data.global_batch_size * config.data.seq_len // token_shards
     moe_layers = args.num_layers + args.num_mtp_layers
     expert_axes = parallelism.expert_mesh_axes(rules)
     if math.prod(shape[a] for a in expert_axes) > 1:
@@ -212,11 +212,11 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
         seconds["all-reduce"] += (passes * moe_layers * PARTIAL_SUMS_PER_LAYER
                                   * cost.all_reduce_seconds(where, tokens * args.hidden_size * 4))
     candidate.memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-                        "activations": memory.activation_bytes(args, config.batch_size, config.seq_len, shape)}
+                        "activations": memory.activation_bytes(args, config.data.global_batch_size, config.data.seq_len, shape)}
     candidate.memory["total"] = sum(candidate.memory.values())
     candidate.fits = hbm_bytes is None or candidate.memory["total"] <= hbm_bytes
     if model_flops is None:
-        model_flops = train_flops_per_step(args, config.batch_size, config.seq_len)
+        model_flops = train_flops_per_step(args, config.data.global_batch_size, config.data.seq_len)
     devices = topology.num_devices
     if topology.peak_flops:
         candidate.compute_s = model_flops / devices / topology.peak_flops * flops_weight / max(flops_total, 1.0)
@@ -230,7 +230,7 @@ def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tenso
     """Every candidate mesh for `config` on `topology`, evaluated with `table` (`tensors(args, tx)`):
     fitting ones first, by estimated step time (then by memory), then the ones that do not fit, then
     the rejected ones."""
-    candidates, model_flops = [], train_flops_per_step(args, config.batch_size, config.seq_len)
+    candidates, model_flops = [], train_flops_per_step(args, config.data.global_batch_size, config.data.seq_len)
     for shape in mesh_shapes(topology.num_devices, max_tensor):
         for over_data in (False, True) if shape[mesh_axes.DATA] > 1 else (False,):
             candidates.append(evaluate(Candidate(shape, over_data), args, config, topology, table, hbm_bytes,

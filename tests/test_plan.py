@@ -24,7 +24,7 @@ def small_config():
     config.model.num_layers = LAYERS
     config.model.compress_ratios = tiny.compress_ratios(LAYERS, first=0)
     config.mesh = parallelism.get_config("cm384-8", fsdp=4, expert=2)
-    config.batch_size, config.seq_len = 8, 128
+    config.data.global_batch_size, config.data.seq_len = 8, 128
     config.optimizer = optimizer.get_config("adamw", learning_rate=1e-3, warmup_steps=0)
     return config
 

@@ -18,7 +18,7 @@ GIB = 2 ** 30
 
 def small_config(name="muon"):
     config = tiny.get_config()
-    config.batch_size, config.seq_len = 8, 128
+    config.data.global_batch_size, config.data.seq_len = 8, 128
     config.optimizer = optimizer.get_config(name)
     return config
 
@@ -45,7 +45,7 @@ def test_rejections_name_the_reason(setup):
                               topology, table, None)
     assert "o_groups" in tensor4.rejected and "not divisible by 4" in tensor4.rejected
     config = small_config()
-    config.batch_size = 4
+    config.data.global_batch_size = 4
     batch = search.evaluate(search.Candidate(dict(data=1, fsdp=8, expert=1, tensor=1), False), args, config,
                             topology, table, None)
     assert batch.rejected == "batch 4 does not split over 8 token shards"
@@ -64,7 +64,7 @@ def test_state_memory_equals_the_abstract_train_state(setup, shape, over_data):
     candidate = search.evaluate(search.Candidate(shape, over_data), args, config, topology, table, None)
     mesh = plan_layout(topology, shape).mesh()
     state = abstract_train_state(args, mesh, parallelism.rules(over_data), tx)
-    want = memory.analytic_bytes(args, state, config.batch_size, config.seq_len, shape)
+    want = memory.analytic_bytes(args, state, config.data.global_batch_size, config.data.seq_len, shape)
     for key in ("weights", "gradients", "optimizer", "activations"):
         assert candidate.memory[key] == want[key], key
 
