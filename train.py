@@ -13,6 +13,11 @@ its checkpoint. DPO and GRPO compare against a frozen reference: the run's initi
 `--config.distill.teacher`. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
 or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
 
+`--dry_run` checks a command before the cluster is rented: it compiles the same run's step and
+evaluation for abstract inputs on the topology's devices emulated on this host and prints the planner's
+report (memory per device against the HBM, FLOPs, collectives, step time), exiting 1 if it does not
+fit. A real run of a full-size config on a host that cannot hold it is refused up front.
+
 Several processes form one run with --num_processes, --process_id and --coordinator_address (or the
 launcher's environment, see trainer/distributed.py; scripts/launch_local.sh starts N on one host):
 each reads its rows of the global batch and writes its shards of every checkpoint; process 0 alone
@@ -21,6 +26,9 @@ prints, logs and writes metrics.
 import contextlib
 import dataclasses
 import os
+import resource
+import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,6 +43,11 @@ _INIT = flags.DEFINE_string("init_checkpoint", None,
                             "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
                             "whose weights start a new run; ignored when --workdir already has a checkpoint.")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Compile the step and the evaluation this command would run, for abstract inputs on the "
+    "topology's devices emulated here (nothing allocated, no data or checkpoint read, nothing written), print the "
+    "planner's report (memory per device against the HBM, FLOPs, collectives, step time) and exit: 0 if it fits, "
+    "1 if not.")
 
 
 def _say(text: str) -> None:
@@ -114,15 +127,45 @@ def main(argv):
     from configs.release import resolve_tokenizer
     from mesh.presets import get_topology
 
-    resolve_tokenizer(config)
-
     topology = get_topology(config.mesh.topology)
+    if _DRY_RUN.value:
+        sys.exit(_dry_run(config, topology))
+    from model.args import from_config
+    from trainer.host_check import check_host
+
+    resolve_tokenizer(config)
+    if _EMULATE.value:
+        check_host(from_config(config.model), topology, emulated=True)
     processes = distributed.from_flags()
     distributed.initialize(processes, topology, emulate_devices=_EMULATE.value)
+    if not _EMULATE.value:
+        check_host(from_config(config.model), topology, emulated=False)
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)
     with distributed.collective_errors_named(processes):
         _train(config, topology, processes)
+
+
+def _dry_run(config, topology) -> int:
+    """--dry_run: the planner's report of this command's run (planner/report.py) on the topology's
+    devices emulated in this one process; -> the exit status, 0 if it fits, 1 if not. A tokenizer the
+    command names is checked; the data, --init_checkpoint and the workdir are not touched."""
+    import jax
+
+    from configs.release import resolve_tokenizer
+    from mesh.emulate import emulate
+    from planner.report import format_report, make_plan
+
+    if config.get("release_dir") or config.data.tokenizer_path:
+        resolve_tokenizer(config)
+    jax.config.update("jax_platforms", "cpu")
+    emulate(topology)
+    start = time.perf_counter()
+    report = make_plan(config, evaluation=True)
+    print(format_report(report), flush=True)
+    print(f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+    return 0 if report["fits"] is not False else 1
 
 
 def _train(config, topology, processes):

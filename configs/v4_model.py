@@ -121,7 +121,8 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
     config.optimizer = optimizer_config or optimizer.get_config()
     config.optimizer.total_steps = config.train.get_ref("steps")
     config.checkpoint = checkpoint_config or checkpoint.get_config()
-    config.eval = eval_config()
+    # Decoding rows are split over the batch's shards like the training rows.
+    config.eval = eval_config(batch_rows=max(32, batch_size))
     config.objective = "sft"  # sft | dpo | grpo | distill; settings in config.dpo / .grpo / .distill
     config.update(objectives.get_config())
     return config

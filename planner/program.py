@@ -1,7 +1,9 @@
-"""The real sharded train step of a config, lowered and compiled for abstract inputs on a mesh.
+"""The programs a run compiles, lowered and compiled for abstract inputs on a mesh: the train step of
+the config's objective (its batch, micro-batches and frozen model) and the evaluation's decoding step.
 
 Nothing is allocated: the train state and the batch are ShapeDtypeStructs carrying their shardings,
-so a 1.6T-parameter step compiles on emulated CPU devices with a few GiB of host memory.
+so a 1.6T-parameter step compiles on emulated CPU devices with a few GiB of host memory. Start with
+`compile_step`; `compile_evaluation` is what train.py --dry_run adds.
 """
 import dataclasses
 import time
@@ -10,11 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data.encode import REFERENCE_LOGPS
 from mesh.sharding import activate
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
+from objectives import build_objective
+from objectives.sequence import BATCH_FIELDS
 from trainer.checkpointing import abstract_train_state
-from trainer.step import BATCH_KEYS, batch_sharding_of, jit_train_step, make_train_step
+from trainer.sampler import compile_next_tokens
+from trainer.step import REPLAY_KEY, batch_sharding_of, jit_train_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -25,24 +31,61 @@ class CompiledStep:
     compile_seconds: float
 
 
-def abstract_batch(batch_size: int, seq_len: int, mesh, rules) -> dict:
+def batch_fields(batch_keys: tuple, args: ModelArgs, seq_len: int) -> dict:
+    """key -> (dims after the batch dim, dtype) of every batch array an objective reads."""
+    known = {**{key: ((seq_len,), jnp.int32) for key in BATCH_FIELDS},
+             REFERENCE_LOGPS: ((2,), jnp.float32),
+             "sampling_logprobs": ((seq_len,), jnp.float32),
+             "advantages": ((seq_len,), jnp.float32),
+             REPLAY_KEY: ((seq_len, args.num_layers, args.num_experts_per_tok), jnp.int32)}
+    return {key: known[key] for key in batch_keys}
+
+
+def abstract_batch(batch_keys: tuple, args: ModelArgs, batch_size: int, seq_len: int, mesh, rules) -> dict:
     sharding = batch_sharding_of(mesh, rules)
-    return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
+    return {key: jax.ShapeDtypeStruct((batch_size, *dims), dtype, sharding=sharding)
+            for key, (dims, dtype) in batch_fields(batch_keys, args, seq_len).items()}
 
 
-def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None) -> CompiledStep:
+def _graphdef(args: ModelArgs):
+    return nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
+
+
+def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None,
+                 unroll_microbatches: bool = False) -> CompiledStep:
     """Lowers and compiles `trainer.step` for `args` (possibly a reduced-depth variant of
-    config.model) with config's batch shape, train settings and rules on `mesh`; `compiler_options`
-    are XLA debug options for this compile (e.g. dumps)."""
+    config.model) with config's objective (and its frozen model), batch shape, train settings and
+    rules on `mesh`; `compiler_options` are XLA debug options for this compile (e.g. dumps);
+    `unroll_microbatches` as in make_train_step."""
     rules = config.mesh.rules
+    objective = build_objective(config)
     with activate(mesh, rules):
         state = abstract_train_state(args, mesh, rules, tx)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
         shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
-        step, _ = jit_train_step(make_train_step(graphdef, tx, schedule, config.train), shardings, mesh, rules)
+        frozen = {"params": state.params, "routing": state.routing} if objective.uses_frozen else None
+        frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
+        step, _ = jit_train_step(
+            make_train_step(_graphdef(args), tx, schedule, config.train, objective, unroll_microbatches),
+            shardings, mesh, rules, objective.batch_keys, frozen_shardings)
+        batch = abstract_batch(objective.batch_keys, args, config.data.global_batch_size, config.data.seq_len,
+                               mesh, rules)
         start = time.perf_counter()
-        lowered = step.lower(state, abstract_batch(config.data.global_batch_size, config.data.seq_len, mesh, rules))
+        lowered = step.lower(state, batch, *(() if frozen is None else (frozen,)))
         lowered_at = time.perf_counter()
         compiled = lowered.compile(compiler_options=compiler_options)
         done = time.perf_counter()
     return CompiledStep(compiled, state, lowered_at - start, done - lowered_at)
+
+
+def compile_evaluation(args: ModelArgs, config, mesh, state) -> CompiledStep:
+    """The held-out evaluation's greedy decoding step (config.eval: batch_rows rows of max_prompt_len +
+    max_new_tokens tokens) for the abstract train `state`'s weights, as train.py compiles it."""
+    rules = config.mesh.rules
+    with activate(mesh, rules):
+        start = time.perf_counter()
+        compiled = compile_next_tokens(_graphdef(args), state.params, state.routing,
+                                       batch_rows=config.eval.batch_rows,
+                                       length=config.eval.max_prompt_len + config.eval.max_new_tokens,
+                                       batch_sharding=batch_sharding_of(mesh, rules))
+        done = time.perf_counter()
+    return CompiledStep(compiled, state, 0.0, done - start)

@@ -83,6 +83,34 @@ def _place(host: np.ndarray, sharding):
     return host if sharding is None else jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _replicated(batch_sharding):
+    return None if batch_sharding is None else NamedSharding(batch_sharding.mesh, PartitionSpec())
+
+
+def _next_tokens_program(graphdef, batch_sharding):
+    """The jitted decoding step: (params, routing, buffer [rows, length], lengths [rows], key, rows,
+    step, temperature, top_p) -> the drawn tokens and their log-probs, replicated."""
+
+    @functools.partial(jax.jit, out_shardings=_replicated(batch_sharding))
+    def next_tokens(params, routing, buffer, lengths, key, rows, step, temperature, top_p):
+        logits = nnx.merge(graphdef, params, routing)(buffer).logits  # [rows, length, vocab]
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
+        keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
+        return draw(last, keys, temperature, top_p)
+
+    return next_tokens
+
+
+def compile_next_tokens(graphdef, params, routing, *, batch_rows: int, length: int, batch_sharding):
+    """The decoding step compiled for `batch_rows` rows of `length` tokens; `params` and `routing` may
+    be abstract (ShapeDtypeStructs with shardings), e.g. for train.py --dry_run."""
+    row_ids = jax.ShapeDtypeStruct((batch_rows,), jnp.int32, sharding=_replicated(batch_sharding))
+    buffer = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=batch_sharding)
+    return _next_tokens_program(graphdef, batch_sharding).lower(
+        params, routing, buffer, row_ids, jax.random.key(0), row_ids, np.int32(0), np.float32(0),
+        np.float32(1)).compile()
+
+
 def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_len: int,
                  batch_sharding=None, compile_with=None) -> SampleFn:
     """-> sample(params, routing, prompts, *, stop_ids, key=None, temperature=1.0, top_p=1.0): a list
@@ -102,20 +130,11 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
     such a caller can wait for every process to finish compiling before the first collective
     (trainer.distributed.barrier)."""
     length = max_prompt_len + max_new_tokens
-    replicated = None if batch_sharding is None else NamedSharding(batch_sharding.mesh, PartitionSpec())
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def next_tokens(params, routing, buffer, lengths, key, rows, step, temperature, top_p):
-        logits = nnx.merge(graphdef, params, routing)(buffer).logits  # [rows, length, vocab]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
-        keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
-        return draw(last, keys, temperature, top_p)
-
+    replicated = _replicated(batch_sharding)
+    next_tokens = _next_tokens_program(graphdef, batch_sharding)
     if compile_with is not None:
-        row_ids = jax.ShapeDtypeStruct((batch_rows,), jnp.int32, sharding=replicated)
-        next_tokens = next_tokens.lower(
-            *compile_with, jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=batch_sharding), row_ids,
-            jax.random.key(0), row_ids, np.int32(0), np.float32(0), np.float32(1)).compile()
+        next_tokens = compile_next_tokens(graphdef, *compile_with, batch_rows=batch_rows, length=length,
+                                          batch_sharding=batch_sharding)
 
     def sample(params, routing, prompts, *, stop_ids: Sequence[int], key: Optional[jax.Array] = None,
                temperature: float = 1.0, top_p: float = 1.0) -> list[Completion]:

@@ -39,11 +39,14 @@ def _constrained(batch: dict) -> dict:
     return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective=None,
+                    unroll_microbatches: bool = False):
     """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
 
     train_config: balance_weight, microbatches (and mtp_weight, bias_update_rate for the default SFT
     objective). `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
+    `unroll_microbatches` unrolls the micro-batch loop (the planner's FLOP and collective counts, which
+    XLA takes once per loop body); the step computes the same either way.
     """
     if objective is None:
         objective = SFT(mtp_weight=train_config.mtp_weight, bias_update_rate=train_config.bias_update_rate)
@@ -88,7 +91,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
                                                            normalisers)[1])
             init = (jax.tree.map(jnp.zeros_like, state.params),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-            (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
+            (grads, sums), _ = jax.lax.scan(accumulate, init, micro, unroll=unroll_microbatches)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         load = sums.pop("load")
