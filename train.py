@@ -130,10 +130,12 @@ def main(argv):
     topology = get_topology(config.mesh.topology)
     if _DRY_RUN.value:
         sys.exit(_dry_run(config, topology))
+    from data.pipeline import build_encoder
     from model.args import from_config
     from trainer.host_check import check_host
 
     resolve_tokenizer(config)
+    build_encoder(config.data)  # tokenizer, chat template and vocabulary checked before any device work
     if _EMULATE.value:
         check_host(from_config(config.model), topology, emulated=True)
     processes = distributed.from_flags()
@@ -153,11 +155,13 @@ def _dry_run(config, topology) -> int:
     import jax
 
     from configs.release import resolve_tokenizer
+    from data.pipeline import build_encoder
     from mesh.emulate import emulate
     from planner.report import format_report, make_plan
 
     if config.get("release_dir") or config.data.tokenizer_path:
         resolve_tokenizer(config)
+        build_encoder(config.data)
     jax.config.update("jax_platforms", "cpu")
     emulate(topology)
     start = time.perf_counter()
@@ -184,7 +188,7 @@ def _train(config, topology, processes):
     from trainer.preemption import PreemptionGuard
     from trainer.sharded_init import build_mesh
     from trainer.state import abstract_params, create_train_state
-    from trainer.step import jit_train_step, make_train_step
+    from trainer.step import batch_sharding_of, jit_train_step, make_train_step
 
     nonfinite_policy = NonFinitePolicy(config.train.nonfinite)
     objective = build_objective(config)
@@ -192,7 +196,6 @@ def _train(config, topology, processes):
     args = from_config(config.model)
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
     _say(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
          f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)"
          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
@@ -201,8 +204,12 @@ def _train(config, topology, processes):
         tx = build_optimizer(config.optimizer, abstract_params(args))
         abstract = abstract_train_state(args, mesh, rules, tx)
         schedule = learning_rate_schedule(config.optimizer)
-        checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
+        # The data are read (and bad input refused) before anything is written to the workdir.
+        source = build_batch_source(config, batch_sharding_of(mesh, rules), graphdef=graphdef)
+        encoder = source.encoder
+        os.makedirs(workdir, exist_ok=True)
+        checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         abstract_weights = {"params": abstract.params, "routing": abstract.routing}
         resuming = checkpointer.latest_step() is not None
         if _INIT.value and (not resuming or objective.uses_frozen):
@@ -216,8 +223,6 @@ def _train(config, topology, processes):
         frozen_args = () if frozen is None else (frozen,)
         step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train, objective),
                                                  shardings, mesh, rules, objective.batch_keys, frozen_shardings)
-        source = build_batch_source(config, batch_sharding, graphdef=graphdef)
-        encoder = source.encoder
         if resuming:
             state, data_state = checkpointer.restore(None, abstract)
             source.set_state(data_state)

@@ -55,7 +55,7 @@ def scaled_numbers(*, first: int, num_routed_experts: int, routed_scaling_factor
     tokenizer): what `model_config` fixes is kept (hash layers, MTP, 6 experts per token, YaRN, mHC,
     bf16 compute, full remat, padded dispatch), the widths and depth shrink, and the ratios stay: 8
     heads per output group, top-k below the compressed entries of a sequence, a window below it."""
-    num_layers = 6
+    num_layers = 7  # the opening pair, the hash CSA layer, then two (HCA, CSA) pairs: the full-size groups
     return dict(
         vocab_size=512,
         hidden_size=64,
@@ -88,7 +88,7 @@ def eval_config(num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len
 
 
 def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, *, batch_size: int,
-               seq_len: int, seed: int = 0, steps: int = 1000, release_dir: str | None = None,
+               seq_len: int, seed: int = 0, steps: int = 10_000, release_dir: str | None = None,
                optimizer_config: ml_collections.ConfigDict | None = None,
                checkpoint_config: ml_collections.ConfigDict | None = None,
                **data_fields) -> ml_collections.ConfigDict:

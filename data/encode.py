@@ -36,8 +36,8 @@ class Encoder:
         for marker in self.template.special_tokens:
             self.tokenizer.token_id(marker)
         if self.tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(f"the tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
-                             f"the model only {self.vocab_size} embedding rows (config vocab_size)")
+            raise DataError(self.tokenizer.path, f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                            f"only {self.vocab_size} embedding rows (config.model.vocab_size)", reason="vocab_too_large")
 
     def check_texts(self, texts: Sequence[str]) -> None:
         """User text must not contain the template's markers: they would be read as real turn

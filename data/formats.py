@@ -126,8 +126,26 @@ def _parse_ids(value: Any, field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+# The fields that mark a record as one kind, and what each kind is called in errors.
+KIND_MARKERS = {"sft": ("messages", "completion", "tokens"), "preference": ("chosen", "rejected")}
+KIND_NAMES = {"sft": "an SFT record ('messages', 'prompt'/'completion' or 'tokens')",
+              "preference": "a preference pair ('prompt', 'chosen', 'rejected')",
+              "prompt": "a prompt record ('prompt', optional 'answer')"}
+
+
+def _refuse_other_kind(record: dict, wanted: str) -> None:
+    """A record that carries another kind's marking fields and lacks this kind's is a file of the
+    wrong kind for the objective: say so rather than name one missing field."""
+    for kind, markers in KIND_MARKERS.items():
+        if kind != wanted and any(m in record for m in markers) and not any(
+                m in record for m in KIND_MARKERS.get(wanted, ())):
+            raise InvalidRecord("wrong_record_kind", f"this is {KIND_NAMES[kind]}, where this source needs "
+                                f"{KIND_NAMES[wanted]}")
+
+
 def parse_sft(value: Any) -> Conversation | Pretokenized:
     record = _require_object(value)
+    _refuse_other_kind(record, "sft")
     if "messages" in record:
         messages = _parse_messages(record["messages"])
         if messages[-1].role != "assistant":
@@ -168,6 +186,7 @@ def _reference_logps(record: dict, required: bool) -> tuple[float, float] | None
 def parse_preference(value: Any, require_reference: bool = False) -> PreferencePair:
     """`require_reference`: the pair must carry the reference log-probabilities."""
     record = _require_object(value)
+    _refuse_other_kind(record, "preference")
     prompt = _parse_prompt(record)
     chosen = _require_str(record, "chosen", non_empty=True, reason="empty_assistant")
     rejected = _require_str(record, "rejected", non_empty=True, reason="empty_assistant")
@@ -176,6 +195,8 @@ def parse_preference(value: Any, require_reference: bool = False) -> PreferenceP
 
 def parse_prompt(value: Any) -> PromptRecord:
     record = _require_object(value)
+    if "prompt" not in record:
+        _refuse_other_kind(record, "prompt")
     prompt = _parse_prompt(record)
     answer = _require_str(record, "answer") if "answer" in record else None
     extra = {k: v for k, v in record.items() if k not in ("prompt", "answer")}

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from configs.release import ConfigError
+
 BATCH_AXES = frozenset({"layers", "expert", "o_groups"})
 FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed"}
 ADAMW_TABLE_AXES = {"vocab": True, "comp_pos": False}  # axis name -> weight-decayed
@@ -227,8 +229,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
     peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
     decay_steps = total - warmup if config.decay_steps is None else config.decay_steps
     if decay_steps <= 0 or warmup + decay_steps > total:
-        raise ValueError(f"need 0 < decay_steps ({decay_steps}) <= total_steps ({total}) - warmup_steps "
-                         f"({warmup})")
+        raise ConfigError(f"config.optimizer: need 0 < decay_steps ({decay_steps}) <= total_steps ({total}, "
+                          f"config.train.steps in a run config) - warmup_steps ({warmup})")
     tails = {
         "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_ratio),
         "linear": lambda: optax.linear_schedule(peak, peak * config.final_lr_ratio, decay_steps),
