@@ -150,8 +150,9 @@ def main(argv):
 
 def _dry_run(config, topology) -> int:
     """--dry_run: the planner's report of this command's run (planner/report.py) on the topology's
-    devices emulated in this one process; -> the exit status, 0 if it fits, 1 if not. A tokenizer the
-    command names is checked; the data, --init_checkpoint and the workdir are not touched."""
+    devices emulated in this one process, against `topology`'s HBM; -> the exit status, 0 if it fits,
+    1 if not. A tokenizer the command names is checked; the data, --init_checkpoint and the workdir
+    are not touched."""
     import jax
 
     from configs.release import resolve_tokenizer
@@ -165,7 +166,7 @@ def _dry_run(config, topology) -> int:
     jax.config.update("jax_platforms", "cpu")
     emulate(topology)
     start = time.perf_counter()
-    report = make_plan(config, evaluation=True)
+    report = make_plan(config, hbm_bytes=topology.hbm_bytes, evaluation=True)
     print(format_report(report), flush=True)
     print(f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)

@@ -9,18 +9,16 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from data.encode import REFERENCE_LOGPS
 from mesh.sharding import activate
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
 from objectives import build_objective
-from objectives.sequence import BATCH_FIELDS
 from trainer.checkpointing import abstract_train_state
+from trainer.batch_source import batch_fields
 from trainer.sampler import compile_next_tokens
-from trainer.step import REPLAY_KEY, batch_sharding_of, jit_train_step, make_train_step
+from trainer.step import batch_sharding_of, jit_train_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -29,16 +27,6 @@ class CompiledStep:
     state: object           # the abstract TrainState (ShapeDtypeStructs with shardings)
     lower_seconds: float
     compile_seconds: float
-
-
-def batch_fields(batch_keys: tuple, args: ModelArgs, seq_len: int) -> dict:
-    """key -> (dims after the batch dim, dtype) of every batch array an objective reads."""
-    known = {**{key: ((seq_len,), jnp.int32) for key in BATCH_FIELDS},
-             REFERENCE_LOGPS: ((2,), jnp.float32),
-             "sampling_logprobs": ((seq_len,), jnp.float32),
-             "advantages": ((seq_len,), jnp.float32),
-             REPLAY_KEY: ((seq_len, args.num_layers, args.num_experts_per_tok), jnp.int32)}
-    return {key: known[key] for key in batch_keys}
 
 
 def abstract_batch(batch_keys: tuple, args: ModelArgs, batch_size: int, seq_len: int, mesh, rules) -> dict:

@@ -155,12 +155,17 @@ def test_gradient_all_reduce_over_fsdp_is_costed_as_the_reduce_scatter_it_runs_a
         assert as_all_reduce == pytest.approx(collective_seconds("reduce-scatter", axes, gradient / ways, layout))
 
 
-def test_microbatched_configs_are_refused_by_name():
-    """The micro-batch loop is a scan XLA counts once: plan.py says so instead of undercounting."""
+@pytest.mark.slow
+def test_micro_batches_are_counted_every_pass(report):
+    """Two micro-batches: the same model FLOPs and XLA FLOPs within 2% of one pass (the loop is unrolled
+    for the count, not taken once), and the FSDP weight gathers made twice (once per micro-batch)."""
     config = small_config()
     config.train.microbatches = 2
-    with pytest.raises(ValueError, match="config.train.microbatches=2"):
-        plan.make_plan(config, full_compile=False, log=lambda _: None)
+    micro = plan.make_plan(config, full_compile=False, log=lambda _: None)
+    assert micro["config"]["microbatches"] == 2 and micro["model_flops"] == report["model_flops"]
+    assert micro["xla_flops"] == pytest.approx(report["xla_flops"], rel=0.02)
+    gathered = lambda r: sum(c["bytes"] for c in r["collectives"] if c["kind"] == "all-gather")
+    assert gathered(micro) == pytest.approx(2 * gathered(report), rel=0.1)
 
 
 @pytest.mark.slow

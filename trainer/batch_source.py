@@ -13,9 +13,22 @@ import numpy as np
 
 from data.encode import REFERENCE_LOGPS
 from data.pipeline import build_encoder, build_preference_pipeline, build_sft_pipeline
-from trainer.batches import TOKEN_FIELDS, GlobalBatches
+from model.args import ModelArgs, from_config
+from trainer.batches import GlobalBatches
+from trainer.step import BATCH_KEYS, REPLAY_KEY
 
 READ = {"sft": build_sft_pipeline, "dpo": build_preference_pipeline}
+
+
+def batch_fields(batch_keys: tuple, args: ModelArgs, seq_len: int) -> dict:
+    """key -> (dims after the batch dim, numpy dtype) of each batch array an objective reads: what the
+    sources below produce and what train.py --dry_run compiles the step for."""
+    known = {**{key: ((seq_len,), np.int32) for key in BATCH_KEYS},
+             REFERENCE_LOGPS: ((2,), np.float32),
+             "sampling_logprobs": ((seq_len,), np.float32),
+             "advantages": ((seq_len,), np.float32),
+             REPLAY_KEY: ((seq_len, args.num_layers, args.num_experts_per_tok), np.int32)}
+    return {key: known[key] for key in batch_keys}
 
 
 def build_batch_source(config, batch_sharding, *, graphdef):
@@ -24,7 +37,8 @@ def build_batch_source(config, batch_sharding, *, graphdef):
         # The pairs' precomputed reference log-probabilities ride along as [B, 2] float32.
         return GlobalBatches(config.data, batch_sharding,
                              build=functools.partial(build_preference_pipeline, with_reference=True),
-                             fields={**TOKEN_FIELDS, REFERENCE_LOGPS: ((2,), np.float32)})
+                             fields=batch_fields(BATCH_KEYS + (REFERENCE_LOGPS,), from_config(config.model),
+                                                 config.data.seq_len))
     if config.objective in READ:
         return GlobalBatches(config.data, batch_sharding, build=READ[config.objective])
     from trainer.rollout_source import build_rollout_source

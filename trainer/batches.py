@@ -27,9 +27,6 @@ def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
     return sorted(rows)
 
 
-TOKEN_FIELDS = {key: ("seq", np.int32) for key in BATCH_KEYS}
-
-
 class GlobalBatches:
     """Iterator of global arrays with `sharding`, one per field: by default {"tokens","loss_mask",
     "segment_ids","positions"} int32[batch, seq_len]; `get_state()` / `set_state()` save and restore
@@ -43,12 +40,12 @@ class GlobalBatches:
                  fields=None):
         """`build(config, process_index=, process_count=, encoder=)` makes one stream's pipeline:
         `build_sft_pipeline` (SFT) or `build_preference_pipeline` (DPO pairs). `fields` maps each
-        batch key to (trailing dims: "seq" for seq_len or a tuple, dtype); default TOKEN_FIELDS."""
+        batch key to (dims after the batch dim, dtype) (trainer.batch_source.batch_fields); default
+        the token fields, int32[batch, seq_len] each."""
         self.streams = config.streams or jax.process_count()
         self.shape = (config.global_batch_size, config.seq_len)
-        self.fields = {key: ((config.global_batch_size, config.seq_len) if dims == "seq"
-                             else (config.global_batch_size, *dims), np.dtype(dtype))
-                       for key, (dims, dtype) in (fields or TOKEN_FIELDS).items()}
+        fields = fields or {key: ((config.seq_len,), np.int32) for key in BATCH_KEYS}
+        self.fields = {key: ((config.global_batch_size, *dims), np.dtype(dtype)) for key, (dims, dtype) in fields.items()}
         self.sharding = sharding
         if config.global_batch_size % self.streams:
             raise ValueError(f"global_batch_size {config.global_batch_size} does not split into "

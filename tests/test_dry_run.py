@@ -1,0 +1,52 @@
+"""train.py --dry_run compiles the run its command line describes (objective, frozen model,
+micro-batches, evaluation) for abstract inputs, prints the planner's report and exits 1 when it
+does not fit; the batch it compiles for is the one the batch sources produce."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import train
+from configs import tiny, v4_flash
+from mesh.presets import get_topology
+from model.args import from_config
+from objectives import build_objective
+from trainer.batch_source import batch_fields, build_batch_source
+from trainer.sharded_init import build_mesh
+from trainer.step import batch_sharding_of
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_the_compiled_batch_is_the_sources_batch(objective):
+    config = tiny.get_config()
+    config.objective = objective
+    mesh = build_mesh(config.mesh)
+    source = build_batch_source(config, batch_sharding_of(mesh, config.mesh.rules), graphdef=None)
+    expected = {key: (struct.shape[1:], np.dtype(struct.dtype)) for key, struct in source.abstract().items()}
+    fields = batch_fields(build_objective(config).batch_keys, from_config(config.model), config.data.seq_len)
+    assert {key: (dims, np.dtype(dtype)) for key, (dims, dtype) in fields.items()} == expected
+
+
+def test_grpo_replay_batch_fields_are_what_rollouts_make():
+    """GRPO with routing replay reads [B, S, layers, k] experts, as data/rollouts.make_batch lays them out."""
+    config = tiny.get_config()
+    config.objective, config.grpo.routing_replay = "grpo", True
+    args = from_config(config.model)
+    fields = batch_fields(build_objective(config).batch_keys, args, 16)
+    assert fields["routed_experts"] == ((16, args.num_layers, args.num_experts_per_tok), np.int32)
+    assert fields["sampling_logprobs"] == fields["advantages"] == ((16,), np.float32)
+
+
+def test_dry_run_of_a_dpo_command_in_micro_batches_reports_and_refuses(capsys):
+    """The scaled V4-Flash twin as a DPO run against its frozen reference, in 2 micro-batches, with its
+    evaluation, checked against an HBM of 1 MiB: the report names each, and the status is 1."""
+    config = v4_flash.get_config("scaled")
+    config.objective = "dpo"
+    config.data.global_batch_size, config.train.microbatches = 16, 2  # 8 rows per micro-batch, one per device
+    topology = dataclasses.replace(get_topology(config.mesh.topology), hbm_bytes=float(1 << 20))
+    assert train._dry_run(config, topology) == 1
+    printed = capsys.readouterr().out
+    assert "4,096 tokens per step (16 x 256 in 2 micro-batches), objective dpo" in printed
+    assert "of 0.00 GiB HBM -> DOES NOT FIT" in printed
+    assert "evaluation (greedy decoding): " in printed
+    assert "estimated step: compute " in printed and "dry run of dpo on cm384-8: " in printed
