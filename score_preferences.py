@@ -25,16 +25,25 @@ def main(argv):
     del argv
     import jax
 
+    from configs.release import resolve_tokenizer
+    from data.pipeline import build_encoder
     from mesh.emulate import emulate
     from mesh.presets import get_topology
-    from configs.release import resolve_tokenizer
+    from model.args import from_config
     from objectives.dpo_reference import score_pairs
+    from trainer.host_check import check_host
 
     config = _CONFIG.value
     resolve_tokenizer(config)
+    build_encoder(config.data)  # tokenizer, chat template and vocabulary checked before any device work
+    topology = get_topology(config.mesh.topology)
+    args = from_config(config.model)
     if _EMULATE.value:
+        check_host(args, topology, emulated=True)
         jax.config.update("jax_platforms", "cpu")
-        emulate(get_topology(config.mesh.topology))
+        emulate(topology)
+    else:
+        check_host(args, topology, emulated=False)
     score_pairs(config, _INIT.value, _OUTPUT.value)
 
 

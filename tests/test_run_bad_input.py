@@ -15,11 +15,13 @@ from configs.data import sample_path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(tmp_path, *flags) -> tuple[str, str]:
-    """Runs train.py expecting bad input; -> its one stderr line (what is not absl/JAX logging)."""
+def _train(tmp_path, *flags, tool: str = "train.py") -> tuple[str, str]:
+    """Runs `tool` (train.py, or score_preferences.py) expecting bad input; -> its one stderr line
+    (what is not absl/JAX logging), and all of stderr."""
     workdir = tmp_path / "run"
+    out = ["--output", str(workdir)] if tool == "score_preferences.py" else [f"--workdir={workdir}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, tool, *out, *flags], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -29,12 +31,12 @@ def _train(tmp_path, *flags) -> tuple[str, str]:
     return lines[0], result.stderr
 
 
-def test_a_full_size_config_on_this_host_points_at_dry_run(tmp_path):
+@pytest.mark.parametrize("tool", ["train.py", "score_preferences.py"])
+def test_a_full_size_config_on_this_host_points_at_dry_run(tmp_path, tool):
     release = tmp_path / "release"
     release.mkdir()
     shutil.copy(sample_path("tokenizer.json"), release / "tokenizer.json")
-    line, _ = _train(tmp_path, "--config=configs/v4_pro.py", f"--config.release_dir={release}",
-                     "--config.model.vocab_size=512")
+    line, _ = _train(tmp_path, "--config=configs/v4_pro.py", f"--config.release_dir={release}", tool=tool)
     assert "topology cm384 needs 768 devices and this host has none of them" in line
     assert "GiB" in line and line.endswith("or check the command here with --dry_run")
 
