@@ -6,7 +6,8 @@
 
 Writes the pairs of `config.data.preference_sources` with `ref_chosen_logps` / `ref_rejected_logps`
 from the reference (the weights of --init_checkpoint, or the seed's initialisation), computed on the
-configured (emulated) mesh: see objectives/dpo_reference.py.
+configured (emulated) mesh: see objectives/dpo_reference.py. An existing output is replaced only with
+--overwrite, and never when it is one of the input files.
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _INIT = flags.DEFINE_string("init_checkpoint", None,
                             "Workdir of the reference weights (an Orbax checkpoint); default: the seed's init.")
 _OUTPUT = flags.DEFINE_string("output", None, "The scored JSONL to write.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output (never one of the input files).")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 
 
@@ -30,10 +32,11 @@ def main(argv):
     from mesh.emulate import emulate
     from mesh.presets import get_topology
     from model.args import from_config
-    from objectives.dpo_reference import score_pairs
+    from objectives.dpo_reference import check_output, score_pairs
     from trainer.host_check import check_host
 
     config = _CONFIG.value
+    check_output(_OUTPUT.value, config, _OVERWRITE.value)
     resolve_tokenizer(config)
     build_encoder(config.data)  # tokenizer, chat template and vocabulary checked before any device work
     topology = get_topology(config.mesh.topology)

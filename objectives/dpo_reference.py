@@ -9,6 +9,7 @@ summed log-probabilities added as `ref_chosen_logps` / `ref_rejected_logps`. The
 DPO would use in the step: the weights of an Orbax checkpoint, or the seed's initialisation. The
 output file appears only when complete.
 """
+import glob
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from configs.release import ConfigError
 from data.errors import LoadStats
 from data.pipeline import build_encoder, preference_rows
 from mesh.sharding import activate
@@ -26,6 +28,18 @@ from trainer.checkpointing import Checkpointer, abstract_like
 from trainer.sharded_init import build_mesh, init_sharded
 from trainer.state import split_variables
 from trainer.step import batch_sharding_of
+
+
+def check_output(output: str, config, overwrite: bool) -> None:
+    """Refuses (ConfigError naming the flag) an output that is one of the input files, or that exists
+    when `overwrite` is off: the scored file replaces the output only when complete, and pairs the
+    scoring skips (too long, bad) would be lost from an input written over."""
+    inputs = [path for pattern, _ in config.data.preference_sources for path in glob.glob(pattern)]
+    if any(os.path.realpath(path) == os.path.realpath(output) for path in inputs):
+        raise ConfigError(f"--output={output} is one of the input files (config.data.preference_sources): "
+                          "write the scored pairs to another file")
+    if os.path.exists(output) and not overwrite:
+        raise ConfigError(f"--output={output} exists: pass --overwrite to replace it")
 
 
 def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> dict:

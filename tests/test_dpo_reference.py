@@ -4,6 +4,7 @@ and they are the reference forward's own numbers, so the loss is the in-step one
 import itertools
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,13 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from configs.release import ConfigError
 from data.errors import DataError
 from data.pipeline import build_preference_pipeline
 from mesh.sharding import activate
 from model.args import from_config
 from objectives.dpo import DPO, pair_logprobs
-from objectives.dpo_reference import score_pairs
+from objectives.dpo_reference import check_output, score_pairs
 from objectives.sequence import BATCH_FIELDS
 from trainer.sharded_init import build_mesh, init_sharded
 from trainer.state import split_variables
@@ -105,3 +107,20 @@ def test_pairs_without_valid_reference_logps_are_named(tmp_path, extra, message)
     config = _config(tmp_path, [json.dumps(good) + "\n", json.dumps(dict(second, **extra)) + "\n"])
     with pytest.raises(DataError, match=message):
         build_preference_pipeline(config.data, with_reference=True)
+
+
+def test_the_output_is_never_an_input_and_replaced_only_when_asked(tmp_path):
+    """score_preferences.py's output check (before any device work): an input file is refused even
+    with --overwrite, an existing output without it; a new file, or --overwrite, passes."""
+    config = _config(tmp_path, _shipped_pairs(2))
+    (source,) = [pattern for pattern, _ in config.data.preference_sources]
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"is one of the input files \(config.data.preference_sources\)"):
+            check_output(os.path.join(os.path.dirname(source), ".", os.path.basename(source)), config, overwrite)
+    existing = tmp_path / "scored.jsonl"
+    existing.write_text("kept\n")
+    with pytest.raises(ConfigError, match=r"^--output=\S+scored.jsonl exists: pass --overwrite to replace it$"):
+        check_output(str(existing), config, overwrite=False)
+    check_output(str(existing), config, overwrite=True)
+    check_output(str(tmp_path / "new.jsonl"), config, overwrite=False)
+    assert existing.read_text() == "kept\n"
