@@ -26,9 +26,7 @@ prints, logs and writes metrics.
 import contextlib
 import dataclasses
 import os
-import resource
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -129,7 +127,9 @@ def main(argv):
 
     topology = get_topology(config.mesh.topology)
     if _DRY_RUN.value:
-        sys.exit(_dry_run(config, topology))
+        from planner.report import dry_run
+
+        sys.exit(dry_run(config, topology))
     from data.pipeline import build_encoder
     from model.args import from_config
     from trainer.host_check import check_host
@@ -146,31 +146,6 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     with distributed.collective_errors_named(processes):
         _train(config, topology, processes)
-
-
-def _dry_run(config, topology) -> int:
-    """--dry_run: the planner's report of this command's run (planner/report.py) on the topology's
-    devices emulated in this one process, against `topology`'s HBM; -> the exit status, 0 if it fits,
-    1 if not. A tokenizer the command names is checked; the data, --init_checkpoint and the workdir
-    are not touched."""
-    import jax
-
-    from configs.release import resolve_tokenizer
-    from data.pipeline import build_encoder
-    from mesh.emulate import emulate
-    from planner.report import format_report, make_plan
-
-    if config.get("release_dir") or config.data.tokenizer_path:
-        resolve_tokenizer(config)
-        build_encoder(config.data)
-    jax.config.update("jax_platforms", "cpu")
-    emulate(topology)
-    start = time.perf_counter()
-    report = make_plan(config, hbm_bytes=topology.hbm_bytes, evaluation=True)
-    print(format_report(report), flush=True)
-    print(f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
-    return 0 if report["fits"] is not False else 1
 
 
 def _train(config, topology, processes):

@@ -12,7 +12,9 @@ FLOPs and collectives come from shallow unrolled compiles extrapolated exactly t
 (planner/extrapolate.py), the micro-batch loop unrolled too, since XLA counts a loop body once;
 memory and compile time come from the full-depth scanned program itself.
 """
+import resource
 import tempfile
+import time
 
 GIB = 2 ** 30
 
@@ -164,3 +166,27 @@ def format_report(report: dict) -> str:
                      f"{report['comm_seconds']:.2f} s = {report['step_time_s']:.2f} s, MFU {report['mfu']:.1%}")
     lines.append("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["compile_seconds"].items()))
     return "\n".join(lines)
+
+
+def dry_run(config, topology) -> int:
+    """train.py --dry_run: make_plan of the command's run, printed, on the topology's
+    devices emulated in this one process, against `topology`'s HBM; -> the exit status, 0 if it fits,
+    1 if not. A tokenizer the command names is checked; the data, --init_checkpoint and the workdir
+    are not touched."""
+    import jax
+
+    from configs.release import resolve_tokenizer
+    from data.pipeline import build_encoder
+    from mesh.emulate import emulate
+
+    if config.get("release_dir") or config.data.tokenizer_path:
+        resolve_tokenizer(config)
+        build_encoder(config.data)
+    jax.config.update("jax_platforms", "cpu")
+    emulate(topology)
+    start = time.perf_counter()
+    report = make_plan(config, hbm_bytes=topology.hbm_bytes, evaluation=True)
+    print(format_report(report), flush=True)
+    print(f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+    return 0 if report["fits"] is not False else 1

@@ -6,11 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import train
 from configs import tiny, v4_flash
 from mesh.presets import get_topology
 from model.args import from_config
 from objectives import build_objective
+from planner.report import dry_run
 from trainer.batch_source import batch_fields, build_batch_source
 from trainer.sharded_init import build_mesh
 from trainer.step import batch_sharding_of
@@ -44,7 +44,7 @@ def test_dry_run_of_a_dpo_command_in_micro_batches_reports_and_refuses(capsys):
     config.objective = "dpo"
     config.data.global_batch_size, config.train.microbatches = 16, 2  # 8 rows per micro-batch, one per device
     topology = dataclasses.replace(get_topology(config.mesh.topology), hbm_bytes=float(1 << 20))
-    assert train._dry_run(config, topology) == 1
+    assert dry_run(config, topology) == 1
     printed = capsys.readouterr().out
     assert "4,096 tokens per step (16 x 256 in 2 micro-batches), objective dpo" in printed
     assert "of 0.00 GiB HBM -> DOES NOT FIT" in printed
