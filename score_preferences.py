@@ -34,8 +34,10 @@ def main(argv):
     from model.args import from_config
     from objectives.dpo_reference import check_output, score_pairs
     from trainer.host_check import check_host
+    from trainer.validate_config import validate_run_config
 
     config = _CONFIG.value
+    validate_run_config(config)
     check_output(_OUTPUT.value, config, _OVERWRITE.value)
     resolve_tokenizer(config)
     build_encoder(config.data)  # tokenizer, chat template and vocabulary checked before any device work

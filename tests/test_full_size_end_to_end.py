@@ -53,8 +53,8 @@ def _write_release(directory: Path, config):
 
 def _command(chain: Chain, name: str, script: str, *flags) -> str:
     """`python <script> <flags>` run to completion from the repo root -> its stdout (logs next to it)."""
-    process = _spawn([script, *flags], chain.root, name, env={"JAX_COMPILATION_CACHE_DIR": str(chain.compilation_cache)})
-    stdout, _ = _finish(process, chain.root, name)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(chain.compilation_cache)}
+    stdout, _ = _finish(_spawn([script, *flags], chain.root, name, env), chain.root, name)
     chain.stdout[name] = stdout
     return stdout
 

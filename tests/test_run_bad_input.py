@@ -66,3 +66,11 @@ def test_a_data_file_of_another_record_kind_is_named(tmp_path, objective, source
     assert line.startswith(f"error: {sample_path(wrong_file)}:1: {says} (")
     assert ", where this source needs " in line
     assert line.endswith("[wrong_record_kind]")
+
+
+@pytest.mark.parametrize("override,line", [
+    ("--config.checkpoint.keep=0", "error: config.checkpoint.keep must be a positive integer, got 0"),
+    ("--config.data.num_packing_bins=0", "error: config.data.num_packing_bins must be an integer >= 1, got 0"),
+])
+def test_an_override_out_of_range_is_named_before_anything_starts(tmp_path, override, line):
+    assert _train(tmp_path, "--config=configs/tiny.py", override)[0] == line
