@@ -109,6 +109,23 @@ def _step_batch(arrays: dict, keys: tuple, sharding) -> dict:
     return {k: place(arrays[k]) for k in keys}
 
 
+def _scalars(metrics: dict) -> dict:
+    """The step's scalar metrics as floats: what a checkpoint records for `keep_best_metric`."""
+    import numpy as np
+
+    return {name: float(value) for name, value in metrics.items() if np.ndim(value) == 0}
+
+
+def _check_best_metric(checkpoint_config, metrics: dict) -> None:
+    """After the first step, before any save: `keep_best_metric` must name one of the step's metrics."""
+    from configs.release import ConfigError
+
+    name = checkpoint_config.keep_best_metric
+    if name is not None and name not in _scalars(metrics):
+        raise ConfigError(f"config.checkpoint.keep_best_metric={name!r} is not a metric of this run's step; "
+                          f"it has {sorted(_scalars(metrics))}")
+
+
 def _progress_line(step: int, record: dict, refused: bool) -> str:
     """The stdout line of a recorded step (the writer logs the full one); NaN/Inf arrive as strings."""
     line = (f"step {step}: loss {float(record['loss']):.4f} lr {float(record['learning_rate']):.2e} "
@@ -230,10 +247,12 @@ def _train(config, topology, processes):
                     _say(_progress_line(done, record, refused))
                 if refused:
                     nonfinite_policy.handle(done, record)
+                if done == start_step + 1:
+                    _check_best_metric(config.checkpoint, metrics)
                 stopping = guard.should_stop()
                 force = stopping or done == total_steps
                 if checkpointer.due(done, force):
-                    checkpointer.save(done, state, source.get_state(), force=force)
+                    checkpointer.save(done, state, source.get_state(), metrics=_scalars(metrics), force=force)
                 if stopping:
                     checkpointer.wait()
                     _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "

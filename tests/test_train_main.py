@@ -277,3 +277,14 @@ def test_grpo_on_the_shipped_rollouts_and_distillation_from_a_teacher(straight, 
     _, distill = _objective_run(tmp_path, "distill", ["--config.objective=distill",
                                                       f"--config.distill.teacher={straight[0]}"])
     assert all(r["reverse_kl"] > 0 for r in distill), distill
+
+
+def test_the_best_checkpoint_by_a_step_metric_is_kept(tmp_path):
+    """keep_best_metric receives each saved step's metrics: with keep=1 and mode max on the loss, the
+    run keeps its latest step and the step of the highest loss (from metrics.jsonl)."""
+    workdir = tmp_path / "run"
+    _run(workdir, "best", NO_EVAL + ["--config.checkpoint.save_every=1", "--config.checkpoint.keep=1", "--steps=4",
+                                     "--config.checkpoint.keep_best_metric=loss", "--config.checkpoint.keep_best_mode=max"])
+    losses = {record["step"]: record["loss"] for record in _records(workdir)}
+    kept = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    assert kept == sorted({max(losses, key=losses.get), 4}), (kept, losses)
