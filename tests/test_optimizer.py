@@ -308,3 +308,21 @@ def test_sharded_update_equals_unsharded(name):
         assert sharded[key][...].sharding.is_equivalent_to(wanted, sharded[key][...].ndim), key
         moments = [x for x in jax.tree.leaves(state) if x.shape == sharded[key][...].shape]
         assert moments and all(m.sharding.is_equivalent_to(wanted, m.ndim) for m in moments), key
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_the_logged_learning_rate_is_the_applied_one(name):
+    """The rate the step logs follows the optimizer's own count: it advances with applied updates
+    only, so a refused step (state kept, step counter advanced) or an accumulating call does not
+    move it, where schedule(calls) would."""
+    params = nnx.State({"w": param(np.ones((6, 5), np.float32), ("embed", "mlp"))})
+    grads = like(params, {"w": np.full((6, 5), 0.1, np.float32)})
+    settings = config(name, warmup_steps=10, total_steps=20, accumulation_steps=2)
+    tx, schedule = optimizer.build_optimizer(settings, params), optimizer.learning_rate_schedule(settings)
+    state = tx.init(params)
+    rates = []
+    for _ in range(4):
+        rates.append(float(optimizer.applied_learning_rate(state, schedule)))
+        _, state = tx.update(grads, state, params)
+    assert rates == [float(schedule(0))] * 2 + [float(schedule(1))] * 2
+    assert rates[1] != float(schedule(1))

@@ -280,3 +280,12 @@ def build_optimizer(config, params) -> optax.GradientTransformation:
     if config.accumulation_steps > 1:
         return optax.MultiSteps(tx, config.accumulation_steps, accumulator_dtype=dtype).gradient_transformation()
     return tx
+
+
+def applied_learning_rate(opt_state, schedule) -> jax.Array:
+    """The learning rate the optimizer applies at its next update: the schedule at the count of its
+    (first) ScaleByScheduleState, which advances only with applied updates (not with refused steps,
+    nor with the accumulating calls of accumulation_steps > 1)."""
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+    counts = [node.count for node in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(node)]
+    return schedule(counts[0])
