@@ -156,7 +156,8 @@ def test_partition_of_the_tiny_model():
     assert shape(block + "attn/wq_b") == (args.q_lora_rank, h * c)
     assert roles[block + "attn/wo_a"].groups == args.o_groups
     assert shape(block + "attn/wo_a") == (h // args.o_groups * c, args.o_lora_rank)
-    assert roles[block + "attn/wo_b"].batch == (0, 1)
+    assert roles[block + "attn/wo_b"].batch == (0,)
+    assert shape(block + "attn/wo_b") == (args.o_groups * args.o_lora_rank, d)
     assert shape(block + "attn_hc/fn") == (args.hc_mult * d, (2 + args.hc_mult) * args.hc_mult)
     assert shape("mtp/0/block/moe/experts/w1") == (d, i) and roles["mtp/0/block/moe/experts/w1"].batch == (0,)
 
@@ -175,6 +176,21 @@ def test_grouped_heads_are_separate_matrices():
     expected = np.stack([numpy_newton_schulz(m, cfg.muon_ns_stages) for m in per_group])
     expected *= -LR * math.sqrt(heads // groups * dim) * cfg.muon_rms_scale
     np.testing.assert_allclose(new["wo_a"][...], expected.reshape(heads, dim, rank), **TOL)
+
+
+def test_output_groups_of_wo_b_are_one_matrix():
+    """wo_b [o_groups, o_lora, d]: the layer sums the groups' outputs, i.e. applies one
+    [groups x o_lora, d] matrix (the reference's single linear), so Muon orthogonalises that matrix
+    whole, not each group's block."""
+    rng = np.random.default_rng(5)
+    cfg = config("muon", clip_grad_norm=0.0)
+    groups, rank, d = 2, 5, 7
+    params = nnx.State({"wo_b": param(jnp.zeros((groups, rank, d)), ("o_groups", "o_lora", "embed"))})
+    g = rng.normal(size=(groups, rank, d))
+    new, _ = run_steps(optimizer.build_optimizer(cfg, params), params, [like(params, {"wo_b": g})])
+    whole = numpy_newton_schulz(g.reshape(groups * rank, d) * (1 + cfg.muon_momentum), cfg.muon_ns_stages)
+    expected = -LR * math.sqrt(max(groups * rank, d)) * cfg.muon_rms_scale * whole
+    np.testing.assert_allclose(new["wo_b"][...], expected.reshape(groups, rank, d), **TOL)
 
 
 @pytest.mark.parametrize("name", configs.optimizer.NAMES)

@@ -6,10 +6,11 @@ schedule of `learning_rate_schedule(config)`, optionally accumulating gradients 
 
 Who gets which optimizer is read from each parameter's logical axis names (its `out_sharding`
 metadata), not from its path:
-  1. batch axes (`BATCH_AXES`: layers, expert, o_groups) index independent matrices: every layer,
-     expert and output group is orthogonalised on its own;
-  2. an axis pair in `FACTORED_AXES` (heads x head_dim, index_heads x index_head_dim, hc x embed) is
-     one matrix dimension stored in two axes;
+  1. batch axes (`BATCH_AXES`: layers, expert) index independent matrices: every layer and expert
+     is orthogonalised on its own;
+  2. an axis pair in `FACTORED_AXES` (heads x head_dim, index_heads x index_head_dim, hc x embed,
+     o_groups x o_lora) is one matrix dimension stored in two axes: wo_b's groups are one
+     [groups x o_lora, d] matrix, since the layer sums their outputs (the reference's single linear);
   3. what remains must be two dimensions, input (reduction) first then output, the layout every
      projection of the model uses. Those parameters are matrices; the others (norm gains, mHC
      base/scale, attention sinks) are vectors and go to AdamW;
@@ -43,8 +44,8 @@ from flax import nnx
 
 from configs.release import ConfigError
 
-BATCH_AXES = frozenset({"layers", "expert", "o_groups"})
-FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed"}
+BATCH_AXES = frozenset({"layers", "expert"})
+FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed", "o_groups": "o_lora"}
 ADAMW_TABLE_AXES = {"vocab": True, "comp_pos": False}  # axis name -> weight-decayed
 GROUPED_AXES = {"heads": "o_groups"}  # input axis -> the module axis that counts its groups
 MUON, ADAMW = "muon", "adamw"
