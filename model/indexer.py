@@ -1,7 +1,9 @@
 """Lightning indexer: picks, per query, the top-k compressed entries a CSA layer attends to.
 
 Scores are I[t, s] = sum_h w_h(t) * relu(q_h(t) . K_s) over a narrow multi-head query and a separate
-narrow compressor. Selection is discrete, so the main loss sends no gradient through it.
+narrow compressor. Each query selects exactly `index_topk` of its visible entries; entries often tie
+(at 0, when every head's dot product is negative), and ties go to the lowest index. Selection is
+discrete, so the main loss sends no gradient through it.
 """
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,12 @@ class Indexer(nnx.Module):
         if n == 0:
             return visible
         index = jnp.where(visible, index, -jnp.inf)
-        k = min(self.topk, n)
-        kth_best = shard_local(lambda i: jax.lax.top_k(i, k)[0][..., -1:], ("act_batch", "act_length"), index)
-        return jax.lax.stop_gradient(visible & (index >= kth_best))
+        selected = shard_local(lambda i: top_k_mask(i, min(self.topk, n)), ("act_batch", "act_length"), index)
+        return jax.lax.stop_gradient(visible & selected)
+
+
+def top_k_mask(index: jax.Array, k: int) -> jax.Array:
+    """[..., n] scores -> [..., n] bool marking exactly k entries per row: the k largest, and among
+    equal scores the lowest indices (jax.lax.top_k's rule; torch.topk breaks ties arbitrarily)."""
+    _, chosen = jax.lax.top_k(index, k)
+    return jnp.put_along_axis(jnp.zeros(index.shape, bool), chosen, True, axis=-1, inplace=False)
