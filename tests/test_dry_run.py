@@ -2,6 +2,9 @@
 micro-batches, evaluation) for abstract inputs, prints the planner's report and exits 1 when it
 does not fit; the batch it compiles for is the one the batch sources produce."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from planner.report import dry_run
 from trainer.batch_source import batch_fields, build_batch_source
 from trainer.sharded_init import build_mesh
 from trainer.step import batch_sharding_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
@@ -50,3 +55,19 @@ def test_dry_run_of_a_dpo_command_in_micro_batches_reports_and_refuses(capsys):
     assert "of 0.00 GiB HBM -> DOES NOT FIT" in printed
     assert "evaluation (greedy decoding): " in printed
     assert "estimated step: compute " in printed and "dry run of dpo on cm384-8: " in printed
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_shipped_v4_flash_config(tmp_path):
+    """The README's full-size command as a user runs it (about 20 min of compiles here): the shipped
+    V4-Flash config (dropless dispatch) does not fit a 910C die as compiled, so it exits 1 with the
+    report; nothing is written."""
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "train.py", "--config=configs/v4_flash.py", f"--workdir={workdir}",
+                             "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "topology cm384: 768 devices, mesh {'data': 3, 'fsdp': 1, 'expert': 256, 'tensor': 1}" in result.stdout
+    assert "3,145,728 tokens per step (768 x 4096), objective sft" in result.stdout
+    assert "HBM -> DOES NOT FIT" in result.stdout and "evaluation (greedy decoding): " in result.stdout
+    assert "estimated step: compute " in result.stdout and not workdir.exists()
