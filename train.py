@@ -40,6 +40,9 @@ _STEPS = flags.DEFINE_integer("steps", None, "Train until this step (default: co
 _INIT = flags.DEFINE_string("init_checkpoint", None,
                             "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
                             "whose weights start a new run; ignored when --workdir already has a checkpoint.")
+_ALLOW_MISSING = flags.DEFINE_list(
+    "init_allow_missing", [], "Path prefixes (e.g. params/groups/2/) of weights --init_checkpoint may lack; they "
+    "start from fresh initialisation. The MTP module's may always be missing (transformers saves have none).")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile the step and the evaluation this command would run, for abstract inputs on the "
@@ -176,7 +179,7 @@ def _train(config, topology, processes):
     from model.flops import train_flops_per_token
     from objectives import build_objective
     from trainer.batch_source import build_batch_source
-    from trainer.checkpointing import Checkpointer, abstract_train_state
+    from trainer.checkpointing import Checkpointer, abstract_train_state, check_missing
     from trainer.metrics import MetricsWriter
     from trainer.nonfinite import NonFinitePolicy, was_refused
     from trainer.optimizer import build_optimizer, learning_rate_schedule
@@ -210,6 +213,7 @@ def _train(config, topology, processes):
         if _INIT.value and (not resuming or objective.uses_frozen):
             initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
                 None, abstract_weights, fallback={"params": state.params, "routing": state.routing})
+            check_missing(_INIT.value, fresh, _ALLOW_MISSING.value)
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
             _say(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
                                                           f"initialisation, e.g. {fresh[0]}" if fresh else ""))

@@ -22,9 +22,11 @@ import pytest
 
 from configs import checkpoint as checkpoint_config
 from configs import parallelism
+from configs.release import ConfigError
 from mesh.sharding import activate
 from tests.model_configs import parity_args
-from trainer.checkpointing import TMP_SUFFIX, Checkpointer, abstract_like, abstract_train_state, config_to_json
+from trainer.checkpointing import (TMP_SUFFIX, Checkpointer, abstract_like, abstract_train_state, check_missing,
+                                  config_to_json)
 from trainer.preemption import PreemptionGuard
 from trainer.sharded_init import build_mesh
 from trainer.state import TrainState, create_train_state
@@ -345,3 +347,16 @@ def test_async_saves_write_from_low_priority_threads(tmp_path):
     assert data == DATA_STATE
     _assert_same_state(restored, state, abstract)
     checkpointer.close()
+
+
+def test_an_initial_checkpoint_may_lack_only_the_mtp_module_unless_allowed():
+    mtp = ["params/mtp/0/block/attn/wq_a", "routing/mtp/0/block/moe/router/bias"]
+    check_missing("ckpt", mtp)
+    lacking = mtp + ["params/groups/2/blocks/attn/wq_a", "params/head"]
+    with pytest.raises(ConfigError, match=r"^--init_checkpoint=ckpt lacks 2 weights besides the MTP module's: "
+                                          r"params/groups/2/blocks/attn/wq_a, params/head; pass "
+                                          r"--init_allow_missing=<path prefixes, e.g. params/groups/2/blocks/attn/>"):
+        check_missing("ckpt", lacking)
+    with pytest.raises(ConfigError, match=r"lacks 1 weights besides the MTP module's: params/head;"):
+        check_missing("ckpt", lacking, ["params/groups/2/"])
+    check_missing("ckpt", lacking, ["params/groups/", "params/head"])

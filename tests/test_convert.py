@@ -43,7 +43,7 @@ from mesh.sharding import activate, param_shardings
 from model.args import from_config
 from model.transformer import DeepSeekV4
 from tests.hf_reference import random_reference
-from trainer.checkpointing import Checkpointer
+from trainer.checkpointing import Checkpointer, check_missing
 from trainer.sharded_init import build_mesh
 from trainer.state import split_variables
 
@@ -276,6 +276,7 @@ def test_transformers_checkpoint_to_our_mesh_and_back(tmp_path):
     assert summary.without_mtp
     graphdef, weights, missing, mesh, rules = _restored_model(str(tmp_path / "orbax"), config)
     assert missing and all("/mtp/" in path for path in missing)
+    check_missing(str(tmp_path / "orbax"), missing)  # what train.py --init_checkpoint accepts without asking
     experts = weights["params"]["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert len(experts.sharding.device_set) == 8
     ours = _logits(graphdef, weights, mesh, rules, tokens)

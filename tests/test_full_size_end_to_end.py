@@ -61,6 +61,7 @@ def _command(chain: Chain, name: str, script: str, *flags) -> str:
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory) -> Path:
+    """JAX_COMPILATION_CACHE_DIR of every command in this module."""
     return tmp_path_factory.mktemp("compilation_cache")
 
 
@@ -94,6 +95,7 @@ def _logged_steps(stdout: str) -> list[int]:
 
 
 def test_release_imports_and_sft_resumes(chain):
+    """SFT starts from the imported release; the second run resumes at step 2 and runs step 3."""
     assert f"from {chain.release} into {chain.imported}" in chain.stdout["import"]
     first, resumed = chain.stdout["sft"], chain.stdout["sft_resumed"]
     assert f"initial weights from {chain.imported}\n" in first
@@ -105,6 +107,7 @@ def test_release_imports_and_sft_resumes(chain):
 
 def test_dpo_trains_on_the_scored_pairs(chain):
     """The pairs were scored with the SFT weights DPO starts from, so its first loss is log 2."""
+    assert f"reference weights from {chain.sft}\n" in chain.stdout["score"]
     assert re.search(rf"^wrote {re.escape(str(chain.scored))}: {{'scored': [1-9]\d*, ", chain.stdout["score"],
                      re.MULTILINE)
     assert f"initial weights from {chain.sft}\n" in chain.stdout["dpo"]

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from configs.release import ConfigError
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
@@ -118,6 +119,22 @@ def abstract_like(state, shardings) -> Any:
     """ShapeDtypeStructs of `state`'s leaves with `shardings` (same structure): a restore target from
     a state that already exists, e.g. a freshly initialised one."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# Weights an initial checkpoint may lack and that then start fresh without being named: the MTP
+# module, absent from `transformers` saves (and so from their conversions).
+FRESH_WITHOUT_ASKING = ("params/mtp/", "routing/mtp/")
+
+
+def check_missing(directory: str, missing: list[str], allowed_prefixes=()) -> None:
+    """Refuses an initial checkpoint that lacks weights other than the MTP module's and those under
+    `allowed_prefixes` (--init_allow_missing), naming them."""
+    unexpected = [path for path in missing if not path.startswith(FRESH_WITHOUT_ASKING + tuple(allowed_prefixes))]
+    if unexpected:
+        raise ConfigError(f"--init_checkpoint={directory} lacks {len(unexpected)} weights besides the MTP module's: "
+                          f"{', '.join(unexpected[:6])}{', ...' if len(unexpected) > 6 else ''}; pass "
+                          f"--init_allow_missing=<path prefixes, e.g. {unexpected[0].rsplit('/', 1)[0]}/> to start "
+                          "them from fresh initialisation")
 
 
 class Checkpointer:
