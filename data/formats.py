@@ -118,9 +118,15 @@ def _parse_prompt(record: dict) -> tuple[Message, ...]:
     return (Message("user", _require_str(record, "prompt", non_empty=True)),)
 
 
+INT32_LIMIT = 2 ** 31
+
+
 def _parse_ids(value: Any, field: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InvalidRecord("wrong_type", f"field {field!r} must be a list of integers")
+    outside = [t for t in value if not -INT32_LIMIT <= t < INT32_LIMIT]
+    if outside:
+        raise InvalidRecord("token_out_of_vocab", f"field {field!r} holds {outside[0]}, outside the int32 range")
     if not value:
         raise InvalidRecord("empty_field", f"field {field!r} is empty")
     return tuple(value)

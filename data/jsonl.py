@@ -28,6 +28,9 @@ def expand(pattern: str) -> list[str]:
     if not paths:
         raise DataError(pattern, "the pattern matches no file", reason="missing_file")
     for path in paths:
+        if os.path.isdir(path):
+            raise DataError(path, f"is a directory; name its JSONL files with a glob pattern, e.g. "
+                            f"{os.path.join(path, '*.jsonl')}", reason="missing_file")
         if not os.path.isfile(path):
             raise DataError(path, "no such file", reason="missing_file")
     return paths

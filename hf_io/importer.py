@@ -39,13 +39,24 @@ class ImportSummary:
 
 
 def decode(checkpoint: SafetensorsCheckpoint, source: SourceTensor, dtype) -> np.ndarray:
-    """The tensor's values in the release layout, as `dtype` (exact for the release's encodings)."""
+    """The tensor's values in the release layout, as `dtype` (exact for the release's encodings); a
+    value that decodes to NaN or Inf (e.g. a ue8m0 scale byte of 255) is a ConversionError naming
+    the tensor and the first such element."""
     weight = checkpoint.read(source.weight)
     if source.encoding == MXFP4:
-        return quant.decode_fp4(weight, checkpoint.read(source.scale), source.weight, dtype)
-    if source.encoding == FP8_TILES:
-        return quant.decode_fp8(weight, checkpoint.read(source.scale), source.weight, dtype)
-    return weight if weight.dtype.kind in "iu" else weight.astype(dtype)
+        value = quant.decode_fp4(weight, checkpoint.read(source.scale), source.weight, dtype)
+    elif source.encoding == FP8_TILES:
+        value = quant.decode_fp8(weight, checkpoint.read(source.scale), source.weight, dtype)
+    elif weight.dtype.kind in "iu":
+        return weight
+    else:
+        value = weight.astype(dtype)
+    finite = np.isfinite(value.astype(np.float32))
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ConversionError(f"{source.weight}: {int((~finite).sum())} values decode to NaN/Inf, the first at "
+                              f"{list(where)} ({value[where]})")
+    return value
 
 
 def _storage(sources: list, leaves: dict, dtype) -> dict:

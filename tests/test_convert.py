@@ -337,6 +337,18 @@ def test_truncated_shard_is_named(release, config, tmp_path):
     _fails_cleanly(source, str(tmp_path / "out"), config, f"{shard}: truncated.*tensors cut off")
 
 
+def test_a_scale_that_decodes_to_nan_is_named(release, config, tmp_path):
+    """A ue8m0 scale byte of 255 is NaN: the import names the tensor instead of storing NaN weights."""
+    name = "layers.1.attn.wkv.scale"
+    checkpoint = SafetensorsCheckpoint(release["fp8"][0])
+    scale = checkpoint.read(name).copy()
+    scale.view(np.uint8).flat[0] = 255
+    source = str(tmp_path / "hf")
+    _rewrite(release["fp8"][0], source, {name: (checkpoint.tensors[name].dtype, scale)})
+    _fails_cleanly(source, str(tmp_path / "out"), config, r"layers\.1\.attn\.wkv\.weight: \d+ values decode to "
+                                                           r"NaN/Inf, the first at \[0, 0\]")
+
+
 def test_missing_index_entry_is_named(release, config, tmp_path):
     source = str(tmp_path / "hf")
     shutil.copytree(release["fp8"][0], source)

@@ -92,3 +92,32 @@ def test_preference_and_prompt_records_are_validated(tmp_path):
     prompts = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": 7, "answer": "3"})])
     with pytest.raises(DataError, match=r"prompts.jsonl:1: .*\[wrong_type\]"):
         load_prompts(prompts, encoder)
+
+
+def test_a_token_id_beyond_int32_is_named(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [json.dumps(GOOD), json.dumps({"tokens": [1, 2 ** 31, 3]})])
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'tokens' holds 2147483648, outside the int32 range "
+                                        r"\[token_out_of_vocab\]$"):
+        build_sft_pipeline(_config(path))
+
+
+def test_a_directory_given_as_a_source_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match=rf"^{tmp_path}: is a directory; name its JSONL files with a glob pattern, "
+                                        rf"e.g. {tmp_path}/\*.jsonl \[missing_file\]$"):
+        build_sft_pipeline(_config(str(tmp_path)))
+
+
+def test_a_prompt_longer_than_the_sampling_leaves_is_named_up_front(tmp_path):
+    """GRPO/distillation sample max_new_tokens after each prompt within seq_len: a longer prompt is
+    refused (file:line) when the prompts are loaded, not at the step that samples it."""
+    from configs import tiny
+    from data.errors import LoadStats
+    from trainer.rollout_source import _load_prompts
+
+    config = tiny.get_config()
+    path = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "add 1 2"}),
+                                               json.dumps({"prompt": " ".join(["word"] * 300)})])
+    config.data.prompt_sources = ((path, 1.0),)
+    with pytest.raises(DataError, match=rf"^{path}:2: the prompt has \d+ tokens, more than the 244 that "
+                                        r"config.data.seq_len=256 leaves beside max_new_tokens \[prompt_too_long\]$"):
+        _load_prompts(config, build_encoder(config.data), LoadStats(), 256 - 12)

@@ -29,14 +29,19 @@ def _epoch_order(count: int, seed: int, index: int) -> int:
     return int(np.random.default_rng((seed, epoch)).permutation(count)[offset])
 
 
-def _load_prompts(config, encoder, stats):
-    """[(PromptRecord, int32[P])] of every prompt source (weights are not used: sources are concatenated)."""
+def _load_prompts(config, encoder, stats, max_prompt_len: int):
+    """[(PromptRecord, int32[P])] of every prompt source (weights are not used: sources are concatenated);
+    a prompt longer than `max_prompt_len` tokens (seq_len - max_new_tokens) is bad input, named or skipped."""
     prompts = []
     for pattern, _ in config.data.prompt_sources:
         for located in read_records(pattern, parse_prompt, skip_bad=config.data.skip_bad_records, stats=stats):
             try:
                 encoded = encode_prompt(located.record, encoder)
                 encoder.check_vocab(encoded["prompt"])
+                if len(encoded["prompt"]) > max_prompt_len:
+                    raise InvalidRecord("prompt_too_long", f"the prompt has {len(encoded['prompt'])} tokens, more "
+                                        f"than the {max_prompt_len} that config.data.seq_len={config.data.seq_len} "
+                                        f"leaves beside max_new_tokens")
             except InvalidRecord as e:
                 reject(located, e, skip_bad=config.data.skip_bad_records, stats=stats)
                 continue
@@ -94,7 +99,7 @@ class SampledSource(_GroupBatches):
 
     def __init__(self, config, settings, encoder, graphdef, batch_sharding, group_size: int, reward_fn):
         super().__init__(config, settings, encoder, group_size, reward_fn)
-        self.prompts = _load_prompts(config, encoder, self.stats)
+        self.prompts = _load_prompts(config, encoder, self.stats, self.seq_len - settings.max_new_tokens)
         self.stop_ids = (encoder.tokenizer.token_id(encoder.template.eos),)
         self.sample = make_sampler(graphdef, max_new_tokens=settings.max_new_tokens,
                                    batch_rows=config.data.global_batch_size,
