@@ -67,7 +67,17 @@ def build_encoder(config: ml_collections.ConfigDict) -> Encoder:
     return Encoder(Tokenizer.load(config.tokenizer_path), template, config.loss_mask, config.vocab_size)
 
 
-def _source_examples(config, encoder, stats) -> tuple[list[list[dict]], list[float]]:
+@dataclasses.dataclass
+class Examples:
+    """Every source's examples, read, validated and encoded once: what each stream takes its share of."""
+    per_source: list[list]
+    weights: list[float]
+    stats: LoadStats
+
+
+def read_sft_examples(config: ml_collections.ConfigDict, encoder: Encoder) -> Examples:
+    """The encoded SFT examples of every `config.sft_sources` pattern that fit the length policy."""
+    stats = LoadStats()
     examples, weights = [], []
     for pattern, weight in config.sft_sources:
         records = list(read_records(pattern, parse_sft, skip_bad=config.skip_bad_records, stats=stats))
@@ -79,7 +89,18 @@ def _source_examples(config, encoder, stats) -> tuple[list[list[dict]], list[flo
         stats.records_kept += len(kept)
         examples.append(kept)
         weights.append(float(weight))
-    return examples, weights
+    return Examples(examples, weights, stats)
+
+
+def sft_stream(config: ml_collections.ConfigDict, examples: Examples, encoder: Encoder, *, process_index: int = 0,
+               process_count: int = 1) -> SFTPipeline:
+    """Stream `process_index` of `process_count`: its share of the mixed examples, packed into rows."""
+    _check_process_share(config, process_count)
+    rows = packing.pack(
+        _mixed_share(examples.per_source, examples.weights, config, process_index, process_count),
+        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
+        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
+    return _batched(rows, config, process_count, examples.stats, encoder)
 
 
 def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1,
@@ -87,13 +108,8 @@ def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int 
     """Batches for SFT (pass jax.process_index() / jax.process_count() on a multi-host run)."""
     _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
-    stats = LoadStats()
-    examples, weights = _source_examples(config, encoder, stats)
-    rows = packing.pack(
-        _mixed_share(examples, weights, config, process_index, process_count),
-        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
-        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
-    return _batched(rows, config, process_count, stats, encoder)
+    return sft_stream(config, read_sft_examples(config, encoder), encoder, process_index=process_index,
+                      process_count=process_count)
 
 
 def _check_process_share(config, process_count: int) -> None:
@@ -123,15 +139,11 @@ def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadSta
     return SFTPipeline(batches, stats, encoder)
 
 
-def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
-                              process_count: int = 1, encoder: Encoder | None = None,
-                              with_reference: bool = False) -> SFTPipeline:
-    """Batches for DPO from `config.preference_sources`: one pair per row (`preference_rows`); a pair
+def read_preference_examples(config: ml_collections.ConfigDict, encoder: Encoder,
+                             with_reference: bool = False) -> Examples:
+    """One row per pair of every `config.preference_sources` pattern (`preference_rows`); a pair
     longer than the row is dropped and counted (a cut reply would compare different things).
-    `with_reference`: every pair must carry its reference log-probabilities, batched as
-    `reference_logps` float32[batch, 2]."""
-    _check_process_share(config, process_count)
-    encoder = encoder or build_encoder(config)
+    `with_reference`: every pair must carry its reference log-probabilities (`reference_logps`)."""
     stats = LoadStats()
     examples, weights = [], []
     for pattern, weight in config.preference_sources:
@@ -140,8 +152,26 @@ def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_inde
             raise DataError(pattern, f"no preference pair fits seq_len={config.seq_len}", reason="no_examples")
         examples.append(rows)
         weights.append(float(weight))
-    return _batched(_mixed_share(examples, weights, config, process_index, process_count), config,
-                    process_count, stats, encoder)
+    return Examples(examples, weights, stats)
+
+
+def preference_stream(config: ml_collections.ConfigDict, examples: Examples, encoder: Encoder, *,
+                      process_index: int = 0, process_count: int = 1) -> SFTPipeline:
+    """Stream `process_index` of `process_count`: its share of the mixed pair rows, one pair per row."""
+    _check_process_share(config, process_count)
+    return _batched(_mixed_share(examples.per_source, examples.weights, config, process_index, process_count),
+                    config, process_count, examples.stats, encoder)
+
+
+def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                              process_count: int = 1, encoder: Encoder | None = None,
+                              with_reference: bool = False) -> SFTPipeline:
+    """Batches for DPO from `config.preference_sources` (read_preference_examples), one pair per row
+    (chosen = segment 1, rejected = segment 2); with `with_reference`, `reference_logps` float32[batch, 2]."""
+    _check_process_share(config, process_count)
+    encoder = encoder or build_encoder(config)
+    return preference_stream(config, read_preference_examples(config, encoder, with_reference), encoder,
+                             process_index=process_index, process_count=process_count)
 
 
 def preference_rows(pattern: str, encoder: Encoder, config: ml_collections.ConfigDict, stats: LoadStats, *,

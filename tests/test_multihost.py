@@ -120,6 +120,21 @@ def test_one_process_reads_every_stream():
         GlobalBatches(config, sharding).set_state(state)
 
 
+def test_streams_of_one_process_read_the_files_once(monkeypatch):
+    """Four streams on one process: each source file is read (and validated, encoded) once, not once
+    per stream."""
+    import data.pipeline
+
+    reads = []
+    real = data.pipeline.read_records
+    monkeypatch.setattr(data.pipeline, "read_records", lambda pattern, *a, **k: reads.append(pattern) or real(
+        pattern, *a, **k))
+    config = tiny.get_config().data
+    config.streams = 4
+    GlobalBatches(config, batch_sharding_of(build_mesh(tiny.get_config().mesh), tiny.get_config().mesh.rules))
+    assert reads == [pattern for pattern, _ in config.sft_sources]
+
+
 # Ports a launcher's environment makes JAX derive (jax/_src/clusters): 61440 + job id mod 4096.
 DERIVED_PORTS = 61440
 DERIVED_PORT_RANGE = 4096

@@ -12,12 +12,13 @@ import jax
 import numpy as np
 
 from data.encode import REFERENCE_LOGPS
-from data.pipeline import build_encoder, build_preference_pipeline, build_sft_pipeline
+from data.pipeline import (build_encoder, preference_stream, read_preference_examples, read_sft_examples,
+                           sft_stream)
 from model.args import ModelArgs, from_config
 from trainer.batches import GlobalBatches
 from trainer.step import BATCH_KEYS, REPLAY_KEY
 
-READ = {"sft": build_sft_pipeline, "dpo": build_preference_pipeline}
+READ = {"sft": (read_sft_examples, sft_stream), "dpo": (read_preference_examples, preference_stream)}
 
 
 def batch_fields(batch_keys: tuple, args: ModelArgs, seq_len: int) -> dict:
@@ -36,11 +37,12 @@ def build_batch_source(config, batch_sharding, *, graphdef):
     if config.objective == "dpo" and config.dpo.reference == "data":
         # The pairs' precomputed reference log-probabilities ride along as [B, 2] float32.
         return GlobalBatches(config.data, batch_sharding,
-                             build=functools.partial(build_preference_pipeline, with_reference=True),
-                             fields=batch_fields(BATCH_KEYS + (REFERENCE_LOGPS,), from_config(config.model),
+                             read=functools.partial(read_preference_examples, with_reference=True),
+                             stream=preference_stream, fields=batch_fields(BATCH_KEYS + (REFERENCE_LOGPS,), from_config(config.model),
                                                  config.data.seq_len))
     if config.objective in READ:
-        return GlobalBatches(config.data, batch_sharding, build=READ[config.objective])
+        read, stream = READ[config.objective]
+        return GlobalBatches(config.data, batch_sharding, read=read, stream=stream)
     from trainer.rollout_source import build_rollout_source
     return build_rollout_source(config, process_count=jax.process_count(), graphdef=graphdef,
                                 batch_sharding=batch_sharding, encoder=build_encoder(config.data))

@@ -1,8 +1,8 @@
 """Global batches from per-process reading: each process reads only the rows its devices hold.
 
 The global batch is cut into `streams` blocks of consecutive rows; stream s is the pipeline of
-`build_sft_pipeline(process_index=s, process_count=streams)` (its own share of the examples, packed
-on its own). A process reads the streams that cover the rows of its addressable devices and hands
+`sft_stream(process_index=s, process_count=streams)` (its own share of the examples, packed on its
+own). The files are read, validated and encoded once per process, whatever its stream count. A process reads the streams that cover the rows of its addressable devices and hands
 them to `jax.make_array_from_process_local_data`, which assembles one global array over all
 processes. The batches therefore depend on the stream count alone, not on how many processes read
 them: with `data.streams` fixed, 1 process x 8 devices and 2 processes x 4 devices train on the same
@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Sharding
 
-from data.pipeline import build_encoder, build_sft_pipeline
+from data.pipeline import build_encoder, read_sft_examples, sft_stream
 from trainer.distributed import allgather_json
 from trainer.step import BATCH_KEYS
 
@@ -36,10 +36,12 @@ class GlobalBatches:
     Every process must call `get_state` at the same step (it gathers the other processes' streams).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, build=build_sft_pipeline,
-                 fields=None):
-        """`build(config, process_index=, process_count=, encoder=)` makes one stream's pipeline:
-        `build_sft_pipeline` (SFT) or `build_preference_pipeline` (DPO pairs). `fields` maps each
+    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, read=read_sft_examples,
+                 stream=sft_stream, fields=None):
+        """`read(config, encoder)` reads the examples once (`read_sft_examples`, or
+        `read_preference_examples` for DPO pairs) and `stream(config, examples, encoder,
+        process_index=, process_count=)` makes one stream's pipeline of them (`sft_stream`,
+        `preference_stream`). `fields` maps each
         batch key to (dims after the batch dim, dtype) (trainer.batch_source.batch_fields); default
         the token fields, int32[batch, seq_len] each."""
         self.streams = config.streams or jax.process_count()
@@ -57,10 +59,10 @@ class GlobalBatches:
             raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
                              f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
         self.encoder = build_encoder(config)
-        pipelines = [build(config, process_index=s, process_count=self.streams, encoder=self.encoder)
+        examples = read(config, self.encoder)
+        pipelines = [stream(config, examples, self.encoder, process_index=s, process_count=self.streams)
                      for s in self.local_streams]
-        # Every stream reads and validates the same files before taking its share: the counts agree.
-        self.stats = pipelines[0].stats
+        self.stats = examples.stats
         self._iterators = [iter(pipeline) for pipeline in pipelines]
 
     def abstract(self) -> dict:
