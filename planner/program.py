@@ -39,12 +39,10 @@ def _graphdef(args: ModelArgs):
     return nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
 
 
-def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None,
-                 unroll_microbatches: bool = False) -> CompiledStep:
-    """Lowers and compiles `trainer.step` for `args` (possibly a reduced-depth variant of
-    config.model) with config's objective (and its frozen model), batch shape, train settings and
-    rules on `mesh`; `compiler_options` are XLA debug options for this compile (e.g. dumps);
-    `unroll_microbatches` as in make_train_step."""
+def lower_step(args: ModelArgs, config, mesh, tx, schedule, unroll_microbatches: bool = False):
+    """-> (jax.stages.Lowered, abstract TrainState): `trainer.step` for `args` (possibly a reduced-depth
+    variant of config.model) with config's objective (and its frozen model as a third argument),
+    batch shape, train settings and rules on `mesh`; `unroll_microbatches` as in make_train_step."""
     rules = config.mesh.rules
     objective = build_objective(config)
     with activate(mesh, rules):
@@ -57,11 +55,18 @@ def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=N
             shardings, mesh, rules, objective.batch_keys, frozen_shardings)
         batch = abstract_batch(objective.batch_keys, args, config.data.global_batch_size, config.data.seq_len,
                                mesh, rules)
-        start = time.perf_counter()
-        lowered = step.lower(state, batch, *(() if frozen is None else (frozen,)))
-        lowered_at = time.perf_counter()
+        return step.lower(state, batch, *(() if frozen is None else (frozen,))), state
+
+
+def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None,
+                 unroll_microbatches: bool = False) -> CompiledStep:
+    """`lower_step`, compiled; `compiler_options` are XLA debug options for this compile (e.g. dumps)."""
+    start = time.perf_counter()
+    lowered, state = lower_step(args, config, mesh, tx, schedule, unroll_microbatches)
+    lowered_at = time.perf_counter()
+    with activate(mesh, config.mesh.rules):
         compiled = lowered.compile(compiler_options=compiler_options)
-        done = time.perf_counter()
+    done = time.perf_counter()
     return CompiledStep(compiled, state, lowered_at - start, done - lowered_at)
 
 

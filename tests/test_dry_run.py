@@ -6,14 +6,17 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from configs import tiny, v4_flash
+from configs import tiny
+from data.encode import REFERENCE_LOGPS
 from mesh.presets import get_topology
 from model.args import from_config
 from objectives import build_objective
-from planner.report import dry_run
+from planner.program import lower_step
+from planner.report import dry_run, planned_optimizer
 from trainer.batch_source import batch_fields, build_batch_source
 from trainer.sharded_init import build_mesh
 from trainer.step import batch_sharding_of
@@ -42,19 +45,38 @@ def test_grpo_replay_batch_fields_are_what_rollouts_make():
     assert fields["sampling_logprobs"] == fields["advantages"] == ((16,), np.float32)
 
 
-def test_dry_run_of_a_dpo_command_in_micro_batches_reports_and_refuses(capsys):
-    """The scaled V4-Flash twin as a DPO run against its frozen reference, in 2 micro-batches, with its
-    evaluation, checked against an HBM of 1 MiB: the report names each, and the status is 1."""
-    config = v4_flash.get_config("scaled")
-    config.objective = "dpo"
+@pytest.mark.parametrize("reference,arguments", [("model", 3), ("data", 2)])
+def test_a_dpo_step_is_lowered_with_its_frozen_model_and_batch(reference, arguments):
+    """What the dry run compiles for DPO: the frozen reference as a third argument when it runs in
+    the step, and the stored reference log-probabilities in the batch when it does not."""
+    config = tiny.get_config()
+    config.objective, config.dpo.reference = "dpo", reference
+    args = from_config(config.model)
+    mesh = build_mesh(config.mesh)
+    lowered, state = lower_step(args, config, mesh, *planned_optimizer(config, args))
+    positional, _ = lowered.args_info
+    assert len(positional) == arguments
+    batch = {key: (info.shape, np.dtype(info.dtype)) for key, info in positional[1].items()}
+    expected = {key: ((8, *dims), np.dtype(dtype))
+                for key, (dims, dtype) in batch_fields(build_objective(config).batch_keys, args, 256).items()}
+    assert batch == expected and (REFERENCE_LOGPS in batch) == (reference == "data")
+    if arguments == 3:
+        frozen = jax.tree.map(lambda info: info.shape, positional[2])
+        assert frozen == jax.tree.map(lambda leaf: leaf.shape, {"params": state.params, "routing": state.routing})
+
+
+def test_dry_run_of_a_micro_batched_command_reports_and_refuses(capsys):
+    """The tiny config in 2 micro-batches with its evaluation, checked against an HBM of 1 MiB: the
+    report names each, and the status is 1."""
+    config = tiny.get_config()
     config.data.global_batch_size, config.train.microbatches = 16, 2  # 8 rows per micro-batch, one per device
     topology = dataclasses.replace(get_topology(config.mesh.topology), hbm_bytes=float(1 << 20))
     assert dry_run(config, topology) == 1
     printed = capsys.readouterr().out
-    assert "4,096 tokens per step (16 x 256 in 2 micro-batches), objective dpo" in printed
+    assert "4,096 tokens per step (16 x 256 in 2 micro-batches), objective sft" in printed
     assert "of 0.00 GiB HBM -> DOES NOT FIT" in printed
     assert "evaluation (greedy decoding): " in printed
-    assert "estimated step: compute " in printed and "dry run of dpo on cm384-8: " in printed
+    assert "estimated step: compute " in printed and "dry run of sft on cm384-8: " in printed
 
 
 @pytest.mark.slow
