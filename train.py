@@ -179,6 +179,7 @@ def _train(config, topology, processes):
     from model.flops import train_flops_per_token
     from objectives import build_objective
     from trainer.batch_source import build_batch_source
+    from trainer.batches import DataExhausted
     from trainer.checkpointing import Checkpointer, abstract_train_state, check_missing
     from trainer.metrics import MetricsWriter
     from trainer.nonfinite import NonFinitePolicy, was_refused
@@ -242,8 +243,13 @@ def _train(config, topology, processes):
         log_every = config.checkpoint.log_every
         with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
-                state, metrics = step_fn(state, _step_batch(source.next(state), objective.batch_keys, batch_sharding),
-                                         *frozen_args)
+                try:
+                    batch = source.next(state)
+                except DataExhausted as end:
+                    checkpointer.save(step, state, source.get_state(), force=True)
+                    _say(f"{end}: saved step {step} and ending the run")
+                    break
+                state, metrics = step_fn(state, _step_batch(batch, objective.batch_keys, batch_sharding), *frozen_args)
                 done = step + 1
                 refused = was_refused(metrics)
                 if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:

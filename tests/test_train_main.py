@@ -288,3 +288,20 @@ def test_the_best_checkpoint_by_a_step_metric_is_kept(tmp_path):
     losses = {record["step"]: record["loss"] for record in _records(workdir)}
     kept = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
     assert kept == sorted({max(losses, key=losses.get), 4}), (kept, losses)
+
+
+def test_running_out_of_data_saves_and_ends_cleanly(tmp_path):
+    """data.num_epochs=1 over 12 one-row examples: one batch of 8, then the data ends at step 1; the
+    run saves step 1, says so and exits 0, and its resume does the same without training again."""
+    records = [{"prompt": "add 1 2 and then sort these words please " * 7, "completion": f"{n}"} for n in range(12)]
+    data = tmp_path / "finite.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    flags = NO_EVAL + ["--config.data.num_epochs=1", f"--config.data.sft_sources=(('{data}', 1.0),)"]
+    workdir = tmp_path / "run"
+    for name in ("first", "again"):
+        stdout = _run(workdir, name, flags)
+        assert "data stream 0 of 1 ran out after data.num_epochs=1 epoch(s) of its sources: saved step 1 and " \
+               "ending the run" in stdout, stdout
+    assert "step 1: loss" in (workdir.parent / "first.stdout").read_text()
+    assert "step 1: loss" not in stdout and "resumed from step 1" in stdout
+    assert sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()) == [1]

@@ -19,6 +19,10 @@ from trainer.distributed import allgather_json
 from trainer.step import BATCH_KEYS
 
 
+class DataExhausted(Exception):
+    """The data ran out (finite `data.num_epochs`): the run saves and ends."""
+
+
 def process_rows(sharding: Sharding, shape: tuple[int, ...]) -> list[int]:
     """The batch rows (dimension 0) that this process's devices hold under `sharding`, ascending."""
     rows = set()
@@ -63,6 +67,9 @@ class GlobalBatches:
         pipelines = [stream(config, examples, self.encoder, process_index=s, process_count=self.streams)
                      for s in self.local_streams]
         self.stats = examples.stats
+        self._num_epochs = config.num_epochs
+        # Finite data on several processes: they agree, every step, whether any stream has ended.
+        self._agree_on_end = config.num_epochs is not None and jax.process_count() > 1
         self._iterators = [iter(pipeline) for pipeline in pipelines]
 
     def abstract(self) -> dict:
@@ -82,7 +89,20 @@ class GlobalBatches:
         return self.stats.as_metrics()
 
     def __next__(self) -> dict:
-        parts = [next(iterator) for iterator in self._iterators]
+        """The next global batch; DataExhausted on every process at the same step once a stream of any
+        process has run out (data.num_epochs set)."""
+        parts, ended = [], None
+        for stream, iterator in zip(self.local_streams, self._iterators):
+            try:
+                parts.append(next(iterator))
+            except StopIteration:
+                ended = stream
+                break
+        if self._agree_on_end:
+            ended = min((s for s in allgather_json(ended) if s is not None), default=None)
+        if ended is not None:
+            raise DataExhausted(f"data stream {ended} of {self.streams} ran out after data.num_epochs="
+                                f"{self._num_epochs} epoch(s) of its sources")
         return {key: jax.make_array_from_process_local_data(
                     self.sharding, np.concatenate([np.asarray(part[key], dtype) for part in parts]), shape)
                 for key, (shape, dtype) in self.fields.items()}
