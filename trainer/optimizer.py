@@ -283,10 +283,11 @@ def build_optimizer(config, params) -> optax.GradientTransformation:
     return tx
 
 
-def applied_learning_rate(opt_state, schedule) -> jax.Array:
+def applied_learning_rate(opt_state, schedule, step) -> jax.Array:
     """The learning rate the optimizer applies at its next update: the schedule at the count of its
     (first) ScaleByScheduleState, which advances only with applied updates (not with refused steps,
-    nor with the accumulating calls of accumulation_steps > 1)."""
+    nor with the accumulating calls of accumulation_steps > 1). An optimizer that holds no such state
+    (a constant rate) does not count: the schedule is read at `step`."""
     is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
     counts = [node.count for node in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(node)]
-    return schedule(counts[0])
+    return schedule(counts[0] if counts else step)

@@ -108,7 +108,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
                                                    (state.params, state.opt_state, state.routing))
         refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
-        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=applied_learning_rate(state.opt_state, schedule),
+        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=applied_learning_rate(state.opt_state, schedule, state.step),
                        expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load))
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
