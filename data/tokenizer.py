@@ -20,7 +20,8 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)), str(path))
         except Exception as e:  # the backend raises a bare Exception for unreadable files
-            raise DataError(path, f"cannot load tokenizer: {e}", reason="bad_tokenizer") from None
+            raise DataError(path, f"cannot load the tokenizer named by config.data.tokenizer_path (or "
+                            f"config.release_dir): {e}", reason="bad_tokenizer") from None
 
     @property
     def vocab_size(self) -> int:

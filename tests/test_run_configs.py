@@ -9,6 +9,8 @@ import pytest
 
 from configs import checkpoint, tiny, v4_flash, v4_pro
 from configs.release import ConfigError, resolve_tokenizer
+from data.errors import DataError
+from data.pipeline import build_encoder
 from configs.v4_model import compress_ratios
 from model.args import from_config, layer_groups
 
@@ -125,6 +127,9 @@ def test_the_release_directory_supplies_the_tokenizer(tmp_path):
         resolve_tokenizer(config)
     (tmp_path / "tokenizer.json").write_text("{}")
     assert resolve_tokenizer(config) == str(tmp_path / "tokenizer.json") == config.data.tokenizer_path
+    with pytest.raises(DataError, match=rf"^{tmp_path}/tokenizer.json: cannot load the tokenizer named by "
+                                        r"config.data.tokenizer_path \(or config.release_dir\): "):
+        build_encoder(config.data)  # unreadable
     config = tiny.get_config()
     config.data.tokenizer_path = str(tmp_path / "none.json")
     with pytest.raises(ConfigError, match=r"^--config.data.tokenizer_path=\S+none.json: no such file$"):
