@@ -112,6 +112,7 @@ def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bf
                 value = tensor.to_ours(decode(checkpoint, source, storage[leaf][0]), args)
                 writer.write(leaf, tensor.index, value, source.weight)
             except Exception as error:
+                writer.abandon()
                 raise ConversionError(f"{output_dir}: converting {source.weight} into {tensor.leaf}"
                                       f"{list(tensor.index)} failed ({error}); nothing was written there") from error
             progress.advance(sizes[source.weight])

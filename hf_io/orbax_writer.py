@@ -111,6 +111,16 @@ class WeightsWriter:
         while self._pending:
             self._wait_oldest()
 
+    def abandon(self):
+        """Waits out the writes in flight, their errors ignored, so that a failed conversion's
+        temporary directory can be removed without a write landing in it afterwards."""
+        for future, _ in self._pending:
+            try:
+                future.result()
+            except Exception:  # the conversion has already failed; its first error is the one reported
+                pass
+        self._pending.clear()
+
     def finish(self, config: dict):
         """Waits for this process's data, then (process 0) writes the files that make the step readable."""
         self.flush()
