@@ -7,8 +7,8 @@ full remat, bf16 compute, Muon, experts over expert with the data axis replicati
 widths and depth. The tokenizer comes from the release: `--config.release_dir=<DeepSeek-V4-Flash>`
 (or `--config.data.tokenizer_path`).
 """
-from configs import optimizer, parallelism
-from configs.v4_model import compress_ratios, model_config, run_config, scaled_numbers
+from configs import parallelism
+from configs.v4_model import compress_ratios, model_config, run_config, scaled_run_config
 
 NUM_LAYERS = 43
 SEQ_LEN = 4096
@@ -34,10 +34,8 @@ def get_config(variant="full"):
     if variant not in VARIANTS:
         raise ValueError(f"configs/v4_flash.py: unknown variant {variant!r}; valid: {VARIANTS}")
     if variant == "scaled":
-        model = model_config(**scaled_numbers(first=0, num_routed_experts=16, routed_scaling_factor=1.5))
         mesh = parallelism.get_config("cm384-8", data=2, fsdp=1, expert=4, tensor=1)
-        return run_config(model, mesh, batch_size=8, seq_len=256, steps=20,
-                          optimizer_config=optimizer.get_config(warmup_steps=2))
+        return scaled_run_config(mesh, first=0, num_routed_experts=16, routed_scaling_factor=1.5)
     # 4096 = 2^12 has no factor 3, so the factor 3 of the 768 dies goes to data (replicas).
     mesh = parallelism.get_config("cm384", data=3, fsdp=1, expert=256, tensor=1)
     return run_config(model_config(**FULL), mesh, batch_size=768, seq_len=SEQ_LEN, tokenizer_path=None)

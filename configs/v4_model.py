@@ -80,6 +80,13 @@ def scaled_numbers(*, first: int, num_routed_experts: int, routed_scaling_factor
     )
 
 
+def scaled_run_config(mesh: ml_collections.ConfigDict, **numbers) -> ml_collections.ConfigDict:
+    """The run config of a full-size config's scaled twin: `scaled_numbers(**numbers)` on `mesh` (8
+    emulated devices), 8 x 256 tokens per step, 20 steps of the same optimizer with 2 warmup steps."""
+    return run_config(model_config(**scaled_numbers(**numbers)), mesh, batch_size=8, seq_len=256, steps=20,
+                      optimizer_config=optimizer.get_config(warmup_steps=2))
+
+
 def eval_config(num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len: int = 48,
                 batch_rows: int = 32) -> ml_collections.ConfigDict:
     """Held-out exact match before and after training (greedy decoding); num_examples=0 skips it."""
@@ -88,22 +95,23 @@ def eval_config(num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len
 
 
 def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, *, batch_size: int,
-               seq_len: int, seed: int = 0, steps: int = 10_000, release_dir: str | None = None,
+               seq_len: int, seed: int = 0, steps: int = 10_000,
                optimizer_config: ml_collections.ConfigDict | None = None,
                checkpoint_config: ml_collections.ConfigDict | None = None,
                **data_fields) -> ml_collections.ConfigDict:
     """The complete config every entry point reads: model, mesh, data, checkpoint, eval, optimizer,
     objective and train settings. The batch shape lives in `config.data` alone (global_batch_size,
     seq_len), and `config.data.vocab_size` is a reference to `config.model.vocab_size`: overriding
-    either changes both. `release_dir` (a Hugging Face release directory) supplies the tokenizer
-    when given (configs/release.py). The optimizer's schedule length is `config.train.steps`."""
+    either changes both. `config.release_dir` (a Hugging Face release directory, set on the command
+    line) supplies the tokenizer (configs/release.py). The optimizer's schedule length is
+    `config.train.steps`."""
     config = ml_collections.ConfigDict()
     config.model = model
     config.mesh = mesh
     config.seed = seed
     # The release directory whose tokenizer.json the data pipeline reads when data.tokenizer_path is
     # unset (full-size configs; `--config.release_dir=DeepSeek-V4-Flash`).
-    config.release_dir = ml_collections.FieldReference(release_dir, field_type=str)
+    config.release_dir = ml_collections.FieldReference(None, field_type=str)
     config.data = data.get_config(seq_len=seq_len, global_batch_size=batch_size, **data_fields)
     config.data.vocab_size = config.model.get_ref("vocab_size")
     # Objective terms and step mechanics (spec section 5.3: MTP weight 0.3, balance 1e-4, bias 1e-3).

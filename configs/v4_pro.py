@@ -7,8 +7,8 @@ MTP, 8 heads per output group, routed scale 2.5, YaRN, padded dispatch, full rem
 Muon, experts over data x expert) with small widths and depth. The tokenizer comes from the release:
 `--config.release_dir=<DeepSeek-V4-Pro>` (or `--config.data.tokenizer_path`).
 """
-from configs import optimizer, parallelism
-from configs.v4_model import compress_ratios, model_config, run_config, scaled_numbers
+from configs import parallelism
+from configs.v4_model import compress_ratios, model_config, run_config, scaled_run_config
 
 NUM_LAYERS = 61
 SEQ_LEN = 4096
@@ -26,8 +26,7 @@ LAYOUTS = {
                        experts_over_data=False, batch_size=2048),
     # The scaled twin's layout: the cm384 layout's shape (data x fsdp x expert, experts over data x
     # expert) on 8 emulated devices.
-    "scaled": dict(topology="cm384-8", axes=dict(data=2, fsdp=2, expert=2, tensor=1), experts_over_data=True,
-                   batch_size=8),
+    "scaled": dict(topology="cm384-8", axes=dict(data=2, fsdp=2, expert=2, tensor=1), experts_over_data=True),
 }
 
 FULL = dict(
@@ -51,7 +50,6 @@ def get_config(layout="cm384"):
     where = LAYOUTS[layout]
     mesh = parallelism.get_config(where["topology"], experts_over_data=where["experts_over_data"], **where["axes"])
     if layout == "scaled":
-        model = model_config(**scaled_numbers(first=128, num_routed_experts=24, routed_scaling_factor=2.5))
-        return run_config(model, mesh, batch_size=where["batch_size"], seq_len=256, steps=20,
-                          optimizer_config=optimizer.get_config(warmup_steps=2))
-    return run_config(model_config(**FULL), mesh, batch_size=where["batch_size"], seq_len=SEQ_LEN, tokenizer_path=None)
+        return scaled_run_config(mesh, first=128, num_routed_experts=24, routed_scaling_factor=2.5)
+    return run_config(model_config(**FULL), mesh, batch_size=where["batch_size"], seq_len=SEQ_LEN,
+                      tokenizer_path=None)

@@ -212,7 +212,8 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
         seconds["all-reduce"] += (passes * moe_layers * PARTIAL_SUMS_PER_LAYER
                                   * cost.all_reduce_seconds(where, tokens * args.hidden_size * 4))
     candidate.memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-                        "activations": memory.activation_bytes(args, config.data.global_batch_size, config.data.seq_len, shape)}
+                        "activations": memory.activation_bytes(args, config.data.global_batch_size,
+                                                               config.data.seq_len, shape)}
     candidate.memory["total"] = sum(candidate.memory.values())
     candidate.fits = hbm_bytes is None or candidate.memory["total"] <= hbm_bytes
     if model_flops is None:

@@ -38,7 +38,8 @@ def build_batch_source(config, batch_sharding, *, graphdef):
         # The pairs' precomputed reference log-probabilities ride along as [B, 2] float32.
         return GlobalBatches(config.data, batch_sharding,
                              read=functools.partial(read_preference_examples, with_reference=True),
-                             stream=preference_stream, fields=batch_fields(BATCH_KEYS + (REFERENCE_LOGPS,), from_config(config.model),
+                             stream=preference_stream,
+                             fields=batch_fields(BATCH_KEYS + (REFERENCE_LOGPS,), from_config(config.model),
                                                  config.data.seq_len))
     if config.objective in READ:
         read, stream = READ[config.objective]

@@ -2,8 +2,8 @@
 
 The global batch is cut into `streams` blocks of consecutive rows; stream s is the pipeline of
 `sft_stream(process_index=s, process_count=streams)` (its own share of the examples, packed on its
-own). The files are read, validated and encoded once per process, whatever its stream count. A process reads the streams that cover the rows of its addressable devices and hands
-them to `jax.make_array_from_process_local_data`, which assembles one global array over all
+own); the files are read, validated and encoded once per process, whatever its stream count. A
+process reads the streams that cover the rows of its addressable devices and hands them to `jax.make_array_from_process_local_data`, which assembles one global array over all
 processes. The batches therefore depend on the stream count alone, not on how many processes read
 them: with `data.streams` fixed, 1 process x 8 devices and 2 processes x 4 devices train on the same
 batches, and a checkpoint's data position (one state per stream) resumes under any process count
@@ -51,7 +51,8 @@ class GlobalBatches:
         self.streams = config.streams or jax.process_count()
         self.shape = (config.global_batch_size, config.seq_len)
         fields = fields or {key: ((config.seq_len,), np.int32) for key in BATCH_KEYS}
-        self.fields = {key: ((config.global_batch_size, *dims), np.dtype(dtype)) for key, (dims, dtype) in fields.items()}
+        self.fields = {key: ((config.global_batch_size, *dims), np.dtype(dtype))
+                       for key, (dims, dtype) in fields.items()}
         self.sharding = sharding
         if config.global_batch_size % self.streams:
             raise ValueError(f"global_batch_size {config.global_batch_size} does not split into "
