@@ -33,6 +33,7 @@ _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candid
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
 
 from planner.report import GIB, format_report, make_plan, planned_optimizer
+from trainer.cli import exits_on_bad_input
 
 
 def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
@@ -68,6 +69,7 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
     return report
 
 
+@exits_on_bad_input
 def main(argv):
     del argv
     import jax

@@ -144,9 +144,11 @@ def main(argv):
     config = _CONFIG.value
     from configs.release import resolve_tokenizer
     from mesh.presets import get_topology
+    from planner.expert_buffers import check_dispatch_fits
     from trainer.validate_config import validate_run_config
 
     validate_run_config(config)
+    check_dispatch_fits(config)
     topology = get_topology(config.mesh.topology)
     if _DRY_RUN.value:
         from planner.report import dry_run

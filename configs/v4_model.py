@@ -37,7 +37,10 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
         param_dtype="float32",
         remat_policy="full",
         moe_dispatch="padded",  # sorted expert-parallel dispatch; "dense" is the all-experts reference
-        capacity_factor=0.0,  # dropless
+        # Each expert takes at most 1.25 x its mean load from each source; the rest are dropped and
+        # counted (dropped_assignments). Dropless (0) sizes the dispatch buffers for the worst case:
+        # ~99 GiB per die and MoE layer at V4-Pro widths (planner/expert_buffers.py).
+        capacity_factor=1.25,
         expert_tile=128,  # expert MLP rows per tile: only tiles holding routed tokens are computed
         vocab_size=129280,
         sliding_window=128,

@@ -3,7 +3,8 @@
 `make_plan(config)` compiles the run's programs for abstract inputs on the topology's emulated devices
 (nothing allocated) and returns: parameters and tokens per step; per-device memory of the compiled
 train step (its objective, micro-batches and frozen model as configured) against the HBM, beside an
-analytic breakdown; with `evaluation=True` the compiled held-out decoding step as well; XLA-counted
+analytic breakdown (a config whose expert dispatch buffers alone exceed the HBM is refused first:
+planner/expert_buffers.py); with `evaluation=True` the compiled held-out decoding step as well; XLA-counted
 FLOPs against the analytic model FLOPs; the collectives by kind and mesh axes with their time on the
 topology's links; the estimated step time and MFU. `format_report` prints it. plan.py (with its mesh
 search) and train.py --dry_run both print this report.
@@ -40,6 +41,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     from model.flops import train_flops_per_step
     from model.summary import count_parameters
     from planner import estimate, extrapolate, measure, memory
+    from planner.expert_buffers import check_dispatch_fits
     from planner.program import compile_evaluation, compile_step
     from trainer.checkpointing import abstract_train_state
 
@@ -51,6 +53,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     devices = mesh.size
     shape = dict(mesh.shape)
     hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
+    check_dispatch_fits(config, hbm)
     batch_size, seq_len, microbatches = config.data.global_batch_size, config.data.seq_len, config.train.microbatches
     tokens = batch_size * seq_len
 
