@@ -36,6 +36,7 @@ def get_config():
         remat_policy="none",
         capacity_factor=0.0,  # dropless: its buffers are small, and nothing is dropped to explain
         expert_tile=16,
+        vocab_tile=128,
     )
     mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
     return run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN, steps=STEPS,

@@ -42,6 +42,7 @@ def model_config(**numbers) -> ml_collections.ConfigDict:
         # ~99 GiB per die and MoE layer at V4-Pro widths (planner/expert_buffers.py).
         capacity_factor=1.25,
         expert_tile=128,  # expert MLP rows per tile: only tiles holding routed tokens are computed
+        vocab_tile=8080,  # head columns per loss tile: 129280 = 16 x 8080 (model/vocab_head.py)
         vocab_size=129280,
         sliding_window=128,
         window_block=32,  # queries per window block: W + 32 keys scored per query instead of 2W
@@ -80,6 +81,7 @@ def scaled_numbers(*, first: int, num_routed_experts: int, routed_scaling_factor
         moe_intermediate_size=32,
         routed_scaling_factor=routed_scaling_factor,
         expert_tile=16,
+        vocab_tile=128,
     )
 
 

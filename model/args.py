@@ -64,6 +64,7 @@ class ModelArgs:
     moe_dispatch: str = "dense"  # dense: every expert sees every token (reference); padded / ragged: sorted
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * tokens * k / E) assignments
     expert_tile: int = 0  # padded dispatch: > 0 runs the expert MLP only on occupied tiles of this many rows
+    vocab_tile: int = 0  # head columns per tile of the loss (model/vocab_head.py); 0 = the whole vocabulary
     window_block: int = 0  # query rows per sliding-window block, dividing the window (config 0 = the window)
     query_chunk: int = 0  # queries whose attention scores are alive at once, a multiple of window_block; 0 = all
 
@@ -134,6 +135,8 @@ def from_config(model_config) -> ModelArgs:
              f"{args.moe_dispatch!r} not allowed; allowed: {list(MOE_DISPATCHES)}")
     _require(args.capacity_factor >= 0, "capacity_factor", f"{args.capacity_factor} must be >= 0 (0 = dropless)")
     _require(args.expert_tile >= 0, "expert_tile", f"{args.expert_tile} must be >= 0 (0 = whole buffers)")
+    _require(args.vocab_tile >= 0 and (args.vocab_tile == 0 or args.vocab_size % args.vocab_tile == 0), "vocab_tile",
+             f"{args.vocab_tile} must divide vocab_size={args.vocab_size} (or be 0: the whole vocabulary)")
     _require(args.window_block > 0 and args.sliding_window % args.window_block == 0, "window_block",
              f"{args.window_block} must divide sliding_window={args.sliding_window}")
     _require(args.query_chunk >= 0 and args.query_chunk % args.window_block == 0, "query_chunk",

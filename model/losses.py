@@ -1,4 +1,5 @@
-"""Next-token and multi-token-prediction cross-entropy with a loss mask.
+"""Next-token and multi-token-prediction cross-entropy with a loss mask, the main and MTP heads read
+through the shared head in one pass over vocabulary tiles (`ModelOutput.token_logprobs`).
 
 Alignment, stated once: `loss_mask[i]` says token i is a target (e.g. an assistant token). The main
 head at position i predicts token i+1; MTP depth k at position i predicts token i+k+1. A position is
@@ -28,19 +29,6 @@ def shifted_targets(tokens: jax.Array, loss_mask: jax.Array, shift: int, segment
     return ahead(tokens, shift), weights
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits [b,s,vocab], targets [b,s] -> log p(target) [b,s] float32. The target logit is read by a
-    one-hot contraction, not a gather, so a vocab-sharded logits tensor is never gathered whole."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    return target_logit - jax.nn.logsumexp(logits, axis=-1)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """-> (sum of weighted token losses, sum of weights), float32."""
-    return -jnp.sum(token_logprobs(logits, targets) * weights), jnp.sum(weights)
-
-
 def target_counts(tokens, loss_mask, segment_ids, num_mtp: int) -> jax.Array:
     """Scored targets of the main head and of each MTP depth: [1 + num_mtp] float32."""
     return jnp.stack([jnp.sum(shifted_targets(tokens, loss_mask, shift, segment_ids)[1])
@@ -57,14 +45,14 @@ def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.A
     Returns (loss, metrics) with metrics: main_loss, mtp_loss, target_tokens (this call's scored
     targets of the main head).
     """
-    depths = len(output.mtp_logits)
+    depths = output.head_inputs.shape[0] - 1
     if counts is None:
         counts = target_counts(tokens, loss_mask, segment_ids, depths)
     counts = jnp.maximum(counts, 1.0)
-    total, scored = cross_entropy(output.logits, *shifted_targets(tokens, loss_mask, 1, segment_ids))
-    main = total / counts[0]
-    mtp = jnp.zeros((), jnp.float32)
-    for depth, logits in enumerate(output.mtp_logits, start=1):
-        mtp_total, _ = cross_entropy(logits, *shifted_targets(tokens, loss_mask, depth + 1, segment_ids))
-        mtp = mtp + mtp_total / counts[depth] / depths
-    return main + mtp_weight * mtp, {"main_loss": main, "mtp_loss": mtp, "target_tokens": scored}
+    shifted = [shifted_targets(tokens, loss_mask, shift, segment_ids) for shift in range(1, depths + 2)]
+    targets = jnp.stack([target for target, _ in shifted])                      # [1 + depths, b, s]
+    weights = jnp.stack([weight for _, weight in shifted])
+    totals = -jnp.sum(output.token_logprobs(targets) * weights, axis=(1, 2))     # one pass of the shared head
+    main = totals[0] / counts[0]
+    mtp = jnp.sum(totals[1:] / counts[1:]) / max(depths, 1)
+    return main + mtp_weight * mtp, {"main_loss": main, "mtp_loss": mtp, "target_tokens": jnp.sum(weights[0])}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesh.sharding import constrain
-from model import params
+from model import params, vocab_head
 from model.args import ModelArgs, layer_groups
 from model.block import Block
 from model.hyper_connections import HyperHead
@@ -31,10 +31,26 @@ REMAT = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
-    logits: jax.Array  # [b, s, vocab] float32, predicts token i+1
-    mtp_logits: tuple  # per depth k: [b, s, vocab] float32, predicts token i+k+1
+    """What the model gives the objectives: the head's inputs and weight, read over vocabulary tiles
+    (`token_logprobs`, `reverse_kl`), and the whole logits only when asked for (inference, parity)."""
+
+    logits: Optional[jax.Array]  # [b, s, vocab] float32, predicts token i+1 (None: not computed)
+    mtp_logits: tuple  # per depth k: [b, s, vocab] float32, predicts token i+k+1 (empty: not computed)
     moe: MoEStats  # per layer, MTP layers last: load [L + mtp, E], balance [L + mtp], experts [L + mtp, b, s, k], ...
+    head_inputs: Optional[jax.Array] = None  # [1 + mtp, b, s, d] normalised: main head first, then each MTP depth
+    head: Optional[jax.Array] = None  # [d, vocab] the shared output head
     hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
+    vocab_tile: int = dataclasses.field(default=0, metadata=dict(static=True))  # head columns per tile
+
+    def token_logprobs(self, targets: jax.Array) -> jax.Array:
+        """targets [h, b, s] int, for the first h heads (main first, then MTP depths) -> log p(target)
+        [h, b, s] float32, through the head one vocabulary tile at a time."""
+        return vocab_head.token_logprobs(self.head_inputs[:targets.shape[0]], self.head, targets, self.vocab_tile)
+
+    def reverse_kl(self, teacher: "ModelOutput") -> jax.Array:
+        """-> KL(self || teacher) of the main heads over the vocabulary [b, s] float32, tile by tile."""
+        return vocab_head.reverse_kl(self.head_inputs[0], self.head, teacher.head_inputs[0], teacher.head,
+                                     self.vocab_tile)
 
 
 def stacked_blocks(args: ModelArgs, kind: tuple, count: int, rngs: nnx.Rngs) -> Block:
@@ -120,11 +136,12 @@ class DeepSeekV4(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False,
-                 routed_experts: Optional[jax.Array] = None) -> ModelOutput:
+                 routed_experts: Optional[jax.Array] = None, logits: bool = True) -> ModelOutput:
         """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
         positions restarting at 0 in each document; by default a row is one document 0..s-1.
         routed_experts [b, s, num_layers, k] int32 (routing replay) makes every main layer use those
-        experts; the MTP layers route themselves (inference engines do not record them)."""
+        experts; the MTP layers route themselves (inference engines do not record them).
+        logits=False leaves the whole logits out: the objectives read the head tile by tile."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -140,20 +157,22 @@ class DeepSeekV4(nnx.Module):
                                                        None if replay is None else replay[layers])
             stats.append(group_stats)
             hidden.append(group_hidden)
-        logits = self.logits(self.norm(self.hc_head(streams)))
-
-        mtp_logits = []
+        head_inputs = [self.norm(self.hc_head(streams))]
         for depth, layer in enumerate(self.mtp, start=1):
             ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
             streams, mtp_hidden, layer_stats = layer(streams, self.embed_tokens(ahead), positions, segment_ids,
                                                      tokens)
-            mtp_logits.append(self.logits(mtp_hidden))
+            head_inputs.append(mtp_hidden)
             stats.append(_stack([layer_stats]))
+        whole = [self.logits(h) for h in head_inputs] if logits else [None]
         return ModelOutput(
-            logits=logits,
-            mtp_logits=tuple(mtp_logits),
+            logits=whole[0],
+            mtp_logits=tuple(whole[1:]),
             moe=_stack(stats, concat=True),
+            head_inputs=jnp.stack(head_inputs),
+            head=self.head[...],
             hidden=jnp.concatenate(hidden, axis=0) if collect_hidden else None,
+            vocab_tile=self.args.vocab_tile or self.args.vocab_size,
         )
 
     def update_routing_bias(self, load: jax.Array, rate: float) -> None:

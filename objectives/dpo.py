@@ -29,9 +29,9 @@ def valid_pairs(weights: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.all(scored > 0, axis=-1).astype(jnp.float32)
 
 
-def pair_logprobs(logits: jax.Array, batch: dict):
-    """-> (summed reply log-probs [b, 2] (chosen, rejected), valid [b] as `valid_pairs`)."""
-    logprobs, weights = scored_logprobs(logits, batch)
+def pair_logprobs(output, batch: dict):
+    """ModelOutput -> (summed reply log-probs [b, 2] (chosen, rejected), valid [b] as `valid_pairs`)."""
+    logprobs, weights = scored_logprobs(output, batch)
     sums = segment_sums(logprobs * weights, batch["segment_ids"], SIDES)
     return sums, valid_pairs(weights, batch["segment_ids"])
 
@@ -65,9 +65,9 @@ class DPO:
         return jnp.sum(valid_pairs(scored_targets(batch)[1], batch["segment_ids"]))
 
     def loss(self, output, batch: dict, reference, pairs: jax.Array):
-        policy, valid = pair_logprobs(output.logits, batch)
+        policy, valid = pair_logprobs(output, batch)
         if self.uses_frozen:
-            reference_sums, _ = pair_logprobs(reference.logits, batch)
+            reference_sums, _ = pair_logprobs(reference, batch)
         else:
             reference_sums = batch[REFERENCE_LOGPS].astype(jnp.float32)
         per_pair, margin = dpo_terms(policy, reference_sums, self.beta)

@@ -63,8 +63,8 @@ def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> 
         @jax.jit
         def reference_logps(weights, batch):
             model = nnx.merge(graphdef, weights["params"], weights["routing"])
-            logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
-            return pair_logprobs(logits, batch)[0]
+            output = model(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False)
+            return pair_logprobs(output, batch)[0]
 
         def write(scored, out):
             """Scores one batch of (record, row) and writes the records with their reference log-probs."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.losses import ahead, token_logprobs
+from model.losses import ahead
 from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets
 
 
@@ -67,13 +67,13 @@ class GRPO:
         return jnp.sum(scored_targets(batch)[1])
 
     def loss(self, output, batch: dict, reference, tokens: jax.Array):
-        logprobs, weights = scored_logprobs(output.logits, batch)
+        logprobs, weights = scored_logprobs(output, batch)
         sampling = ahead(batch["sampling_logprobs"], 1)
         advantages = ahead(batch["advantages"], 1)
         if reference is None:
             reference_logprobs = jax.lax.stop_gradient(logprobs)
         else:
-            reference_logprobs = token_logprobs(reference.logits, scored_targets(batch)[0])
+            reference_logprobs = scored_logprobs(reference, batch)[0]
         per_token, ratio, clipped, k3 = grpo_token_terms(logprobs, sampling, advantages, reference_logprobs,
                                                          self.clip_low, self.clip_high, self.kl_coef)
         mean = lambda x: jnp.sum(x * weights) / jnp.maximum(tokens, 1.0)

@@ -1,4 +1,5 @@
-"""Per-token and per-sequence log-probabilities of the tokens a batch scores, from vocab-sharded logits.
+"""Per-token and per-sequence log-probabilities of the tokens a batch scores, read from the model's
+head over vocabulary tiles (`ModelOutput.token_logprobs`: no [tokens, vocab] logits).
 
 Alignment follows model/losses.py: position i predicts token i+1, and a position counts when its
 target is in the loss mask and in the same packed segment. Arrays that belong to a token (sampling
@@ -7,7 +8,8 @@ log-probs, advantages) are moved onto the position that predicts it with `model.
 import jax
 import jax.numpy as jnp
 
-from model.losses import shifted_targets, token_logprobs
+from model.losses import shifted_targets
+from model.transformer import ModelOutput
 
 BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")  # every objective's batch has these
 
@@ -17,10 +19,10 @@ def scored_targets(batch: dict):
     return shifted_targets(batch["tokens"], batch["loss_mask"], 1, batch["segment_ids"])
 
 
-def scored_logprobs(logits: jax.Array, batch: dict):
-    """logits [b,s,vocab] -> (log p(token i+1) at position i [b,s], weights [b,s] as `scored_targets`)."""
+def scored_logprobs(output: ModelOutput, batch: dict):
+    """-> (log p(token i+1) at position i [b,s] from the main head, weights [b,s] as `scored_targets`)."""
     targets, weights = scored_targets(batch)
-    return token_logprobs(logits, targets), weights
+    return output.token_logprobs(targets[None])[0], weights
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

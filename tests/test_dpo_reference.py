@@ -75,7 +75,7 @@ def test_stored_logps_are_the_reference_forward_and_give_its_loss(scored):
     arrays = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}
     forward = jax.jit(lambda p, r, a: nnx.merge(graphdef, p, r)(a["tokens"], a["positions"], a["segment_ids"]))
     output_ = forward(params, routing, arrays)  # one device, no mesh
-    sums, valid = pair_logprobs(output_.logits, arrays)
+    sums, valid = pair_logprobs(output_, arrays)
     np.testing.assert_allclose(batch["reference_logps"], sums, rtol=1e-5, atol=1e-4)
     pairs = np.sum(valid)
     in_step, _ = DPO(beta=0.5, bias_update_rate=0.0).loss(output_, arrays, output_, pairs)

@@ -64,11 +64,13 @@ def test_mtp_loss_scores_token_two_ahead():
     vocab, seq = 16, 10
     tokens = jnp.arange(seq)[None] % vocab
     def peaked(shift):
+        """Head inputs whose logits through an identity head are 50 at token i+shift, 0 elsewhere."""
         target = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift)))
         return 50.0 * jax.nn.one_hot(target, vocab)
     mask = jnp.ones_like(tokens)
     for shift, expect_zero in ((2, True), (1, False), (3, False)):
-        output = ModelOutput(logits=peaked(1), mtp_logits=(peaked(shift),), moe=None)
+        output = ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=jnp.stack([peaked(1), peaked(shift)]),
+                             head=jnp.eye(vocab), vocab_tile=vocab // 4)
         _, metrics = language_model_loss(output, tokens, mask, mtp_weight=0.3)
         assert float(metrics["main_loss"]) < 1e-6
         assert (float(metrics["mtp_loss"]) < 1e-6) == expect_zero, shift

@@ -1,21 +1,25 @@
 """The DPO, GRPO and distillation losses and their gradients against NumPy written from the formulas.
 
-The references work per token in float64: log-softmax, the scored positions (position i scores token
-i+1 when it is in the loss mask and in the same segment), per-sequence sums, and the analytic gradient
-of each loss with respect to the logits. Tolerance: 1e-5 relative for losses, 1e-5 of the largest
-gradient entry for gradients (float32 against float64)."""
-import types
-
+The references work per token in float64 on whole logits = hidden @ head: log-softmax, the scored
+positions (position i scores token i+1 when it is in the loss mask and in the same segment),
+per-sequence sums, and the analytic gradient of each loss with respect to the logits, carried to the
+hidden states and the head by the chain rule. The objectives read the head over vocabulary tiles
+(model/vocab_head.py); every test runs with the whole vocabulary as one tile and with 4 tiles.
+Tolerance: 1e-5 relative for losses, 1e-5 of the largest gradient entry for gradients (float32
+against float64)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.transformer import ModelOutput
 from objectives.distill import Distill
 from objectives.dpo import DPO
 from objectives.grpo import GRPO, group_advantages
+from objectives.sft import SFT
 
-B, S, V = 4, 12, 7
+B, S, V, D = 4, 12, 8, 5
+TILES = [V, V // 4]  # the whole vocabulary in one tile; four tiles
 
 
 def _log_softmax(x):
@@ -29,8 +33,34 @@ def _scored(tokens, mask, segments):
             if mask[b, i + 1] and segments[b, i] > 0 and segments[b, i] == segments[b, i + 1]]
 
 
-def _output(logits):
-    return types.SimpleNamespace(logits=jnp.asarray(logits, jnp.float32))
+def _head(rng):
+    """(hidden [B, S, D], head [D, V]) whose logits hidden @ head are O(1)."""
+    return rng.normal(size=(B, S, D)), rng.normal(size=(D, V)) / np.sqrt(D)
+
+
+def _logits(hidden, head):
+    return np.einsum("bsd,dv->bsv", hidden, head)
+
+
+def _through_head(grad_logits, hidden, head):
+    """d loss / d logits -> (d loss / d hidden, d loss / d head), as logits = hidden @ head."""
+    return grad_logits @ head.T, np.einsum("bsd,bsv->dv", hidden, grad_logits)
+
+
+def _output(hidden, head, tile):
+    return ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=jnp.asarray(hidden, jnp.float32)[None],
+                       head=jnp.asarray(head, jnp.float32), vocab_tile=tile)
+
+
+def _value_and_grads(loss, hidden, head):
+    """loss(hidden, head) -> ((value, aux), (d hidden, d head)) in float32."""
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(jnp.asarray(hidden, jnp.float32),
+                                                                  jnp.asarray(head, jnp.float32))
+
+
+def _close_grads(ours, grad_logits, hidden, head):
+    for what, got, expected in zip(("hidden", "head"), ours, _through_head(grad_logits, hidden, head)):
+        _close(got, expected, f"gradient of the {what}")
 
 
 def _close(ours, reference, what):
@@ -80,31 +110,33 @@ def _dpo_reference(policy_logits, reference_logits, batch, beta):
     return loss, margin[valid].mean(), grad, pairs
 
 
-def test_dpo_loss_and_gradient_match_numpy():
+@pytest.mark.parametrize("tile", TILES)
+def test_dpo_loss_and_gradient_match_numpy(tile):
     rng = np.random.default_rng(0)
     batch = _preference_batch(rng)
-    policy, reference = rng.normal(size=(B, S, V)), rng.normal(size=(B, S, V))
+    (hidden, head), reference = _head(rng), _head(rng)
     dpo = DPO(beta=0.3, bias_update_rate=0.0)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     pairs = dpo.normalisers(jbatch, 0)
-    expected_loss, expected_margin, expected_grad, expected_pairs = _dpo_reference(policy, reference, batch, 0.3)
+    expected_loss, expected_margin, expected_grad, expected_pairs = _dpo_reference(
+        _logits(hidden, head), _logits(*reference), batch, 0.3)
     assert float(pairs) == expected_pairs == 3
 
-    def loss(logits):
-        return dpo.loss(_output(logits), jbatch, _output(reference), pairs)
+    def loss(hidden, head):
+        return dpo.loss(_output(hidden, head, tile), jbatch, _output(*reference, tile), pairs)
 
-    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(policy, jnp.float32))
+    (value, metrics), grads = _value_and_grads(loss, hidden, head)
     _close(value, expected_loss, "loss")
     _close(metrics["dpo_margin"], expected_margin, "margin")
-    _close(grad, expected_grad, "gradient")
+    _close_grads(grads, expected_grad, hidden, head)
 
 
 def test_dpo_loss_is_log_two_when_policy_is_the_reference():
     rng = np.random.default_rng(1)
     batch = {k: jnp.asarray(v) for k, v in _preference_batch(rng).items()}
-    logits = rng.normal(size=(B, S, V))
+    policy = _output(*_head(rng), V // 4)
     dpo = DPO(beta=0.1, bias_update_rate=0.0)
-    value, metrics = dpo.loss(_output(logits), batch, _output(logits), dpo.normalisers(batch, 0))
+    value, metrics = dpo.loss(policy, batch, policy, dpo.normalisers(batch, 0))
     np.testing.assert_allclose(float(value), np.log(2.0), rtol=1e-6)
     assert float(metrics["dpo_accuracy"]) == 0.0
 
@@ -138,11 +170,13 @@ def _grpo_reference(logits, reference_logits, batch, sampling, advantages, clip_
     return total / len(scored), grad / len(scored), len(scored)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
-def test_grpo_loss_and_gradient_match_numpy(kl_coef):
+def test_grpo_loss_and_gradient_match_numpy(kl_coef, tile):
     rng = np.random.default_rng(2)
     batch = _completion_batch(rng)
-    logits, reference = rng.normal(size=(B, S, V)), rng.normal(size=(B, S, V))
+    (hidden, head), reference = _head(rng), _head(rng)
+    logits = _logits(hidden, head)
     # Sampling log-probs near the policy's so that some ratios fall inside the clip range and some outside.
     own = np.take_along_axis(_log_softmax(logits), np.roll(batch["tokens"], -1, 1)[..., None], -1)[..., 0]
     sampling = np.roll(own, 1, 1) + rng.normal(scale=0.3, size=(B, S))
@@ -151,16 +185,16 @@ def test_grpo_loss_and_gradient_match_numpy(kl_coef):
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     jbatch.update(sampling_logprobs=jnp.asarray(sampling, jnp.float32), advantages=jnp.asarray(advantages, jnp.float32))
     tokens = grpo.normalisers(jbatch, 0)
-    expected_loss, expected_grad, count = _grpo_reference(logits, reference, batch, sampling, advantages,
+    expected_loss, expected_grad, count = _grpo_reference(logits, _logits(*reference), batch, sampling, advantages,
                                                           0.2, 0.28, kl_coef)
     assert float(tokens) == count
 
-    def loss(x):
-        return grpo.loss(_output(x), jbatch, _output(reference) if kl_coef else None, tokens)
+    def loss(hidden, head):
+        return grpo.loss(_output(hidden, head, tile), jbatch, _output(*reference, tile) if kl_coef else None, tokens)
 
-    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(logits, jnp.float32))
+    (value, metrics), grads = _value_and_grads(loss, hidden, head)
     _close(value, expected_loss, "loss")
-    _close(grad, expected_grad, "gradient")
+    _close_grads(grads, expected_grad, hidden, head)
     assert 0.0 < float(metrics["grpo_clipped"]) < 1.0  # both branches exercised
 
 
@@ -173,11 +207,12 @@ def test_group_advantages_normalise_within_groups():
     np.testing.assert_allclose(advantages[8:], [1, -1], rtol=1e-5)
 
 
-def test_reverse_kl_loss_and_gradient_match_numpy():
+@pytest.mark.parametrize("tile", TILES)
+def test_reverse_kl_loss_and_gradient_match_numpy(tile):
     rng = np.random.default_rng(3)
     batch = _completion_batch(rng)
-    student, teacher = rng.normal(size=(B, S, V)), rng.normal(size=(B, S, V))
-    ls, lt = _log_softmax(student), _log_softmax(teacher)
+    (hidden, head), teacher = _head(rng), _head(rng)
+    ls, lt = _log_softmax(_logits(hidden, head)), _log_softmax(_logits(*teacher))
     scored = _scored(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     expected, expected_grad = 0.0, np.zeros_like(ls)
     for b, i in scored:
@@ -189,7 +224,41 @@ def test_reverse_kl_loss_and_gradient_match_numpy():
     distill = Distill(bias_update_rate=0.0)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     tokens = distill.normalisers(jbatch, 0)
-    (value, _), grad = jax.value_and_grad(lambda x: distill.loss(_output(x), jbatch, _output(teacher), tokens),
-                                          has_aux=True)(jnp.asarray(student, jnp.float32))
+    (value, _), grads = _value_and_grads(
+        lambda hidden, head: distill.loss(_output(hidden, head, tile), jbatch, _output(*teacher, tile), tokens),
+        hidden, head)
     _close(value, expected, "reverse KL")
-    _close(grad, expected_grad, "gradient")
+    _close_grads(grads, expected_grad, hidden, head)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_sft_with_mtp_loss_and_gradient_match_numpy(tile):
+    """Main and MTP heads through the one shared head: the mean next-token loss plus 0.3 x the mean
+    loss two tokens ahead, and the gradients of both heads' inputs and of the head they share."""
+    rng = np.random.default_rng(4)
+    batch = _completion_batch(rng)
+    hidden, head = rng.normal(size=(2, B, S, D)), rng.normal(size=(D, V)) / np.sqrt(D)
+    tokens, mask, segments = batch["tokens"], batch["loss_mask"], batch["segment_ids"]
+    expected, grad_logits = 0.0, np.zeros((2, B, S, V))
+    for depth, weight in ((0, 1.0), (1, 0.3)):
+        shift = depth + 1
+        logp = _log_softmax(_logits(hidden[depth], head))
+        scored = [(b, i) for b in range(B) for i in range(S - shift)
+                  if mask[b, i + shift] and segments[b, i + shift] == segments[b, i]]
+        for b, i in scored:
+            target = tokens[b, i + shift]
+            expected -= weight * logp[b, i, target] / len(scored)
+            grad_logits[depth, b, i] = -weight * (np.eye(V)[target] - np.exp(logp[b, i])) / len(scored)
+    sft = SFT(mtp_weight=0.3, bias_update_rate=0.0)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    counts = sft.normalisers(jbatch, 1)
+
+    def loss(hidden, head):
+        output = ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=hidden, head=head, vocab_tile=tile)
+        return sft.loss(output, jbatch, None, counts)
+
+    (value, _), (d_hidden, d_head) = _value_and_grads(loss, hidden, head)
+    _close(value, expected, "loss")
+    for depth in range(2):
+        _close(d_hidden[depth], grad_logits[depth] @ head.T, f"gradient of head input {depth}")
+    _close(d_head, np.einsum("hbsd,hbsv->dv", hidden, grad_logits), "gradient of the shared head")

@@ -21,6 +21,9 @@ BAD = [
     ("train", "microbatches", 3, r"^config.train.microbatches=3 must divide config.data.global_batch_size=8$"),
     ("train", "nonfinite", "ignore", r"^config.train.nonfinite must be one of \('stop', 'skip'\), got 'ignore'$"),
     ("eval", "batch_rows", 0, r"^config.eval.batch_rows must be an integer >= 1, got 0$"),
+    ("model", "vocab_tile", 100, r"^config.model.vocab_tile: 100 must divide vocab_size=512 \(or be 0: the whole "
+                                 r"vocabulary\)$"),
+    ("model", "capacity_factor", -1.0, r"^config.model.capacity_factor: -1.0 must be >= 0 \(0 = dropless\)$"),
 ]
 
 

@@ -54,10 +54,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
 
     def forward(params, routing, batch):
-        """-> (model, ModelOutput)."""
+        """-> (model, ModelOutput without the whole logits: objectives read the head tile by tile)."""
         model = nnx.merge(graphdef, params, routing)
         return model, model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                            routed_experts=batch.get(REPLAY_KEY))
+                            routed_experts=batch.get(REPLAY_KEY), logits=False)
 
     def loss_fn(params, routing, frozen, micro, normalisers):
         batch = _constrained(micro)

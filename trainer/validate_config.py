@@ -14,6 +14,7 @@ from configs import checkpoint
 from configs.release import ConfigError
 from data.encode import LOSS_MASK_MODES
 from data.packing import OVERLONG_POLICIES
+from model.args import from_config
 from objectives import NAMES as OBJECTIVES
 from trainer.nonfinite import POLICIES as NONFINITE_POLICIES
 
@@ -49,6 +50,10 @@ def _mixture(config: ml_collections.ConfigDict, field: str) -> None:
 def validate_run_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first field out of its range (see the module docstring)."""
     _one_of(config, None, "objective", OBJECTIVES)
+    try:
+        from_config(config.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for field, low in (("steps", 1), ("microbatches", 1)):
         _at_least(config, "train", field, low)
     _one_of(config, "train", "nonfinite", NONFINITE_POLICIES)
