@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesh.sharding import constrain
-from model import params, vocab_head
+from model import embedding, params, vocab_head
 from model.args import ModelArgs, layer_groups
 from model.block import Block
 from model.hyper_connections import HyperHead
@@ -125,8 +125,7 @@ class DeepSeekV4(nnx.Module):
         self.mtp = nnx.List([MTPLayer(args, rngs) for _ in range(args.num_mtp_layers)])
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.args.compute_dtype)
-        return constrain(x, TOKENS)
+        return constrain(embedding.lookup(self.embed[...], tokens, self.args.compute_dtype), TOKENS)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Normalised hidden [b,s,d] -> float32 logits [b,s,vocab] through the shared head."""
