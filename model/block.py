@@ -28,5 +28,5 @@ class Block(nnx.Module):
         u, post, comb = self.attn_hc(streams)
         streams = HyperConnection.merge(streams, self.attn(self.attn_norm(u), positions, segment_ids), post, comb)
         u, post, comb = self.ffn_hc(streams)
-        out, stats = self.moe(self.ffn_norm(u), token_ids, replay)
+        out, stats = self.moe(self.ffn_norm(u), token_ids, segment_ids > 0, replay)
         return HyperConnection.merge(streams, out, post, comb), stats

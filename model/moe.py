@@ -127,14 +127,20 @@ class MoEStats:
     experts: jax.Array
 
 
-def sequence_balance_loss(routing: Routing, rows: int, k: int) -> jax.Array:
-    """Mean over rows of sum_i f_i * P_i: f_i = E/(k*T) * tokens choosing expert i, P_i = mean of the
-    normalised scores s_i / sum_j s_j over the row's T tokens. Equals 1 when perfectly balanced."""
+def sequence_balance_loss(routing: Routing, valid: jax.Array, k: int) -> jax.Array:
+    """Mean over the rows holding tokens of sum_i f_i * P_i: f_i = E/(k*T) * tokens choosing expert i,
+    P_i = mean of the normalised scores s_i / sum_j s_j over the row's T tokens (valid [b,s]: the
+    tokens, padding excluded). Equals 1 when perfectly balanced."""
     e = routing.scores.shape[-1]
+    rows = valid.shape[0]
+    mask = valid.reshape(rows, -1, 1).astype(jnp.float32)                      # [b, s, 1]
+    tokens = jnp.maximum(jnp.sum(mask, axis=1), 1.0)                            # [b, 1]
     probs = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(rows, -1, e)
     chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=-2).reshape(rows, -1, e)
-    fraction = jax.lax.stop_gradient(chosen.mean(axis=1)) * (e / k)
-    return jnp.mean(jnp.sum(fraction * probs.mean(axis=1), axis=-1))
+    fraction = jax.lax.stop_gradient(jnp.sum(chosen * mask, axis=1) / tokens) * (e / k)
+    per_row = jnp.sum(fraction * jnp.sum(probs * mask, axis=1) / tokens, axis=-1)
+    holding = jnp.any(valid.reshape(rows, -1), axis=1).astype(jnp.float32)
+    return jnp.sum(per_row * holding) / jnp.maximum(jnp.sum(holding), 1.0)
 
 
 class MoE(nnx.Module):
@@ -143,17 +149,23 @@ class MoE(nnx.Module):
         self.experts = RoutedExperts(args, rngs)
         self.shared = SharedExpert(args, rngs) if args.num_shared_experts else None
 
-    def __call__(self, u: jax.Array, token_ids: jax.Array, replay=None):
-        """u [b,s,d], token_ids [b,s], replay [b,s,k] or None -> (output [b,s,d], MoEStats). Rows are the
-        balance loss's sequences (hash-routed layers choose by token id, so their balance term is zero)."""
-        b = u.shape[0]
+    def __call__(self, u: jax.Array, token_ids: jax.Array, valid: jax.Array, replay=None):
+        """u [b,s,d], token_ids [b,s], valid [b,s] bool (False: padding), replay [b,s,k] or None ->
+        (output [b,s,d], MoEStats). Padding is not routed: it takes no expert capacity, and counts in
+        neither the load (which drives the bias update) nor the balance loss; its routed output is zero.
+        Rows are the balance loss's sequences (hash-routed layers choose by token id, so their balance
+        term is zero)."""
         routing = self.router(u, token_ids, replay)
-        y, dropped, tiles = self.experts(u, routing)
+        e = self.experts.num_experts
+        dispatched = dataclasses.replace(routing, experts=jnp.where(valid[..., None], routing.experts, e),
+                                         weights=jnp.where(valid[..., None], routing.weights, 0.0))
+        y, dropped, tiles = self.experts(u, dispatched)
         if self.shared is not None:
             y = y + self.shared(u)
-        load = jnp.zeros((self.experts.num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
+        counted = jnp.broadcast_to(valid[..., None], routing.experts.shape).astype(jnp.float32)
+        load = jnp.zeros((e,), jnp.float32).at[routing.experts.reshape(-1)].add(counted.reshape(-1))
         balance = (jnp.zeros((), jnp.float32) if self.router.hashed
-                   else sequence_balance_loss(routing, b, self.router.k))
+                   else sequence_balance_loss(routing, valid, self.router.k))
         stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles,
                          experts=routing.experts)
         return y.astype(u.dtype), stats

@@ -113,7 +113,7 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
     """Activations per device for a [batch_size, seq_len] batch: without remat every layer keeps its
     intermediates (`_layer_bytes_per_token`); with remat a layer keeps only its input streams and one
     layer's intermediates are live at a time. On top, one query chunk's attention scores (when they
-    are chunked) and the largest transient: the MoE dispatch buffers or the vocabulary logits."""
+    are chunked) and the largest transient: the MoE dispatch buffers or one vocabulary tile's logits."""
     token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
     tokens = batch_size * seq_len // token_shards
@@ -131,7 +131,7 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
     experts = args.num_routed_experts
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
     moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways
-    logits = tokens * args.vocab_size // tensor * 4 * 2
+    logits = tokens * (args.vocab_tile or args.vocab_size) // tensor * 4 * 2  # one vocabulary tile
     return kept + chunk_scores + max(moe, logits)
 
 
