@@ -334,8 +334,9 @@ def test_async_saves_write_from_low_priority_threads(tmp_path):
     config.checkpoint.writer_nice = 19
     checkpointer = Checkpointer.from_config(tmp_path, config, config.checkpoint)
     main_nice = _nice(threading.get_native_id())
+    before = set(threading.enumerate())  # threads earlier tests left (a tqdm monitor, ...) are not the save's
     assert checkpointer.save(3, state, DATA_STATE, force=True)
-    writers = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    writers = [t for t in threading.enumerate() if t not in before]
     alive = {t.name: _nice(t.native_id) for t in writers if t.is_alive()}
     pool = [int(tid) for tid in os.listdir("/proc/self/task")
             if open(f"/proc/self/task/{tid}/comm").read().strip() == "ts_pool_worker"]
