@@ -342,23 +342,3 @@ def test_the_logged_learning_rate_is_the_applied_one(name):
         _, state = tx.update(grads, state, params)
     assert rates == [float(schedule(0))] * 2 + [float(schedule(1))] * 2
     assert rates[1] != float(schedule(1))
-
-
-def test_muon_orthogonalises_a_stacked_group_one_layer_at_a_time():
-    """A scanned group's stacked matrices (8 layers of [256, 512], rows over 8 fsdp shards) are
-    gathered and iterated one layer at a time: the compiled update's temporaries are a fraction of
-    those of the same stack batched whole (its first axis named `expert` instead of `layers`)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-    shape = (8, 256, 512)
-
-    def temporaries(names):
-        params = nnx.State({"w": param(np.zeros(shape, np.float32), names)})
-        tx = optimizer.build_optimizer(config("muon"), params)
-        placed = jax.device_put(params, NamedSharding(mesh, P(None, "fsdp", None)))
-        state = jax.eval_shape(tx.init, placed)
-        compiled = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(placed, state, placed).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    per_layer, whole = temporaries(("layers", "embed", "mlp")), temporaries(("expert", "embed", "mlp"))
-    print(f"Muon update temporaries: per layer {per_layer:,} B, whole stack {whole:,} B")
-    assert per_layer < whole / 3, (per_layer, whole)

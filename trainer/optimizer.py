@@ -34,7 +34,6 @@ model's trainable `nnx.State`, its gradients, or subtrees masked by optax): role
 each leaf's key path.
 """
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -57,8 +56,7 @@ MATRIX_DIMS = 2
 class ParamRole:
     """How one parameter is optimised. For Muon: axes `batch` index independent matrices whose rows
     are the `reduction` axes and columns the `output` axes; the first reduction axis is split into
-    `groups` leading blocks, each its own matrix. `layers`: axis 0 stacks the layers of a scanned
-    group (never sharded), whose matrices are orthogonalised one layer at a time."""
+    `groups` leading blocks, each its own matrix."""
 
     optimizer: str
     decay: bool
@@ -66,7 +64,6 @@ class ParamRole:
     reduction: tuple[int, ...] = ()
     output: tuple[int, ...] = ()
     groups: int = 1
-    layers: bool = False
 
     def matrix_shape(self, shape) -> tuple[int, int]:
         """(rows, columns) of each matrix the parameter is made of."""
@@ -104,7 +101,7 @@ def param_role(names, shape, module_axes: dict, decay_vectors: bool) -> ParamRol
         raise ValueError(f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into "
                          f"{groups} groups")
     batch = tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
-    return ParamRole(MUON, True, batch, reduction, output, groups, layers=names[0] == "layers")
+    return ParamRole(MUON, True, batch, reduction, output, groups)
 
 
 def _variables(params):
@@ -191,12 +188,7 @@ def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_
     r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape."""
     rows, columns = role.matrix_shape(x.shape)
     scale = math.sqrt(max(rows, columns)) * rms_scale
-    iteration = functools.partial(newton_schulz, stages=stages, eps=eps, dtype=dtype)
-    matrices = _to_matrices(x, role)
-    # A scanned group's layers one at a time (lax.map over the unsharded layers axis): the iteration's
-    # temporaries, gathered where the matrix is sharded, are one layer's, not the whole stack's.
-    orthogonal = jax.lax.map(iteration, matrices) if role.layers else iteration(matrices)
-    return _from_matrices(orthogonal, role, x.shape) * scale
+    return _from_matrices(newton_schulz(_to_matrices(x, role), stages, eps, dtype), role, x.shape) * scale
 
 
 class MuonState(NamedTuple):
