@@ -42,8 +42,8 @@ def test_a_full_size_config_on_this_host_points_at_dry_run(tmp_path, tool):
 
 
 def test_a_tokenizer_larger_than_the_model_is_named(tmp_path):
-    line, _ = _train(tmp_path, "--config=configs/tiny.py", "--config.model.vocab_size=300")
-    assert line == (f"error: {sample_path('tokenizer.json')}: the tokenizer has 512 tokens but the model only 300 "
+    line, _ = _train(tmp_path, "--config=configs/tiny.py", "--config.model.vocab_size=256")
+    assert line == (f"error: {sample_path('tokenizer.json')}: the tokenizer has 512 tokens but the model only 256 "
                     "embedding rows (config.model.vocab_size) [vocab_too_large]")
 
 
