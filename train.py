@@ -148,12 +148,12 @@ def main(argv):
     from trainer.validate_config import validate_run_config
 
     validate_run_config(config)
-    check_dispatch_fits(config)
     topology = get_topology(config.mesh.topology)
     if _DRY_RUN.value:
         from planner.report import dry_run
 
-        sys.exit(dry_run(config, topology))
+        sys.exit(dry_run(config, topology))  # the planner checks the dispatch buffers itself
+    check_dispatch_fits(config)
     from data.pipeline import build_encoder
     from model.args import from_config
     from trainer.host_check import check_host

@@ -3,8 +3,8 @@ to a teacher, without ever holding [tokens, vocab] logits.
 
 A tile is `tile` columns of the head [d, vocab]; tile j holds the columns c * n + j (c < tile, n =
 vocab / tile tiles), so a vocabulary sharded in contiguous blocks (over `tensor`) stays sharded inside
-every tile. Forward: a loop over tiles keeps an online log-sum-exp (running max and sum) and the
-target's logit. Backward (custom VJP): the loop runs again, recomputes each tile's logits, adds the
+every tile. Forward: one loop over tiles keeps an online log-sum-exp (running max and sum) and the
+target's logit, so each tile's logits are computed once. Backward (custom VJP): the loop runs again, recomputes each tile's logits, adds the
 tile's share of the hidden gradient and emits the tile's head gradient, constrained to the head's own
 sharding so that the reduction over the token shards happens tile by tile (reduce-scatter) instead of
 on a whole float32 head. Each tile of the head is cast to the compute dtype before it is gathered.
@@ -43,20 +43,18 @@ def _in_tile(targets: jax.Array, n: int, j, tile: int) -> jax.Array:
     return jax.nn.one_hot(targets // n, tile, dtype=jnp.float32) * hit[..., None]
 
 
-def _log_sum_exp(hidden, tiles):
-    """-> log-sum-exp over the vocabulary [...] float32, tile by tile."""
-    n = tiles.shape[2]
+def _online_start(shape) -> tuple:
+    """(running max, running sum of exp(logits - max)) before the first tile."""
+    return jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32)
 
-    def body(carry, j):
-        peak, total = carry
-        logits, _ = _tile_logits(hidden, tiles, j)
-        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-        total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[..., None]), axis=-1)
-        return (new_peak, total), None
 
-    start = (jnp.full(hidden.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(hidden.shape[:-1], jnp.float32))
-    (peak, total), _ = lax.scan(body, start, jnp.arange(n))
-    return peak + jnp.log(total)
+def _online_update(peak, total, logits) -> tuple:
+    """Folds one tile's logits [..., tile] into (peak, total) -> (new peak, new total, the factor
+    exp(peak - new peak) that rescales sums taken against the old peak, exp(logits - new peak))."""
+    new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+    scale = jnp.exp(peak - new_peak)
+    weights = jnp.exp(logits - new_peak[..., None])
+    return new_peak, total * scale + jnp.sum(weights, axis=-1), scale, weights
 
 
 def _head_gradient(tile_gradients: jax.Array, head: jax.Array) -> jax.Array:
@@ -89,15 +87,19 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, tile:
 
 
 def _logprobs_forward(hidden, head, targets, tile):
+    """One pass over the tiles: the target's logit and the online log-sum-exp."""
     tiles = _tiles(head, tile)
     n = tiles.shape[2]
 
-    def body(picked, j):
+    def body(carry, j):
+        peak, total, picked = carry
         logits, _ = _tile_logits(hidden, tiles, j)
-        return picked + jnp.sum(logits * _in_tile(targets, n, j, tile), axis=-1), None
+        peak, total, _, _ = _online_update(peak, total, logits)
+        return (peak, total, picked + jnp.sum(logits * _in_tile(targets, n, j, tile), axis=-1)), None
 
-    picked, _ = lax.scan(body, jnp.zeros(hidden.shape[:-1], jnp.float32), jnp.arange(n))
-    lse = _log_sum_exp(hidden, tiles)
+    start = _online_start(hidden.shape[:-1]) + (jnp.zeros(hidden.shape[:-1], jnp.float32),)
+    (peak, total, picked), _ = lax.scan(body, start, jnp.arange(n))
+    lse = peak + jnp.log(total)
     return picked - lse, (hidden, head, targets, lse)
 
 
@@ -127,26 +129,25 @@ def reverse_kl(hidden: jax.Array, head: jax.Array, teacher_hidden: jax.Array, te
 
 def _kl_forward(hidden, head, teacher_hidden, teacher_head, tile):
     """With z, y the student and teacher logits: KL = sum_v p_v (z_v - y_v) - lse(z) + lse(y), where
-    sum_v p_v (z_v - y_v) = gap / total, accumulated online against the running max of z."""
+    sum_v p_v (z_v - y_v) = gap / total, accumulated online against the running max of z; one pass
+    over the tiles for both models."""
     tiles, teacher_tiles = _tiles(head, tile), _tiles(teacher_head, tile)
     n = tiles.shape[2]
 
     def body(carry, j):
-        peak, total, gap = carry
+        peak, total, gap, teacher_peak, teacher_total = carry
         logits, _ = _tile_logits(hidden, tiles, j)
         teacher, _ = _tile_logits(teacher_hidden, teacher_tiles, j)
-        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-        scale = jnp.exp(peak - new_peak)
-        weights = jnp.exp(logits - new_peak[..., None])
-        total = total * scale + jnp.sum(weights, axis=-1)
+        peak, total, scale, weights = _online_update(peak, total, logits)
         gap = gap * scale + jnp.sum(weights * (logits - teacher), axis=-1)
-        return (new_peak, total, gap), None
+        teacher_peak, teacher_total, _, _ = _online_update(teacher_peak, teacher_total, teacher)
+        return (peak, total, gap, teacher_peak, teacher_total), None
 
     shape = hidden.shape[:-1]
-    start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-    (peak, total, gap), _ = lax.scan(body, start, jnp.arange(n))
+    start = _online_start(shape) + (jnp.zeros(shape, jnp.float32),) + _online_start(shape)
+    (peak, total, gap, teacher_peak, teacher_total), _ = lax.scan(body, start, jnp.arange(n))
     lse = peak + jnp.log(total)
-    teacher_lse = _log_sum_exp(teacher_hidden, teacher_tiles)
+    teacher_lse = teacher_peak + jnp.log(teacher_total)
     mean_gap = gap / total
     kl = mean_gap - lse + teacher_lse
     return kl, (hidden, head, teacher_hidden, teacher_head, lse, mean_gap)

@@ -8,7 +8,7 @@ factor bounds them to C = ceil(cf * t * k / E) rows per expert; the assignments 
 counted (`dropped_assignments`, logged every step). `dispatch_buffers` lists the buffers of one layer
 (alive from its forward to its backward; one layer at a time under remat); `check_dispatch_fits`
 raises a ConfigError naming the field, the largest buffer and the bytes when their sum exceeds the
-HBM. train.py (every run) and the planner (plan.py, --dry_run) call it before compiling anything.
+HBM. The planner (plan.py, train.py --dry_run) and train.py's real runs call it before compiling anything.
 """
 import dataclasses
 import math
@@ -26,7 +26,6 @@ from model.expert_dispatch import capacity
 
 GIB = 2 ** 30
 TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)  # act_batch: what splits the tokens
-FLOAT32 = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +56,9 @@ def dispatch_buffers(args: ModelArgs, tokens: int, expert_shards: int, tensor: i
         return [Buffer("received rows", (rows, d), act), Buffer("expert outputs", (rows, d), "float32")] + [
             Buffer(f"{name} projections", (rows, width), "float32") for name in ("gate", "up")]
     cap = capacity(tokens, k, experts, args.capacity_factor or None)
-    return [Buffer("sent rows", (experts, cap, d), act),
-            Buffer("returned rows", (experts, cap, d), "float32"),
-            ] + [Buffer(f"{name} projections", (local, expert_shards * cap, width), "float32") for name in ("gate", "up")]
+    projections = [Buffer(f"{name} projections", (local, expert_shards * cap, width), "float32")
+                   for name in ("gate", "up")]
+    return [Buffer("sent rows", (experts, cap, d), act), Buffer("returned rows", (experts, cap, d), "float32")] + projections
 
 
 def run_dispatch_buffers(config: ml_collections.ConfigDict, mesh_shape: dict) -> list:
