@@ -10,9 +10,7 @@ from configs import optimizer, parallelism, tiny
 from model.args import from_config
 from planner import extrapolate, measure, memory, search
 from planner.program import compile_step
-from trainer.optimizer import build_optimizer, learning_rate_schedule
 from trainer.sharded_init import build_mesh
-from trainer.state import abstract_params
 
 import plan
 
@@ -126,8 +124,7 @@ def test_extrapolation_equals_the_unrolled_full_depth():
     shape = dict(mesh.shape)
 
     def measured_on(variant):
-        tx = build_optimizer(config.optimizer, abstract_params(variant))
-        step = compile_step(variant, config, mesh, tx, learning_rate_schedule(config.optimizer))
+        step = compile_step(variant, config, mesh, *plan.planned_optimizer(config, variant))
         return measure.measure(step.compiled, shape)
 
     measured = {name: measured_on(extrapolate.with_repeats(args, repeats))
