@@ -30,6 +30,8 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
     config.clip_grad_norm = 1.0                # global L2 norm over all gradients; 0 disables clipping
     config.accumulation_steps = 1              # >1: one update per this many calls (optax.MultiSteps)
     config.state_dtype = "float32"             # gradients, moments and updates, whatever the params' dtype
+    config.momentum_dtype = "float32"          # stored AdamW first moments and Muon momentum ("bfloat16" halves
+                                               # them; updates are still computed in state_dtype)
     config.decay_vectors = False               # weight-decay norm gains, mHC base/scale, sinks, ape too
 
     # AdamW: all parameters (name "adamw"), or embedding, head, vectors and tables (name "muon").

@@ -21,6 +21,9 @@ Rules (logical name -> mesh axis, tuple of mesh axes, or None = replicated):
   gather their (narrow) inputs along the sequence and the row-parallel outputs come back reduced
   onto the sequence shards. A sequence the tensor axis does not divide stays whole (the next rule).
 - Small vectors (norms, mHC mixing, compressor, router output, hash table) stay replicated.
+- The optimizer state (`optimizer_state`, trainer/state.py) is sharded like its parameter and also
+  over `data` where the parameter is replicated over it (ZeRO-1): with the routed experts kept off
+  `data` (cm384:4x32) their momentum would otherwise sit whole on every data replica.
 - A name may have several rules, tried in order; the first whose mesh axes are still free in that
   tensor wins. The low-rank dims (`q_lora`, `o_lora`) take (fsdp, expert) in the weights that have
   no `embed` dim (wq_b, wo_a: about 10B parameters in V4-Pro that would otherwise be replicated
@@ -69,6 +72,7 @@ PARAM_RULES = (
     ("topk", None),
     ("mlp", axes.TENSOR),
     ("mtp_proj", None),
+    ("optimizer_state", axes.DATA),
 )
 
 ACTIVATION_RULES = (

@@ -8,7 +8,8 @@ of two up to `max_tensor`, with the routed experts over `expert` or over (data, 
 sharding is impossible (a dimension the mesh axes do not divide) or the global batch does not
 split over the token axes. Per device it is costed as:
 - memory: weights, gradients and optimizer state from every parameter's shard under the rules
-  (exact, as planner.memory reads them from a compiled state), activations from
+  (the state further split as trainer.state splits it; exact, as planner.memory reads them from a
+  compiled state), activations from
   planner.memory.activation_bytes;
 - compute: the model FLOPs of the step over the devices at peak, with the matmuls of weights
   replicated over `tensor` repeated on every tensor rank;
@@ -43,7 +44,7 @@ from model.flops import train_flops_per_step
 from model.summary import abstract_model, component_of
 from planner import memory
 from planner.estimate import placement
-from trainer.state import split_variables
+from trainer.state import split_variables, state_axes, state_spec
 
 TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)
 PARTIAL_SUMS_PER_LAYER = 3  # attention output, shared expert, routed experts: psum over tensor
@@ -175,6 +176,7 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
     optimizer = table.replicated_optimizer
     flops_weight = flops_total = 0.0
     spec_axes = [tuple(a for entry in spec for a in mesh_axes_of(entry)) for spec in specs]
+    zero = state_axes(rules)
     for t, used in zip(routing, spec_axes[len(params):]):
         weights += math.prod(t.shape) // math.prod(shape[a] for a in used) * t.itemsize
     for t, spec, used in zip(params, specs, spec_axes):
@@ -182,7 +184,9 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
         numel = math.prod(t.shape)
         weights += numel // split * t.itemsize
         gradients += numel // split * t.itemsize
-        optimizer += t.optimizer_bytes // split
+        state_used = [a for entry in state_spec(spec, t.shape, shape, zero) for a in mesh_axes_of(entry)]
+        state_split = math.prod(shape[a] for a in state_used)
+        optimizer += t.optimizer_bytes // state_split
         tensor_split = shape[mesh_axes.TENSOR] if mesh_axes.TENSOR in used else 1
         flops_total += t.matmul_share
         flops_weight += t.matmul_share * shape[mesh_axes.TENSOR] / tensor_split

@@ -367,3 +367,69 @@ def test_muon_orthogonalises_a_stacked_group_one_layer_at_a_time():
     assert temporaries(per_layer) < temporaries(whole) / 3, (temporaries(per_layer), temporaries(whole))
     assert flops(unrolled) == pytest.approx(flops(whole), rel=0.05)  # measured 2.2% apart (fusions differ)
     assert flops(per_layer) < flops(whole) / 4  # the loop body counted once: why the planner unrolls it
+
+
+@pytest.mark.parametrize("name", configs.optimizer.NAMES)
+def test_state_split_over_data_gives_the_unsharded_update(name):
+    """ZeRO-1 on a data=2 x fsdp=4 mesh: parameters sharded over fsdp only, their optimizer state
+    (trainer.state.optimizer_shardings with an `optimizer_state -> data` rule) over data too; two
+    jitted steps keep those shardings and give the single-device parameters."""
+    from trainer.state import optimizer_shardings
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(6)
+    params = nnx.State({"w": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
+                        "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed"))})
+    specs = {"w": P(None, None, "fsdp", None), "norm": P(None, "fsdp")}
+    param_shardings = nnx.State({k: v.replace(NamedSharding(mesh, specs[k])) for k, v in params.items()})
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
+    tx = optimizer.build_optimizer(config(name), params)
+    state_shardings = optimizer_shardings(tx, params, param_shardings, mesh, (("optimizer_state", "data"),))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    expected, state = params, tx.init(params)
+    for g in grads:
+        expected, state = jax.jit(step)(expected, state, g)
+    sharded = jax.device_put(params, param_shardings)
+    state = jax.jit(tx.init, out_shardings=state_shardings)(sharded)
+    sharded_step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
+    for g in grads:
+        sharded, state = sharded_step(sharded, state, jax.device_put(g, param_shardings))
+    split = [leaf.sharding.spec for leaf in jax.tree.leaves(state) if leaf.ndim]
+    assert split and all("data" in jax.tree.leaves(tuple(spec)) for spec in split), split
+    for key in ("w", "norm"):
+        np.testing.assert_allclose(np.asarray(sharded[key][...]), expected[key][...], rtol=2e-5, atol=1e-6)
+        assert sharded[key][...].sharding.spec == specs[key], key
+
+
+@pytest.mark.parametrize("name", configs.optimizer.NAMES)
+def test_bfloat16_momentum_is_stored_in_bfloat16(name):
+    """momentum_dtype="bfloat16": AdamW's first moments and Muon's momentum are stored in bf16 (the
+    second moments and the updates stay float32), and three steps stay within bf16 rounding (2e-2 of
+    a step) of the float32 state's parameters."""
+    rng = np.random.default_rng(7)
+    params = nnx.State({"w": param(rng.normal(size=(2, 3, 16, 12)).astype(np.float32), EXPERT_NAMES),
+                        "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed"))})
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+
+    def run(momentum_dtype):
+        tx = optimizer.build_optimizer(config(name, momentum_dtype=momentum_dtype, adam_eps=1e-8), params)
+        return run_steps(tx, params, grads)
+
+    (half, half_state), (full, _) = run("bfloat16"), run("float32")
+    adam = [s for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    muon = [s for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optimizer.MuonState))
+            if isinstance(s, optimizer.MuonState)]
+    assert adam and {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
+    if name == "muon":
+        assert muon and {x.dtype for x in jax.tree.leaves(muon[0].momentum)} == {jnp.dtype(jnp.bfloat16)}
+    for key in ("w", "norm"):
+        moved = np.abs(np.asarray(full[key][...]) - np.asarray(params[key][...])).max()
+        np.testing.assert_allclose(np.asarray(half[key][...]), np.asarray(full[key][...]), rtol=0, atol=2e-2 * moved)
+        assert half[key][...].dtype == jnp.float32

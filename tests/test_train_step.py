@@ -85,7 +85,8 @@ def test_sharded_step_matches_single_device(single_device, axes):
     _check_sharded_step(args, batch, expected_state, expected, axes, optax.adamw(LR), LR)
 
 
-def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr):
+def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr, compare=_assert_params_close):
+    """-> the sharded step's initial state, after checking its step against the expected one."""
     mesh_config = parallelism.get_config("cm384-8", **axes)
     mesh = build_mesh(mesh_config)
     with activate(mesh, mesh_config.rules):
@@ -96,12 +97,13 @@ def _check_sharded_step(args, batch, expected_state, expected, axes, tx, lr):
         new_state, metrics = compiled(state, batch)
     assert abs(float(metrics["loss"]) - expected["loss"]) < 1e-5 * abs(expected["loss"])
     assert abs(float(metrics["grad_norm"]) - expected["grad_norm"]) < 1e-4 * expected["grad_norm"]
-    _assert_params_close(new_state.params, expected_state.params, lr)
+    compare(new_state.params, expected_state.params, lr)
     for ours, reference in zip(jax.tree.leaves(new_state.routing), jax.tree.leaves(expected_state.routing)):
         np.testing.assert_array_equal(np.asarray(ours), reference)
     experts = new_state.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert experts.sharding.spec == shardings.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"].get_value().spec
     _assert_collectives(compiled.as_text(), dict(mesh.shape))
+    return state
 
 
 def _assert_collectives(hlo: str, mesh_axes: dict):
@@ -129,7 +131,7 @@ def _assert_collectives(hlo: str, mesh_axes: dict):
     assert batch_axes <= reduced, (batch_axes, found)
 
 
-def _muon(args):
+def _muon(args, adam_eps=1e-8):
     """Muon for hidden matrices + AdamW for the rest, Newton-Schulz in float32 so the comparison sees
     summation order, not bf16 rounding; constant learning rate, no clipping."""
     from configs import optimizer
@@ -137,7 +139,7 @@ def _muon(args):
     from trainer.state import abstract_params
 
     config = optimizer.get_config("muon", learning_rate=LR, warmup_steps=0, decay="constant",
-                                  muon_ns_dtype="float32", adam_eps=1e-8, clip_grad_norm=0.0)
+                                  muon_ns_dtype="float32", adam_eps=adam_eps, clip_grad_norm=0.0)
     return build_optimizer(config, abstract_params(args))
 
 
@@ -149,6 +151,59 @@ def test_muon_sharded_step_matches_single_device(single_device):
     expected_state, expected = jax.device_get(
         jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))(state, batch))
     _check_sharded_step(args, batch, expected_state, expected, dict(fsdp=2, expert=2, tensor=2), tx, LR)
+
+
+def _assert_state_split_over_data(state):
+    """Some moments are split over `data` (which replicates every parameter on data x fsdp) and every
+    optimizer-state leaf's sharding still holds its parameter's axes."""
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim]
+    assert any("data" in jax.tree.leaves(tuple(spec)) for spec in specs), specs
+    assert all("data" not in jax.tree.leaves(tuple(leaf.sharding.spec)) for leaf in jax.tree.leaves(state.params))
+
+
+ZERO_MESH = dict(data=4, fsdp=2)
+
+
+@pytest.mark.slow  # ~4 min; the default set has ZeRO-1 under SGD here and Muon's update in test_optimizer
+def test_zero1_step_matches_single_device_muon(single_device):
+    """ZeRO-1: on data=4 x fsdp=2 the optimizer state is split over data too; the Muon step (matrices
+    gathered for Newton-Schulz from data-split momentum) equals the single-device one. AdamW's eps
+    is 1e-5 here: at 1e-8 an embedding row's near-zero gradient turns summation order into a step
+    difference of 0.13 lr (its update g / (|g| + eps))."""
+    args, _, _, batch, _, _ = single_device
+    tx = _muon(args, adam_eps=1e-5)
+    graphdef, state = _single_device_state(args, tx)
+    expected_state, expected = jax.device_get(
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))(state, batch))
+    _assert_state_split_over_data(_check_sharded_step(args, batch, expected_state, expected, ZERO_MESH, tx, LR))
+
+
+def test_zero1_step_matches_single_device_with_a_linear_update(single_device):
+    """ZeRO-1 under an update linear in the gradient (SGD with momentum, whose trace is the state split
+    over data; lr 100 so the largest step, ~1e-2, is far above float32 rounding of the parameters): a
+    gradient reduced to the wrong scale over data (summed, not averaged) moves the parameters by the
+    wrong amount. Every tensor's step equals the single-device one to 1e-4 of its largest element."""
+    args, _, _, batch, _, _ = single_device
+    lr = 100.0
+    tx = optax.sgd(lr, momentum=0.9)
+    graphdef, state = _single_device_state(args, tx)
+    expected_state, expected = jax.device_get(
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config()))(state, batch))
+    before = jax.device_get(state.params)
+
+    def steps_equal(ours, reference, lr):
+        del lr
+        moved = 0
+        for a, b, start in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), jax.tree.leaves(before)):
+            step_ours = np.asarray(a) - start
+            step_reference = b - start
+            largest = np.abs(step_reference).max()  # 0 for the indexer, which no loss reaches
+            np.testing.assert_allclose(step_ours, step_reference, rtol=0, atol=1e-4 * largest)
+            moved += bool(largest > 0)
+        assert moved > 0.8 * len(jax.tree.leaves(reference)), moved
+
+    sharded = _check_sharded_step(args, batch, expected_state, expected, ZERO_MESH, tx, lr, steps_equal)
+    _assert_state_split_over_data(sharded)
 
 
 def test_microbatches_sum_to_the_whole_batch(single_device):

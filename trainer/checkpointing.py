@@ -107,7 +107,7 @@ def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransfo
     param_shardings_only, _ = split_variables(shardings)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, params),
-                             optimizer_shardings(tx, params, param_shardings_only, mesh))
+                             optimizer_shardings(tx, params, param_shardings_only, mesh, rules))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar), params=params,
                       opt_state=opt_state, routing=routing,

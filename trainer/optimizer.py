@@ -26,6 +26,8 @@ or gate pulls it towards 0, which is not its initial or neutral value) unless `d
 
 Precision: gradients are cast to `state_dtype` (float32) first, so moments, Newton-Schulz inputs and
 updates are float32 even for bf16 parameters, and the state's dtypes never depend on the params'.
+`momentum_dtype` (bfloat16: half the bytes) stores AdamW's first moments and Muon's momentum;
+they are read back into state_dtype for the update.
 With float32 params (the default: bf16 only in compute) they are the master weights; with bf16
 params `optax.apply_updates` rounds `param + update` once, which is the accepted cost of that mode.
 
@@ -210,21 +212,24 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, stages, eps: float,
-                  ns_dtype, rms_scale: float, unroll_layers: bool = False) -> optax.GradientTransformation:
+                  ns_dtype, rms_scale: float, unroll_layers: bool = False,
+                  momentum_dtype=None) -> optax.GradientTransformation:
     """Muon's direction, as the spec writes it: M <- mu*M + G, O = NS(mu*M + G) (NS(M) without
     Nesterov), rescaled per matrix. No (1 - mu) factor or bias correction: the Frobenius
     normalisation in NS cancels any common scale, and their absence keeps the spec's weighting of G
-    against M in the first steps. Learning rate and weight decay are applied after it."""
+    against M in the first steps. Learning rate and weight decay are applied after it. M is stored
+    in `momentum_dtype` (None: the gradients' dtype) and the direction computed in the gradients'."""
     def init(params):
-        return MuonState(optax.tree.zeros_like(params))
+        return MuonState(optax.tree.zeros_like(params, dtype=momentum_dtype))
 
     def update(grads, state, params=None):
         del params
-        buffer = jax.tree.map(lambda m, g: momentum * m + g, state.momentum, grads)
+        buffer = jax.tree.map(lambda m, g: momentum * m.astype(g.dtype) + g, state.momentum, grads)
         direction = jax.tree.map(lambda m, g: momentum * m + g, buffer, grads) if nesterov else buffer
         updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale, unroll_layers),
                              roles, direction)
-        return updates, MuonState(buffer)
+        stored = jax.tree.map(lambda m, kept: m.astype(kept.dtype), buffer, state.momentum)
+        return updates, MuonState(stored)
 
     return optax.GradientTransformation(init, update)
 
@@ -276,13 +281,14 @@ def build_optimizer(config, params, unroll_layers: bool = False) -> optax.Gradie
     roles = _leaf_roles(params, config.decay_vectors)
     schedule = learning_rate_schedule(config)
     decay_mask = lambda tree: _map_roles(lambda role, _: role.decay, roles, tree)
+    momentum_dtype = jnp.dtype(config.momentum_dtype)
     adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.adam_weight_decay, mask=decay_mask)
+                        weight_decay=config.adam_weight_decay, mask=decay_mask, mu_dtype=momentum_dtype)
     if config.name == MUON:
         muon = optax.chain(
             scale_by_muon(roles, config.muon_momentum, config.muon_nesterov, config.muon_ns_stages,
                           config.muon_ns_eps, jnp.dtype(config.muon_ns_dtype), config.muon_rms_scale,
-                          unroll_layers),
+                          unroll_layers, momentum_dtype),
             optax.add_decayed_weights(config.muon_weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule))
         labels = lambda tree: _map_roles(lambda role, _: role.optimizer, roles, tree)

@@ -1,5 +1,11 @@
-"""The train state: everything a step reads and writes, as one pytree with one sharding tree."""
+"""The train state: everything a step reads and writes, as one pytree with one sharding tree.
+
+The optimizer state is sharded like the parameters it stands for, and further over the mesh axes
+of the rules' `OPTIMIZER_STATE` entry that the parameter does not use (ZeRO-1): a weight replicated
+over `data` keeps its moments split over `data`, and the update gathers what it needs.
+"""
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -8,6 +14,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mesh.axes import mesh_axes_of
+from mesh.sharding import candidates
 from model import params as model_params
 from model.transformer import DeepSeekV4
 from trainer.sharded_init import init_sharded
@@ -39,28 +47,59 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def optimizer_shardings(tx, params, param_shardings, mesh):
+OPTIMIZER_STATE = "optimizer_state"  # the rules' name for the mesh axes that further shard the state
+
+
+def state_axes(rules) -> tuple:
+    """The mesh axes of the first `OPTIMIZER_STATE` rule in `rules`, () without one."""
+    return mesh_axes_of(candidates(rules).get(OPTIMIZER_STATE, [None])[0])
+
+
+def state_spec(spec: tuple, shape: tuple, sizes: dict, axes: tuple) -> tuple:
+    """A parameter's PartitionSpec entries `spec` for an array of `shape` on a mesh of `sizes`, also
+    split over each mesh axis of `axes` (size > 1) that it does not use yet: the axis joins the
+    dimension with the most elements per device that it divides (none: the axis is skipped)."""
+    spec = list(spec) + [None] * (len(shape) - len(spec))
+    local = lambda dim: shape[dim] // math.prod(sizes[a] for a in mesh_axes_of(spec[dim]))
+    for axis in axes:
+        used = {a for entry in spec for a in mesh_axes_of(entry)}
+        if sizes.get(axis, 1) == 1 or axis in used:
+            continue
+        dims = [dim for dim in range(len(shape)) if local(dim) % sizes[axis] == 0]
+        if dims:
+            dim = max(dims, key=local)
+            spec[dim] = (*mesh_axes_of(spec[dim]), axis)
+    return tuple(spec)
+
+
+def optimizer_shardings(tx, params, param_shardings, mesh, rules=()):
     """Shardings of `tx`'s state for `params`: every leaf that stands for a parameter (moments,
-    momentum, accumulators) takes that parameter's sharding, so the state is as sharded as the
-    weights (ZeRO); the rest (step counts, scalars) is replicated on `mesh`. Read from the optimizer's
-    structure (optax.tree_map_params), not from what a compiled init returns, which XLA may leave
-    replicated."""
+    momentum, accumulators) takes that parameter's sharding, further split over the rules'
+    `OPTIMIZER_STATE` axes (`state_spec`); the rest (step counts, scalars) is replicated on
+    `mesh`. Read from the optimizer's structure (optax.tree_map_params), not from what a compiled
+    init returns, which XLA may leave replicated."""
     shapes = jax.eval_shape(tx.init, params)
+    axes = state_axes(rules)
     masked = lambda leaf: isinstance(leaf, optax.MaskedNode)  # a partition's slot for another's params
-    return optax.tree_map_params(tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, shapes,
-                                 param_shardings, transform_non_params=lambda _: replicated(mesh),
-                                 is_leaf=masked)
+    sizes = dict(mesh.shape)
+
+    def place(leaf, sharding):
+        if masked(leaf):
+            return leaf
+        return NamedSharding(mesh, PartitionSpec(*state_spec(sharding.spec, leaf.shape, sizes, axes)))
+
+    return optax.tree_map_params(tx, place, shapes, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def create_train_state(args, mesh, rules, tx, seed: int):
     """-> (graphdef, TrainState, its shardings). Parameters are born sharded; the optimizer state is
-    initialised under jit from them, so it takes their shardings (moments shaped like parameters) or
-    is replicated (scalars)."""
+    initialised under jit from them into `optimizer_shardings`."""
     graphdef, state, shardings = init_sharded(args, mesh, rules, seed)
     params, routing = split_variables(state)
     param_shardings, routing_shardings = split_variables(shardings)
     scalar = replicated(mesh)
-    opt_shardings = optimizer_shardings(tx, params, param_shardings, mesh)
+    opt_shardings = optimizer_shardings(tx, params, param_shardings, mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), scalar), params=params,
                              opt_state=opt_state, routing=routing,
