@@ -21,13 +21,11 @@ GIB = 2 ** 30
 
 
 def planned_optimizer(config, args):
-    """(optimizer, learning-rate schedule) of `config` for the model `args` (a full or variant depth);
-    the optimizer's loop over a group's layers is unrolled where the model's is."""
+    """(optimizer, learning-rate schedule) of `config` for the model `args` (a full or variant depth)."""
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.state import abstract_params
 
-    tx = build_optimizer(config.optimizer, abstract_params(args), unroll_layers=not args.scan_layers)
-    return tx, learning_rate_schedule(config.optimizer)
+    return build_optimizer(config.optimizer, abstract_params(args)), learning_rate_schedule(config.optimizer)
 
 
 def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print,

@@ -36,7 +36,6 @@ model's trainable `nnx.State`, its gradients, or subtrees masked by optax): role
 each leaf's key path.
 """
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -59,8 +58,7 @@ MATRIX_DIMS = 2
 class ParamRole:
     """How one parameter is optimised. For Muon: axes `batch` index independent matrices whose rows
     are the `reduction` axes and columns the `output` axes; the first reduction axis is split into
-    `groups` leading blocks, each its own matrix. `layers`: axis 0 stacks the layers of a scanned
-    group (never sharded), whose matrices are orthogonalised one layer at a time."""
+    `groups` leading blocks, each its own matrix."""
 
     optimizer: str
     decay: bool
@@ -68,7 +66,6 @@ class ParamRole:
     reduction: tuple[int, ...] = ()
     output: tuple[int, ...] = ()
     groups: int = 1
-    layers: bool = False
 
     def matrix_shape(self, shape) -> tuple[int, int]:
         """(rows, columns) of each matrix the parameter is made of."""
@@ -106,7 +103,7 @@ def param_role(names, shape, module_axes: dict, decay_vectors: bool) -> ParamRol
         raise ValueError(f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into "
                          f"{groups} groups")
     batch = tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
-    return ParamRole(MUON, True, batch, reduction, output, groups, layers=names[0] == "layers")
+    return ParamRole(MUON, True, batch, reduction, output, groups)
 
 
 def _variables(params):
@@ -188,23 +185,12 @@ def newton_schulz(m: jax.Array, stages, eps: float, dtype) -> jax.Array:
     return x if wide else jnp.swapaxes(x, -1, -2)
 
 
-def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_scale: float,
-                  unroll_layers: bool = False) -> jax.Array:
+def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_scale: float) -> jax.Array:
     """Newton-Schulz of each matrix of x, times sqrt(max(rows, columns)) * rms_scale: an orthogonal
-    r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape.
-
-    A scanned group's layers go one at a time (a loop over the unsharded layers axis): the
-    iteration's temporaries, gathered where a matrix is sharded, are one layer's, not the whole
-    stack's. `unroll_layers` unrolls that loop, for an exact XLA cost count (it counts a loop body once)."""
+    r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape."""
     rows, columns = role.matrix_shape(x.shape)
     scale = math.sqrt(max(rows, columns)) * rms_scale
-    iteration = functools.partial(newton_schulz, stages=stages, eps=eps, dtype=dtype)
-    matrices = _to_matrices(x, role)
-    if role.layers:
-        _, orthogonal = jax.lax.scan(lambda _, m: (None, iteration(m)), None, matrices, unroll=unroll_layers)
-    else:
-        orthogonal = iteration(matrices)
-    return _from_matrices(orthogonal, role, x.shape) * scale
+    return _from_matrices(newton_schulz(_to_matrices(x, role), stages, eps, dtype), role, x.shape) * scale
 
 
 class MuonState(NamedTuple):
@@ -212,8 +198,7 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, stages, eps: float,
-                  ns_dtype, rms_scale: float, unroll_layers: bool = False,
-                  momentum_dtype=None) -> optax.GradientTransformation:
+                  ns_dtype, rms_scale: float, momentum_dtype=None) -> optax.GradientTransformation:
     """Muon's direction, as the spec writes it: M <- mu*M + G, O = NS(mu*M + G) (NS(M) without
     Nesterov), rescaled per matrix. No (1 - mu) factor or bias correction: the Frobenius
     normalisation in NS cancels any common scale, and their absence keeps the spec's weighting of G
@@ -226,7 +211,7 @@ def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, 
         del params
         buffer = jax.tree.map(lambda m, g: momentum * m.astype(g.dtype) + g, state.momentum, grads)
         direction = jax.tree.map(lambda m, g: momentum * m + g, buffer, grads) if nesterov else buffer
-        updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale, unroll_layers),
+        updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale),
                              roles, direction)
         stored = jax.tree.map(lambda m, kept: m.astype(kept.dtype), buffer, state.momentum)
         return updates, MuonState(stored)
@@ -264,7 +249,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
         boundaries=[warmup, total - decay_steps])
 
 
-def build_optimizer(config, params, unroll_layers: bool = False) -> optax.GradientTransformation:
+def build_optimizer(config, params) -> optax.GradientTransformation:
     """The optimizer of `config` (configs/optimizer.py) for the model's trainable `params` (an
     nnx.State of nnx.Param, concrete or abstract: only names and shapes are read).
 
@@ -275,8 +260,7 @@ def build_optimizer(config, params, unroll_layers: bool = False) -> optax.Gradie
     last call, zero updates on the others. The mean equals the gradient of the union of the batches
     when each call's loss is a mean over equally many tokens; the train step's own micro-batching
     (trainer/step.py) does not need that condition and is the first choice when one call can hold
-    the batch. `unroll_layers` unrolls Muon's loop over a scanned group's layers (see `orthogonalize`),
-    as the planner's cost-counting compiles unroll the model's.
+    the batch.
     """
     roles = _leaf_roles(params, config.decay_vectors)
     schedule = learning_rate_schedule(config)
@@ -288,7 +272,7 @@ def build_optimizer(config, params, unroll_layers: bool = False) -> optax.Gradie
         muon = optax.chain(
             scale_by_muon(roles, config.muon_momentum, config.muon_nesterov, config.muon_ns_stages,
                           config.muon_ns_eps, jnp.dtype(config.muon_ns_dtype), config.muon_rms_scale,
-                          unroll_layers, momentum_dtype),
+                          momentum_dtype),
             optax.add_decayed_weights(config.muon_weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule))
         labels = lambda tree: _map_roles(lambda role, _: role.optimizer, roles, tree)
