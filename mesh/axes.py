@@ -48,6 +48,7 @@ PARAM_AXES = {
     "expert_embed": "model width d inside routed expert weights",
     "expert_mlp": "hidden width of a routed expert",
     "expert_gate": "router output, one score per expert (kept replicated)",
+    "optimizer_state": "mesh axes that also split a parameter's optimizer state (ZeRO-1; trainer/state.py)",
     "topk": "experts per token in the hash-routing table",
     "mlp": "hidden width of the shared expert",
     "mtp_proj": "output width of the MTP square projections",
