@@ -64,6 +64,14 @@ def _single_device_state(args, tx):
                                 nonfinite_steps=np.zeros((), np.int32))
 
 
+def _single_device_step(args, tx, batch, lr=LR):
+    """-> (initial state, state after one single-device step, its metrics), on the host."""
+    graphdef, state = _single_device_state(args, tx)
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config()))
+    new_state, metrics = step(state, batch)
+    return jax.device_get((state, new_state, metrics))
+
+
 @pytest.fixture(scope="module")
 def single_device():
     args = _args()
@@ -147,9 +155,7 @@ def _muon(args, adam_eps=1e-8):
 def test_muon_sharded_step_matches_single_device(single_device):
     args, _, _, batch, _, _ = single_device
     tx = _muon(args)
-    graphdef, state = _single_device_state(args, tx)
-    expected_state, expected = jax.device_get(
-        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))(state, batch))
+    _, expected_state, expected = _single_device_step(args, tx, batch)
     _check_sharded_step(args, batch, expected_state, expected, dict(fsdp=2, expert=2, tensor=2), tx, LR)
 
 
@@ -172,9 +178,7 @@ def test_zero1_step_matches_single_device_muon(single_device):
     difference of 0.13 lr (its update g / (|g| + eps))."""
     args, _, _, batch, _, _ = single_device
     tx = _muon(args, adam_eps=1e-5)
-    graphdef, state = _single_device_state(args, tx)
-    expected_state, expected = jax.device_get(
-        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))(state, batch))
+    _, expected_state, expected = _single_device_step(args, tx, batch)
     _assert_state_split_over_data(_check_sharded_step(args, batch, expected_state, expected, ZERO_MESH, tx, LR))
 
 
@@ -186,10 +190,8 @@ def test_zero1_step_matches_single_device_with_a_linear_update(single_device):
     args, _, _, batch, _, _ = single_device
     lr = 100.0
     tx = optax.sgd(lr, momentum=0.9)
-    graphdef, state = _single_device_state(args, tx)
-    expected_state, expected = jax.device_get(
-        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config()))(state, batch))
-    before = jax.device_get(state.params)
+    state, expected_state, expected = _single_device_step(args, tx, batch, lr)
+    before = state.params
 
     def steps_equal(ours, reference, lr):
         del lr
