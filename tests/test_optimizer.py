@@ -408,3 +408,42 @@ def test_bfloat16_momentum_is_stored_in_bfloat16(name):
         moved = np.abs(np.asarray(full[key][...]) - np.asarray(params[key][...])).max()
         np.testing.assert_allclose(np.asarray(half[key][...]), np.asarray(full[key][...]), rtol=0, atol=2e-2 * moved)
         assert half[key][...].dtype == jnp.float32
+
+
+def test_muon_spread_over_the_mesh_gives_the_unsharded_update():
+    """Inside active rules Muon orthogonalises whole matrices spread over the mesh
+    (mesh.batch_spread): on data=2 x fsdp=2 x expert=2 with ZeRO-1, a dense stack of 3 layers
+    (padded to the 8 devices) and an expert stack give the single-device parameters after two
+    steps, through all-to-alls, and keep their shardings."""
+    from mesh.sharding import activate, param_shardings
+    from trainer.state import optimizer_shardings
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "expert"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = (("layers", None), ("expert", "expert"), ("expert_embed", "fsdp"), ("expert_mlp", None),
+             ("embed", ("fsdp", "expert")), ("embed", None), ("mlp", None), ("optimizer_state", "data"))
+    rng = np.random.default_rng(8)
+    params = nnx.State({"experts": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
+                        "dense": param(rng.normal(size=(3, 16, 24)).astype(np.float32), ("layers", "embed", "mlp")),
+                        "norm": param(rng.normal(size=(3, 16)).astype(np.float32), ("layers", "embed"))})
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
+    tx = optimizer.build_optimizer(config("muon"), params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    expected, _ = run_steps(tx, params, grads)
+    shardings = param_shardings(params, mesh, rules)
+    state_shardings = optimizer_shardings(tx, params, shardings, mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    state = jax.jit(tx.init, out_shardings=state_shardings)(sharded)
+    with activate(mesh, rules):
+        sharded_step = jax.jit(step, out_shardings=(shardings, state_shardings))
+        hlo = sharded_step.lower(sharded, state, grads[0]).compile().as_text()
+        for g in grads:
+            sharded, state = sharded_step(sharded, state, jax.device_put(g, shardings))
+    assert "all-to-all" in hlo
+    for key in ("experts", "dense", "norm"):
+        np.testing.assert_allclose(np.asarray(sharded[key][...]), expected[key][...], rtol=2e-5, atol=1e-6)
+        assert sharded[key][...].sharding.is_equivalent_to(shardings[key].get_value(), sharded[key][...].ndim), key

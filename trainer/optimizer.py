@@ -45,6 +45,9 @@ import optax
 from flax import nnx
 
 from configs.release import ConfigError
+from mesh.batch_spread import over_batch
+from mesh.sharding import active, resolve_spec
+from trainer.state import state_axes, state_spec
 
 BATCH_AXES = frozenset({"layers", "expert"})
 FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed", "o_groups": "o_lora"}
@@ -58,7 +61,7 @@ MATRIX_DIMS = 2
 class ParamRole:
     """How one parameter is optimised. For Muon: axes `batch` index independent matrices whose rows
     are the `reduction` axes and columns the `output` axes; the first reduction axis is split into
-    `groups` leading blocks, each its own matrix."""
+    `groups` leading blocks, each its own matrix. `names`: the parameter's logical axis names."""
 
     optimizer: str
     decay: bool
@@ -66,11 +69,19 @@ class ParamRole:
     reduction: tuple[int, ...] = ()
     output: tuple[int, ...] = ()
     groups: int = 1
+    names: tuple[str, ...] = ()
 
     def matrix_shape(self, shape) -> tuple[int, int]:
         """(rows, columns) of each matrix the parameter is made of."""
         rows = math.prod(shape[a] for a in self.reduction) // self.groups
         return rows, math.prod(shape[a] for a in self.output)
+
+    def stacked(self) -> "ParamRole":
+        """This role for the [items, *non-batch axes] layout `mesh.batch_spread.over_batch` hands over."""
+        rest = [a for a in range(len(self.names)) if a not in self.batch]
+        position = {a: 1 + i for i, a in enumerate(rest)}
+        return dataclasses.replace(self, batch=(0,), reduction=tuple(position[a] for a in self.reduction),
+                                   output=tuple(position[a] for a in self.output), names=())
 
 
 def _dimensions(names) -> list[tuple[int, ...]]:
@@ -103,7 +114,7 @@ def param_role(names, shape, module_axes: dict, decay_vectors: bool) -> ParamRol
         raise ValueError(f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into "
                          f"{groups} groups")
     batch = tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
-    return ParamRole(MUON, True, batch, reduction, output, groups)
+    return ParamRole(MUON, True, batch, reduction, output, groups, tuple(names))
 
 
 def _variables(params):
@@ -187,10 +198,27 @@ def newton_schulz(m: jax.Array, stages, eps: float, dtype) -> jax.Array:
 
 def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_scale: float) -> jax.Array:
     """Newton-Schulz of each matrix of x, times sqrt(max(rows, columns)) * rms_scale: an orthogonal
-    r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape."""
+    r x c matrix has RMS 1/sqrt(max(r, c)), so the update's RMS becomes rms_scale for every shape.
+
+    Inside active mesh rules (the train step) the matrices are spread over the devices that shard
+    the optimizer state (`mesh.batch_spread.over_batch`): each device orthogonalises its share of
+    whole matrices, so none holds a gathered stack and the work is not repeated on every device."""
     rows, columns = role.matrix_shape(x.shape)
     scale = math.sqrt(max(rows, columns)) * rms_scale
-    return _from_matrices(newton_schulz(_to_matrices(x, role), stages, eps, dtype), role, x.shape) * scale
+
+    def whole(m, matrices_role):
+        return _from_matrices(newton_schulz(_to_matrices(m, matrices_role), stages, eps, dtype), matrices_role,
+                              m.shape)
+
+    current = active()
+    if current is None:
+        return whole(x, role) * scale
+    mesh, rules = current
+    sizes = dict(mesh.shape)
+    spec = resolve_spec(f"Muon update {role.names}", role.names, x.shape, sizes, rules)
+    spec = state_spec(tuple(spec), x.shape, sizes, state_axes(rules))
+    stacked = role.stacked()
+    return over_batch(lambda items: whole(items, stacked), x, spec, role.batch, mesh) * scale
 
 
 class MuonState(NamedTuple):
