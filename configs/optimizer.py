@@ -32,6 +32,8 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
     config.state_dtype = "float32"             # gradients, moments and updates, whatever the params' dtype
     config.momentum_dtype = "float32"          # stored AdamW first moments and Muon momentum ("bfloat16" halves
                                                # them; updates are still computed in state_dtype)
+    config.master_weights = True               # params narrower than state_dtype (bf16) get state_dtype masters
+                                               # in the optimizer state; False rounds param + update each step
     config.decay_vectors = False               # weight-decay norm gains, mHC base/scale, sinks, ape too
 
     # AdamW: all parameters (name "adamw"), or embedding, head, vectors and tables (name "muon").

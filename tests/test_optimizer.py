@@ -291,6 +291,30 @@ def test_bf16_params_keep_float32_state():
 
 
 @pytest.mark.parametrize("name", configs.optimizer.NAMES)
+def test_bf16_params_follow_float32_masters(name):
+    """bf16 parameters with master_weights: the state's masters take the steps of a float32 run from
+    the same values and gradients, and the parameters are those masters rounded to bf16. The steps
+    (lr 1e-3) are below bf16's spacing near 1 (2^-7), so rounding every step instead
+    (master_weights=False) ends elsewhere."""
+    rng = np.random.default_rng(9)
+    half = nnx.State({"w": param(jnp.asarray(1 + rng.normal(size=(2, 3, 16, 12)) / 8, jnp.bfloat16), EXPERT_NAMES),
+                      "norm": param(jnp.asarray(1 + rng.normal(size=(2, 16)) / 8, jnp.bfloat16), ("layers", "embed"))})
+    full = jax.tree.map(lambda x: x.astype(jnp.float32), half)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), full) for _ in range(3)]
+    settings = dict(learning_rate=1e-3, adam_eps=1e-8)
+    expected, _ = run_steps(optimizer.build_optimizer(config(name, **settings), full), full, grads)
+    params, state = run_steps(optimizer.build_optimizer(config(name, **settings), half), half, grads)
+    rounding = config(name, master_weights=False, **settings)
+    rounded, _ = run_steps(optimizer.build_optimizer(rounding, half), half, grads)
+    for key in ("w", "norm"):
+        master = state.master[key][...]
+        assert master.dtype == jnp.float32 and params[key][...].dtype == jnp.bfloat16
+        np.testing.assert_allclose(master, expected[key][...], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(params[key][...], master.astype(jnp.bfloat16))
+        assert np.max(np.abs(rounded[key][...].astype(np.float32) - expected[key][...])) > 1e-3, key
+
+
+@pytest.mark.parametrize("name", configs.optimizer.NAMES)
 def test_sharded_update_equals_unsharded(name):
     """Experts sharded over `expert`, their input axis over `fsdp` (the contraction NS runs over),
     on an Auto mesh: the jitted step gives the single-device result and keeps every sharding."""
@@ -344,18 +368,20 @@ def test_the_logged_learning_rate_is_the_applied_one(name):
     assert rates[1] != float(schedule(1))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", configs.optimizer.NAMES)
-def test_state_split_over_data_gives_the_unsharded_update(name):
+def test_state_split_over_data_gives_the_unsharded_update(name, dtype):
     """ZeRO-1 on a data=2 x fsdp=4 mesh: parameters sharded over fsdp only, their optimizer state
-    (trainer.state.optimizer_shardings with an `optimizer_state -> data` rule) over data too; two
-    jitted steps keep those shardings and give the single-device parameters."""
+    (trainer.state.optimizer_shardings with an `optimizer_state -> data` rule) over data too, the
+    float32 masters of bf16 parameters included; two jitted steps keep those shardings and give the
+    single-device parameters (to bf16's rounding for bf16)."""
     from trainer.state import optimizer_shardings
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
     rng = np.random.default_rng(6)
-    params = nnx.State({"w": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
-                        "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed"))})
+    params = nnx.State({"w": param(rng.normal(size=(2, 8, 16, 12)).astype(dtype), EXPERT_NAMES),
+                        "norm": param(rng.normal(size=(2, 16)).astype(dtype), ("layers", "embed"))})
     specs = {"w": P(None, None, "fsdp", None), "norm": P(None, "fsdp")}
     param_shardings = nnx.State({k: v.replace(NamedSharding(mesh, specs[k])) for k, v in params.items()})
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
@@ -376,8 +402,10 @@ def test_state_split_over_data_gives_the_unsharded_update(name):
         sharded, state = sharded_step(sharded, state, jax.device_put(g, param_shardings))
     split = [leaf.sharding.spec for leaf in jax.tree.leaves(state) if leaf.ndim]
     assert split and all("data" in jax.tree.leaves(tuple(spec)) for spec in split), split
+    tolerance = dict(rtol=2e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2 ** -7, atol=0)
     for key in ("w", "norm"):
-        np.testing.assert_allclose(np.asarray(sharded[key][...]), expected[key][...], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sharded[key][...], np.float32), np.asarray(expected[key][...], np.float32),
+                                   **tolerance)
         assert sharded[key][...].sharding.spec == specs[key], key
 
 

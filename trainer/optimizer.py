@@ -28,8 +28,10 @@ Precision: gradients are cast to `state_dtype` (float32) first, so moments, Newt
 updates are float32 even for bf16 parameters, and the state's dtypes never depend on the params'.
 `momentum_dtype` (bfloat16: half the bytes) stores AdamW's first moments and Muon's momentum;
 they are read back into state_dtype for the update.
-With float32 params (the default: bf16 only in compute) they are the master weights; with bf16
-params `optax.apply_updates` rounds `param + update` once, which is the accepted cost of that mode.
+With float32 params (the default: bf16 only in compute) they are the master weights. With bf16
+params the state holds float32 masters (`master_weights`, on by default; `_with_masters`), sharded
+like the rest of the state; without them `optax.apply_updates` rounds `param + update` every step
+and updates under bf16's spacing are lost.
 
 The transformation must be given trees structured like the `params` it was built from (the
 model's trainable `nnx.State`, its gradients, or subtrees masked by optax): roles are looked up by
@@ -255,6 +257,32 @@ def _in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransfor
                                                                                     cast(params)))
 
 
+class MasterState(NamedTuple):
+    """master: float32 copies of parameters stored in a narrower dtype; inner: the optimizer's state."""
+    master: optax.Params
+    inner: optax.OptState
+
+
+def _with_masters(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """tx updating `dtype` master copies of the parameters, kept in the state (and so sharded like it,
+    over data too with ZeRO-1): the update returned is the masters' new value rounded to each
+    parameter's dtype minus the parameter, so `optax.apply_updates` lands the parameter exactly on
+    its rounded master and an update below the parameter dtype's spacing still accumulates."""
+    cast = lambda tree: optax.tree.cast(tree, dtype)
+
+    def init(params):
+        master = cast(params)
+        return MasterState(master, tx.init(master))
+
+    def update(grads, state, params=None):
+        updates, inner = tx.update(cast(grads), state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        applied = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(dtype) - p.astype(dtype), master, params)
+        return applied, MasterState(master, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
     """Linear warmup from init_lr_ratio * peak to the peak over warmup_steps, the peak held, then a
     cosine or linear decay to final_lr_ratio * peak over the last decay_steps of total_steps (all of
@@ -311,7 +339,9 @@ def build_optimizer(config, params) -> optax.GradientTransformation:
         raise ValueError(f"optimizer {config.name!r} unknown; choose {MUON!r} or {ADAMW!r}")
     clip = optax.clip_by_global_norm(config.clip_grad_norm) if config.clip_grad_norm > 0 else optax.identity()
     dtype = jnp.dtype(config.state_dtype)
-    tx = _in_dtype(optax.chain(clip, main), dtype)
+    narrower = any(jnp.dtype(leaf.dtype) != dtype for leaf in jax.tree.leaves(params))
+    wrap = _with_masters if config.master_weights and narrower else _in_dtype
+    tx = wrap(optax.chain(clip, main), dtype)
     if config.accumulation_steps > 1:
         return optax.MultiSteps(tx, config.accumulation_steps, accumulator_dtype=dtype).gradient_transformation()
     return tx
