@@ -32,14 +32,15 @@ _SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --sea
 _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
 
-from planner.report import GIB, format_report, make_plan, planned_optimizer
+from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
 from trainer.cli import exits_on_bad_input
 
 
 def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
                        log=print, peak_buffers: int = 0) -> dict:
     """`--search`: the ranked candidates, then make_plan of the best `confirm` fitting ones; the report
-    of the one the compile estimates fastest among those that fit (else the first), with the search."""
+    of the one the compile estimates fastest among those that fit (else the first), with the search
+    and the smallest part of the topology that fits (`smallest_fitting_part`)."""
     from mesh.presets import get_topology
     from model.args import from_config
     from planner import search
@@ -65,8 +66,36 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
                         "considered": len(candidates), "rejected": search.rejection_counts(candidates),
                         "confirmed": [{"mesh": r["config"]["mesh"], "fits": r["fits"],
                                        "per_device_bytes": r["per_device_bytes"], "step_time_s": r["step_time_s"],
-                                       "estimate": r["search_estimate"]} for r in reports]}
+                                       "estimate": r["search_estimate"]} for r in reports],
+                        "smallest": smallest_fitting_part(config, args, table, hbm, max_tensor, full_compile, log)}
     return report
+
+
+def smallest_fitting_part(config, args, table, hbm, max_tensor: int, full_compile: bool, log=print) -> dict | None:
+    """The smallest cut of config's topology (mesh.presets.smaller_parts) on which a mesh fits by the
+    analytic search, with its fastest fitting mesh, confirmed by compiling that step (with
+    `full_compile`); None when no part fits."""
+    from mesh.presets import get_topology, smaller_parts
+    from planner import search
+
+    found = search.smallest_topology(args, config, [get_topology(s) for s in smaller_parts(config.mesh.topology)],
+                                     table, hbm, max_tensor)
+    if found is None:
+        log("smallest topology: none of the cuts fits by the analytic estimate")
+        return None
+    topology, candidate = found
+    smallest = {"topology": topology.name, "devices": topology.num_devices, "mesh": dict(candidate.axes),
+                "experts_over_data": candidate.experts_over_data, "analytic_bytes": candidate.memory["total"],
+                "compiled_bytes": None, "fits": None}
+    log(f"smallest topology that fits (analytic): {topology.name}, {topology.num_devices} devices, mesh "
+        f"{candidate.name}, {candidate.memory['total'] / GIB:.2f} GiB per device")
+    if full_compile:
+        log(f"confirming {topology.name} by compiling it ...")
+        compiled = compiled_memory(search.apply(config, candidate, topology.name))["total"]
+        smallest.update(compiled_bytes=compiled, fits=bool(compiled <= hbm))
+        log(f"smallest topology, compiled: {compiled / GIB:.2f} GiB per device of {hbm / GIB:.2f} -> "
+            f"{'FITS' if compiled <= hbm else 'DOES NOT FIT'}")
+    return smallest
 
 
 @exits_on_bad_input

@@ -155,3 +155,25 @@ def get_topology(spec: str) -> Topology:
     if not arg.isdigit() or int(arg) < 1:
         raise ValueError(f"topology {spec!r}: {arg_doc} must be a positive integer, got {arg!r}")
     return factory(int(arg))
+
+
+def smaller_parts(spec: str) -> list[str]:
+    """Specs of `spec`'s machine cut down, smallest first (by devices), `spec`'s own size last: for
+    CM384s every s x n (s <= its supernodes, n <= 48 servers of each) up to its device count; for
+    an A2 cluster 1..its servers; any other topology only itself."""
+    topology = get_topology(spec)
+    name = spec.partition(":")[0]
+    if name == "cm384":
+        sizes = [(s, n) for s in range(1, _supernodes(topology) + 1) for n in range(1, SERVERS_PER_CM384 + 1)]
+        dies = lambda sn: sn[0] * sn[1] * CHIPS_PER_A3_SERVER * DIES_PER_910C
+        fitting = sorted((sn for sn in sizes if dies(sn) <= topology.num_devices), key=lambda sn: (dies(sn), sn[0]))
+        return [f"cm384:{s}x{n}" for s, n in fitting]
+    if name == "a2-cluster":
+        return [f"a2-cluster:{n}" for n in range(1, topology.num_devices // NPUS_PER_A2_SERVER + 1)]
+    return [spec]
+
+
+def _supernodes(topology: Topology) -> int:
+    clusters = [level.size for level in topology.levels if level.name == "cluster"]
+    return clusters[0] if clusters else 1
+

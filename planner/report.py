@@ -131,6 +131,21 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     return report
 
 
+def compiled_memory(config) -> dict:
+    """planner.memory.compiled_bytes of `config`'s full-depth step on its topology and mesh: make_plan's
+    memory figure without its variants (the time estimate)."""
+    from mesh.layout import plan_layout
+    from mesh.presets import get_topology
+    from model.args import from_config
+    from planner import memory
+    from planner.program import compile_step
+
+    layout = plan_layout(get_topology(config.mesh.topology), dict(config.mesh.axes), dict(config.mesh.pins))
+    args = from_config(config.model)
+    step = compile_step(args, config, layout.mesh(), *planned_optimizer(config, args))
+    return memory.compiled_bytes(step.compiled)
+
+
 def format_report(report: dict) -> str:
     c = report["config"]
     gib = lambda b: f"{b / GIB:,.2f} GiB"

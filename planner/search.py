@@ -249,11 +249,21 @@ def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tenso
     return sorted(candidates, key=order)
 
 
-def apply(config, candidate: Candidate):
-    """A copy of `config` laid out as `candidate`."""
+def smallest_topology(args: ModelArgs, config, topologies: list, table: Table, hbm_bytes, max_tensor: int = 8):
+    """(topology, its fastest fitting candidate) for the first of `topologies` (smallest first) on
+    which a mesh fits by the analytic estimate; None when none does."""
+    for topology in topologies:
+        fitting = [c for c in search(args, config, topology, table, hbm_bytes, max_tensor) if not c.rejected and c.fits]
+        if fitting:
+            return topology, fitting[0]
+    return None
+
+
+def apply(config, candidate: Candidate, topology: str | None = None):
+    """A copy of `config` laid out as `candidate`, on `topology` (a spec; None: config's own)."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        mesh = parallelism.get_config(config.mesh.topology, dict(config.mesh.pins),
+        mesh = parallelism.get_config(topology or config.mesh.topology, dict(config.mesh.pins),
                                       experts_over_data=candidate.experts_over_data, **candidate.axes)
         config.mesh = mesh
     return config

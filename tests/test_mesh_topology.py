@@ -70,3 +70,12 @@ def test_every_preset_is_listed_in_the_error():
         get_topology("nope")
     for name in presets.PRESETS:
         assert name in str(error.value)
+
+
+@pytest.mark.parametrize("spec, count", [("cm384", 48), ("cm384:2x3", 9), ("a2-cluster:3", 3), ("cm384-8", 1)])
+def test_smaller_parts_grow_to_the_whole_topology(spec, count):
+    """Every cut of the machine, smallest first, up to (and ending with) its own device count."""
+    parts = [get_topology(part) for part in presets.smaller_parts(spec)]
+    devices = [t.num_devices for t in parts]
+    assert len(parts) == count and devices == sorted(devices)
+    assert devices[-1] == get_topology(spec).num_devices and devices[0] == min(devices)

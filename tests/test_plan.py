@@ -177,3 +177,4 @@ def test_search_compiles_the_best_candidate():
     assert report["fits"] and report["search"]["confirmed"][0]["estimate"] == best
     shapes = search.mesh_shapes(8, 2)
     assert report["search"]["considered"] == sum(2 if s["data"] > 1 else 1 for s in shapes)
+    assert report["search"]["smallest"]["topology"] == "cm384-8"  # a topology without smaller cuts

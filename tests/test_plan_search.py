@@ -6,7 +6,7 @@ import pytest
 
 from configs import optimizer, parallelism, tiny
 from mesh.layout import plan_layout
-from mesh.presets import get_topology
+from mesh.presets import get_topology, smaller_parts
 from model.args import from_config
 from planner import memory, search
 from trainer.checkpointing import abstract_train_state
@@ -107,3 +107,19 @@ def test_apply_lays_the_config_out_as_the_candidate(setup):
     assert dict(laid_out.mesh.axes) == dict(data=2, fsdp=1, expert=4, tensor=1)
     assert parallelism.expert_mesh_axes(laid_out.mesh.rules) == ("data", "expert")
     assert parallelism.expert_mesh_axes(config.mesh.rules) == ("expert",)  # the original is untouched
+
+
+def test_smallest_topology_is_the_first_part_where_a_mesh_fits(setup):
+    """With the HBM set to the least memory any mesh needs on 2 A2 servers, the smallest part of a
+    4-server cluster that fits is those 2 servers (1 server needs more); below the least of all 4
+    servers, none fits."""
+    config, args, _, table = setup
+    config = config.copy_and_resolve_references()
+    config.data.global_batch_size = 32
+    parts = [get_topology(spec) for spec in smaller_parts("a2-cluster:4")]
+    least = [min((c.memory["total"] for c in search.search(args, config, t, table, None, 2) if not c.rejected),
+                 default=float("inf")) for t in parts]  # 3 servers: 24 token shards never split 32 rows
+    assert least[0] > least[1] > least[3] and least[2] == float("inf")
+    topology, candidate = search.smallest_topology(args, config, parts, table, least[1], 2)
+    assert topology.name == "a2-cluster:2" and candidate.fits and candidate.memory["total"] == least[1]
+    assert search.smallest_topology(args, config, parts, table, least[3] - 1, 2) is None
