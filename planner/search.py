@@ -251,8 +251,13 @@ def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tenso
 
 def smallest_topology(args: ModelArgs, config, topologies: list, table: Table, hbm_bytes, max_tensor: int = 8):
     """(topology, its fastest fitting candidate) for the first of `topologies` (smallest first) on
-    which a mesh fits by the analytic estimate; None when none does."""
+    which a mesh fits by the analytic estimate; None when none does. A topology whose devices cannot
+    hold the weights, gradients and optimizer state even split evenly is skipped unsearched."""
+    state_bytes = table.replicated_optimizer + sum(2 * math.prod(t.shape) * t.itemsize + t.optimizer_bytes
+                                                   for t in table.params)
     for topology in topologies:
+        if hbm_bytes is not None and state_bytes > hbm_bytes * topology.num_devices:
+            continue
         fitting = [c for c in search(args, config, topology, table, hbm_bytes, max_tensor) if not c.rejected and c.fits]
         if fitting:
             return topology, fitting[0]
