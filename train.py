@@ -9,9 +9,10 @@ every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), 
 `DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after
 (`--config.eval.num_examples=0` skips it). A resumed run repeats the interrupted one bit for bit from
 its checkpoint. DPO and GRPO compare against a frozen reference: the run's initial weights
-(`--init_checkpoint`, or the seed's initialisation), re-read on resume; distillation's teacher is
-`--config.distill.teacher`. A step with a NaN/Inf loss, gradient or update is never applied; the run then stops
-or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
+(`--init_checkpoint`, or the seed's initialisation); distillation's teacher is `--config.distill.teacher`.
+The first start records the reference in DIR/reference.json and a resume reads it from there; a command
+naming another one is an error (trainer/reference.py). A step with a NaN/Inf loss, gradient or update is
+never applied; the run then stops or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
 
 `--dry_run` checks a command before the cluster is rented: it compiles the same run's step and
 evaluation for abstract inputs on the topology's devices emulated on this host and prints the planner's
@@ -39,7 +40,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and 
 _STEPS = flags.DEFINE_integer("steps", None, "Train until this step (default: config.train.steps).")
 _INIT = flags.DEFINE_string("init_checkpoint", None,
                             "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
-                            "whose weights start a new run; ignored when --workdir already has a checkpoint.")
+                            "whose weights start a new run. A resume restores its own; for DPO/GRPO, whose "
+                            "reference they are, it reads the recorded step of the recorded one, and the flag may "
+                            "be omitted or name that one.")
 _ALLOW_MISSING = flags.DEFINE_list(
     "init_allow_missing", [], "Path prefixes (e.g. params/groups/2/) of weights --init_checkpoint may lack; they "
     "start from fresh initialisation. The MTP module's may always be missing (transformers saves have none).")
@@ -79,22 +82,20 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding, proc
     _say(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
 
-def _frozen_weights(config, objective, state, abstract_weights):
+def _frozen_weights(config, objective, reference, state, abstract_weights):
     """The frozen model an objective compares against, {"params", "routing"} sharded like the trained
-    one, or None: distillation's teacher checkpoint, else (DPO/GRPO reference) a copy of the initial
-    weights, taken before training (the step donates the state)."""
+    one, or None: distillation's teacher checkpoint at the pinned `reference` step, else (DPO/GRPO
+    reference) a copy of the initial weights, taken before training (the step donates the state)."""
     import jax
 
     from trainer.checkpointing import Checkpointer
+    from trainer.reference import TEACHER
 
     if not objective.uses_frozen:
         return None
-    if config.objective == "distill":
-        if not config.distill.teacher:
-            raise ValueError("config.distill.teacher: distillation needs the teacher's checkpoint workdir")
-        teacher, _ = Checkpointer(config.distill.teacher, config, keep=1, save_every=1).restore_weights(
-            None, abstract_weights)
-        _say(f"teacher weights from {config.distill.teacher}")
+    if reference["kind"] == TEACHER:
+        teacher, _ = Checkpointer(reference["path"], config, keep=1, save_every=1).restore_weights(
+            reference["step"], abstract_weights)
         return teacher
     return jax.tree.map(lambda x: x.copy(), {"params": state.params, "routing": state.routing})
 
@@ -187,6 +188,7 @@ def _train(config, topology, processes):
     from trainer.nonfinite import NonFinitePolicy, was_refused
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.preemption import PreemptionGuard
+    from trainer.reference import initial_checkpoint, pin_reference
     from trainer.sharded_init import build_mesh
     from trainer.state import abstract_params, create_train_state
     from trainer.step import batch_sharding_of, jit_train_step, make_train_step
@@ -213,14 +215,18 @@ def _train(config, topology, processes):
         checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         abstract_weights = {"params": abstract.params, "routing": abstract.routing}
         resuming = checkpointer.latest_step() is not None
-        if _INIT.value and (not resuming or objective.uses_frozen):
-            initial, fresh = Checkpointer(_INIT.value, config, keep=1, save_every=1).restore_weights(
-                None, abstract_weights, fallback={"params": state.params, "routing": state.routing})
-            check_missing(_INIT.value, fresh, _ALLOW_MISSING.value)
+        reference = pin_reference(workdir, config, objective, _INIT.value, resuming,
+                                  write=distributed.is_primary(), log=_say)
+        start = initial_checkpoint(reference, _INIT.value, resuming)
+        if start:
+            init_path, init_step = start
+            initial, fresh = Checkpointer(init_path, config, keep=1, save_every=1).restore_weights(
+                init_step, abstract_weights, fallback={"params": state.params, "routing": state.routing})
+            check_missing(init_path, fresh, _ALLOW_MISSING.value)
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
-            _say(f"initial weights from {_INIT.value}" + (f"; {len(fresh)} absent there keep their fresh "
-                                                          f"initialisation, e.g. {fresh[0]}" if fresh else ""))
-        frozen = _frozen_weights(config, objective, state, abstract_weights)
+            _say(f"initial weights from {init_path}" + (f"; {len(fresh)} absent there keep their fresh "
+                                                        f"initialisation, e.g. {fresh[0]}" if fresh else ""))
+        frozen = _frozen_weights(config, objective, reference, state, abstract_weights)
         frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
         frozen_args = () if frozen is None else (frozen,)
         step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train, objective),
