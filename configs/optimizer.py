@@ -58,3 +58,11 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
 
     config.update(overrides)
     return config
+
+
+def decay_start(config: ml_collections.ConfigDict) -> int:
+    """The optimizer update at which the learning-rate decay begins: total_steps - decay_steps, or
+    warmup_steps when decay_steps is None (trainer/optimizer.learning_rate_schedule's boundary)."""
+    if config.decay_steps is None:
+        return config.warmup_steps
+    return config.total_steps - config.decay_steps

@@ -42,4 +42,5 @@ def get_config():
     return run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN, steps=STEPS,
                       optimizer_config=optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20,
                                                             adam_eps=1e-8),
-                      checkpoint_config=checkpoint.get_config(save_every=100, log_every=20))
+                      checkpoint_config=checkpoint.get_config(save_every=100, log_every=20),
+                      mtp_weight_after_decay=None)

@@ -103,13 +103,15 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
                seq_len: int, seed: int = 0, steps: int = 10_000,
                optimizer_config: ml_collections.ConfigDict | None = None,
                checkpoint_config: ml_collections.ConfigDict | None = None,
+               mtp_weight_after_decay: float | None = 0.1,
                **data_fields) -> ml_collections.ConfigDict:
     """The complete config every entry point reads: model, mesh, data, checkpoint, eval, optimizer,
     objective and train settings. The batch shape lives in `config.data` alone (global_batch_size,
     seq_len), and `config.data.vocab_size` is a reference to `config.model.vocab_size`: overriding
     either changes both. `config.release_dir` (a Hugging Face release directory, set on the command
     line) supplies the tokenizer (configs/release.py). The optimizer's schedule length is
-    `config.train.steps`."""
+    `config.train.steps`; the MTP weight drops to `mtp_weight_after_decay` where its learning-rate
+    decay starts (None: constant)."""
     config = ml_collections.ConfigDict()
     config.model = model
     config.mesh = mesh
@@ -123,6 +125,8 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
     config.train = ml_collections.ConfigDict(dict(
         steps=steps,
         mtp_weight=0.3,
+        # From the optimizer update at which the learning-rate decay starts (V4: 0.1); None: constant.
+        mtp_weight_after_decay=ml_collections.FieldReference(mtp_weight_after_decay, field_type=float),
         balance_weight=1e-4,
         bias_update_rate=1e-3,
         microbatches=1,

@@ -35,8 +35,8 @@ def target_counts(tokens, loss_mask, segment_ids, num_mtp: int) -> jax.Array:
                       for shift in range(1, num_mtp + 2)])
 
 
-def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.Array, mtp_weight: float,
-                        segment_ids=None, counts=None):
+def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.Array,
+                        mtp_weight: float | jax.Array, segment_ids=None, counts=None):
     """Mean next-token loss over scored targets, plus `mtp_weight` times the mean over depths of each
     depth's mean MTP loss.
 

@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from objectives.protocol import NO_WEIGHTS
 from objectives.sequence import BATCH_FIELDS, scored_targets
 
 
@@ -18,11 +19,12 @@ class Distill:
     bias_update_rate: float
     batch_keys = BATCH_FIELDS
     uses_frozen = True
+    weight_schedules = NO_WEIGHTS
 
     def normalisers(self, batch: dict, num_mtp: int) -> jax.Array:
         return jnp.sum(scored_targets(batch)[1])
 
-    def loss(self, output, batch: dict, teacher, tokens: jax.Array):
+    def loss(self, output, batch: dict, teacher, tokens: jax.Array, step_weights: dict):
         _, weights = scored_targets(batch)
         kl = output.reverse_kl(jax.lax.stop_gradient(teacher))
         loss = jnp.sum(kl * weights) / jnp.maximum(tokens, 1.0)

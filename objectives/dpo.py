@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from data.encode import REFERENCE_LOGPS
+from objectives.protocol import NO_WEIGHTS
 from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets, segment_sums
 
 SIDES = 2  # chosen = segment 1, rejected = segment 2
@@ -47,6 +48,7 @@ class DPO:
     beta: float
     bias_update_rate: float
     reference: str = "model"  # one of REFERENCES
+    weight_schedules = NO_WEIGHTS
 
     def __post_init__(self):
         if self.reference not in REFERENCES:
@@ -64,7 +66,7 @@ class DPO:
         """Pairs in the whole batch (a scalar), so micro-batch losses add up to the batch mean."""
         return jnp.sum(valid_pairs(scored_targets(batch)[1], batch["segment_ids"]))
 
-    def loss(self, output, batch: dict, reference, pairs: jax.Array):
+    def loss(self, output, batch: dict, reference, pairs: jax.Array, step_weights: dict):
         policy, valid = pair_logprobs(output, batch)
         if self.uses_frozen:
             reference_sums, _ = pair_logprobs(reference, batch)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.losses import ahead
+from objectives.protocol import NO_WEIGHTS
 from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets
 
 
@@ -52,6 +53,7 @@ class GRPO:
     kl_coef: float
     bias_update_rate: float
     routing_replay: bool = False  # the batch carries the experts the sampling engine chose
+    weight_schedules = NO_WEIGHTS
 
     @property
     def batch_keys(self) -> tuple:
@@ -66,7 +68,7 @@ class GRPO:
         """Scored completion tokens in the whole batch (a scalar)."""
         return jnp.sum(scored_targets(batch)[1])
 
-    def loss(self, output, batch: dict, reference, tokens: jax.Array):
+    def loss(self, output, batch: dict, reference, tokens: jax.Array, step_weights: dict):
         logprobs, weights = scored_logprobs(output, batch)
         sampling = ahead(batch["sampling_logprobs"], 1)
         advantages = ahead(batch["advantages"], 1)

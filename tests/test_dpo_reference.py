@@ -78,9 +78,9 @@ def test_stored_logps_are_the_reference_forward_and_give_its_loss(scored):
     sums, valid = pair_logprobs(output_, arrays)
     np.testing.assert_allclose(batch["reference_logps"], sums, rtol=1e-5, atol=1e-4)
     pairs = np.sum(valid)
-    in_step, _ = DPO(beta=0.5, bias_update_rate=0.0).loss(output_, arrays, output_, pairs)
+    in_step, _ = DPO(beta=0.5, bias_update_rate=0.0).loss(output_, arrays, output_, pairs, {})
     stored, metrics = DPO(beta=0.5, bias_update_rate=0.0, reference="data").loss(
-        output_, dict(arrays, reference_logps=batch["reference_logps"]), None, pairs)
+        output_, dict(arrays, reference_logps=batch["reference_logps"]), None, pairs, {})
     assert float(in_step) == pytest.approx(math.log(2), abs=1e-6)
     assert float(stored) == pytest.approx(float(in_step), abs=1e-5)
     assert abs(float(metrics["dpo_margin"])) < 1e-4

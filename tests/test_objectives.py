@@ -10,13 +10,14 @@ against float64)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from model.transformer import ModelOutput
 from objectives.distill import Distill
 from objectives.dpo import DPO
 from objectives.grpo import GRPO, group_advantages
-from objectives.sft import SFT
+from objectives.sft import MTP_WEIGHT, SFT
 
 B, S, V, D = 4, 12, 8, 5
 TILES = [V, V // 4]  # the whole vocabulary in one tile; four tiles
@@ -123,7 +124,7 @@ def test_dpo_loss_and_gradient_match_numpy(tile):
     assert float(pairs) == expected_pairs == 3
 
     def loss(hidden, head):
-        return dpo.loss(_output(hidden, head, tile), jbatch, _output(*reference, tile), pairs)
+        return dpo.loss(_output(hidden, head, tile), jbatch, _output(*reference, tile), pairs, {})
 
     (value, metrics), grads = _value_and_grads(loss, hidden, head)
     _close(value, expected_loss, "loss")
@@ -136,7 +137,7 @@ def test_dpo_loss_is_log_two_when_policy_is_the_reference():
     batch = {k: jnp.asarray(v) for k, v in _preference_batch(rng).items()}
     policy = _output(*_head(rng), V // 4)
     dpo = DPO(beta=0.1, bias_update_rate=0.0)
-    value, metrics = dpo.loss(policy, batch, policy, dpo.normalisers(batch, 0))
+    value, metrics = dpo.loss(policy, batch, policy, dpo.normalisers(batch, 0), {})
     np.testing.assert_allclose(float(value), np.log(2.0), rtol=1e-6)
     assert float(metrics["dpo_accuracy"]) == 0.0
 
@@ -190,7 +191,8 @@ def test_grpo_loss_and_gradient_match_numpy(kl_coef, tile):
     assert float(tokens) == count
 
     def loss(hidden, head):
-        return grpo.loss(_output(hidden, head, tile), jbatch, _output(*reference, tile) if kl_coef else None, tokens)
+        reference_output = _output(*reference, tile) if kl_coef else None
+        return grpo.loss(_output(hidden, head, tile), jbatch, reference_output, tokens, {})
 
     (value, metrics), grads = _value_and_grads(loss, hidden, head)
     _close(value, expected_loss, "loss")
@@ -225,7 +227,7 @@ def test_reverse_kl_loss_and_gradient_match_numpy(tile):
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     tokens = distill.normalisers(jbatch, 0)
     (value, _), grads = _value_and_grads(
-        lambda hidden, head: distill.loss(_output(hidden, head, tile), jbatch, _output(*teacher, tile), tokens),
+        lambda hidden, head: distill.loss(_output(hidden, head, tile), jbatch, _output(*teacher, tile), tokens, {}),
         hidden, head)
     _close(value, expected, "reverse KL")
     _close_grads(grads, expected_grad, hidden, head)
@@ -249,13 +251,13 @@ def test_sft_with_mtp_loss_and_gradient_match_numpy(tile):
             target = tokens[b, i + shift]
             expected -= weight * logp[b, i, target] / len(scored)
             grad_logits[depth, b, i] = -weight * (np.eye(V)[target] - np.exp(logp[b, i])) / len(scored)
-    sft = SFT(mtp_weight=0.3, bias_update_rate=0.0)
+    sft = SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=0.0)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     counts = sft.normalisers(jbatch, 1)
 
     def loss(hidden, head):
         output = ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=hidden, head=head, vocab_tile=tile)
-        return sft.loss(output, jbatch, None, counts)
+        return sft.loss(output, jbatch, None, counts, {MTP_WEIGHT: 0.3})
 
     (value, _), (d_hidden, d_head) = _value_and_grads(loss, hidden, head)
     _close(value, expected, "loss")

@@ -20,6 +20,9 @@ BAD = [
     ("train", "steps", 0, r"^config.train.steps must be an integer >= 1, got 0$"),
     ("train", "microbatches", 3, r"^config.train.microbatches=3 must divide config.data.global_batch_size=8$"),
     ("train", "nonfinite", "ignore", r"^config.train.nonfinite must be one of \('stop', 'skip'\), got 'ignore'$"),
+    ("train", "mtp_weight", -0.3, r"^config.train.mtp_weight must be a finite number >= 0, got -0.3$"),
+    ("train", "mtp_weight_after_decay", -0.1, r"^config.train.mtp_weight_after_decay must be a finite number >= 0, "
+                                              r"got -0.1$"),
     ("eval", "batch_rows", 0, r"^config.eval.batch_rows must be an integer >= 1, got 0$"),
     ("model", "vocab_tile", 100, r"^config.model.vocab_tile: 100 must divide vocab_size=512 \(or be 0: the whole "
                                  r"vocabulary\)$"),
@@ -40,6 +43,17 @@ def test_a_bad_objective_is_named():
     config.objective = "ppo"
     with pytest.raises(ConfigError, match=r"^config.objective must be one of \('sft', 'dpo', 'grpo', 'distill'\)"):
         validate_run_config(config)
+
+
+def test_an_mtp_weight_change_without_a_learning_rate_decay_is_named():
+    config = tiny.get_config()
+    config.train.mtp_weight_after_decay = 0.1
+    config.optimizer.decay = "constant"
+    with pytest.raises(ConfigError, match=r"^config.train.mtp_weight_after_decay=0.1 applies from the learning-rate "
+                                          r"decay, but config.optimizer.decay is 'constant'"):
+        validate_run_config(config)
+    config.train.mtp_weight_after_decay = config.train.mtp_weight
+    validate_run_config(config)
 
 
 @pytest.mark.parametrize("config", [tiny.get_config(), v4_pro.get_config(), v4_pro.get_config("scaled"),

@@ -6,7 +6,8 @@ normalisers are counted over the whole batch first, so every micro-batch loss an
 of the global value and they add up: the accumulated gradient equals the one of the whole batch in one
 pass. Objectives that compare against a frozen model (DPO/GRPO reference, distillation teacher) get
 its output on the same micro-batch; the frozen weights are a step argument sharded like the trained
-ones, never differentiated.
+ones, never differentiated. The objective's scheduled loss weights (SFT: the MTP weight) are read at
+the optimizer's applied-update count, like the learning rate, and logged under their names.
 """
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mesh.sharding import constrain, logical_to_spec
+from objectives.protocol import Objective
 from objectives.sft import SFT
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
 from trainer.optimizer import applied_learning_rate
@@ -40,17 +42,19 @@ def _constrained(batch: dict) -> dict:
     return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective=None,
-                    unroll_microbatches: bool = False):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config,
+                    objective: Objective | None = None, unroll_microbatches: bool = False):
     """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
 
     train_config: balance_weight, microbatches (and mtp_weight, bias_update_rate for the default SFT
-    objective). `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
+    objective, whose MTP weight is constant; objectives.build_objective gives SFT its schedule).
+    `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
     `unroll_microbatches` unrolls the micro-batch loop (the planner's FLOP and collective counts, which
     XLA takes once per loop body); the step computes the same either way.
     """
     if objective is None:
-        objective = SFT(mtp_weight=train_config.mtp_weight, bias_update_rate=train_config.bias_update_rate)
+        objective = SFT(mtp_weight=optax.constant_schedule(train_config.mtp_weight),
+                        bias_update_rate=train_config.bias_update_rate)
     microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
 
     def forward(params, routing, batch):
@@ -59,13 +63,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         return model, model(batch["tokens"], batch["positions"], batch["segment_ids"],
                             routed_experts=batch.get(REPLAY_KEY), logits=False)
 
-    def loss_fn(params, routing, frozen, micro, normalisers):
+    def loss_fn(params, routing, frozen, micro, normalisers, step_weights):
         batch = _constrained(micro)
         model, output = forward(params, routing, batch)
         frozen_output = None
         if objective.uses_frozen:
             frozen_output = jax.lax.stop_gradient(forward(frozen["params"], frozen["routing"], batch)[1])
-        loss, metrics = objective.loss(output, batch, frozen_output, normalisers)
+        loss, metrics = objective.loss(output, batch, frozen_output, normalisers, step_weights)
         balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1) / microbatches
         total = loss + balance_weight * balance
         metrics = dict(metrics, loss=total, balance_loss=balance, load=output.moe.load,
@@ -75,21 +79,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     def step(state: TrainState, batch: dict, frozen=None):
         num_mtp = nnx.merge(graphdef, state.params, state.routing).args.num_mtp_layers
         normalisers = objective.normalisers(batch, num_mtp)
+        # Each scheduled weight at the optimizer's applied-update count, the one the learning rate is read at.
+        step_weights = {name: applied_learning_rate(state.opt_state, weight, state.step)
+                        for name, weight in objective.weight_schedules.items()}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, one):
             grads, metrics = carry
-            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers)
+            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers, step_weights)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
         if microbatches == 1:
             # No accumulator: the loop would hold a zero gradient tree beside the one it adds.
-            (_, sums), grads = grad_fn(state.params, state.routing, frozen, batch, normalisers)
+            (_, sums), grads = grad_fn(state.params, state.routing, frozen, batch, normalisers, step_weights)
         else:
             micro = _microbatches(batch, microbatches)
             first = jax.tree.map(lambda x: x[0], micro)
             metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first,
-                                                           normalisers)[1])
+                                                           normalisers, step_weights)[1])
             init = (jax.tree.map(jnp.zeros_like, state.params),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
             (grads, sums), _ = jax.lax.scan(accumulate, init, micro, unroll=unroll_microbatches)
@@ -110,6 +117,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         mean_load = jnp.mean(load, axis=-1)
         metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=applied_learning_rate(state.opt_state, schedule, state.step),
                        expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load))
+        metrics.update(step_weights)
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
                                rng=state.rng, nonfinite_steps=state.nonfinite_steps + refused)

@@ -34,6 +34,26 @@ def _one_of(config: ml_collections.ConfigDict, section: str | None, field: str, 
         raise ConfigError(f"config.{name} must be one of {allowed}, got {value!r}")
 
 
+def _weight(config: ml_collections.ConfigDict, section: str, field: str) -> None:
+    value = config[section][field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"config.{section}.{field} must be a finite number >= 0, got {value!r}")
+
+
+def _mtp_weights(config: ml_collections.ConfigDict) -> None:
+    """The MTP weight and the one after the learning-rate decay starts (None: constant); a change of
+    weight needs a decay to start."""
+    _weight(config, "train", "mtp_weight")
+    after = config.train.mtp_weight_after_decay
+    if after is None:
+        return
+    _weight(config, "train", "mtp_weight_after_decay")
+    if after != config.train.mtp_weight and config.optimizer.decay == "constant":
+        raise ConfigError(f"config.train.mtp_weight_after_decay={after!r} applies from the learning-rate decay, but "
+                          f"config.optimizer.decay is 'constant'; set it to config.train.mtp_weight "
+                          f"({config.train.mtp_weight!r}) for a constant MTP weight")
+
+
 def _mixture(config: ml_collections.ConfigDict, field: str) -> None:
     sources = config.data[field]
     for index, source in enumerate(sources):
@@ -57,6 +77,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     for field, low in (("steps", 1), ("microbatches", 1)):
         _at_least(config, "train", field, low)
     _one_of(config, "train", "nonfinite", NONFINITE_POLICIES)
+    _mtp_weights(config)
     for field, low in (("global_batch_size", 1), ("seq_len", 2), ("num_packing_bins", 1), ("streams", 0),
                        ("prefetch", 0), ("read_threads", 0), ("read_buffer", 1)):
         _at_least(config, "data", field, low)
