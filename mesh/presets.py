@@ -20,6 +20,9 @@ UB_BANDWIDTH = 196e9              # unified bus per die, 7 x 224 Gbps [P: CM384]
 UB_NODE_LATENCY = 1.2e-6          # 512 B read, same node [P: CM384 Tab.1]
 UB_SUPERNODE_LATENCY = 1.9e-6     # 512 B read, other node of the supernode [P: CM384 Tab.1]
 A3_ROCE_BANDWIDTH = 25e9          # 200 Gbps RDMA per die [P: CM384 3.3.2]
+CPUS_PER_A3_SERVER = 4            # 4 Kunpeng CPUs per node [P: CM384 3.3.2]
+CPU_UB_BANDWIDTH = 160e9          # ~160 GB/s UB per CPU [P: CM384 3.3.2]
+A3_HOST_BANDWIDTH = CPUS_PER_A3_SERVER * CPU_UB_BANDWIDTH / (CHIPS_PER_A3_SERVER * DIES_PER_910C)  # 40 GB/s per die [D]
 
 # --- Ascend 910B (Atlas A2) ------------------------------------------------------------------
 NPUS_PER_A2_SERVER = 8            # 8 x 910B per Atlas 800T A2 server [P: SGL, HCCL perf tester]
@@ -50,7 +53,7 @@ def _a3_cluster(supernodes):
 
 
 def _a3(name, levels):
-    return Topology(name, tuple(levels), DIE_HBM_BYTES, DIE_BF16_FLOPS, _CM384_SOURCE)
+    return Topology(name, tuple(levels), DIE_HBM_BYTES, DIE_BF16_FLOPS, _CM384_SOURCE, A3_HOST_BANDWIDTH)
 
 
 def cm384(supernodes=1, servers=SERVERS_PER_CM384):

@@ -38,7 +38,9 @@ class Level:
 class Topology:
     """A named stack of levels plus what one device holds and computes.
 
-    hbm_bytes and peak_flops (dense BF16) are per device; None when unknown (custom topologies).
+    hbm_bytes and peak_flops (dense BF16) are per device; host_bandwidth is bytes/s per device, one
+    direction, between it and host memory when every device of a server moves data at once; None
+    when unknown (custom topologies).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Topology:
     hbm_bytes: float | None = None
     peak_flops: float | None = None
     source: str = ""
+    host_bandwidth: float | None = None
 
     def __post_init__(self):
         names = [level.name for level in self.levels]

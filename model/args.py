@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
 ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+OFFLOAD = "offload"  # the remat policy that keeps layer inputs in host memory
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", OFFLOAD)  # model/transformer.py REMAT
 MOE_DISPATCHES = ("dense", "padded", "ragged")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

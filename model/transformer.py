@@ -10,10 +10,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mesh.sharding import constrain
 from model import embedding, params, vocab_head
-from model.args import ModelArgs, layer_groups
+from model.args import OFFLOAD, ModelArgs, layer_groups
 from model.block import Block
 from model.hyper_connections import HyperHead
 from model.layouts import STREAMS, TOKENS
@@ -21,10 +22,18 @@ from model.moe import MoEStats
 from model.mtp import MTPLayer
 from model.norms import RMSNorm
 
+LAYER_INPUT = "layer_input"  # the streams entering each scanned step (checkpoint_name)
+HOST_MEMORY = "pinned_host"  # the memory kind "offload" keeps them in
+
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # As "full", with each step's input streams moved to host memory in the forward pass and back
+    # in the backward, instead of held on the device for the whole step.
+    OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst=HOST_MEMORY),
 }
 
 
@@ -87,6 +96,7 @@ class LayerGroup(nnx.Module):
             replay = replay.reshape(self.repeats, period, *replay.shape[1:])
 
         def body(carry, xs):
+            carry = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry)
             layer_state, layer_replay = xs
             blocks = nnx.merge(graphdef, layer_state)
             stats, hidden = [], []

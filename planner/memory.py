@@ -13,7 +13,7 @@ import re
 import jax
 import numpy as np
 
-from model.args import ModelArgs
+from model.args import OFFLOAD, ModelArgs
 from model.expert_dispatch import capacity
 
 
@@ -109,10 +109,19 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
     return streams + attention + indexer + moe
 
 
+def layer_input_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict) -> float:
+    """The input streams [tokens, hc, d] every layer keeps for its recomputation under remat, per
+    device, all layers: what remat_policy="offload" moves to host memory and back each step."""
+    token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
+    tokens = batch_size * seq_len // token_shards
+    layers = args.num_layers + args.num_mtp_layers
+    return layers * tokens * args.hc_mult * args.hidden_size * np.dtype(args.compute_dtype).itemsize
+
+
 def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict) -> float:
     """Activations per device for a [batch_size, seq_len] batch: without remat every layer keeps its
     intermediates (`_layer_bytes_per_token`); with remat a layer keeps only its input streams and one
-    layer's intermediates are live at a time. On top, one query chunk's attention scores (when they
+    layer's intermediates are live at a time (and not even the inputs with "offload"). On top, one query chunk's attention scores (when they
     are chunked) and the largest transient: the MoE dispatch buffers or one vocabulary tile's logits."""
     token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
@@ -126,8 +135,10 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
         chunk_scores = 0
     if args.remat_policy == "none":
         kept = layers * per_layer
+    elif args.remat_policy == OFFLOAD:
+        kept = per_layer
     else:
-        kept = layers * tokens * args.hc_mult * args.hidden_size * act + per_layer
+        kept = layer_input_bytes(args, batch_size, seq_len, mesh_shape) + per_layer
     experts = args.num_routed_experts
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
     moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways

@@ -37,7 +37,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     from configs import parallelism
     from mesh.layout import plan_layout
     from mesh.presets import get_topology
-    from model.args import from_config
+    from model.args import OFFLOAD, from_config
     from model.flops import train_flops_per_step
     from model.summary import count_parameters
     from planner import estimate, extrapolate, measure, memory
@@ -116,13 +116,17 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         evaluation_memory = memory.compiled_bytes(decode.compiled)
         # The optimizer state stays in device memory while the evaluation runs.
         evaluation_memory["with_optimizer_state"] = evaluation_memory["total"] + analytic["optimizer"]
+    host_offload = None
+    if args.remat_policy == OFFLOAD:  # the layer inputs go to host memory and come back, every step
+        moved = 2 * memory.layer_input_bytes(args, batch_size // microbatches, seq_len, shape) * microbatches
+        host_offload = {"bytes": moved, "seconds": moved / topology.host_bandwidth if topology.host_bandwidth else None}
     timing = estimate.step_estimate(flops_per_device, comm_seconds, model_flops, devices, topology.peak_flops)
     needed = max(per_device, evaluation_memory["with_optimizer_state"] if evaluation_memory else 0)
     report.update({
         "fits": None if hbm is None else bool(needed <= hbm),
         "per_device_bytes": per_device, "hbm_bytes": hbm,
         "memory_compiled": compiled_memory, "memory_analytic": analytic, "memory_peak": peak,
-        "memory_evaluation": evaluation_memory,
+        "memory_evaluation": evaluation_memory, "host_offload": host_offload,
         "compile_seconds": compile_seconds,
         "xla_flops": flops_per_device * devices, "model_flops": model_flops,
         "flops_ratio": flops_per_device * devices / model_flops,
@@ -173,6 +177,10 @@ def format_report(report: dict) -> str:
     a = report["memory_analytic"]
     lines.append(f"  analytic: weights {gib(a['weights'])}, gradients {gib(a['gradients'])}, optimizer "
                  f"{gib(a['optimizer'])}, activations ~{gib(a['activations'])} (total ~{gib(a['total'])})")
+    if report.get("host_offload"):
+        h = report["host_offload"]
+        time = "no host link figure" if h["seconds"] is None else f"{h['seconds']:.2f} s over the host link if not overlapped"
+        lines.append(f"  layer inputs offloaded to host memory: {gib(h['bytes'])} to host and back per device and step, {time}")
     lines.append(f"FLOPs per step: XLA {report['xla_flops']:.4g}, model {report['model_flops']:.4g} "
                  f"(ratio {report['flops_ratio']:.3f})")
     lines.append(f"{'collective':<20}{'mesh axes':<24}{'levels':<28}{'count':>7}{'GiB/device':>12}{'est. s':>10}")

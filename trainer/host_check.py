@@ -5,7 +5,7 @@ scaled twins train here; a full-size config would emulate its 768 dies and then 
 train state in host memory. `check_host` refuses that up front, naming the topology, the devices it
 needs and the memory it would take, and points at `--dry_run`, which compiles the same run for
 abstract inputs instead. On accelerators (no emulation) it compares the devices JAX sees with the
-topology's.
+topology's, and checks that they have the memory kinds the model uses (`check_memory_kinds`).
 """
 import os
 
@@ -13,8 +13,9 @@ import jax
 
 from configs.release import ConfigError
 from mesh.topology import Topology
-from model.args import ModelArgs
+from model.args import OFFLOAD, ModelArgs
 from model.summary import count_parameters
+from model.transformer import HOST_MEMORY
 
 # float32 weights and gradients and at least one float32 optimizer moment per parameter.
 MIN_STATE_BYTES_PER_PARAMETER = 12
@@ -22,6 +23,18 @@ MIN_STATE_BYTES_PER_PARAMETER = 12
 
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory_kinds(args: ModelArgs, device) -> None:
+    """Raises ConfigError when the model keeps data in a memory kind `device` lacks: the layer
+    inputs of remat_policy="offload" live in host memory."""
+    if args.remat_policy != OFFLOAD:
+        return
+    kinds = [memory.kind for memory in device.addressable_memories()]
+    if HOST_MEMORY not in kinds:
+        raise ConfigError(f"config.model.remat_policy={OFFLOAD!r} keeps the layer inputs in memory kind "
+                          f"{HOST_MEMORY!r}, which {device.platform} devices lack (they have {kinds}); "
+                          f"use remat_policy='full'")
 
 
 def check_host(args: ModelArgs, topology: Topology, *, emulated: bool) -> None:
@@ -38,6 +51,7 @@ def check_host(args: ModelArgs, topology: Topology, *, emulated: bool) -> None:
                 f"state fits in its memory: this one needs at least {state / 2**30:,.0f} GiB): run it on the "
                 f"cluster (--noemulate), or check the command here with --dry_run")
         return
+    check_memory_kinds(args, jax.devices()[0])
     present = jax.device_count()
     if present < needed:
         raise ConfigError(f"topology {topology.name} needs {needed} devices and this run sees {present} "
