@@ -112,12 +112,18 @@ def test_a_resume_without_the_flag_reads_the_recorded_reference(weights, tmp_pat
     _assert_same(_reference_weights(reference, abstract), a_weights)
 
 
+def _recorded_copy(tmp_path, checkpoint, name):
+    """A copy of `checkpoint` at tmp_path/name, recorded by a first start in tmp_path/run -> (copy, workdir)."""
+    copy = tmp_path / name
+    shutil.copytree(checkpoint, copy)
+    workdir = tmp_path / "run"
+    _pin(workdir, copy, resuming=False)
+    return copy, workdir
+
+
 def test_a_reference_that_saved_newer_steps_is_read_at_the_recorded_step(weights, tmp_path):
     abstract, a_weights, b_weights, a, _ = weights
-    moving = tmp_path / "moving"
-    shutil.copytree(a, moving)
-    workdir = tmp_path / "run"
-    _pin(workdir, moving, resuming=False)
+    moving, workdir = _recorded_copy(tmp_path, a, "moving")
     _save(moving, 2, b_weights)
     reference = _pin(workdir, moving, resuming=True)
     assert reference["step"] == 1
@@ -173,10 +179,7 @@ def test_another_reference_on_resume_is_refused(weights, tmp_path, first, then, 
 
 def test_a_recorded_step_that_is_gone_is_named(weights, tmp_path):
     _, a_weights, _, a, _ = weights
-    gone = tmp_path / "gone"
-    shutil.copytree(a, gone)
-    workdir = tmp_path / "run"
-    _pin(workdir, gone, resuming=False)
+    gone, workdir = _recorded_copy(tmp_path, a, "gone")
     _save(gone, 2, a_weights)
     shutil.rmtree(gone / "checkpoints" / "1")
     with pytest.raises(ConfigError, match=rf"^{workdir / RECORD} records the reference --init_checkpoint=\S+gone "
