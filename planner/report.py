@@ -76,6 +76,9 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         compile_seconds["full"] = full.compile_seconds
         state = full.state
         compiled_memory = memory.compiled_bytes(full.compiled)
+        log(f"full-depth step compiled in {full.compile_seconds:.0f} s: {compiled_memory['total'] / GIB:.2f} GiB per "
+            f"device (temporaries {compiled_memory['temporaries'] / GIB:.2f})"
+            + "".join(f"\n  at the peak {b['bytes'] / GIB:.2f} GiB {b['what']}" for b in (peak or {}).get("buffers", [])))
     else:
         state = abstract_train_state(args, mesh, rules, tx)
         compiled_memory = None
