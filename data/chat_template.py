@@ -15,6 +15,9 @@ an independent re-implementation). "deepseek_v4" is its non-thinking "chat" mode
 replies after the last user turn are cued by `<｜Assistant｜><think>` and are `{reasoning}</think>
 {reply}<｜end▁of▁sentence｜>` (reasoning, possibly empty, is then a target too); earlier replies
 render as in chat mode, without their reasoning. The reasoning-effort preamble is not emitted.
+A reply given as text (a DPO reply, a rollout's completion) is what the model writes after the cue,
+so in thinking mode it is `{reasoning}</think>{reply}`, split at the first `</think>` as the
+release's parser (`parse_message_from_completion_text`) splits it (`split_reply`).
 Difference: the release cues a reply only after a user turn; we cue every assistant turn (the only
 case that differs, an assistant turn right after a system prompt or another reply, is unusual in SFT).
 
@@ -57,6 +60,11 @@ class ChatTemplate:
     thinking_prefix: str = ""
     thinking_suffix: str = ""
 
+    @property
+    def thinking(self) -> bool:
+        """Whether the template reasons in the replies after the last user turn."""
+        return bool(self.thinking_prefix)
+
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
@@ -96,13 +104,23 @@ def get_template(name: str, custom: Mapping[str, str] | None = None) -> ChatTemp
     return ChatTemplate(name=CUSTOM, **fields)
 
 
+def split_reply(template: ChatTemplate, text: str) -> tuple[str, str] | None:
+    """(reasoning, content) of a reply written as the model writes it after the generation cue,
+    without the end marker: in a thinking template the text around the first `thinking_suffix`
+    (None when the text has none), else ("", text)."""
+    if not template.thinking:
+        return "", text
+    reasoning, found, content = text.partition(template.thinking_suffix)
+    return (reasoning, content) if found else None
+
+
 def render(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
            ) -> list[Piece]:
     """The pieces of a conversation; with `generation_prompt`, ends with the reply cue."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
 
     def thinks(turn):  # thinking templates reason in the replies after the last user turn
-        return bool(template.thinking_prefix) and turn > last_user
+        return template.thinking and turn > last_user
 
     pieces = [Piece(template.bos, False, 0)]
     for turn, message in enumerate(messages):
@@ -121,6 +139,16 @@ def render(template: ChatTemplate, messages: Sequence[Message], *, generation_pr
         cue = template.thinking_prefix if thinks(len(messages)) else template.assistant_prefix
         pieces.append(Piece(cue, False, len(messages)))
     return [p for p in pieces if p.text]
+
+
+def render_reply(template: ChatTemplate, context: Sequence[Message], reply: Message
+                 ) -> tuple[list[Piece], list[Piece]]:
+    """(prompt, reply) pieces of the conversation `context` + `reply`: the prompt ends with the
+    reply's cue (it equals render(context, generation_prompt=True)); the reply is that turn's
+    targets, exactly what SFT trains on when a conversation ends with it."""
+    pieces = render(template, (*context, reply))
+    start = next(i for i, p in enumerate(pieces) if p.target and p.turn == len(context))
+    return pieces[:start], pieces[start:]
 
 
 def render_text(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False

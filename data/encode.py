@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data.chat_template import ChatTemplate, Piece, render
+from data.chat_template import ChatTemplate, Piece, render, render_reply, split_reply
 from data.errors import DataError, InvalidRecord, LoadStats
-from data.formats import Conversation, PreferencePair, PromptRecord
+from data.formats import Conversation, Message, PreferencePair, PromptRecord
 from data.jsonl import Located
 from data.tokenizer import Tokenizer
 
@@ -46,6 +46,25 @@ class Encoder:
             for marker in self.template.special_tokens:
                 if marker in text:
                     raise InvalidRecord("reserved_token", f"text contains the template marker {marker!r}")
+
+    def check_messages(self, messages: Sequence[Message]) -> None:
+        """`check_texts` on the messages' contents and reasonings."""
+        self.check_texts([text for m in messages for text in (m.content, m.reasoning)])
+
+    def reply_message(self, text: str, *, ended: bool = True) -> Message:
+        """The assistant message of a reply given as text, as the model writes it after the reply cue
+        (chat_template.split_reply). Refused: a marker other than the one thinking suffix, and in a
+        thinking template an ended reply without that suffix (the release's parser refuses it too). A
+        reply not `ended` (a completion cut off by the length limit) may stop inside its reasoning."""
+        split = split_reply(self.template, text)
+        if split is None and ended:
+            raise InvalidRecord("missing_think_end", f"in thinking mode a reply is '{{reasoning}}"
+                                f"{self.template.thinking_suffix}{{answer}}'; this one has no "
+                                f"{self.template.thinking_suffix!r}")
+        reasoning, content = split or (text, "")
+        message = Message("assistant", content, reasoning)
+        self.check_messages([message])
+        return message
 
     def pieces_to_ids(self, batch: Sequence[Sequence[Piece]]) -> list[tuple[list[int], list[int]]]:
         """(ids, per-id target flag) for each rendered conversation; one tokenizer call in all."""
@@ -87,7 +106,7 @@ def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, 
     for located in records:
         try:
             if isinstance(located.record, Conversation):
-                encoder.check_texts([m.content for m in located.record.messages])
+                encoder.check_messages(located.record.messages)
             clean.append(located)
         except InvalidRecord as e:
             reject(located, e, skip_bad=skip_bad, stats=stats)
@@ -108,13 +127,16 @@ def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, 
 
 def encode_preference(pair: PreferencePair, encoder: Encoder) -> dict[str, np.ndarray]:
     """prompt int32[P] (ending with the reply cue), chosen int32[C], rejected int32[R], and the
-    pair's reference log-probabilities float32[2] (chosen, rejected) when it has them; both replies
-    end with the template's end-of-reply marker, as the model must learn to emit it."""
-    encoder.check_texts([m.content for m in pair.prompt] + [pair.chosen, pair.rejected])
-    (prompt, _), = encoder.pieces_to_ids([render(encoder.template, pair.prompt, generation_prompt=True)])
-    end = encoder.template.assistant_suffix
-    chosen, rejected = encoder.ids([pair.chosen + end, pair.rejected + end])
-    encoded = {"prompt": np.asarray(prompt, np.int32), "chosen": chosen, "rejected": rejected}
+    pair's reference log-probabilities float32[2] (chosen, rejected) when it has them. Each reply is
+    given as the model writes it after the cue (`Encoder.reply_message`) and encoded as SFT encodes
+    the same conversation's last reply: in thinking mode `{reasoning}</think>{answer}`, and always
+    the template's end-of-reply marker, as the model must learn to emit it."""
+    encoder.check_messages(pair.prompt)
+    (prompt, chosen), (_, rejected) = (render_reply(encoder.template, pair.prompt, encoder.reply_message(text))
+                                       for text in (pair.chosen, pair.rejected))
+    prompt_ids, chosen_ids, rejected_ids = (np.asarray(ids, np.int32) for ids, _ in
+                                            encoder.pieces_to_ids([prompt, chosen, rejected]))
+    encoded = {"prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids}
     if pair.reference_logps is not None:
         encoded[REFERENCE_LOGPS] = np.asarray(pair.reference_logps, np.float32)
     return encoded
@@ -134,6 +156,6 @@ def preference_sequences(encoded: dict[str, np.ndarray]) -> dict[str, dict[str, 
 
 def encode_prompt(record: PromptRecord, encoder: Encoder) -> dict:
     """{"prompt": int32[P] ending with the reply cue, "answer": str | None, "extra": dict}."""
-    encoder.check_texts([m.content for m in record.prompt])
+    encoder.check_messages(record.prompt)
     (prompt, _), = encoder.pieces_to_ids([render(encoder.template, record.prompt, generation_prompt=True)])
     return {"prompt": np.asarray(prompt, np.int32), "answer": record.answer, "extra": record.extra}

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data.chat_template import render
+from data.chat_template import render, split_reply
 from data.encode import Encoder
 from data.formats import Conversation
 
@@ -22,10 +22,12 @@ def split_last_reply(conversation: Conversation) -> tuple[tuple, str]:
 
 
 def completion_text(ids: Sequence[int], encoder: Encoder) -> str:
-    """The reply text of generated ids: everything before the first end-of-reply marker."""
+    """The reply text of generated ids, stripped: everything before the first end-of-reply marker,
+    and with a thinking template only the answer after the reasoning ("" if the reasoning never ended)."""
     end = encoder.tokenizer.token_id(encoder.template.eos)
     ids = list(ids)
-    return encoder.tokenizer.decode(ids[:ids.index(end)] if end in ids else ids).strip()
+    reply = split_reply(encoder.template, encoder.tokenizer.decode(ids[:ids.index(end)] if end in ids else ids))
+    return reply[1].strip() if reply else ""
 
 
 def exact_match_accuracy(conversations: Sequence[Conversation], generate: GenerateFn, encoder: Encoder

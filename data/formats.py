@@ -9,7 +9,8 @@ SFT records come in three forms:
   assistant turn (that is what is trained on); an assistant turn may carry `reasoning_content`;
 - `{"prompt": str, "completion": str}`, the single-turn shorthand;
 - `{"tokens": [int, ...], "loss_mask": [0|1, ...]}`, already tokenised (mask optional: all ones).
-Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}`, optionally with
+Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}` (with a thinking
+template each reply is `{reasoning}</think>{answer}`, as the model writes it), optionally with
 `"ref_chosen_logps": float, "ref_rejected_logps": float`, the replies' summed log-probabilities under
 the reference model (score_preferences.py writes them), for DPO without a reference forward.
 Prompt sets (GRPO): `{"prompt": str | messages, "answer": str?, ...}`; other fields are kept for the

@@ -15,7 +15,9 @@ A record (one JSON object per line):
   drew). A "completion" text is tokenised here; an engine may have split it differently, and the
   log-prob count check then fails. A completion that the end-of-reply token ended must carry it
   (its id, or the template's EOS marker at the end of the text) with its log-prob: it was sampled,
-  and learning to stop depends on it.
+  and learning to stop depends on it. With a thinking template a "completion" text is
+  `{reasoning}</think>{answer}` (data/encode.py `Encoder.reply_message`, as DPO replies); one cut off
+  before its end-of-reply marker may stop inside the reasoning. Reward functions see the answer.
 - Groups: all groups have the same size G (`group_size`, or the most common size, the larger on a
   tie), since advantages are normalised within a group.
 - Routed experts cover every token the training forward runs (prompt and completion), per layer,
@@ -24,7 +26,7 @@ A record (one JSON object per line):
 Bad input is a `DataError` naming file and line, or with `skip_bad` a count under a reason code in
 `LoadStats` (hence in the metrics, `data/skipped/<reason>`). A skipped record takes its whole group
 with it, the other members counted under "incomplete_group", because a partial group would shift
-its baseline. Reasons, besides those of prompt records: missing_logprobs, logprob_count,
+its baseline. Reasons, besides those of prompt records: missing_think_end, missing_logprobs, logprob_count,
 nonfinite_logprob, token_out_of_vocab, nonfinite_reward (NaN/inf, given or computed),
 missing_reward (no reward and no reward function), reward_error (the reward function raised
 ValueError, e.g. no answer to check against), too_long (prompt + completion > seq_len),
@@ -100,7 +102,7 @@ def _completion_ids(fields: dict, encoder: Encoder) -> np.ndarray:
         raise InvalidRecord("wrong_type", "field 'completion' must be a non-empty string")
     eos = encoder.template.eos
     body, ended = (text[:-len(eos)], True) if text.endswith(eos) else (text, False)
-    encoder.check_texts([body])
+    encoder.reply_message(body, ended=ended)  # refuses stray markers, and a thinking reply without `</think>`
     ids, = encoder.ids([body])
     return np.concatenate([ids, [encoder.tokenizer.token_id(eos)] if ended else []]).astype(np.int32)
 

@@ -1,13 +1,18 @@
-"""Chat templates and loss masks: the DeepSeek-V4 preset renders the release's chat-mode format, the
-mask covers exactly the assistant replies with their EOS, and a custom template follows its config."""
+"""Chat templates and loss masks: the DeepSeek-V4 presets render the release's chat and thinking
+formats (preference pairs too), the mask covers exactly the assistant replies with their EOS, and a
+custom template follows its config."""
+import json
+import re
+
 import numpy as np
 import pytest
 
 from configs.data import get_config
 from data.chat_template import DEEPSEEK_V4, get_template, render, render_text
 from data.encode import Encoder, encode_preference, encode_prompt, preference_sequences
-from data.errors import DataError
+from data.errors import DataError, InvalidRecord
 from data.formats import Message, PreferencePair, PromptRecord, parse_sft
+from data.pipeline import load_preferences
 from data.tokenizer import Tokenizer
 
 CONVERSATION = (Message("system", "Reply with the answer only."), Message("user", "add 1 2"),
@@ -95,3 +100,47 @@ def test_deepseek_v4_thinking_format(tokenizer):
     record = parse_sft({"messages": [{"role": "user", "content": "upper ab"},
                                      {"role": "assistant", "content": "AB", "reasoning_content": "a to A, b to B"}]})
     assert record.messages == messages[2:]
+
+
+THINKING_PROMPT = (Message("system", "Reply with the answer only."), Message("user", "add 1 2"),
+                   Message("assistant", "3", reasoning="one and two"), Message("user", "add 2 2"))
+# The release encoder's output for THINKING_PROMPT + each reply (encoding/encoding_dsv4.py of
+# deepseek-ai/DeepSeek-V4-Flash: encode_messages(messages, thinking_mode="thinking")), the reply given
+# as {"content", "reasoning_content"}: chosen ("4", "2 plus 2 is 4."), rejected ("5", "").
+RELEASE_THINKING = {
+    "chosen": "<｜begin▁of▁sentence｜>Reply with the answer only.<｜User｜>add 1 2<｜Assistant｜></think>3"
+              "<｜end▁of▁sentence｜><｜User｜>add 2 2<｜Assistant｜><think>2 plus 2 is 4.</think>4<｜end▁of▁sentence｜>",
+    "rejected": "<｜begin▁of▁sentence｜>Reply with the answer only.<｜User｜>add 1 2<｜Assistant｜></think>3"
+                "<｜end▁of▁sentence｜><｜User｜>add 2 2<｜Assistant｜><think></think>5<｜end▁of▁sentence｜>",
+}
+
+
+def test_thinking_preference_pair_encodes_as_the_release(tokenizer):
+    """Replies written `{reasoning}</think>{answer}` encode to the release's tokens, with the mask
+    SFT gives the same conversation's last reply."""
+    template = get_template("deepseek_v4_thinking")
+    pair = encode_preference(PreferencePair(THINKING_PROMPT, "2 plus 2 is 4.</think>4", "</think>5"),
+                             _encoder(tokenizer, template=template))
+    sequences = preference_sequences(pair)
+    sft = _encoder(tokenizer, "last_assistant_turn", template)
+    for side, reply in (("chosen", Message("assistant", "4", "2 plus 2 is 4.")),
+                        ("rejected", Message("assistant", "5", ""))):
+        assert sequences[side]["tokens"].tolist() == tokenizer.encode(RELEASE_THINKING[side])
+        assert tokenizer.token_id("</think>") in pair[side]
+        (ids, mask), = sft.pieces_to_ids([render(template, THINKING_PROMPT + (reply,))])
+        assert (sequences[side]["tokens"].tolist(), sequences[side]["loss_mask"].tolist()) == (ids, mask)
+
+
+def test_think_end_is_accepted_only_as_the_reasoning_terminator(tokenizer, tmp_path):
+    thinking = _encoder(tokenizer, template=get_template("deepseek_v4_thinking"))
+    prompt = (Message("user", "add 2 2"),)
+    for encoder, chosen in ((_encoder(tokenizer), "2 plus 2</think>4"), (thinking, "2 plus 2</think>4</think>")):
+        with pytest.raises(InvalidRecord, match="template marker '</think>'"):
+            encode_preference(PreferencePair(prompt, chosen, "</think>5"), encoder)
+    lines = [{"prompt": "add 2 2", "chosen": "2 plus 2</think>4", "rejected": "</think>5"},
+             {"prompt": "add 2 2", "chosen": "2 plus 2</think>4", "rejected": "5"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    detail = "in thinking mode a reply is '{reasoning}</think>{answer}'; this one has no '</think>'"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: {re.escape(detail)} \[missing_think_end\]$"):
+        load_preferences(str(path), thinking)

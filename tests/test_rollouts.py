@@ -10,7 +10,8 @@ import pytest
 from configs.data import get_config, sample_path
 from data.encode import encode_prompt
 from data.errors import DataError, LoadStats
-from data.formats import parse_prompt
+from data.chat_template import render_reply
+from data.formats import Message, parse_prompt
 from data.pipeline import build_encoder
 from data.rollouts import load_rollouts, make_batch
 from model.losses import shifted_targets
@@ -95,6 +96,47 @@ def test_text_and_ids_completions_agree(tmp_path, encoder, eos):
     text = _rollout(encoder, eos, reply="147", completion="147" + encoder.template.eos, completion_ids=None)
     group, = _load(_write(tmp_path / "r.jsonl", [ids, text] * (G // 2)), encoder)
     assert all(r.completion_ids.tolist() == ids["completion_ids"] for r in group)
+
+
+@pytest.fixture(scope="module")
+def thinking_encoder():
+    return build_encoder(get_config(template="deepseek_v4_thinking"))
+
+
+def _thinking_rollout(encoder, completion):
+    """A text completion of "upper ab" (answer "AB"), one log-prob per token, reward left to compute."""
+    count = len(encoder.tokenizer.encode(completion))
+    return {"prompt": "upper ab", "answer": "AB", "completion": completion, "logprobs": [-0.5] * count}
+
+
+def test_thinking_completion_round_trips(tmp_path, thinking_encoder):
+    """`{reasoning}</think>{answer}<EOS>` after the `<think>` cue: the ids SFT trains on for that reply,
+    decoded back to the same text, rewarded on the answer."""
+    encoder = thinking_encoder
+    text = "A, B</think>AB" + encoder.template.eos
+    prompt = parse_prompt({"prompt": "upper ab"}).prompt
+    _, reply = render_reply(encoder.template, prompt, Message("assistant", "AB", "A, B"))
+    (sft_ids, _), = encoder.pieces_to_ids([reply])
+    group, = _load(_write(tmp_path / "r.jsonl", [_thinking_rollout(encoder, text)] * G), encoder,
+                   reward_fn=rewards.exact_match)
+    rollout = group[0]
+    assert rollout.completion_ids.tolist() == sft_ids
+    assert encoder.tokenizer.token_id("</think>") in sft_ids
+    assert encoder.tokenizer.decode(rollout.completion_ids) == text
+    assert encoder.tokenizer.decode(rollout.prompt_ids).endswith("<｜User｜>upper ab<｜Assistant｜><think>")
+    assert rollout.reward == 1.0
+
+
+def test_thinking_completion_without_think_end(tmp_path, thinking_encoder):
+    """Cut off before its end-of-reply marker, a completion may stop inside its reasoning (no answer:
+    reward 0); an ended one without `</think>` is refused, as the release's parser refuses it."""
+    encoder = thinking_encoder
+    cut = _thinking_rollout(encoder, "A, B")
+    group, = _load(_write(tmp_path / "cut.jsonl", [cut] * G), encoder, reward_fn=rewards.exact_match)
+    assert encoder.tokenizer.decode(group[0].completion_ids) == "A, B" and group[0].reward == 0.0
+    path = _write(tmp_path / "r.jsonl", [cut, _thinking_rollout(encoder, "AB" + encoder.template.eos), cut, cut])
+    with pytest.raises(DataError, match=rf"^{path}:2: in thinking mode .* has no '</think>' \[missing_think_end\]$"):
+        _load(path, encoder, reward_fn=rewards.exact_match)
 
 
 BAD = {  # reason -> fields replaced in an otherwise valid record

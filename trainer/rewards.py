@@ -1,7 +1,8 @@
 """Reward functions for GRPO, by name: `fn(completion_text, record) -> float`.
 
-`completion_text` is the reply as a user would read it: decoded, cut before the end-of-reply marker
-and stripped (data.evaluation.completion_text). `record` is the prompt's `data.formats.PromptRecord`:
+`completion_text` is the reply as a user would read it: decoded, cut before the end-of-reply marker,
+with a thinking template only the answer after `</think>`, and stripped
+(data.evaluation.completion_text). `record` is the prompt's `data.formats.PromptRecord`:
 its `answer` and `extra` fields (e.g. the sample tasks' "task") are what a checker compares against.
 A config names its reward function; `get` turns the name into the function, so adding one is a
 `@register("name")` away and a typo fails at start-up with the list of known names.
