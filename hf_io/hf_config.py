@@ -2,14 +2,35 @@
 describes the model the caller's config builds.
 
 Written in the release's own field names (`compress_ratios`, `rope_scaling`, `num_hash_layers`,
-...), which `transformers` reads as legacy names; read back in either naming.
+...), which `transformers` reads as legacy names; read back in either naming. `transformers` names a
+layer's kind from its ratio only for the release's ratios (0, 4, 128); a schedule with other ratios
+also gets `layer_types` and `compress_rates`, which `transformers` reads first.
 """
-from model.args import ModelArgs
+from model.args import ATTENTION_KIND_BY_RATIO, CSA, HCA, SLIDING, ModelArgs
 
 FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
                     "weight_block_size": [128, 128]}
-TRANSFORMERS_LAYER_TYPES = {0: "sliding_attention", 4: "compressed_sparse_attention",
-                            128: "heavily_compressed_attention"}
+TRANSFORMERS_LAYER_TYPES = {SLIDING: "sliding_attention", CSA: "compressed_sparse_attention",
+                            HCA: "heavily_compressed_attention"}
+RELEASE_RATES = {TRANSFORMERS_LAYER_TYPES[kind]: ratio for ratio, kind in ATTENTION_KIND_BY_RATIO.items() if ratio}
+
+
+def layer_types(args: ModelArgs) -> list:
+    """`transformers`' `layer_types` of `args`: one per main layer (it builds no MTP layer)."""
+    return [TRANSFORMERS_LAYER_TYPES[args.attention_kind(layer)] for layer in range(args.num_layers)]
+
+
+def compress_rates(args: ModelArgs) -> dict:
+    """`transformers`' `compress_rates` of `args`: the ratio of each compressed kind, the release's where the
+    schedule has no layer of a kind."""
+    ratios = {TRANSFORMERS_LAYER_TYPES[kind]: ratio for kind, ratio in args.kind_ratios().items() if kind != SLIDING}
+    return {**RELEASE_RATES, **ratios}
+
+
+def _ratios_name_kinds(args: ModelArgs) -> bool:
+    """Whether the release's ratio -> kind rule gives every layer its kind."""
+    return all(ATTENTION_KIND_BY_RATIO.get(ratio) == args.attention_kind(layer)
+               for layer, ratio in enumerate(args.compress_ratios))
 
 
 def config_json(args: ModelArgs, quantized: bool) -> dict:
@@ -37,6 +58,8 @@ def config_json(args: ModelArgs, quantized: bool) -> dict:
         "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
         "torch_dtype": "bfloat16", "use_cache": True,
     }
+    if not _ratios_name_kinds(args):
+        config["layer_types"], config["compress_rates"] = layer_types(args), compress_rates(args)
     if quantized:
         config["expert_dtype"] = "fp4"
         config["quantization_config"] = dict(FP8_QUANTIZATION)
@@ -44,10 +67,24 @@ def config_json(args: ModelArgs, quantized: bool) -> dict:
 
 
 def _schedule(config: dict):
-    """The per-layer attention schedule as transformers layer-type names, from either naming."""
+    """The per-layer attention schedule as transformers layer-type names, from either naming (`layer_types`
+    first, as `transformers` reads it); a ratio the release does not use stays a number."""
+    if "layer_types" in config:
+        return config["layer_types"]
     if "compress_ratios" in config:
-        return [TRANSFORMERS_LAYER_TYPES.get(r, r) for r in config["compress_ratios"][:config.get("num_hidden_layers")]]
-    return config.get("layer_types")
+        kinds = [ATTENTION_KIND_BY_RATIO.get(r, r) for r in config["compress_ratios"][:config.get("num_hidden_layers")]]
+        return [TRANSFORMERS_LAYER_TYPES.get(kind, kind) for kind in kinds]
+    return None
+
+
+def _ratios(config: dict):
+    """The per-layer compression ratios (0: sliding window), from either naming."""
+    if "compress_ratios" in config:
+        return config["compress_ratios"][:config.get("num_hidden_layers")]
+    if "layer_types" in config:
+        rates = {**RELEASE_RATES, **config.get("compress_rates", {})}
+        return [rates.get(layer_type, 0) for layer_type in config["layer_types"]]
+    return None
 
 
 def _hash_layers(config: dict):
@@ -76,6 +113,7 @@ def mismatches(config: dict, args: ModelArgs) -> list:
     found = [(field, config[field], ours[field]) for field in checked
              if field in config and config[field] != ours[field]]
     derived = [("attention schedule", _schedule(config), _schedule(ours)),
+               ("compression ratios", _ratios(config), _ratios(ours)),
                ("hash-routed layers", _hash_layers(config), args.num_hash_layers),
                ("RoPE head dim", _rope_head_dim(config), args.rope_head_dim)]
     found += [(what, theirs, expected) for what, theirs, expected in derived

@@ -9,7 +9,8 @@ from typing import Optional
 import jax.numpy as jnp
 
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
-ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}
+ATTENTION_KINDS = (SLIDING, CSA, HCA)
+ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}  # the release's ratios: the kinds without attention_kinds
 OFFLOAD = "offload"  # the remat policy that keeps layer inputs in host memory
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", OFFLOAD)  # model/transformer.py REMAT
 MOE_DISPATCHES = ("dense", "padded", "ragged")
@@ -38,7 +39,7 @@ class ModelArgs:
     o_groups: int
     o_lora_rank: int
     sliding_window: int
-    compress_ratios: tuple  # one per layer, then one per MTP layer
+    compress_ratios: tuple  # one per layer, then one per MTP layer; 0 = sliding window only
     index_n_heads: int
     index_head_dim: int
     index_topk: int
@@ -68,6 +69,7 @@ class ModelArgs:
     vocab_tile: int = 0  # head columns per tile of the loss (model/vocab_head.py); 0 = the whole vocabulary
     window_block: int = 0  # query rows per sliding-window block, dividing the window (config 0 = the window)
     query_chunk: int = 0  # queries whose attention scores are alive at once, a multiple of window_block; 0 = all
+    attention_kinds: Optional[tuple] = None  # per entry of compress_ratios; None: ATTENTION_KIND_BY_RATIO names them
 
     @property
     def compute_dtype(self):
@@ -82,10 +84,17 @@ class ModelArgs:
         return self.head_dim - self.rope_head_dim
 
     def attention_kind(self, layer: int) -> str:
-        return ATTENTION_KIND_BY_RATIO[self.compress_ratios[layer]]
+        """Layer `layer`'s kind: its entry of `attention_kinds`, else the release's kind of its ratio."""
+        if self.attention_kinds is None:
+            return ATTENTION_KIND_BY_RATIO[self.compress_ratios[layer]]
+        return self.attention_kinds[layer]
 
     def compress_ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]
+
+    def kind_ratios(self) -> dict:
+        """{kind: the compression ratio of its layers} for the kinds the schedule uses (one ratio per kind)."""
+        return {self.attention_kind(layer): ratio for layer, ratio in enumerate(self.compress_ratios)}
 
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.num_hash_layers
@@ -116,17 +125,14 @@ def from_config(model_config) -> ModelArgs:
                      if f.default is dataclasses.MISSING and f.name not in values)
     _require(not missing, ",".join(missing), "missing required field(s)")
     values["compress_ratios"] = tuple(int(r) for r in values["compress_ratios"])
+    if values.get("attention_kinds") is not None:
+        values["attention_kinds"] = tuple(str(kind) for kind in values["attention_kinds"])
     values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
     values["window_block"] = values.get("window_block") or values["sliding_window"]
     args = ModelArgs(**values)
 
-    n_ratios = args.num_layers + args.num_mtp_layers
-    _require(len(args.compress_ratios) == n_ratios, "compress_ratios",
-             f"has {len(args.compress_ratios)} entries, need num_layers + num_mtp_layers = {n_ratios}")
-    bad = sorted({r for r in args.compress_ratios if r not in ATTENTION_KIND_BY_RATIO})
-    _require(not bad, "compress_ratios", f"values {bad} not allowed; allowed: {sorted(ATTENTION_KIND_BY_RATIO)}")
-    _require(all(r == 0 for r in args.compress_ratios[args.num_layers:]), "compress_ratios",
-             "MTP layers (the last entries) must be sliding-window only (0)")
+    _check_kinds(args)
+    _check_ratios(args)
     _require(args.dtype in DTYPES, "dtype", f"{args.dtype!r} not allowed; allowed: {sorted(DTYPES)}")
     _require(args.param_dtype in DTYPES, "param_dtype",
              f"{args.param_dtype!r} not allowed; allowed: {sorted(DTYPES)}")
@@ -155,6 +161,43 @@ def from_config(model_config) -> ModelArgs:
     _require(args.num_shared_experts in (0, 1), "num_shared_experts",
              f"{args.num_shared_experts} not supported; allowed: 0 or 1")
     return args
+
+
+def _check_kinds(args: ModelArgs):
+    """Every entry of `compress_ratios` has a kind: from `attention_kinds`, else from the release's ratios;
+    MTP layers are sliding-window only."""
+    n = args.num_layers + args.num_mtp_layers
+    _require(len(args.compress_ratios) == n, "compress_ratios",
+             f"has {len(args.compress_ratios)} entries, need num_layers + num_mtp_layers = {n}")
+    if args.attention_kinds is None:
+        bad = sorted({r for r in args.compress_ratios if r not in ATTENTION_KIND_BY_RATIO})
+        _require(not bad, "compress_ratios", f"values {bad} need config.model.attention_kinds (one of "
+                 f"{list(ATTENTION_KINDS)} per entry); without it only the release's {ATTENTION_KIND_BY_RATIO}")
+        field = "compress_ratios"
+    else:
+        _require(len(args.attention_kinds) == n, "attention_kinds",
+                 f"has {len(args.attention_kinds)} entries, need num_layers + num_mtp_layers = {n}")
+        bad = sorted(set(args.attention_kinds) - set(ATTENTION_KINDS))
+        _require(not bad, "attention_kinds", f"values {bad} not allowed; allowed: {list(ATTENTION_KINDS)}")
+        field = "attention_kinds"
+    _require(all(args.attention_kind(layer) == SLIDING for layer in args.mtp_layer_ids), field,
+             f"MTP layers (the last entries) must be sliding-window only ({SLIDING!r}, ratio 0)")
+
+
+def _check_ratios(args: ModelArgs):
+    """Sliding-window layers have ratio 0; each compressed kind has one ratio (transformers' `compress_rates`
+    holds one per kind), above 1."""
+    ratios_of = {kind: set() for kind in ATTENTION_KINDS}
+    for layer, ratio in enumerate(args.compress_ratios):
+        ratios_of[args.attention_kind(layer)].add(ratio)
+    ratios_of = {kind: sorted(ratios) for kind, ratios in ratios_of.items()}
+    _require(ratios_of[SLIDING] in ([], [0]), "compress_ratios",
+             f"sliding-window layers have ratios {ratios_of[SLIDING]}; they must be 0")
+    for kind in (CSA, HCA):
+        _require(all(r > 1 for r in ratios_of[kind]), "compress_ratios",
+                 f"{kind} layers have ratios {ratios_of[kind]}; each must be > 1")
+        _require(len(ratios_of[kind]) <= 1, "compress_ratios",
+                 f"{kind} layers have ratios {ratios_of[kind]}; all layers of a kind share one ratio")
 
 
 def layer_kind(args: ModelArgs, layer: int) -> tuple:

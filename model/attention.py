@@ -20,7 +20,7 @@ from flax import nnx
 
 from mesh.sharding import constrain
 from model import params, rope
-from model.args import CSA, HCA, SLIDING, ModelArgs
+from model.args import CSA, SLIDING, ModelArgs
 from model.compressor import Compressor
 from model.indexer import Indexer
 from model.layouts import NARROW_SHARDED, NARROW_WHOLE
@@ -114,10 +114,10 @@ class Attention(nnx.Module):
         self.wo_a = params.normal(rngs, (h, c, args.o_lora_rank), ("heads", "head_dim", "o_lora"), std, wdt)
         self.wo_b = params.normal(rngs, (g, args.o_lora_rank, d), ("o_groups", "o_lora", "embed"), std, wdt)
         self.attn_sink = params.constant((h,), ("heads",), 0.0, jnp.float32)
-        ratio = {SLIDING: 0, CSA: 4, HCA: 128}[kind]
-        self.ratio = ratio
-        self.compressor = Compressor(args, c, ratio, "head_dim", rngs) if kind != SLIDING else None
-        self.indexer = Indexer(args, ratio, rngs) if kind == CSA else None
+        self.ratio = args.kind_ratios()[kind]
+        self.compressor = (Compressor(args, c, self.ratio, overlap=kind == CSA, norm_name="head_dim", rngs=rngs)
+                           if kind != SLIDING else None)
+        self.indexer = Indexer(args, self.ratio, rngs) if kind == CSA else None
 
     def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> [b,s,d]."""

@@ -1,9 +1,10 @@
 """KV compressor: every `ratio` tokens of a document become one KV entry by a learned, per-channel
 softmax pooling.
 
-Two schemes share this module. Plain (HCA, ratio 128): entry i pools the tokens of block i. Overlapping
-(CSA and the indexer, ratio 4): projections have two halves; entry i pools the previous block through the
-first half and its own block through the second half, so each entry sees 2*ratio tokens at stride ratio.
+Two schemes share this module, at any ratio > 1 (the release uses 128 and 4). Plain (HCA): entry i pools
+the tokens of block i. Overlapping (CSA and the indexer): projections have two halves; entry i pools the
+previous block through the first half and its own block through the second half, so each entry sees
+2*ratio tokens at stride ratio.
 
 Rows may pack several documents (segment ids, per-document positions). Blocks are counted from each
 document's own start, only complete blocks are compressed (a shorter tail is dropped), and a
@@ -73,8 +74,9 @@ def _pool_stats(values, scores, ids, num_segments):
 
 
 class Compressor(nnx.Module):
-    def __init__(self, args: ModelArgs, width: int, ratio: int, norm_name: str, rngs: nnx.Rngs):
-        self.ratio, self.width, self.overlap, self.args = ratio, width, ratio == 4, args
+    def __init__(self, args: ModelArgs, width: int, ratio: int, overlap: bool, norm_name: str, rngs: nnx.Rngs):
+        """Pools every `ratio` tokens into one entry of `width` channels; `overlap`: the CSA scheme."""
+        self.ratio, self.width, self.overlap, self.args = ratio, width, overlap, args
         channels = 2 * width if self.overlap else width
         d, wdt = args.hidden_size, args.weight_dtype
         self.wkv = params.normal(rngs, (d, channels), ("embed", "kv_comp"), args.initializer_range, wdt)

@@ -26,12 +26,12 @@ def attention_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     per_key = 4 * args.num_heads * args.head_dim  # q.k and p.v
     total = 0.0
     for layer in list(range(args.num_layers)) + list(args.mtp_layer_ids):
-        kind = args.attention_kind(layer)
+        kind, ratio = args.attention_kind(layer), args.compress_ratio(layer)
         keys = window.astype(np.float64)
         if kind == HCA:
-            keys = keys + (t + 1) // 128
+            keys = keys + (t + 1) // ratio
         elif kind == CSA:
-            visible = (t + 1) // 4
+            visible = (t + 1) // ratio
             keys = keys + np.minimum(visible, args.index_topk)
             total += np.mean(visible) * 2 * args.index_n_heads * args.index_head_dim  # indexer scores
         total += np.mean(keys) * per_key

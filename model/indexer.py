@@ -24,7 +24,7 @@ class Indexer(nnx.Module):
                                   ("q_lora", "index_heads", "index_head_dim"), args.initializer_range, wdt)
         self.weights_proj = params.normal(rngs, (args.hidden_size, self.heads), ("embed", "index_heads"),
                                           args.initializer_range, wdt)
-        self.compressor = Compressor(args, self.dim, ratio, "index_head_dim", rngs)
+        self.compressor = Compressor(args, self.dim, ratio, overlap=True, norm_name="index_head_dim", rngs=rngs)
         self.args = args
 
     def __call__(self, u: jax.Array, q_latent: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -6,6 +6,7 @@ import torch
 from flax import nnx
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
+from hf_io.hf_config import compress_rates, layer_types
 from model import hf_mapping
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
@@ -17,7 +18,7 @@ def hf_config(args: ModelArgs) -> DeepseekV4Config:
         num_attention_heads=args.num_heads, num_key_value_heads=1, head_dim=args.head_dim,
         qk_rope_head_dim=args.rope_head_dim, q_lora_rank=args.q_lora_rank, o_groups=args.o_groups,
         o_lora_rank=args.o_lora_rank, sliding_window=args.sliding_window,
-        compress_ratios=list(args.compress_ratios), index_n_heads=args.index_n_heads,
+        layer_types=layer_types(args), compress_rates=compress_rates(args), index_n_heads=args.index_n_heads,
         index_head_dim=args.index_head_dim, index_topk=args.index_topk, hc_mult=args.hc_mult,
         hc_sinkhorn_iters=args.hc_sinkhorn_iters, hc_eps=args.hc_eps, n_routed_experts=args.num_routed_experts,
         n_shared_experts=args.num_shared_experts, num_experts_per_tok=args.num_experts_per_tok,

@@ -8,6 +8,7 @@ from configs import tiny, v4_flash, v4_pro
 from model.args import from_config, layer_groups
 
 KIND_BY_RATIO = {0: "sliding", 4: "csa", 128: "hca"}
+TINY_KINDS = ("sliding", "sliding", "csa", "hca", "csa", "hca", "sliding")  # the tiny schedule, MTP last
 
 
 def tiny_fields(**overrides) -> dict:
@@ -24,18 +25,41 @@ def _without(field: str) -> dict:
 
 @pytest.mark.parametrize("fields, field, detail", [
     (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128)), "compress_ratios", "has 6 entries"),
-    (tiny_fields(compress_ratios=(0, 0, 8, 128, 4, 128, 0)), "compress_ratios", "values [8]"),
+    (tiny_fields(compress_ratios=(0, 0, 8, 128, 4, 128, 0)), "compress_ratios", "values [8] need"),
     (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4)), "compress_ratios", "MTP"),
+    (tiny_fields(compress_ratios=(0, 0, 1, 16, 1, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
+     "csa layers have ratios [1]; each must be > 1"),
+    (tiny_fields(compress_ratios=(0, 0, 8, 0, 8, 0, 0), attention_kinds=TINY_KINDS), "compress_ratios",
+     "hca layers have ratios [0]; each must be > 1"),
+    (tiny_fields(compress_ratios=(0, 0, 8, 16, 4, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
+     "csa layers have ratios [4, 8]; all layers of a kind share one ratio"),
+    (tiny_fields(compress_ratios=(0, 8, 8, 16, 8, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
+     "sliding-window layers have ratios [0, 8]"),
+    (tiny_fields(attention_kinds=TINY_KINDS[:-1]), "attention_kinds", "has 6 entries"),
+    (tiny_fields(attention_kinds=("dense",) + TINY_KINDS[1:]), "attention_kinds", "values ['dense']"),
+    (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4), attention_kinds=TINY_KINDS[:-1] + ("csa",)),
+     "attention_kinds", "MTP"),
     (tiny_fields(dtype="float16"), "dtype", "'float16'"),
     (tiny_fields(hidden_dim=64), "hidden_dim", "unknown field"),
     (_without("num_heads"), "num_heads", "missing"),
     (tiny_fields(o_groups=3), "o_groups", "does not divide num_heads=4"),
-], ids=["ratios_length", "ratio_value", "mtp_ratio", "dtype", "unknown", "missing", "o_groups"])
+], ids=["ratios_length", "ratio_value", "mtp_ratio", "ratio_one", "ratio_zero", "two_csa_ratios", "sliding_ratio",
+        "kinds_length", "kind_value", "mtp_kind", "dtype", "unknown", "missing", "o_groups"])
 def test_errors_name_the_field(fields, field, detail):
-    """A user editing a config must be told which field is wrong and why."""
+    """A user editing a config must be told, in one line, which field is wrong and why."""
     with pytest.raises(ValueError, match=re.escape(f"config.model.{field}:")) as error:
         from_config(fields)
     assert detail in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_kinds_come_from_attention_kinds():
+    """With `attention_kinds`, any ratio above 1 serves CSA or HCA; one ratio per compressed kind."""
+    args = from_config(tiny_fields(compress_ratios=(0, 0, 8, 32, 8, 32, 0), attention_kinds=TINY_KINDS))
+    assert [args.attention_kind(layer) for layer in range(7)] == list(TINY_KINDS)
+    assert args.kind_ratios() == {"sliding": 0, "csa": 8, "hca": 32}
+    swapped = from_config(tiny_fields(attention_kinds=("sliding", "sliding", "hca", "csa", "hca", "csa", "sliding")))
+    assert swapped.kind_ratios() == {"sliding": 0, "hca": 4, "csa": 128}
 
 
 def test_tiny_config_is_valid():

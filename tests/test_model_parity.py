@@ -1,4 +1,5 @@
-"""Our DeepSeek-V4 against the `transformers` reference, float32, random weights, every layer kind.
+"""Our DeepSeek-V4 against the `transformers` reference, float32, random weights, every layer kind, at
+the release's compression ratios and at others.
 
 Tolerances (stated once): per-layer hidden streams and logits agree to 2e-5 of the reference's largest
 magnitude (measured: up to 3e-6); gradients to 1e-3 of the largest gradient of the same tensor
@@ -11,6 +12,9 @@ import pytest
 import torch
 from flax import nnx
 
+from transformers import DeepseekV4Config
+
+from hf_io.hf_config import config_json, mismatches
 from model import hf_mapping
 from tests.hf_reference import matching_model, random_reference
 from tests.model_configs import parity_args
@@ -18,6 +22,10 @@ from tests.model_configs import parity_args
 FORWARD_RTOL = 2e-5
 GRAD_RTOL = 1e-3
 SEQ_LEN = 400  # 25 windows of 16, 3 complete HCA blocks of 128, 100 CSA entries with top-8
+# CSA at ratio 8 and HCA at 16, kinds named by attention_kinds: a hash CSA layer, then HCA and CSA.
+UNUSUAL_RATIOS = dict(num_layers=3, num_hash_layers=1, compress_ratios=(8, 16, 8, 0),
+                      attention_kinds=("csa", "hca", "csa", "sliding"))
+UNUSUAL_SEQ_LEN = 100  # 12 CSA entries with top-8 (a 4-token tail dropped), 6 HCA entries
 
 
 def _relative_error(ours, reference):
@@ -43,8 +51,8 @@ def test_schedule_covers_every_kind(setup):
                                                 "compressed_sparse_attention"]
 
 
-def test_forward_matches_reference_per_layer(setup):
-    args, reference, model, tokens = setup
+def _check_forward(args, reference, model, tokens):
+    """Every layer's hidden streams but the last, and the logits, agree to FORWARD_RTOL."""
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens), output_hidden_states=True)
     graphdef, state = nnx.split(model)
@@ -57,6 +65,37 @@ def test_forward_matches_reference_per_layer(setup):
         assert error < FORWARD_RTOL, f"layer {layer} ({args.attention_kind(layer)}): relative error {error:.2e}"
     error = _relative_error(ours.logits, expected.logits.numpy())
     assert error < FORWARD_RTOL, f"logits: relative error {error:.2e}"
+
+
+def test_forward_matches_reference_per_layer(setup):
+    _check_forward(*setup)
+
+
+def test_unusual_ratios_match_reference():
+    """Any ratio > 1 works for either compressed kind: CSA at 8 and HCA at 16 equal the reference built
+    with those `compress_rates`."""
+    args = parity_args(**UNUSUAL_RATIOS)
+    reference = random_reference(args, seed=0)
+    assert reference.config.layer_types == ["compressed_sparse_attention", "heavily_compressed_attention",
+                                            "compressed_sparse_attention"]
+    assert reference.config.compress_rates == {"compressed_sparse_attention": 8, "heavily_compressed_attention": 16}
+    tokens = np.random.default_rng(1).integers(0, args.vocab_size, (2, UNUSUAL_SEQ_LEN))
+    _check_forward(args, reference, matching_model(args, reference), tokens)
+
+
+def test_exported_config_names_unusual_ratios():
+    """The `config.json` we write for other ratios gives `transformers` the same schedule (it reads
+    `layer_types` and `compress_rates`, not the release's `compress_ratios`), and is checked back."""
+    args = parity_args(**UNUSUAL_RATIOS)
+    config = config_json(args, quantized=False)
+    read = DeepseekV4Config.from_dict(config)
+    assert read.layer_types == ["compressed_sparse_attention", "heavily_compressed_attention",
+                                "compressed_sparse_attention"]
+    assert read.compress_rates == {"compressed_sparse_attention": 8, "heavily_compressed_attention": 16}
+    assert mismatches(config, args) == []
+    other = dict(config, compress_rates={"compressed_sparse_attention": 8, "heavily_compressed_attention": 32})
+    del other["compress_ratios"]
+    assert mismatches(other, args) == ["compression ratios: checkpoint has [8, 32, 8], the config has [8, 16, 8]"]
 
 
 def test_gradients_match_reference(setup):
