@@ -9,9 +9,8 @@ repeats, gives F at full depth exactly.
 """
 import dataclasses
 
-from model.args import ATTENTION_KIND_BY_RATIO, ModelArgs, layer_groups
+from model.args import ModelArgs, layer_groups
 
-RATIO_OF_KIND = {kind: ratio for ratio, kind in ATTENTION_KIND_BY_RATIO.items()}
 
 
 def with_repeats(args: ModelArgs, repeats: tuple) -> ModelArgs:
@@ -22,9 +21,12 @@ def with_repeats(args: ModelArgs, repeats: tuple) -> ModelArgs:
     hashed = [routing == "hash" for _, routing in kinds]
     if hashed != sorted(hashed, reverse=True):
         raise ValueError("hash-routed layers must come first in every variant")
-    mtp = args.compress_ratios[args.num_layers:]
+    mtp = slice(args.num_layers, None)
+    ratio = args.kind_ratios()
+    named = None if args.attention_kinds is None else tuple(a for a, _ in kinds) + args.attention_kinds[mtp]
     return dataclasses.replace(args, num_layers=len(kinds), num_hash_layers=sum(hashed), scan_layers=False,
-                               compress_ratios=tuple(RATIO_OF_KIND[attention] for attention, _ in kinds) + mtp)
+                               compress_ratios=tuple(ratio[a] for a, _ in kinds) + args.compress_ratios[mtp],
+                               attention_kinds=named)
 
 
 def variants(args: ModelArgs) -> list:

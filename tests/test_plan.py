@@ -42,6 +42,20 @@ def test_variants_and_combination():
     assert extrapolate.combine(args, measured) == {"flops": 170.0, "x": 5.0, "y": 4.0}
 
 
+def test_variants_keep_named_kinds_and_their_ratios():
+    """A schedule whose kinds are named (attention_kinds, CSA at 8 and HCA at 16): every variant
+    layer keeps its kind and that kind's ratio."""
+    config = small_config()
+    ratios = {0: 0, 4: 8, 128: 16}
+    config.model.compress_ratios = tuple(ratios[r] for r in config.model.compress_ratios)
+    config.model.attention_kinds = tuple({0: "sliding", 8: "csa", 16: "hca"}[r] for r in config.model.compress_ratios)
+    args = from_config(config.model)
+    base = extrapolate.with_repeats(args, (1, 1, 1))
+    assert base.compress_ratios == (0, 8, 16, 8, 0)
+    assert base.attention_kinds == ("sliding", "csa", "hca", "csa", "sliding")
+    from_config(dataclasses.asdict(base) | {"rope_scaling": dataclasses.asdict(base.rope_scaling)})
+
+
 @pytest.fixture(scope="module")
 def report():
     return plan.make_plan(small_config(), full_compile=True, log=lambda _: None, peak_buffers=8)
