@@ -62,7 +62,7 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
 
 def decay_start(config: ml_collections.ConfigDict) -> int:
     """The optimizer update at which the learning-rate decay begins: total_steps - decay_steps, or
-    warmup_steps when decay_steps is None (trainer/optimizer.learning_rate_schedule's boundary)."""
+    warmup_steps when decay_steps is None (the boundary of trainer/optimizer.learning_rate_schedule)."""
     if config.decay_steps is None:
         return config.warmup_steps
     return config.total_steps - config.decay_steps

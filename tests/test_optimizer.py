@@ -362,7 +362,7 @@ def test_the_logged_learning_rate_is_the_applied_one(name):
     state = tx.init(params)
     rates = []
     for _ in range(4):
-        rates.append(float(optimizer.applied_learning_rate(state, schedule, step=len(rates))))
+        rates.append(float(optimizer.at_applied_updates(state, schedule, step=len(rates))))
         _, state = tx.update(grads, state, params)
     assert rates == [float(schedule(0))] * 2 + [float(schedule(1))] * 2
     assert rates[1] != float(schedule(1))

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from configs.optimizer import decay_start
 from configs.release import ConfigError
 from mesh.batch_spread import over_batch
 from mesh.sharding import active, resolve_spec
@@ -302,7 +303,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return optax.join_schedules(
         [optax.linear_schedule(peak * config.init_lr_ratio, peak, warmup), optax.constant_schedule(peak),
          tails[config.decay]()],
-        boundaries=[warmup, total - decay_steps])
+        boundaries=[warmup, decay_start(config)])
 
 
 def build_optimizer(config, params) -> optax.GradientTransformation:
@@ -347,11 +348,11 @@ def build_optimizer(config, params) -> optax.GradientTransformation:
     return tx
 
 
-def applied_learning_rate(opt_state, schedule, step) -> jax.Array:
-    """The learning rate the optimizer applies at its next update: the schedule at the count of its
-    (first) ScaleByScheduleState, which advances only with applied updates (not with refused steps,
-    nor with the accumulating calls of accumulation_steps > 1). An optimizer that holds no such state
-    (a constant rate) does not count: the schedule is read at `step`."""
+def at_applied_updates(opt_state, schedule, step) -> jax.Array:
+    """`schedule` (the learning rate, or any loss weight scheduled like it) at the optimizer's next
+    update: read at the count of its (first) ScaleByScheduleState, which advances only with applied
+    updates (not with refused steps, nor with the accumulating calls of accumulation_steps > 1). An
+    optimizer that holds no such state (a constant rate) does not count: `schedule` is read at `step`."""
     is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
     counts = [node.count for node in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(node)]
     return schedule(counts[0] if counts else step)

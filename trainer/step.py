@@ -19,7 +19,7 @@ from mesh.sharding import constrain, logical_to_spec
 from objectives.protocol import Objective
 from objectives.sft import SFT
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
-from trainer.optimizer import applied_learning_rate
+from trainer.optimizer import at_applied_updates
 from trainer.state import TrainState, split_variables
 
 BATCH = ("act_batch", "act_length")
@@ -80,7 +80,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         num_mtp = nnx.merge(graphdef, state.params, state.routing).args.num_mtp_layers
         normalisers = objective.normalisers(batch, num_mtp)
         # Each scheduled weight at the optimizer's applied-update count, the one the learning rate is read at.
-        step_weights = {name: applied_learning_rate(state.opt_state, weight, state.step)
+        step_weights = {name: at_applied_updates(state.opt_state, weight, state.step)
                         for name, weight in objective.weight_schedules.items()}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -115,7 +115,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
                                                    (state.params, state.opt_state, state.routing))
         refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
-        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=applied_learning_rate(state.opt_state, schedule, state.step),
+        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=at_applied_updates(state.opt_state, schedule, state.step),
                        expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load))
         metrics.update(step_weights)
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
