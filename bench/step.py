@@ -28,14 +28,14 @@ _CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "Capacity factor of the m
 _DEVICES = 8
 
 
-def _uncounted_tile_flops(args, tiles: float, mesh, rules) -> float:
+def _uncounted_tile_flops(args, tiles: float, tokens: int, mesh, rules) -> float:
     """FLOPs of the tiles run beyond the one forward and one backward body per MoE layer and device
     that XLA's cost analysis includes (no remat: each forward loop runs once)."""
-    from planner.measure import tile_body_flops
+    from planner.measure import tile_body_flops, tokens_per_device
 
     if args.remat_policy != "none":
         raise ValueError(f"tile accounting assumes remat_policy='none', got {args.remat_policy!r}")
-    forward, backward = tile_body_flops(args, dict(mesh.shape), rules)
+    forward, backward = tile_body_flops(args, tokens_per_device(tokens, dict(mesh.shape)), dict(mesh.shape), rules)
     loops = mesh.size * (args.num_layers + args.num_mtp_layers)
     return (tiles - loops) * (forward + backward)
 
@@ -93,7 +93,8 @@ def main(argv):
             if dispatch != "dense":
                 counted = compiled.cost_analysis()["flops"] * mesh.size
                 if args.expert_tile:
-                    counted += _uncounted_tile_flops(args, float(metrics["expert_tiles"]), mesh, mesh_config.rules)
+                    counted += _uncounted_tile_flops(args, float(metrics["expert_tiles"]), int(tokens), mesh,
+                                                     mesh_config.rules)
                 flops = counted / (train_flops_per_token(args, config.data.seq_len) * tokens)
         results.append({"mesh": text, "tokens_per_sec": tokens / timings[_DISPATCH.value],
                         "flops_ratio": flops, "moe_dispatch_ratio": timings[_DISPATCH.value] / timings["dense"],

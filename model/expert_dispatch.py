@@ -36,8 +36,9 @@ matrix does), so a device sends at most t_local assignments to one expert.
   in float32, and [E/ep, ep*t_local, I/tp] float32 gate/up/h on the expert side: the grouped einsum
   then costs E*t_local*d*I per device, E/k times the useful work, like the dense reference. With a
   `tile` (ModelArgs.expert_tile) the expert MLP instead runs only the tiles holding received rows
-  (`model.grouped_mlp`): the work is the routed rows rounded up to whole tiles per (expert, source)
-  chunk, while the buffers' memory stays the worst case. Without tiles this is the
+  (`model.grouped_mlp`; tiles shortened to cover a chunk of C rows evenly, `chunk_tile`): the work
+  is the routed rows rounded up to whole tiles per (expert, source) chunk, while the buffers' memory
+  stays the worst case. Without tiles this is the
   price of static shapes without ragged collectives; the "ragged" backend moves only the t_local*k real
   rows and ragged_dot computes only those where the platform has a grouped kernel (XLA:CPU lowers it
   to a masked dense dot, E_local times the work). Its receive buffer is still ep*t_local*k rows, the
@@ -60,7 +61,7 @@ from mesh import axes
 from mesh.axes import mesh_axes_of
 from mesh.sharding import active, resolve_spec
 from model.activations import clamped_swiglu
-from model.grouped_mlp import expert_mlp, occupied_tiles
+from model.grouped_mlp import chunk_tile, expert_mlp, occupied_tiles
 from model.layouts import TOKENS
 
 BACKENDS = ("padded", "ragged")
@@ -154,6 +155,7 @@ def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, 
         wg = wg.transpose(1, 0, 2).reshape(local, ep * cap)
     if tile:
         # Chunks (local expert, source) of C rows: [El*ep, C, ...].
+        tile = chunk_tile(cap, tile)
         out = expert_mlp(xg.reshape(local * ep, cap, d), wg.reshape(local * ep, cap), received, w1, w3, w2,
                          chunks_per_expert=ep, tile=tile, limit=limit).reshape(local, ep * cap, d)
         tiles = occupied_tiles(received, tile)

@@ -30,6 +30,15 @@ from jax import lax
 from model.activations import clamped_swiglu
 
 
+def chunk_tile(rows: int, tile: int) -> int:
+    """The tile run on chunks of `rows` rows when `tile` is asked for: the ceil(rows / tile) tiles a
+    chunk needs, each just long enough to cover it, so a chunk is padded by fewer rows than it has
+    tiles (an 80-row chunk with tile 128 runs one 80-row tile, not a 128-row one of which 48 rows
+    are padding)."""
+    tiles = -(-rows // tile)
+    return -(-rows // tiles)
+
+
 def occupied_tiles(counts: jax.Array, tile: int) -> jax.Array:
     """counts [G] -> tiles the op runs (int32 scalar)."""
     return jnp.sum((counts + tile - 1) // tile).astype(jnp.int32)

@@ -6,7 +6,7 @@ from mesh import hlo_collectives
 from mesh.sharding import resolve_spec
 from model.args import ModelArgs
 from model.expert_dispatch import W13_NAMES, capacity
-from model.grouped_mlp import tile_flops
+from model.grouped_mlp import chunk_tile, tile_flops
 
 FLOPS = "flops"
 SEP = "|"
@@ -34,14 +34,25 @@ def measure(compiled, mesh_shape: dict) -> dict:
     return figures
 
 
-def tile_body_flops(args: ModelArgs, mesh_shape: dict, rules) -> tuple:
-    """(forward, backward) XLA-counted FLOPs of one expert-MLP tile on this mesh, whose `tensor`-like
-    axes split the expert hidden width I the way the routed weights' rules do."""
+def tokens_per_device(tokens: int, mesh_shape: dict) -> int:
+    """A step's `tokens` split over the batch axes: the tokens each device dispatches."""
+    return tokens // math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+
+
+def chunk_rows(args: ModelArgs, tokens: int) -> int:
+    """Rows of one (local expert, source) chunk of the padded dispatch for `tokens` tokens per device."""
+    return capacity(tokens, args.num_experts_per_tok, args.num_routed_experts, args.capacity_factor or None)
+
+
+def tile_body_flops(args: ModelArgs, tokens: int, mesh_shape: dict, rules) -> tuple:
+    """(forward, backward) XLA-counted FLOPs of one expert-MLP tile (`chunk_tile` of the chunks of
+    `tokens` tokens per device) on this mesh, whose `tensor`-like axes split the expert hidden width I
+    the way the routed weights' rules do."""
     shape = (args.num_routed_experts, args.hidden_size, args.moe_intermediate_size)
     spec = resolve_spec("routed w1/w3", W13_NAMES, shape, mesh_shape, rules)[2]
     split = math.prod(mesh_shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
-    return tile_flops(args.expert_tile, args.hidden_size, args.moe_intermediate_size // split,
-                      args.compute_dtype, args.swiglu_limit)
+    return tile_flops(chunk_tile(chunk_rows(args, tokens), args.expert_tile), args.hidden_size,
+                      args.moe_intermediate_size // split, args.compute_dtype, args.swiglu_limit)
 
 
 def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict, rules) -> float:
@@ -51,10 +62,11 @@ def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_sh
     if args.moe_dispatch != "padded" or not args.expert_tile:
         return 0.0
     experts, k = args.num_routed_experts, args.num_experts_per_tok
-    tokens = batch_size * seq_len // math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
-    rows = min(capacity(tokens, k, experts, args.capacity_factor or None), tokens * k / experts)
-    tiles = experts * math.ceil(rows / args.expert_tile)  # chunks per device: (local expert, source) = E
-    forward, backward = tile_body_flops(args, mesh_shape, rules)
+    tokens = tokens_per_device(batch_size * seq_len, mesh_shape)
+    cap = chunk_rows(args, tokens)
+    rows = min(cap, tokens * k / experts)
+    tiles = experts * math.ceil(rows / chunk_tile(cap, args.expert_tile))  # chunks per device: E
+    forward, backward = tile_body_flops(args, tokens, mesh_shape, rules)
     forward_loops = 1 if args.remat_policy == "none" else 2
     layers = args.num_layers + args.num_mtp_layers
     return layers * (tiles - 1) * (forward_loops * forward + backward)

@@ -225,6 +225,29 @@ def test_capacity_drops_exactly_what_it_reports(mesh, backend, tile, monkeypatch
     assert float(stats["dropped_tokens"]) == distinct_dropped
 
 
+def test_a_tile_longer_than_the_capacity_runs_once_per_chunk():
+    """capacity_factor=1 gives 4-row chunks; a 64-row tile shrinks to the chunk (grouped_mlp.chunk_tile):
+    the output is the reference with the dropped choices removed, the tiles run are exactly the
+    occupied (expert, source shard) chunks, once per tensor rank, and the compiled buffers are those of
+    a tile as long as the chunk."""
+    p = problem(seed=4, skew=True)
+    shape = MESHES["fsdp2_expert2_tensor2"]
+    shards, tensor = shape[0] * shape[1] * shape[2], shape[3]
+    cap = capacity(TOKENS // shards, TOP_K, EXPERTS, 1.0)
+    assert cap < 64
+    kept = expected_kept(p["experts"], shards, cap)
+    y, stats, _ = run(p, shape, capacity_factor=1.0, tile=64, grads=False)
+    weights = jnp.where(kept, p["weights"], 0.0)
+    np.testing.assert_allclose(y, reference(p["x"], p["experts"], weights, p["w1"], p["w3"], p["w2"]), **TOL)
+    source = np.arange(TOKENS)[:, None] // (TOKENS // shards)
+    chunks = {(int(s), int(e)) for s, e, k in zip(np.broadcast_to(source, kept.shape).ravel(),
+                                                 np.asarray(p["experts"]).ravel(), kept.ravel()) if k}
+    assert float(stats["expert_tiles"]) == len(chunks) * tensor
+    rows = capacity(FLOP_TOKENS // shards, TOP_K, EXPERTS, 1.0)  # chunk rows of compiled_forward's dispatch
+    temporaries = lambda tile: compiled_forward(shape, 1.0, tile).memory_analysis().temp_size_in_bytes
+    assert temporaries(rows + 36) == temporaries(rows)  # no chunk padded to the longer tile
+
+
 # Widths for the compile-only checks: large enough that the swiglu's elementwise FLOPs (which the
 # analytic 2*3*t*k*d*I leaves out) are small next to the matmuls.
 FLOP_TOKENS, FLOP_WIDTH, FLOP_HIDDEN = 1024, 256, 128

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.grouped_mlp import expert_mlp, occupied_tiles, tile_flops
+from model.grouped_mlp import chunk_tile, expert_mlp, occupied_tiles, tile_flops
 
 CHUNKS, ROWS, WIDTH, HIDDEN, EXPERTS, TILE = 6, 10, 8, 12, 3, 4
 COUNTS = np.array([0, 3, 10, 4, 7, 1], np.int32)  # ROWS is not a multiple of TILE
@@ -72,3 +72,13 @@ def test_tiles_run_and_their_flops():
     assert 3 * matmuls <= forward < 4 * matmuls  # three matmuls + the elementwise swiglu
     # Six gradient matmuls + the swiglu's derivative; recomputing gate/up would add two more.
     assert 6 * matmuls <= backward < 7 * matmuls
+
+
+@pytest.mark.parametrize("rows,tile,expected", [(80, 128, 80), (300, 128, 100), (256, 128, 128), (10, 4, 4),
+                                                (9, 4, 3), (1, 16, 1)])
+def test_chunk_tile_covers_a_chunk_in_as_few_tiles_with_least_padding(rows, tile, expected):
+    """As many tiles as `tile` needs (ceil(rows / tile)), each no longer than covers the chunk."""
+    got = chunk_tile(rows, tile)
+    assert got == expected
+    tiles = -(-rows // tile)
+    assert -(-rows // got) == tiles and got <= tile and tiles * got - rows < tiles
