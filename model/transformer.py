@@ -49,6 +49,9 @@ class ModelOutput:
     head_inputs: Optional[jax.Array] = None  # [1 + mtp, b, s, d] normalised: main head first, then each MTP depth
     head: Optional[jax.Array] = None  # [d, vocab] the shared output head
     hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
+    # [num_layers] float32: each layer's KL(attention || indexer) summed over its queries (0 in layers
+    # without an indexer), with indexer_loss=True only
+    indexer_kl: Optional[jax.Array] = None
     vocab_tile: int = dataclasses.field(default=0, metadata=dict(static=True))  # head columns per tile
 
     def token_logprobs(self, targets: jax.Array) -> jax.Array:
@@ -86,10 +89,11 @@ class LayerGroup(nnx.Module):
         self.remat_policy, self.scan_layers = args.remat_policy, args.scan_layers
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
-    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None):
+    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None,
+                 indexer_loss: bool = False):
         """replay: [repeats*len(pattern), b, s, k] experts per layer or None ->
-        (streams, MoEStats stacked [repeats*len(pattern), ...], hidden [repeats*len(pattern), ...] or None),
-        layers in schedule order."""
+        (streams, MoEStats stacked [repeats*len(pattern), ...], indexer KL [repeats*len(pattern)] (Block),
+        hidden [repeats*len(pattern), ...] or None), layers in schedule order."""
         graphdef, state = nnx.split(self.blocks)
         period = len(self.pattern)
         if replay is not None:
@@ -99,27 +103,28 @@ class LayerGroup(nnx.Module):
             carry = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry)
             layer_state, layer_replay = xs
             blocks = nnx.merge(graphdef, layer_state)
-            stats, hidden = [], []
+            stats, kls, hidden = [], [], []
             for position, block in enumerate(blocks):
-                carry, layer_stats = block(carry, positions, segment_ids, token_ids,
-                                           None if layer_replay is None else layer_replay[position])
+                carry, layer_stats, kl = block(carry, positions, segment_ids, token_ids,
+                                               None if layer_replay is None else layer_replay[position], indexer_loss)
                 stats.append(layer_stats)
+                kls.append(kl)
                 hidden.append(carry)
-            return carry, (_stack(stats), jnp.stack(hidden) if collect_hidden else None)
+            return carry, (_stack(stats), jnp.stack(kls), jnp.stack(hidden) if collect_hidden else None)
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
         if self.scan_layers:
-            streams, (stats, hidden) = jax.lax.scan(body, streams, (state, replay))
+            streams, (stats, kls, hidden) = jax.lax.scan(body, streams, (state, replay))
         else:
             outputs = []
             for r in range(self.repeats):
                 streams, out = body(streams, jax.tree.map(lambda x: x[r], (state, replay)))
                 outputs.append(out)
-            stats, hidden = _stack(outputs)
+            stats, kls, hidden = _stack(outputs)
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
         hidden = None if hidden is None else merge_layers(hidden)
-        return streams, jax.tree.map(merge_layers, stats), hidden
+        return streams, jax.tree.map(merge_layers, stats), merge_layers(kls), hidden
 
 
 class DeepSeekV4(nnx.Module):
@@ -145,12 +150,14 @@ class DeepSeekV4(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False,
-                 routed_experts: Optional[jax.Array] = None, logits: bool = True) -> ModelOutput:
+                 routed_experts: Optional[jax.Array] = None, logits: bool = True,
+                 indexer_loss: bool = False) -> ModelOutput:
         """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
         positions restarting at 0 in each document; by default a row is one document 0..s-1.
         routed_experts [b, s, num_layers, k] int32 (routing replay) makes every main layer use those
         experts; the MTP layers route themselves (inference engines do not record them).
-        logits=False leaves the whole logits out: the objectives read the head tile by tile."""
+        logits=False leaves the whole logits out: the objectives read the head tile by tile.
+        indexer_loss=True adds each layer's indexer KL (`ModelOutput.indexer_kl`, model.indexer)."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -158,13 +165,15 @@ class DeepSeekV4(nnx.Module):
             segment_ids = jnp.ones((b, s), jnp.int32)
         x = self.embed_tokens(tokens)
         streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
-        stats, hidden = [], []
+        stats, kls, hidden = [], [], []
         replay = None if routed_experts is None else jnp.moveaxis(routed_experts, 2, 0)  # [L, b, s, k]
         for group in self.groups:
             layers = slice(group.first_layer, group.first_layer + group.repeats * len(group.pattern))
-            streams, group_stats, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden,
-                                                       None if replay is None else replay[layers])
+            streams, group_stats, group_kls, group_hidden = group(
+                streams, positions, segment_ids, tokens, collect_hidden, None if replay is None else replay[layers],
+                indexer_loss)
             stats.append(group_stats)
+            kls.append(group_kls)
             hidden.append(group_hidden)
         head_inputs = [self.norm(self.hc_head(streams))]
         for depth, layer in enumerate(self.mtp, start=1):
@@ -181,6 +190,7 @@ class DeepSeekV4(nnx.Module):
             head_inputs=jnp.stack(head_inputs),
             head=self.head[...],
             hidden=jnp.concatenate(hidden, axis=0) if collect_hidden else None,
+            indexer_kl=jnp.concatenate(kls) if indexer_loss else None,
             vocab_tile=self.args.vocab_tile or self.args.vocab_size,
         )
 
