@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 
 from configs import optimizer as optimizer_config
+from configs import parallelism
+from mesh.sharding import activate
 from model import rope
 from model.args import CSA
 from model.attention import Attention
@@ -23,8 +25,9 @@ from model.norms import rms_normalize
 from model.transformer import DeepSeekV4
 from tests.model_configs import tiny_args
 from trainer.optimizer import INDEXER, build_optimizer
-from trainer.state import TrainState, abstract_params, split_variables
-from trainer.step import INDEXER_LOSS, make_train_step
+from trainer.sharded_init import build_mesh
+from trainer.state import TrainState, abstract_params, create_train_state, split_variables
+from trainer.step import INDEXER_LOSS, jit_train_step, make_train_step
 
 SEQ = 64
 DOCUMENTS = (40, 18)  # two documents, then padding up to SEQ
@@ -144,9 +147,9 @@ def _train_config(indexer_weight, **overrides):
     return config
 
 
-def _batch(args, seed=0):
-    rng = np.random.default_rng(seed)
-    positions, segments = _packed()
+def _batch(args, rows=ROWS):
+    rng = np.random.default_rng(0)
+    positions, segments = _packed(rows)
     tokens = np.where(segments > 0, rng.integers(0, args.vocab_size, segments.shape), 0).astype(np.int32)
     return {"tokens": tokens, "loss_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
             "positions": positions}
@@ -245,3 +248,32 @@ def test_training_the_indexer_alone_lowers_its_loss():
     for path in before:
         if not _is_indexer(path):
             np.testing.assert_array_equal(after[path], before[path], err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_the_sharded_step_trains_the_indexer_as_one_device():
+    """data=2 x fsdp=2 x expert=2 (ZeRO-1 over data, Muon spread over the mesh), weight 1: the same
+    indexer loss, and the same indexer update per tensor, as the single-device step (Newton-Schulz in
+    float32: in bf16 the summation order's rounding grows to ~2% of an update)."""
+    args = _args()
+    settings = optimizer_config.get_config("muon", learning_rate=1e-2, warmup_steps=0, muon_ns_dtype="float32")
+    tx = build_optimizer(settings, abstract_params(args), train_indexer=True)
+    batch = _batch(args, rows=16)  # 8 rows per micro-batch, one per device
+    train_config = _train_config(1.0)
+    graphdef, state = _state(args, tx)
+    reference, reference_metrics = jax.device_get(
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config))(state, batch))
+    mesh_config = parallelism.get_config("cm384-8", data=2, fsdp=2, expert=2)
+    mesh, rules = build_mesh(mesh_config), mesh_config.rules
+    with activate(mesh, rules):
+        graphdef, sharded, shardings = create_train_state(args, mesh, rules, tx, seed=0)
+        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config),
+                                 shardings, mesh, rules)
+        new_state, metrics = jax.device_get(step(sharded, batch))
+    np.testing.assert_allclose(metrics[INDEXER_LOSS], reference_metrics[INDEXER_LOSS], rtol=1e-5)
+    before, ours, theirs = _flat(state.params), _flat(new_state.params), _flat(reference.params)
+    for path in before:
+        if _is_indexer(path):
+            expected = theirs[path] - before[path]
+            np.testing.assert_allclose(ours[path] - before[path], expected, rtol=0,
+                                       atol=1e-3 * np.abs(expected).max(), err_msg=str(path))
