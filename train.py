@@ -204,7 +204,7 @@ def _train(config, topology, processes):
          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
     with activate(mesh, rules):
-        tx = build_optimizer(config.optimizer, abstract_params(args))
+        tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
         abstract = abstract_train_state(args, mesh, rules, tx)
         schedule = learning_rate_schedule(config.optimizer)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)

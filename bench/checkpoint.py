@@ -68,7 +68,7 @@ def main(argv):
                   "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy()}
     configured_nice = config.checkpoint.writer_nice
     with activate(mesh, rules):
-        tx = build_optimizer(config.optimizer, abstract_params(args))
+        tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
         step_fn, batch_sharding = jit_train_step(
             make_train_step(graphdef, tx, learning_rate_schedule(config.optimizer), config.train),

@@ -128,6 +128,9 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
         # From the optimizer update at which the learning-rate decay starts (V4: 0.1); None: constant.
         mtp_weight_after_decay=ml_collections.FieldReference(mtp_weight_after_decay, field_type=float),
         balance_weight=1e-4,
+        # The lightning indexer's own loss (KL to the main attention over its selected entries, on
+        # detached inputs; trainer/step.py). 0: not computed, and the optimizer leaves the indexer as it is.
+        indexer_weight=0.0,
         bias_update_rate=1e-3,
         microbatches=1,
         # A step whose loss, gradient norm or update norm is NaN/Inf is never applied; then "stop" ends

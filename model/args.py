@@ -106,6 +106,11 @@ class ModelArgs:
         return self.num_layers - self.num_hash_layers + self.num_mtp_layers
 
     @property
+    def num_indexer_layers(self) -> int:
+        """Main layers with a lightning indexer (CSA; the indexer loss averages over these)."""
+        return sum(self.attention_kind(layer) == CSA for layer in range(self.num_layers))
+
+    @property
     def mtp_layer_ids(self):
         return tuple(range(self.num_layers, self.num_layers + self.num_mtp_layers))
 

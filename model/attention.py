@@ -13,6 +13,10 @@ and 1,024 CSA entries, 2.3 GiB per 4,096-token sequence, each, several alive in 
 `query_chunk` > 0 the blocks go through that softmax `query_chunk` queries at a time, in a loop whose
 body is recomputed in the backward pass, so only one chunk's scores are ever alive; the arithmetic
 per query is the same.
+
+Asked for the indexer's loss (CSA), the layer also returns the indexer's KL divergence from this
+softmax's probabilities of the selected entries summed over heads (`model.indexer.attention_kl`),
+detached from the main model.
 """
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,7 @@ from mesh.sharding import constrain
 from model import params, rope
 from model.args import CSA, SLIDING, ModelArgs
 from model.compressor import Compressor
-from model.indexer import Indexer
+from model.indexer import Indexer, attention_kl
 from model.layouts import NARROW_SHARDED, NARROW_WHOLE
 from model.norms import RMSNorm, rms_normalize
 
@@ -59,11 +63,12 @@ def _window_mask(segment_ids: jax.Array, window: int, block: int) -> jax.Array:
     return in_window & (seg_q[..., :, None] == seg_k[..., None, :])
 
 
-def _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale):
+def _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale, weigh_entries=False):
     """One softmax over window keys, compressed entries and sink for m blocks of B queries.
 
     q_blocks [b, m, B, h, c], kv_blocks [b, m, W+B, c], mask [b, m, B, W+B] bool, entries [b, n, c] or
-    None, usable [b, m, B, n] bool (with entries), sink [h] -> [b, m, B, h, c] in q's dtype."""
+    None, usable [b, m, B, n] bool (with entries), sink [h] -> (out [b, m, B, h, c] in q's dtype, the
+    entries' probabilities summed over heads [b, m, B, n] float32 with `weigh_entries`, else None)."""
     dtype = q_blocks.dtype
     span = kv_blocks.shape[2]
     logits = jnp.einsum("bmqhc,bmkc->bmhqk", q_blocks, kv_blocks, preferred_element_type=jnp.float32) * scale
@@ -77,15 +82,16 @@ def _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale):
     out = jnp.einsum("bmhqk,bmkc->bmqhc", probs[..., :span].astype(dtype), kv_blocks)
     if entries is not None:
         out = out + jnp.einsum("bmhqn,bnc->bmqhc", probs[..., span:-1].astype(dtype), entries)
-    return out
+    return out, jnp.sum(probs[..., span:-1], axis=2) if weigh_entries else None
 
 
-def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, chunk_blocks: int):
+def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, chunk_blocks: int,
+                      weigh_entries=False):
     """`_attend` over groups of `chunk_blocks` blocks, one group at a time, each recomputed in the
     backward pass (see the module docstring); 0 or more blocks than there are: all at once."""
     nb = q_blocks.shape[1]
     if not chunk_blocks or chunk_blocks >= nb:
-        return _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale)
+        return _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale, weigh_entries)
     chunks = -(-nb // chunk_blocks)
 
     def split(x):
@@ -93,11 +99,15 @@ def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, c
         x = jnp.pad(x, [(0, 0), (0, chunks * chunk_blocks - nb)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk_blocks, *x.shape[2:]), 1, 0)
 
+    def unsplit(x):
+        """[chunks, b, chunk_blocks, ...] -> [b, nb, ...]."""
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], chunks * chunk_blocks, *x.shape[3:])[:, :nb]
+
     inputs = (q_blocks, kv_blocks, mask) + ((usable,) if entries is not None else ())
-    body = jax.checkpoint(lambda xs: _attend(*xs[:3], entries, xs[3] if entries is not None else None, sink, scale))
-    out = jax.lax.map(body, tuple(split(x) for x in inputs))               # [chunks, b, chunk_blocks, B, h, c]
-    out = jnp.moveaxis(out, 0, 1)
-    return out.reshape(out.shape[0], chunks * chunk_blocks, *out.shape[3:])[:, :nb]
+    body = jax.checkpoint(lambda xs: _attend(*xs[:3], entries, xs[3] if entries is not None else None, sink, scale,
+                                             weigh_entries))
+    return jax.tree.map(unsplit, jax.lax.map(body, tuple(split(x) for x in inputs)))
 
 
 class Attention(nnx.Module):
@@ -119,8 +129,10 @@ class Attention(nnx.Module):
                            if kind != SLIDING else None)
         self.indexer = Indexer(args, self.ratio, rngs) if kind == CSA else None
 
-    def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> [b,s,d]."""
+    def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 indexer_loss: bool = False) -> tuple[jax.Array, jax.Array]:
+        """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> (out [b,s,d], the indexer's
+        KL summed over the queries, float32 scalar: 0 unless `indexer_loss` in a CSA layer)."""
         args, dtype = self.args, u.dtype
         b, s, _ = u.shape
         window, block = args.sliding_window, args.window_block
@@ -138,15 +150,21 @@ class Attention(nnx.Module):
         kv_blocks = _with_preceding(_blocks(kv, block), window // block)
         nb = q_blocks.shape[1]
         entries = usable = None
+        weigh_entries = indexer_loss and self.indexer is not None
         if self.compressor is not None:
             compressed = self.compressor(u, positions, segment_ids)
             entries = compressed.values.astype(dtype)  # [b, n, c]
-            usable = compressed.usable(positions, segment_ids, self.ratio)
+            chosen = compressed.usable(positions, segment_ids, self.ratio)  # [b, s, n]
             if self.indexer is not None:
-                usable = self.indexer(u, q_latent, positions, segment_ids, usable)
-            usable = _blocks(usable, block)  # [b, nb, B, n]; rows past the sequence use none
-        out = _attend_in_chunks(q_blocks, kv_blocks, _window_mask(segment_ids, window, block), entries, usable,
-                                self.attn_sink[...].astype(jnp.float32), scale, args.query_chunk // block)
+                chosen, index = self.indexer(u, q_latent, positions, segment_ids, chosen)
+            usable = _blocks(chosen, block)  # [b, nb, B, n]; rows past the sequence use none
+        out, attended = _attend_in_chunks(q_blocks, kv_blocks, _window_mask(segment_ids, window, block), entries,
+                                          usable, self.attn_sink[...].astype(jnp.float32), scale,
+                                          args.query_chunk // block, weigh_entries)
+        indexer_kl = jnp.zeros((), jnp.float32)
+        if weigh_entries:
+            attended = jax.lax.stop_gradient(attended.reshape(b, nb * block, -1)[:, :s])
+            indexer_kl = jnp.sum(attention_kl(attended, index, chosen))
         out = out.reshape(b, nb * block, args.num_heads, -1)[:, :s]
         # Keys are values, so values carry absolute RoPE: rotate back by the query position.
         out = constrain(rope.rotate(out, positions[..., None], self._inv_freq(), inverse=True), HEADS)
@@ -155,7 +173,7 @@ class Attention(nnx.Module):
         grouped = out.reshape(b, s, g, args.num_heads // g, args.head_dim)
         wo_a = self.wo_a[...].astype(dtype).reshape(g, args.num_heads // g, args.head_dim, args.o_lora_rank)
         low_rank = jnp.einsum("bsgnc,gncr->bsgr", grouped, wo_a)
-        return jnp.einsum("bsgr,grd->bsd", low_rank, self.wo_b[...].astype(dtype))
+        return jnp.einsum("bsgr,grd->bsd", low_rank, self.wo_b[...].astype(dtype)), indexer_kl
 
     def _inv_freq(self):
         return rope.inverse_frequencies(self.args, compressed=self.kind != SLIDING)

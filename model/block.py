@@ -22,11 +22,13 @@ class Block(nnx.Module):
         self.moe = MoE(args, routing == "hash", rngs)
 
     def __call__(self, streams: jax.Array, positions: jax.Array, segment_ids: jax.Array, token_ids: jax.Array,
-                 replay=None):
+                 replay=None, indexer_loss: bool = False):
         """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s]; replay [b,s,k] int32 or None (experts
-        to use instead of the router's choice) -> (streams, MoEStats)."""
+        to use instead of the router's choice) -> (streams, MoEStats, the indexer's summed KL: a float32
+        scalar, 0 unless `indexer_loss` in a CSA layer; see model.attention)."""
         u, post, comb = self.attn_hc(streams)
-        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(u), positions, segment_ids), post, comb)
+        attention, indexer_kl = self.attn(self.attn_norm(u), positions, segment_ids, indexer_loss)
+        streams = HyperConnection.merge(streams, attention, post, comb)
         u, post, comb = self.ffn_hc(streams)
         out, stats = self.moe(self.ffn_norm(u), token_ids, segment_ids > 0, replay)
-        return HyperConnection.merge(streams, out, post, comb), stats
+        return HyperConnection.merge(streams, out, post, comb), stats, indexer_kl

@@ -33,5 +33,5 @@ class MTPLayer(nnx.Module):
         dt = streams.dtype
         e = jnp.einsum("bsd,de->bse", self.enorm(next_embeds), self.e_proj[...].astype(dt))
         h = jnp.einsum("bsnd,de->bsne", self.hnorm(streams), self.h_proj[...].astype(dt))
-        streams, stats = self.block(h + e[:, :, None, :], positions, segment_ids, token_ids)
+        streams, stats, _ = self.block(h + e[:, :, None, :], positions, segment_ids, token_ids)  # no indexer
         return streams, self.norm(self.hc_head(streams)), stats

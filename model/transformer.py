@@ -49,6 +49,9 @@ class ModelOutput:
     head_inputs: Optional[jax.Array] = None  # [1 + mtp, b, s, d] normalised: main head first, then each MTP depth
     head: Optional[jax.Array] = None  # [d, vocab] the shared output head
     hidden: Optional[jax.Array] = None  # [num_layers, b, s, n, d] streams after each layer
+    # [num_layers] float32: each layer's KL(attention || indexer) summed over its queries (0 in layers
+    # without an indexer), with indexer_loss=True only
+    indexer_kl: Optional[jax.Array] = None
     vocab_tile: int = dataclasses.field(default=0, metadata=dict(static=True))  # head columns per tile
 
     def token_logprobs(self, targets: jax.Array) -> jax.Array:
@@ -86,45 +89,48 @@ class LayerGroup(nnx.Module):
         self.remat_policy, self.scan_layers = args.remat_policy, args.scan_layers
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
-    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None):
+    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None,
+                 indexer_loss: bool = False):
         """replay: [repeats*len(pattern), b, s, k] experts per layer or None ->
-        (streams, MoEStats stacked [repeats*len(pattern), ...], hidden [repeats*len(pattern), ...] or None),
-        layers in schedule order."""
+        (streams, MoEStats stacked [repeats*len(pattern), ...], indexer KL [repeats*len(pattern)] (Block),
+        hidden [repeats*len(pattern), ...] or None), layers in schedule order."""
         graphdefs, state = zip(*(nnx.split(block) for block in self.blocks))
         period = len(self.pattern)
         if replay is not None:
             replay = replay.reshape(self.repeats, period, *replay.shape[1:])
-        layers = [self._layer(graphdef, positions, segment_ids, token_ids) for graphdef in graphdefs]
+        layers = [self._layer(graphdef, positions, segment_ids, token_ids, indexer_loss) for graphdef in graphdefs]
 
         def body(carry, xs):
             layer_states, layer_replay = xs
-            stats, hidden = [], []
+            stats, kls, hidden = [], [], []
             for position, layer in enumerate(layers):
-                carry, layer_stats = layer(layer_states[position], carry,
-                                           None if layer_replay is None else layer_replay[position])
+                carry, layer_stats, kl = layer(layer_states[position], carry,
+                                               None if layer_replay is None else layer_replay[position])
                 stats.append(layer_stats)
+                kls.append(kl)
                 hidden.append(carry)
-            return carry, (_stack(stats), jnp.stack(hidden) if collect_hidden else None)
+            return carry, (_stack(stats), jnp.stack(kls), jnp.stack(hidden) if collect_hidden else None)
 
         if self.scan_layers:
-            streams, (stats, hidden) = jax.lax.scan(body, streams, (state, replay))
+            streams, (stats, kls, hidden) = jax.lax.scan(body, streams, (state, replay))
         else:
             outputs = []
             for r in range(self.repeats):
                 streams, out = body(streams, jax.tree.map(lambda x: x[r], (state, replay)))
                 outputs.append(out)
-            stats, hidden = _stack(outputs)
+            stats, kls, hidden = _stack(outputs)
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
         hidden = None if hidden is None else merge_layers(hidden)
-        return streams, jax.tree.map(merge_layers, stats), hidden
+        return streams, jax.tree.map(merge_layers, stats), merge_layers(kls), hidden
 
-    def _layer(self, graphdef, positions, segment_ids, token_ids):
-        """One position of the pattern as (its layer's weights, streams, replay) -> (streams, stats),
+    def _layer(self, graphdef, positions, segment_ids, token_ids, indexer_loss: bool):
+        """One position of the pattern as (its layer's weights, streams, replay) -> (streams, stats, indexer KL),
         under the remat policy on its own: the backward of a two-layer step recomputes and holds one
         layer's intermediates at a time, and each layer keeps its input streams (LAYER_INPUT)."""
         def layer(layer_state, streams, layer_replay):
             streams = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), streams)
-            return nnx.merge(graphdef, layer_state)(streams, positions, segment_ids, token_ids, layer_replay)
+            return nnx.merge(graphdef, layer_state)(streams, positions, segment_ids, token_ids, layer_replay,
+                                                    indexer_loss)
 
         if self.remat_policy == "none":
             return layer
@@ -154,12 +160,14 @@ class DeepSeekV4(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False,
-                 routed_experts: Optional[jax.Array] = None, logits: bool = True) -> ModelOutput:
+                 routed_experts: Optional[jax.Array] = None, logits: bool = True,
+                 indexer_loss: bool = False) -> ModelOutput:
         """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
         positions restarting at 0 in each document; by default a row is one document 0..s-1.
         routed_experts [b, s, num_layers, k] int32 (routing replay) makes every main layer use those
         experts; the MTP layers route themselves (inference engines do not record them).
-        logits=False leaves the whole logits out: the objectives read the head tile by tile."""
+        logits=False leaves the whole logits out: the objectives read the head tile by tile.
+        indexer_loss=True adds each layer's indexer KL (`ModelOutput.indexer_kl`, model.indexer)."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -167,13 +175,15 @@ class DeepSeekV4(nnx.Module):
             segment_ids = jnp.ones((b, s), jnp.int32)
         x = self.embed_tokens(tokens)
         streams = constrain(jnp.broadcast_to(x[:, :, None, :], (b, s, self.args.hc_mult, x.shape[-1])), STREAMS)
-        stats, hidden = [], []
+        stats, kls, hidden = [], [], []
         replay = None if routed_experts is None else jnp.moveaxis(routed_experts, 2, 0)  # [L, b, s, k]
         for group in self.groups:
             layers = slice(group.first_layer, group.first_layer + group.repeats * len(group.pattern))
-            streams, group_stats, group_hidden = group(streams, positions, segment_ids, tokens, collect_hidden,
-                                                       None if replay is None else replay[layers])
+            streams, group_stats, group_kls, group_hidden = group(
+                streams, positions, segment_ids, tokens, collect_hidden, None if replay is None else replay[layers],
+                indexer_loss)
             stats.append(group_stats)
+            kls.append(group_kls)
             hidden.append(group_hidden)
         head_inputs = [self.norm(self.hc_head(streams))]
         for depth, layer in enumerate(self.mtp, start=1):
@@ -190,6 +200,7 @@ class DeepSeekV4(nnx.Module):
             head_inputs=jnp.stack(head_inputs),
             head=self.head[...],
             hidden=jnp.concatenate(hidden, axis=0) if collect_hidden else None,
+            indexer_kl=jnp.concatenate(kls) if indexer_loss else None,
             vocab_tile=self.args.vocab_tile or self.args.vocab_size,
         )
 

@@ -25,7 +25,8 @@ def planned_optimizer(config, args):
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.state import abstract_params
 
-    return build_optimizer(config.optimizer, abstract_params(args)), learning_rate_schedule(config.optimizer)
+    tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
+    return tx, learning_rate_schedule(config.optimizer)
 
 
 def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print,

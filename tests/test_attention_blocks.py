@@ -32,7 +32,7 @@ def attention_and_grad(kind, block, seq=SEQ, documents=PACKED, query_chunk=0):
     graphdef, state = nnx.split(layer)
 
     def loss(state, u):
-        out = nnx.merge(graphdef, state)(u, positions, segments)
+        out, _ = nnx.merge(graphdef, state)(u, positions, segments)
         return jnp.sum(out * cotangent), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, u)

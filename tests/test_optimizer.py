@@ -130,11 +130,15 @@ def test_hybrid_newton_schulz_orthogonalises():
 
 
 def test_partition_of_the_tiny_model():
-    """Roles on the real parameter tree, decided from logical axis names (abstract model, no init)."""
+    """Roles on the real parameter tree, decided from logical axis names (abstract model, no init); the
+    indexer's parameters are frozen unless its loss trains them."""
     args = model_args.from_config(configs.tiny.get_config().model)
     _, params, _ = nnx.split(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))), nnx.Param, ...)
-    roles = optimizer.param_roles(params)
+    roles = optimizer.param_roles(params, train_indexer=True)
     assert len(roles) == len(jax.tree.leaves(params))
+    frozen = {p for p, r in optimizer.param_roles(params).items() if r.optimizer == optimizer.FROZEN}
+    assert frozen == {p for p in roles if "/indexer/" in p} and len(frozen) == 6 * 2  # 2 stacked CSA groups
+    assert not any(r.decay for p, r in optimizer.param_roles(params).items() if p in frozen)
     leaf = lambda path: path.split("/")[-1]
     adamw = {p for p, r in roles.items() if r.optimizer == optimizer.ADAMW}
     vectors = {p for p in roles if p.endswith("norm/weight") or leaf(p) in ("base", "scale", "attn_sink")}

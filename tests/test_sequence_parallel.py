@@ -37,7 +37,7 @@ def _block_problem(seq_len):
 
 
 def _loss(graphdef, state, streams, positions, segment_ids, token_ids):
-    out, _ = nnx.merge(graphdef, state)(streams, positions, segment_ids, token_ids)
+    out, _, _ = nnx.merge(graphdef, state)(streams, positions, segment_ids, token_ids)
     return jnp.sum(out * jnp.cos(jnp.arange(out.shape[-1], dtype=jnp.float32))), out
 
 

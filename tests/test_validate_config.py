@@ -23,6 +23,7 @@ BAD = [
     ("train", "mtp_weight", -0.3, r"^config.train.mtp_weight must be a finite number >= 0, got -0.3$"),
     ("train", "mtp_weight_after_decay", -0.1, r"^config.train.mtp_weight_after_decay must be a finite number >= 0, "
                                               r"got -0.1$"),
+    ("train", "indexer_weight", -1.0, r"^config.train.indexer_weight must be a finite number >= 0, got -1.0$"),
     ("eval", "batch_rows", 0, r"^config.eval.batch_rows must be an integer >= 1, got 0$"),
     ("model", "vocab_tile", 100, r"^config.model.vocab_tile: 100 must divide vocab_size=512 \(or be 0: the whole "
                                  r"vocabulary\)$"),

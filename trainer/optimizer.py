@@ -23,6 +23,9 @@ metadata), not from its path:
      one matrix of (heads/groups * head_dim) x o_lora.
 Weight decay: every matrix, embedding and head included; not vectors or ape (decaying a gain, bias
 or gate pulls it towards 0, which is not its initial or neutral value) unless `decay_vectors`.
+The lightning indexer (every parameter under a module named `indexer`: its projections and its own
+compressor) is trained by its own loss alone (config.train.indexer_weight, trainer/step.py); without
+that loss nothing reaches it, so unless `train_indexer` it is frozen: no update, no decay, no state.
 
 Precision: gradients are cast to `state_dtype` (float32) first, so moments, Newton-Schulz inputs and
 updates are float32 even for bf16 parameters, and the state's dtypes never depend on the params'.
@@ -56,13 +59,15 @@ BATCH_AXES = frozenset({"layers", "expert"})
 FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed", "o_groups": "o_lora"}
 ADAMW_TABLE_AXES = {"vocab": True, "comp_pos": False}  # axis name -> weight-decayed
 GROUPED_AXES = {"heads": "o_groups"}  # input axis -> the module axis that counts its groups
-MUON, ADAMW = "muon", "adamw"
+INDEXER = "indexer"  # the module name of the lightning indexer (model.attention.Attention.indexer)
+MUON, ADAMW, FROZEN = "muon", "adamw", "frozen"
 MATRIX_DIMS = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamRole:
-    """How one parameter is optimised. For Muon: axes `batch` index independent matrices whose rows
+    """How one parameter is optimised (`optimizer`: MUON, ADAMW, or FROZEN: never updated). For Muon:
+    axes `batch` index independent matrices whose rows
     are the `reduction` axes and columns the `output` axes; the first reduction axis is split into
     `groups` leading blocks, each its own matrix. `names`: the parameter's logical axis names."""
 
@@ -132,26 +137,31 @@ def _logical_names(variable) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _roles(params, decay_vectors: bool) -> list[tuple[tuple, nnx.Variable, ParamRole]]:
+def _in_indexer(path) -> bool:
+    return INDEXER in jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+
+
+def _roles(params, decay_vectors: bool, train_indexer: bool) -> list[tuple[tuple, nnx.Variable, ParamRole]]:
     """(key path, variable, role) of every parameter."""
     variables = [(path, var, _logical_names(var)) for path, var in _variables(params)]
     module_axes: dict[tuple, dict] = {}
     for path, var, names in variables:
         module_axes.setdefault(path[:-1], {}).update(zip(names, var.shape))
-    return [(path, var, param_role(names, var.shape, module_axes[path[:-1]], decay_vectors))
+    return [(path, var, ParamRole(FROZEN, False) if not train_indexer and _in_indexer(path)
+             else param_role(names, var.shape, module_axes[path[:-1]], decay_vectors))
             for path, var, names in variables]
 
 
-def param_roles(params, decay_vectors: bool = False) -> dict[str, ParamRole]:
+def param_roles(params, decay_vectors: bool = False, train_indexer: bool = False) -> dict[str, ParamRole]:
     """Role of each parameter keyed by its path ("groups/0/blocks/0/attn/wq_a"): the partition table."""
     return {jax.tree_util.keystr(path, simple=True, separator="/"): role
-            for path, _, role in _roles(params, decay_vectors)}
+            for path, _, role in _roles(params, decay_vectors, train_indexer)}
 
 
-def _leaf_roles(params, decay_vectors: bool) -> dict[str, ParamRole]:
+def _leaf_roles(params, decay_vectors: bool, train_indexer: bool) -> dict[str, ParamRole]:
     """Role of each array leaf, keyed by the leaf's key-path string, the key tree maps see."""
     return {jax.tree_util.keystr(path + leaf_path): role
-            for path, var, role in _roles(params, decay_vectors)
+            for path, var, role in _roles(params, decay_vectors, train_indexer)
             for leaf_path, _ in jax.tree_util.tree_flatten_with_path(var)[0]}
 
 
@@ -306,38 +316,43 @@ def learning_rate_schedule(config) -> optax.Schedule:
         boundaries=[warmup, decay_start(config)])
 
 
-def build_optimizer(config, params) -> optax.GradientTransformation:
+def build_optimizer(config, params, train_indexer: bool = False) -> optax.GradientTransformation:
     """The optimizer of `config` (configs/optimizer.py) for the model's trainable `params` (an
-    nnx.State of nnx.Param, concrete or abstract: only names and shapes are read).
+    nnx.State of nnx.Param, concrete or abstract: only names and shapes are read). `train_indexer`:
+    whether the indexer's own loss is on (config.train.indexer_weight > 0); if not, the indexer's
+    parameters are frozen (optax.set_to_zero: zero updates, no decay, no state).
 
     Order: cast to state_dtype, clip by global norm over all parameters, then AdamW or the Muon/AdamW
-    partition, each with its own decoupled weight decay (mask: `ParamRole.decay`) and the shared
-    schedule. With accumulation_steps > 1 the whole of it sits in `optax.MultiSteps`: gradients of
-    that many calls are averaged (in state_dtype) and the update (clipping included) happens on the
-    last call, zero updates on the others. The mean equals the gradient of the union of the batches
+    partition (and the frozen parameters), each with its own decoupled weight decay (mask:
+    `ParamRole.decay`) and the shared schedule. With accumulation_steps > 1 the whole of it sits in
+    `optax.MultiSteps`: gradients of that many calls are averaged (in state_dtype) and the update
+    (clipping included) happens on the last call, zero updates on the others. The mean equals the gradient of the union of the batches
     when each call's loss is a mean over equally many tokens; the train step's own micro-batching
     (trainer/step.py) does not need that condition and is the first choice when one call can hold
     the batch.
     """
-    roles = _leaf_roles(params, config.decay_vectors)
+    roles = _leaf_roles(params, config.decay_vectors, train_indexer)
     schedule = learning_rate_schedule(config)
     decay_mask = lambda tree: _map_roles(lambda role, _: role.decay, roles, tree)
     momentum_dtype = jnp.dtype(config.momentum_dtype)
     adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                         weight_decay=config.adam_weight_decay, mask=decay_mask, mu_dtype=momentum_dtype)
+    transforms = {ADAMW: adamw}
     if config.name == MUON:
-        muon = optax.chain(
+        transforms[MUON] = optax.chain(
             scale_by_muon(roles, config.muon_momentum, config.muon_nesterov, config.muon_ns_stages,
                           config.muon_ns_eps, jnp.dtype(config.muon_ns_dtype), config.muon_rms_scale,
                           momentum_dtype),
             optax.add_decayed_weights(config.muon_weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule))
-        labels = lambda tree: _map_roles(lambda role, _: role.optimizer, roles, tree)
-        main = optax.partition({MUON: muon, ADAMW: adamw}, labels)
-    elif config.name == ADAMW:
-        main = adamw
-    else:
+    elif config.name != ADAMW:
         raise ValueError(f"optimizer {config.name!r} unknown; choose {MUON!r} or {ADAMW!r}")
+    if any(role.optimizer == FROZEN for role in roles.values()):
+        transforms[FROZEN] = optax.set_to_zero()
+    # Muon's matrices go to AdamW when the optimizer is "adamw".
+    label = lambda role, _: role.optimizer if role.optimizer in transforms else ADAMW
+    labels = lambda tree: _map_roles(label, roles, tree)
+    main = optax.partition(transforms, labels) if len(transforms) > 1 else adamw
     clip = optax.clip_by_global_norm(config.clip_grad_norm) if config.clip_grad_norm > 0 else optax.identity()
     dtype = jnp.dtype(config.state_dtype)
     narrower = any(jnp.dtype(leaf.dtype) != dtype for leaf in jax.tree.leaves(params))

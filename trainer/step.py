@@ -8,6 +8,12 @@ pass. Objectives that compare against a frozen model (DPO/GRPO reference, distil
 its output on the same micro-batch; the frozen weights are a step argument sharded like the trained
 ones, never differentiated. The objective's scheduled loss weights (SFT: the MTP weight) are read at
 the optimizer's applied-update count, like the learning rate, and logged under their names.
+
+With `indexer_weight` > 0 the lightning indexer's own loss (model.indexer: its KL divergence from the
+main attention over the entries it selected, on detached inputs) joins the total with that weight and
+is logged as `indexer_loss`: the mean over the batch's tokens (padding excluded) and the CSA layers,
+counted over the whole batch like the objective's normalisers. It reaches the indexer alone; at 0 it
+is not computed (and the optimizer leaves the indexer out: trainer.optimizer.build_optimizer).
 """
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,7 @@ from trainer.state import TrainState, split_variables
 BATCH = ("act_batch", "act_length")
 BATCH_KEYS = SFT.batch_keys
 REPLAY_KEY = "routed_experts"  # optional [B, S, num_layers, k] int32: routing replay (main layers only)
+INDEXER_LOSS = "indexer_loss"  # the step metric of the indexer's loss (with indexer_weight > 0)
 
 
 def _microbatches(batch: dict, count: int) -> dict:
@@ -46,8 +53,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
                     objective: Objective | None = None, unroll_microbatches: bool = False):
     """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
 
-    train_config: balance_weight, microbatches (and mtp_weight, bias_update_rate for the default SFT
-    objective, whose MTP weight is constant; objectives.build_objective gives SFT its schedule).
+    train_config: balance_weight, microbatches, indexer_weight (0 when absent), and mtp_weight,
+    bias_update_rate for the default SFT objective, whose MTP weight is constant
+    (objectives.build_objective gives SFT its schedule).
     `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
     `unroll_microbatches` unrolls the micro-batch loop (the planner's FLOP and collective counts, which
     XLA takes once per loop body); the step computes the same either way.
@@ -56,29 +64,36 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         objective = SFT(mtp_weight=optax.constant_schedule(train_config.mtp_weight),
                         bias_update_rate=train_config.bias_update_rate)
     microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
+    indexer_weight = train_config.get("indexer_weight", 0.0)
 
-    def forward(params, routing, batch):
+    def forward(params, routing, batch, indexer_loss=False):
         """-> (model, ModelOutput without the whole logits: objectives read the head tile by tile)."""
         model = nnx.merge(graphdef, params, routing)
         return model, model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                            routed_experts=batch.get(REPLAY_KEY), logits=False)
+                            routed_experts=batch.get(REPLAY_KEY), logits=False, indexer_loss=indexer_loss)
 
-    def loss_fn(params, routing, frozen, micro, normalisers, step_weights):
+    def loss_fn(params, routing, frozen, micro, normalisers, step_weights, tokens):
+        """tokens: the whole batch's non-padding tokens (the indexer loss's normaliser)."""
         batch = _constrained(micro)
-        model, output = forward(params, routing, batch)
+        model, output = forward(params, routing, batch, indexer_loss=indexer_weight > 0)
         frozen_output = None
         if objective.uses_frozen:
             frozen_output = jax.lax.stop_gradient(forward(frozen["params"], frozen["routing"], batch)[1])
         loss, metrics = objective.loss(output, batch, frozen_output, normalisers, step_weights)
         balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1) / microbatches
         total = loss + balance_weight * balance
-        metrics = dict(metrics, loss=total, balance_loss=balance, load=output.moe.load,
+        metrics = dict(metrics, balance_loss=balance, load=output.moe.load,
                        dropped_assignments=jnp.sum(output.moe.dropped), expert_tiles=jnp.sum(output.moe.tiles))
+        if indexer_weight > 0:
+            metrics[INDEXER_LOSS] = jnp.sum(output.indexer_kl) / (tokens * max(model.args.num_indexer_layers, 1))
+            total = total + indexer_weight * metrics[INDEXER_LOSS]
+        metrics["loss"] = total
         return total, metrics
 
     def step(state: TrainState, batch: dict, frozen=None):
         num_mtp = nnx.merge(graphdef, state.params, state.routing).args.num_mtp_layers
         normalisers = objective.normalisers(batch, num_mtp)
+        tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
         # Each scheduled weight at the optimizer's applied-update count, the one the learning rate is read at.
         step_weights = {name: at_applied_updates(state.opt_state, weight, state.step)
                         for name, weight in objective.weight_schedules.items()}
@@ -86,17 +101,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
 
         def accumulate(carry, one):
             grads, metrics = carry
-            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers, step_weights)
+            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers, step_weights, tokens)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
         if microbatches == 1:
             # No accumulator: the loop would hold a zero gradient tree beside the one it adds.
-            (_, sums), grads = grad_fn(state.params, state.routing, frozen, batch, normalisers, step_weights)
+            (_, sums), grads = grad_fn(state.params, state.routing, frozen, batch, normalisers, step_weights, tokens)
         else:
             micro = _microbatches(batch, microbatches)
             first = jax.tree.map(lambda x: x[0], micro)
             metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first,
-                                                           normalisers, step_weights)[1])
+                                                           normalisers, step_weights, tokens)[1])
             init = (jax.tree.map(jnp.zeros_like, state.params),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
             (grads, sums), _ = jax.lax.scan(accumulate, init, micro, unroll=unroll_microbatches)

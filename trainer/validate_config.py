@@ -78,6 +78,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         _at_least(config, "train", field, low)
     _one_of(config, "train", "nonfinite", NONFINITE_POLICIES)
     _mtp_weights(config)
+    _weight(config, "train", "indexer_weight")
     for field, low in (("global_batch_size", 1), ("seq_len", 2), ("num_packing_bins", 1), ("streams", 0),
                        ("prefetch", 0), ("read_threads", 0), ("read_buffer", 1)):
         _at_least(config, "data", field, low)
