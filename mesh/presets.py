@@ -76,6 +76,12 @@ def cm384_8():
     return _a3("cm384-8", [_chip(), _server(2), _supernode(2)])
 
 
+def cm384_12():
+    """12 devices with a factor 3 on the supernode level, as a CM384's 48 servers have (V4-Pro's
+    data=3 there): 3 servers x 2 chips x 2 dies."""
+    return _a3("cm384-12", [_chip(), _server(2), _supernode(3)])
+
+
 def cm384_16():
     """16 devices with the RoCE level too: 2 supernodes x 2 servers x 2 chips x 2 dies."""
     return _a3("cm384-16", [_chip(), _server(2), _supernode(2), _a3_cluster(2)])
@@ -127,6 +133,7 @@ PRESETS = {
     "cm384": (cm384, "number of supernodes (optional, default 1), optionally x servers used of each "
                      "(1-48, default 48), e.g. cm384:4x32"),
     "cm384-8": (cm384_8, None),
+    "cm384-12": (cm384_12, None),
     "cm384-16": (cm384_16, None),
     "cm384-64": (cm384_64, None),
     "custom": (custom, "levels name=size@bandwidth[/latency],... innermost first"),

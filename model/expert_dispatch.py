@@ -3,7 +3,7 @@ mesh axes of the experts' `expert` dim (`expert`, or data x expert with
 `configs.parallelism.rules(experts_over_data=True)`), grouped matmul over the local experts,
 all-to-all back, combine.
 
-`model.moe.RoutedExperts.__call__` (the dense reference) runs every expert on every token, so it
+`model.moe.RoutedExperts.dense` (the dense reference) runs every expert on every token, so it
 costs E/k times the useful FLOPs. Here each device sorts its own (token, expert) assignments by
 expert, ships each one to the rank that holds the expert, and the expert only sees what was routed to
 it. Same maths as the reference: h = clamped_swiglu(x @ w1, x @ w3) is scaled by the routing weight

@@ -3,9 +3,10 @@ id), clamped-SwiGLU routed experts and a shared expert.
 
 Routed experts run either through the sorted, expert-parallel dispatch of `model.expert_dispatch`
 (`moe_dispatch` "padded" or "ragged": tokens sorted by expert and moved by all-to-all over the
-`expert` mesh axis) or through the dense reference ("dense": every expert sees every token and a
-combine matrix keeps each token's choices; exact, E/k times the useful FLOPs), which the dispatch is
-tested against.
+experts' mesh axes, `expert` or data x expert) or through the dense reference ("dense": every expert
+sees every token and a combine matrix keeps each token's choices; exact, E/k times the useful
+FLOPs). tests/test_expert_dispatch.py: the dense reference and the padded dispatch give the same
+output and gradients, and the dispatch equals a per-expert loop on each of its meshes.
 """
 import dataclasses
 

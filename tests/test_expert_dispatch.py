@@ -1,8 +1,10 @@
-"""The sorted expert-parallel dispatch (model/expert_dispatch.py) against a per-expert loop reference.
+"""The sorted expert-parallel dispatch (model/expert_dispatch.py) against a per-expert loop reference,
+and the model's dense reference (`moe_dispatch="dense"`, model/moe.py) against the dispatch.
 
-The reference is the maths of `RoutedExperts.__call__` written expert by expert: every (token, expert)
+The loop is the maths of `RoutedExperts.dense` written expert by expert: every (token, expert)
 choice adds weight * clamped_swiglu(x@w1[e], x@w3[e]) @ w2[e]. All in float32, so outputs and
-gradients must agree to float32 rounding (TOL) on every mesh, up to the order of the sums.
+gradients must agree to float32 rounding (TOL) on every mesh, up to the order of the sums. The
+meshes are the 8 test devices', and data=3 x expert=4 on 12 (cm384-12, in its own process).
 """
 import math
 
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
 from configs.parallelism import RULES, rules
@@ -18,7 +21,9 @@ from mesh.sharding import activate
 from model import expert_dispatch
 from model.expert_dispatch import capacity, routed_experts
 from model.grouped_mlp import tile_flops
-from model.moe import Routing, clamped_swiglu
+from model.moe import Routing, RoutedExperts, clamped_swiglu
+from tests import emulated_run
+from tests.model_configs import tiny_args
 
 TOKENS, WIDTH, HIDDEN, EXPERTS, TOP_K = 64, 16, 8, 8, 2
 LIMIT = 1.0  # low enough that the clamp is active for some rows
@@ -39,31 +44,31 @@ def make_mesh(shape):
                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_NAMES))
 
 
-def problem(seed=0, skew=False):
-    """x [t,d], experts [t,k] (distinct per token except DUPLICATES rows), weights [t,k], w1, w3, w2.
-    skew: half the tokens put expert 0 first (an imbalanced load)."""
+def problem(seed=0, skew=False, tokens=TOKENS, experts=EXPERTS):
+    """x [t,d], experts [t,k] (distinct per token except DUPLICATES rows), weights [t,k], w1, w3, w2
+    (`experts` of them). skew: half the tokens put expert 0 first (an imbalanced load)."""
     rng = np.random.default_rng(seed)
-    experts = np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(TOKENS)])
-    experts[rng.choice(TOKENS, DUPLICATES, replace=False), 1:] = experts[:, :1][:DUPLICATES]
+    chosen = np.stack([rng.permutation(experts)[:TOP_K] for _ in range(tokens)])
+    chosen[rng.choice(tokens, DUPLICATES, replace=False), 1:] = chosen[:, :1][:DUPLICATES]
     if skew:
-        hot = rng.random(TOKENS) < 0.5
-        experts[hot] = np.stack([np.concatenate([[0], rng.permutation(np.arange(1, EXPERTS))[:TOP_K - 1]])
-                                 for _ in range(hot.sum())])
+        hot = rng.random(tokens) < 0.5
+        chosen[hot] = np.stack([np.concatenate([[0], rng.permutation(np.arange(1, experts))[:TOP_K - 1]])
+                                for _ in range(hot.sum())])
     scale = 1 / math.sqrt(WIDTH)
     return dict(
-        x=jnp.asarray(rng.normal(size=(TOKENS, WIDTH)), jnp.float32),
-        experts=jnp.asarray(experts, jnp.int32),
-        weights=jnp.asarray(rng.uniform(0.1, 1.0, size=(TOKENS, TOP_K)), jnp.float32),
-        w1=jnp.asarray(rng.normal(size=(EXPERTS, WIDTH, HIDDEN)) * 2 * scale, jnp.float32),
-        w3=jnp.asarray(rng.normal(size=(EXPERTS, WIDTH, HIDDEN)) * 2 * scale, jnp.float32),
-        w2=jnp.asarray(rng.normal(size=(EXPERTS, HIDDEN, WIDTH)) * scale, jnp.float32),
+        x=jnp.asarray(rng.normal(size=(tokens, WIDTH)), jnp.float32),
+        experts=jnp.asarray(chosen, jnp.int32),
+        weights=jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, TOP_K)), jnp.float32),
+        w1=jnp.asarray(rng.normal(size=(experts, WIDTH, HIDDEN)) * 2 * scale, jnp.float32),
+        w3=jnp.asarray(rng.normal(size=(experts, WIDTH, HIDDEN)) * 2 * scale, jnp.float32),
+        w2=jnp.asarray(rng.normal(size=(experts, HIDDEN, WIDTH)) * scale, jnp.float32),
     )
 
 
 def reference(x, experts, weights, w1, w3, w2):
     """Per-expert loop: y[t] = sum over choices (e, w) of w * clamped_swiglu(x@w1[e], x@w3[e]) @ w2[e]."""
     y = jnp.zeros(x.shape, jnp.float32)
-    for e in range(EXPERTS):
+    for e in range(w1.shape[0]):
         weight = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=1, keepdims=True)  # [t,1]
         h = clamped_swiglu(x @ w1[e], x @ w3[e], LIMIT) * weight
         y = y + h @ w2[e]
@@ -72,7 +77,7 @@ def reference(x, experts, weights, w1, w3, w2):
 
 def run(p, mesh_shape, backend="padded", capacity_factor=None, grads=True, tile=0, mesh_rules=RULES):
     """(y, stats, grads w.r.t. x, weights, w1, w3, w2 of sum(y * cotangent)) from the dispatch."""
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(TOKENS, WIDTH)), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=p["x"].shape), jnp.float32)
 
     def loss(x, weights, w1, w3, w2):
         y, stats = routed_experts(x, Routing(p["experts"], weights, None), w1, w3, w2, limit=LIMIT,
@@ -91,7 +96,7 @@ def run(p, mesh_shape, backend="padded", capacity_factor=None, grads=True, tile=
 
 
 def reference_grads(p, weights=None):
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(TOKENS, WIDTH)), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=p["x"].shape), jnp.float32)
 
     def loss(x, weights, w1, w3, w2):
         return jnp.sum(reference(x, p["experts"], weights, w1, w3, w2) * cotangent)
@@ -253,19 +258,20 @@ def test_a_tile_longer_than_the_capacity_runs_once_per_chunk():
 FLOP_TOKENS, FLOP_WIDTH, FLOP_HIDDEN = 1024, 256, 128
 
 
-def compiled_forward(mesh_shape, capacity_factor=None, tile=0, mesh_rules=RULES):
-    """The jitted dispatch compiled for abstract [FLOP_TOKENS, FLOP_WIDTH] inputs (nothing allocated)."""
+def compiled_forward(mesh_shape, capacity_factor=None, tile=0, mesh_rules=RULES, tokens=FLOP_TOKENS, experts=EXPERTS):
+    """The jitted dispatch compiled for abstract [tokens, FLOP_WIDTH] inputs and `experts` experts
+    (nothing allocated)."""
     def forward(x, experts, weights, w1, w3, w2):
         return routed_experts(x, Routing(experts, weights, None), w1, w3, w2, limit=LIMIT,
                               capacity_factor=capacity_factor, tile=tile)
 
     f32 = jnp.float32
-    args = (jax.ShapeDtypeStruct((FLOP_TOKENS, FLOP_WIDTH), f32),
-            jax.ShapeDtypeStruct((FLOP_TOKENS, TOP_K), jnp.int32),
-            jax.ShapeDtypeStruct((FLOP_TOKENS, TOP_K), f32),
-            jax.ShapeDtypeStruct((EXPERTS, FLOP_WIDTH, FLOP_HIDDEN), f32),
-            jax.ShapeDtypeStruct((EXPERTS, FLOP_WIDTH, FLOP_HIDDEN), f32),
-            jax.ShapeDtypeStruct((EXPERTS, FLOP_HIDDEN, FLOP_WIDTH), f32))
+    args = (jax.ShapeDtypeStruct((tokens, FLOP_WIDTH), f32),
+            jax.ShapeDtypeStruct((tokens, TOP_K), jnp.int32),
+            jax.ShapeDtypeStruct((tokens, TOP_K), f32),
+            jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
+            jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
+            jax.ShapeDtypeStruct((experts, FLOP_HIDDEN, FLOP_WIDTH), f32))
     if mesh_shape is None:
         return jax.jit(forward).lower(*args).compile()
     with activate(make_mesh(mesh_shape), mesh_rules):
@@ -278,14 +284,34 @@ def test_experts_over_data_match_reference(mesh, tile):
     """Routed experts sharded over (data, expert): every device of data2_expert4 holds one expert, the
     tokens travel over data x expert, forward and gradients still equal the per-expert loop; the
     compiled all-to-alls span exactly (data, expert)."""
-    shape = {"data2_expert4": (2, 1, 4, 1), "data2_fsdp2_expert2": (2, 2, 2, 1)}[mesh]
-    p = problem(seed=6, skew=True)
+    check_experts_over_data({"data2_expert4": (2, 1, 4, 1), "data2_fsdp2_expert2": (2, 2, 2, 1)}[mesh], tile)
+
+
+def check_experts_over_data(shape, tile=0, **sizes):
+    """On the mesh (data, fsdp, expert, tensor) `shape` with the routed experts over (data, expert), a
+    skewed `problem(**sizes)`'s forward and gradients equal the per-expert loop, nothing is dropped,
+    and the compiled all-to-alls span exactly (data, expert)."""
+    p = problem(seed=6, skew=True, **sizes)
     y, stats, g = run(p, shape, tile=tile, mesh_rules=rules(experts_over_data=True))
     assert_matches(p, y, g)
     assert float(stats["dropped_tokens"]) == 0
-    text = compiled_forward(shape, tile=tile, mesh_rules=rules(experts_over_data=True)).as_text()
+    text = compiled_forward(shape, tile=tile, mesh_rules=rules(experts_over_data=True),
+                            tokens=len(p["x"]), experts=len(p["w1"])).as_text()
     spans = {c.axes(dict(zip(MESH_NAMES, shape))) for c in hlo_collectives.parse(text) if c.kind == "all-to-all"}
     assert spans == {("data", "expert")}, spans
+
+
+def experts_over_data3_expert4():
+    """Run by test_experts_over_a_factor_3_match_reference on 12 emulated devices (cm384-12): 12
+    experts, one per device; 96 tokens, 8 per device."""
+    check_experts_over_data((3, 1, 4, 1), TILE, tokens=96, experts=12)
+
+
+def test_experts_over_a_factor_3_match_reference():
+    """data=3 x expert=4, the routed experts over both: the expert-parallel size has a factor 3, as
+    V4-Pro's data=3 x expert=128 on a CM384 (the whole step on this mesh: tests/test_train_step.py,
+    slow)."""
+    emulated_run.run("cm384-12", f"{__name__}:{experts_over_data3_expert4.__name__}")
 
 
 def test_sharded_dispatch_uses_all_to_all():
@@ -355,3 +381,36 @@ def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile, me
     over_tensor = {c.kind for c in hlo_collectives.parse(compiled.as_text())
                    if c.axes(dict(zip(MESH_NAMES, mesh_shape))) == ("tensor",)}
     assert over_tensor == expected, over_tensor
+
+
+@pytest.mark.parametrize("mesh", ["none", "data2_expert4"])
+def test_dense_reference_equals_the_dispatch(mesh):
+    """The model's routed experts with `moe_dispatch="dense"` (every expert on every token, a combine
+    matrix keeping each token's choices) and "padded" (the sorted dispatch) give the same output and
+    gradients (input, routing weights, expert weights) for the same weights and routing."""
+    p = problem(seed=7, skew=True)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=p["x"].shape), jnp.float32)
+
+    def forward_and_grads(dispatch):
+        args = tiny_args(hidden_size=WIDTH, moe_intermediate_size=HIDDEN, num_routed_experts=EXPERTS,
+                         num_experts_per_tok=TOP_K, swiglu_limit=LIMIT, moe_dispatch=dispatch)
+        graphdef, state = nnx.split(RoutedExperts(args, nnx.Rngs(0)))
+        for name in ("w1", "w3", "w2"):
+            state[name].set_value(p[name])
+
+        def loss(state, x, weights):
+            y, _, _ = nnx.merge(graphdef, state)(x, Routing(p["experts"], weights, None))
+            return jnp.sum(y * cotangent), y
+
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        if MESHES[mesh] is None:
+            return fn(state, p["x"], p["weights"])
+        with activate(make_mesh(MESHES[mesh]), RULES):
+            return fn(state, p["x"], p["weights"])
+
+    (_, dense), dense_grads = forward_and_grads("dense")
+    (_, padded), padded_grads = forward_and_grads("padded")
+    np.testing.assert_allclose(dense, padded, **TOL)
+    for got, want in zip(jax.tree.leaves(dense_grads), jax.tree.leaves(padded_grads), strict=True):
+        np.testing.assert_allclose(got, want, **TOL)
+    assert len(jax.tree.leaves(dense_grads)) == 5

@@ -17,6 +17,7 @@ SOURCE_TAG = re.compile(r"\[(P|S|D)?:? ?[A-Za-z]")
     ("cm384:4x32", 2048, ("chip", "server", "supernode", "cluster")),
     ("cm384:1x16", 256, ("chip", "server", "supernode")),
     ("cm384-8", 8, ("chip", "server", "supernode")),
+    ("cm384-12", 12, ("chip", "server", "supernode")),
     ("cm384-16", 16, ("chip", "server", "supernode", "cluster")),
     ("cm384-64", 64, ("chip", "server", "supernode")),
 ])
