@@ -21,7 +21,7 @@ _FULL = flags.DEFINE_bool("full_compile", True,
                           "memory figures are the analytic ones only).")
 _PEAK_BUFFERS = flags.DEFINE_integer(
     "peak_buffers", 0, "With --full_compile: list this many of the largest buffers live at the compiled "
-    "program's memory peak, named by the JAX op that made them (XLA's live-range dump, written to a "
+    "program's memory peak, with their shapes and the JAX op that made them (XLA's live-range dump, written to a "
     "temporary directory: a few hundred MB for a full-size step).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the topology's HBM per device (GiB).")
 _SEARCH = flags.DEFINE_bool("search", False,

@@ -28,7 +28,13 @@ def compiled_bytes(compiled) -> dict:
 # Debug options that make XLA write its buffer live ranges (and nothing slow: no per-fusion LLVM IR).
 LIVE_RANGE_DUMP = {"xla_dump_hlo_pass_re": "^$", "xla_dump_emitter_re": "^$", "xla_dump_buffer_assignment_analysis": True}
 _PEAK = re.compile(r"Stack trace breakdown for peak usage: (?P<bytes>[0-9 ]+) bytes")
-_CHILD = re.compile(r"^ {6}[├└]── (?P<what>.+) \([0-9.]+%, total: (?P<bytes>[0-9 ]+) bytes")
+_LIVE_AT_PEAK = re.compile(r"^\s+Live ranges at \d+ \(peak\):")
+_LIVE = re.compile(r"^\s+(?P<name>[\w.\-]+)(?:\{(?P<index>[0-9,]*)\})?: (?P<bytes>\d+) bytes")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\([^=]*?\)|\S+) ")
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")  # in long tuple shapes
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) .*\{$")
+_CALLS = re.compile(r"calls=%?(?P<name>[\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
 
 
 def _readable(op_name: str) -> str:
@@ -39,33 +45,77 @@ def _readable(op_name: str) -> str:
         "checkpoint/rematted_computation/", "remat/")
 
 
-def peak_buffers(live_range_text: str, top: int) -> dict:
-    """{"bytes": live at the peak, "buffers": [{"what", "bytes"}] the `top` largest}, from XLA's
-    live-range dump: the buffers alive when the program's memory peaks, each named by the JAX op
-    that produced it (or XLA's own name for a copy it added)."""
-    lines = live_range_text.splitlines()
-    for index, line in enumerate(lines):
-        found = _PEAK.search(line)
-        if found:
+def _tuple_element(shape: str, index: str | None) -> str:
+    """The shape of element `index` ("2" or "1,0") of an HLO (tuple) shape; the shape itself if none."""
+    for position in (int(i) for i in (index or "").split(",") if i):
+        if not shape.startswith("("):
             break
-    else:
-        raise ValueError("no 'Stack trace breakdown for peak usage' in the live-range dump")
+        elements, depth, start = [], 0, 1
+        for at, char in enumerate(shape[1:-1], 1):
+            depth += char in "([{"
+            depth -= char in ")]}"
+            if char == "," and depth == 0:
+                elements.append(shape[start:at].strip())
+                start = at + 1
+        elements.append(shape[start:-1].strip())
+        shape = elements[position]
+    return re.sub(r"\{[^}]*\}$", "", shape)
+
+
+def peak_buffers(live_range_text: str, hlo_text: str, top: int) -> dict:
+    """{"bytes": live at the peak, "buffers": [{"what", "shape", "bytes"}] the `top` largest}, from
+    XLA's live-range dump and the optimised HLO it describes: each buffer alive when the program's
+    memory peaks, with its shape and the JAX op that produced it (for a fusion, the op its fused
+    computation ends with; XLA's own instruction name where there is none, e.g. a copy it added)."""
+    lines = live_range_text.splitlines()
+    peak = next((_PEAK.search(line) for line in lines if _PEAK.search(line)), None)
+    start = next((index for index, line in enumerate(lines) if _LIVE_AT_PEAK.match(line)), None)
+    if peak is None or start is None:
+        raise ValueError("no 'Live ranges at ... (peak)' and 'Stack trace breakdown for peak usage' in the "
+                         "live-range dump")
+    instructions, root_ops, computation = {}, {}, None
+    for line in hlo_text.splitlines():
+        line = _INDEX_COMMENT.sub("", line)
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header["name"]
+            continue
+        found = _INSTRUCTION.match(line)
+        if found:
+            op = _OP_NAME.search(line)
+            calls = _CALLS.search(line)
+            instructions[found["name"]] = (found["shape"], op["op"] if op else None, calls and calls["name"])
+            if line.lstrip().startswith("ROOT ") and op:
+                root_ops[computation] = op["op"]
     buffers = []
-    for line in lines[index + 1:]:
-        child = _CHILD.match(line)
-        if child:
-            buffers.append({"what": _readable(child["what"]), "bytes": int(child["bytes"].replace(" ", ""))})
+    for line in lines[start + 1:]:
+        live = _LIVE.match(line)
+        if not live:
+            break
+        shape, op, calls = instructions.get(live["name"], ("?", None, None))
+        op = op or root_ops.get(calls)  # a fusion named by the op its fused computation ends with
+        buffers.append({"what": _readable(op) if op else live["name"], "shape": _tuple_element(shape, live["index"]), "bytes": int(live["bytes"])})
     buffers.sort(key=lambda b: -b["bytes"])
-    return {"bytes": int(found["bytes"].replace(" ", "")), "buffers": buffers[:top]}
+    return {"bytes": int(peak["bytes"].replace(" ", "")), "buffers": buffers[:top]}
+
+
+def _dump_file(dump_dir: str, suffix: str) -> str:
+    """The text of the one jit_step module's dump file ending in `suffix` in `dump_dir`."""
+    files = glob.glob(os.path.join(dump_dir, f"*jit_step*{suffix}"))
+    if len(files) != 1:
+        raise ValueError(f"expected one jit_step *{suffix} dump in {dump_dir}, found {files}")
+    with open(files[0]) as f:
+        return f.read()
 
 
 def live_range_text(dump_dir: str) -> str:
     """The live-range dump of the one jit_step module compiled into `dump_dir`."""
-    files = glob.glob(os.path.join(dump_dir, "*jit_step*live-range.txt"))
-    if len(files) != 1:
-        raise ValueError(f"expected one jit_step live-range dump in {dump_dir}, found {files}")
-    with open(files[0]) as f:
-        return f.read()
+    return _dump_file(dump_dir, "after_optimizations-live-range.txt")
+
+
+def optimized_hlo_text(dump_dir: str) -> str:
+    """The optimised HLO of the one jit_step module compiled into `dump_dir`."""
+    return _dump_file(dump_dir, "after_optimizations.txt")
 
 
 def shard_bytes(tree) -> int:

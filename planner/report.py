@@ -73,13 +73,15 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
             options = dict(memory.LIVE_RANGE_DUMP, xla_dump_to=dump_dir) if peak_buffers else None
             full = compile_step(args, config, mesh, tx, schedule, options)
             if peak_buffers:
-                peak = memory.peak_buffers(memory.live_range_text(dump_dir), peak_buffers)
+                peak = memory.peak_buffers(memory.live_range_text(dump_dir), memory.optimized_hlo_text(dump_dir),
+                                           peak_buffers)
         compile_seconds["full"] = full.compile_seconds
         state = full.state
         compiled_memory = memory.compiled_bytes(full.compiled)
         log(f"full-depth step compiled in {full.compile_seconds:.0f} s: {compiled_memory['total'] / GIB:.2f} GiB per "
             f"device (temporaries {compiled_memory['temporaries'] / GIB:.2f})"
-            + "".join(f"\n  at the peak {b['bytes'] / GIB:.2f} GiB {b['what']}" for b in (peak or {}).get("buffers", [])))
+            + "".join(f"\n  at the peak {b['bytes'] / GIB:.2f} GiB {b['shape']} {b['what']}"
+                      for b in (peak or {}).get("buffers", [])))
     else:
         state = abstract_train_state(args, mesh, rules, tx)
         compiled_memory = None
@@ -173,7 +175,7 @@ def format_report(report: dict) -> str:
     if report.get("memory_peak"):
         peak = report["memory_peak"]
         lines.append(f"  live at the compiled peak: {gib(peak['bytes'])}; the largest buffers:")
-        lines += [f"    {gib(b['bytes']):>12}  {b['what']}" for b in peak["buffers"]]
+        lines += [f"    {gib(b['bytes']):>12}  {b['shape']}  {b['what']}" for b in peak["buffers"]]
     if report.get("memory_evaluation"):
         e = report["memory_evaluation"]
         lines.append(f"  evaluation (greedy decoding): {gib(e['total'])} compiled + the optimizer state = "

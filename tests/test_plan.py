@@ -63,25 +63,43 @@ def report():
 
 LIVE_RANGE_EXCERPT = """HloLiveRange (max 9):
   Live ranges at 5 (peak):
-    copy.1: 3706716160 bytes
-  Stack trace breakdown for peak usage: 17 390 120 000 bytes
-    main.3218_spmd (100.0%, total: 17 390 120 000 bytes, current: 0 bytes, remaining: 17 390 120 000 bytes)
-      ├── jit(step)/while/body/closed_call/transpose(jvp(bsd,dv->bsv))/dot_general (64.6%, total: 11 237 588 992 bytes, current: 11 237 588 992 bytes, remaining: 6 152 531 008 bytes)
-      │   └── nested (1.0%, total: 1 000 bytes, current: 1 000 bytes, remaining: 0 bytes)
-      ├── copy.10452 (21.3%, total: 3 706 716 160 bytes, current: 3 706 716 160 bytes, remaining: 2 445 814 848 bytes)
-      └── jit(step)/while/body/closed_call/transpose(jvp())/while/body/closed_call/checkpoint/rematted_computation/mul (14.1%, total: 2 445 814 848 bytes, current: 2 445 814 848 bytes, remaining: 0 bytes)
+    copy.1{}: 3706716160 bytes (cumulative: 3706716160 bytes)
+    while.7{2}: 1000 bytes (cumulative: 3706717160 bytes)
+    fusion.3{}: 11237588992 bytes (cumulative: 14944306152 bytes)
+    convert.9{}: 2445814848 bytes (cumulative: 17390121000 bytes)
+  Live ranges at 6:
+    copy.2{}: 5 bytes
+  Stack trace breakdown for peak usage: 17 390 121 000 bytes
+    main.3218_spmd (100.0%, total: 17 390 121 000 bytes, current: 0 bytes, remaining: 17 390 121 000 bytes)
+"""
+HLO_EXCERPT = """HloModule jit_step
+%fused_computation.4 (param_0: bf16[8,7168]) -> f32[8,7168] {
+  %param_0 = bf16[8,7168]{1,0} parameter(0)
+  ROOT %dot.5 = f32[8,7168]{1,0} dot(%param_0, %param_0), metadata={op_name="jit(step)/while/body/closed_call/transpose(jvp(bsd,dv->bsv))/dot_general"}
+}
+ENTRY %main.3218_spmd (p: bf16[8,7168]) -> f32[] {
+  %copy.1 = bf16[4,7168]{1,0} copy(%p)
+  %while.7 = (s32[], f32[2]{0}, /*index=2*/f32[384,80,7168]{2,1,0}) while(%t), condition=%c, body=%b
+  %fusion.3 = f32[8,7168]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.4
+  ROOT %convert.9 = f32[8,7168]{1,0} convert(%x), metadata={op_name="jit(step)/while/body/closed_call/transpose(jvp())/while/body/closed_call/checkpoint/rematted_computation/mul"}
+}
 """
 
 
 def test_peak_buffers_are_read_from_the_live_range_dump():
-    """The peak and its largest buffers, biggest first, op paths without the wrappers every step has."""
-    peak = memory.peak_buffers(LIVE_RANGE_EXCERPT, top=2)
-    assert peak["bytes"] == 17_390_120_000
-    assert peak["buffers"] == [{"what": "loop/transpose(jvp(bsd,dv->bsv))/dot_general", "bytes": 11_237_588_992},
-                               {"what": "copy.10452", "bytes": 3_706_716_160}]
-    assert memory.peak_buffers(LIVE_RANGE_EXCERPT, top=5)["buffers"][-1]["what"] == "loop/transpose(jvp())/loop/remat/mul"
-    with pytest.raises(ValueError, match="no 'Stack trace breakdown"):
-        memory.peak_buffers("HloLiveRange (max 1):", top=1)
+    """The buffers alive at the peak, biggest first, each with its shape (a tuple's element) and the op
+    that made it (a fusion's by its fused computation's root; none: the instruction's name), op paths
+    without the wrappers every step has."""
+    peak = memory.peak_buffers(LIVE_RANGE_EXCERPT, HLO_EXCERPT, top=2)
+    assert peak["bytes"] == 17_390_121_000
+    assert peak["buffers"] == [
+        {"what": "loop/transpose(jvp(bsd,dv->bsv))/dot_general", "shape": "f32[8,7168]", "bytes": 11_237_588_992},
+        {"what": "copy.1", "shape": "bf16[4,7168]", "bytes": 3_706_716_160}]
+    buffers = memory.peak_buffers(LIVE_RANGE_EXCERPT, HLO_EXCERPT, top=5)["buffers"]
+    assert [b["what"] for b in buffers[2:]] == ["loop/transpose(jvp())/loop/remat/mul", "while.7"]
+    assert buffers[-1]["shape"] == "f32[384,80,7168]"
+    with pytest.raises(ValueError, match="no 'Live ranges at"):
+        memory.peak_buffers("HloLiveRange (max 1):", HLO_EXCERPT, top=1)
 
 
 @pytest.mark.slow
@@ -92,6 +110,7 @@ def test_peak_buffers_of_the_compiled_step(report):
     assert compiled["temporaries"] / 2 <= peak["bytes"] <= compiled["total"]
     sizes = [b["bytes"] for b in peak["buffers"]]
     assert len(sizes) == 8 and sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak["bytes"]
+    assert all(b["shape"] != "?" for b in peak["buffers"]), peak["buffers"]
 
 
 @pytest.mark.slow
