@@ -1,25 +1,12 @@
 """Converts DeepSeek-V4 checkpoints between the Hugging Face layout and this project's Orbax layout.
 
-Import (release FP8/FP4 or bf16 safetensors, or a `transformers` save_pretrained directory ->
-a weights-only checkpoint that `train.py --init_checkpoint=OUT` restores, chunked for the config's
-mesh):
+    python convert.py --direction=import --config=configs/v4_flash.py --input=HF_DIR --output=OUT [--dry_run]
+    python convert.py --direction=export --config=configs/v4_flash.py --input=WORKDIR --output=HF_DIR [--format=fp8]
 
-    python convert.py --direction=import --config=configs/v4_flash.py --input=HF_DIR --output=OUT \
-        [--dtype=bfloat16|float32] [--config.mesh.topology=cm384-16 --config.mesh.axes.expert=16] [--dry_run]
-
-Export (the weights of a train.py workdir or of a converted checkpoint -> safetensors shards, index
-and config.json in the release layout):
-
-    python convert.py --direction=export --config=configs/v4_flash.py --input=WORKDIR --output=HF_DIR \
-        [--format=bf16|fp8] [--step=N] [--shard_gib=5] [--dry_run]
-
-Both check every tensor against the config before writing, stream one tensor at a time, log
-progress with bytes and ETA, and create OUT only once it is complete.
-
-An import can be shared by N processes (one per host, OUT on storage all of them see), told who they
-are as train.py is (--num_processes/--process_id/--coordinator_address or the launcher's
-environment, trainer/distributed.py): each converts its share of the tensors (hf_io/team.py), process
-0 logs and publishes OUT once all are done. An export runs in one process.
+Invariants: both directions check every tensor against the config before writing, stream one tensor at
+a time, and create OUT only once it is complete. An import may be shared by N processes (hf_io/team.py);
+an export runs in one process. Start at `main`; the work is in hf_io/importer.py and hf_io/exporter.py.
+Flags, formats and multi-process imports: docs/conversion.md.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -1,28 +1,13 @@
 """Post-training entry point: SFT, DPO, GRPO or on-policy distillation of a DeepSeek-V4 on an (emulated)
 Ascend mesh (`--config.objective=sft|dpo|grpo|distill`, objectives/).
 
-    python train.py --config=configs/tiny.py --workdir=DIR [--config.optimizer.learning_rate=1e-3]
-                    [--config.mesh.topology=cm384-16 --config.mesh.axes.expert=4] [--steps=N]
+    python train.py --config=configs/tiny.py --workdir=DIR [--steps=N] [--dry_run]
 
-The run resumes from the newest complete checkpoint in DIR (train state, data position, RNG), saves
-every `checkpoint.save_every` steps, at the end, and on SIGTERM (then exits 0), logs progress lines,
-`DIR/metrics.jsonl` and TensorBoard events, and reports held-out exact-match accuracy before and after
-(`--config.eval.num_examples=0` skips it). A resumed run repeats the interrupted one bit for bit from
-its checkpoint. DPO and GRPO compare against a frozen reference: the run's initial weights
-(`--init_checkpoint`, or the seed's initialisation); distillation's teacher is `--config.distill.teacher`.
-The first start records the reference in DIR/reference.json and a resume reads it from there; a command
-naming another one is an error (trainer/reference.py). A step with a NaN/Inf loss, gradient or update is
-never applied; the run then stops or skips it, as `--config.train.nonfinite` says (see trainer/nonfinite.py).
-
-`--dry_run` checks a command before the cluster is rented: it compiles the same run's step and
-evaluation for abstract inputs on the topology's devices emulated on this host and prints the planner's
-report (memory per device against the HBM, FLOPs, collectives, step time), exiting 1 if it does not
-fit. A real run of a full-size config on a host that cannot hold it is refused up front.
-
-Several processes form one run with --num_processes, --process_id and --coordinator_address (or the
-launcher's environment, see trainer/distributed.py; scripts/launch_local.sh starts N on one host):
-each reads its rows of the global batch and writes its shards of every checkpoint; process 0 alone
-prints, logs and writes metrics.
+Invariants: a run resumes from the newest complete checkpoint in DIR and repeats the interrupted one bit
+for bit; a frozen reference is recorded in DIR/reference.json at the first start and read from there on
+resume; a non-finite step is never applied; `--dry_run` compiles the run for abstract inputs and prints
+the planner's report. Start at `main`. Restarts, objectives and checkpoints: docs/training.md; several
+processes: docs/multihost.md; --dry_run: docs/planning.md.
 """
 import contextlib
 import dataclasses

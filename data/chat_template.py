@@ -1,29 +1,11 @@
 """Conversations -> text pieces, each marked as training target or context.
 
-The DeepSeek-V4 presets follow the encoding reference shipped with the release
-(`encoding/encoding_dsv4.py` and `encoding/README.md` of deepseek-ai/DeepSeek-V4-Flash, read through
-an independent re-implementation). "deepseek_v4" is its non-thinking "chat" mode:
-
-    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜></think>{reply}<｜end▁of▁sentence｜>...
-
-- BOS once at the start; a system prompt is raw text right after it (no role marker).
-- A user turn is `<｜User｜>` + text. The reply is cued by `<｜Assistant｜>` followed by `</think>`:
-  in chat mode the release closes the (empty) thinking block in the prompt.
-- A reply is its text followed by EOS `<｜end▁of▁sentence｜>`; earlier turns keep their EOS.
-- The markers use U+FF5C (fullwidth vertical line) and U+2581 (lower one-eighth block).
-"deepseek_v4_thinking" is its "thinking" mode with earlier reasoning dropped (the release default):
-replies after the last user turn are cued by `<｜Assistant｜><think>` and are `{reasoning}</think>
-{reply}<｜end▁of▁sentence｜>` (reasoning, possibly empty, is then a target too); earlier replies
-render as in chat mode, without their reasoning. The reasoning-effort preamble is not emitted.
-A reply given as text (a DPO reply, a rollout's completion) is what the model writes after the cue,
-so in thinking mode it is `{reasoning}</think>{reply}`, split at the first `</think>` as the
-release's parser (`parse_message_from_completion_text`) splits it (`split_reply`).
-Difference: the release cues a reply only after a user turn; we cue every assistant turn (the only
-case that differs, an assistant turn right after a system prompt or another reply, is unusual in SFT).
-
-Why pieces rather than one string: the loss mask must cover exactly the reply text and its EOS, so
-each piece is tokenised separately and tagged; the role markers are special tokens, so token
-boundaries fall on piece boundaries and the ids equal those of the whole string.
+Presets "deepseek_v4" (the release's non-thinking chat mode) and "deepseek_v4_thinking" (thinking mode,
+earlier reasoning dropped) follow the encoding reference shipped with the release. Invariants: the loss
+mask covers exactly the reply text and its EOS; role markers are special tokens, so token boundaries fall
+on piece boundaries and the ids equal those of the whole string. A reply given as text is split at the
+first `</think>` (`split_reply`). The one difference from the release: every assistant turn is cued.
+Rendering rules and the markers: docs/data.md.
 """
 import dataclasses
 from typing import Mapping, Sequence

@@ -2,19 +2,9 @@
 
 Each `parse_*` function takes one decoded JSON value and returns a record or raises
 `InvalidRecord(reason, detail)`; `jsonl` adds the file and line. Reason codes are stable because
-they become metrics keys (`data/skipped/<reason>`).
-
-SFT records come in three forms:
-- `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, ending with an
-  assistant turn (that is what is trained on); an assistant turn may carry `reasoning_content`;
-- `{"prompt": str, "completion": str}`, the single-turn shorthand;
-- `{"tokens": [int, ...], "loss_mask": [0|1, ...]}`, already tokenised (mask optional: all ones).
-Preference pairs (DPO): `{"prompt": str | messages, "chosen": str, "rejected": str}` (with a thinking
-template each reply is `{reasoning}</think>{answer}`, as the model writes it), optionally with
-`"ref_chosen_logps": float, "ref_rejected_logps": float`, the replies' summed log-probabilities under
-the reference model (score_preferences.py writes them), for DPO without a reference forward.
-Prompt sets (GRPO): `{"prompt": str | messages, "answer": str?, ...}`; other fields are kept for the
-reward function.
+they become metrics keys (`data/skipped/<reason>`). SFT records are messages, prompt/completion or
+pre-tokenised; preference pairs (DPO) may carry the reference's log-probabilities; prompt sets (GRPO)
+keep extra fields for the reward function. The fields of each form: docs/data.md.
 """
 import dataclasses
 import math

@@ -1,20 +1,10 @@
 """The grain graph from config to batches, and the loaders for preference and prompt sets.
 
-    sources (pattern, weight) --read+validate+tokenise (eager)--> examples per source
-      --MapDataset: shuffle(seed) per epoch, repeat, mix by weight, take this process's share
-      --IterDataset: first-fit pack into rows, batch, thread prefetch--> batches
-
-Everything before grain is eager: files are read and validated when the pipeline is built, so a bad
-line is reported with its file and line before training starts (or counted, in skip mode), and the
-counts are final from step 0. That fits post-training sets (up to a few million conversations); a
-larger corpus would move reading into a grain data source.
-
-Mixture weights are shares of examples (not tokens). With `num_epochs` set, a mixture ends when
-its first source runs out (grain's `mix`); with None every source repeats forever.
-
-Determinism: the order is a function of the seed, the weights and the process index only; the
-iterator's `get_state()` (a small dict) restores the exact position, so a resumed run sees exactly
-the batches it would have seen.
+sources --read+validate+tokenise (eager)--> examples --shuffle per epoch, mix by weight, this process's
+share--> first-fit pack, batch, prefetch. Invariants: reading is eager, so a bad line is reported (or
+counted) before training starts; mixture weights are shares of examples; the order depends on the seed,
+the weights and the process index only, and `get_state()` restores the exact position. Start at
+`build_sft_pipeline`. Design notes: docs/data.md.
 """
 import atexit
 import dataclasses

@@ -1,37 +1,12 @@
 """Rollouts written by any inference engine -> validated groups of completions -> fixed-shape GRPO
 batches.
 
-A record (one JSON object per line):
-
-    {"prompt": str | [messages],            # as in prompt sets (data/formats.py), rendered with the template
-     "completion_ids": [int] | "completion": str,
-     "logprobs": [float],                   # the sampling policy's log-prob of each completion token
-     "reward": float,                       # optional: else the reward function computes it
-     "group": str | int,                    # optional: else identical prompts form a group
-     "routed_experts": [[[int]]],           # optional: [layer][token][k], tokens = prompt + completion
-     "answer": str, ...}                    # optional, kept with the prompt for reward functions
-
-- Completion tokens: "completion_ids" are taken as sampled (preferred: exactly what the engine
-  drew). A "completion" text is tokenised here; an engine may have split it differently, and the
-  log-prob count check then fails. A completion that the end-of-reply token ended must carry it
-  (its id, or the template's EOS marker at the end of the text) with its log-prob: it was sampled,
-  and learning to stop depends on it. With a thinking template a "completion" text is
-  `{reasoning}</think>{answer}` (data/encode.py `Encoder.reply_message`, as DPO replies); one cut off
-  before its end-of-reply marker may stop inside the reasoning. Reward functions see the answer.
-- Groups: all groups have the same size G (`group_size`, or the most common size, the larger on a
-  tie), since advantages are normalised within a group.
-- Routed experts cover every token the training forward runs (prompt and completion), per layer,
-  so routing replay can fix each one; either every record carries them or none does.
-
-Bad input is a `DataError` naming file and line, or with `skip_bad` a count under a reason code in
-`LoadStats` (hence in the metrics, `data/skipped/<reason>`). A skipped record takes its whole group
-with it, the other members counted under "incomplete_group", because a partial group would shift
-its baseline. Reasons, besides those of prompt records: missing_think_end, missing_logprobs, logprob_count,
-nonfinite_logprob, token_out_of_vocab, nonfinite_reward (NaN/inf, given or computed),
-missing_reward (no reward and no reward function), reward_error (the reward function raised
-ValueError, e.g. no answer to check against), too_long (prompt + completion > seq_len),
-bad_routed_experts; and for whole groups unequal_group (a DataError naming each odd group and its
-size; with skip_bad those groups are dropped, their records counted).
+A record is one JSON object per line: prompt, completion (ids preferred, or text), the sampling
+policy's log-probs, optional reward, group and routed experts (docs/data.md lists the fields).
+Invariants: all groups have one size G; a completion the end-of-reply token ended carries it with its
+log-prob; routed experts are on every record or none. Bad input is a `DataError` naming file and line,
+or with `skip_bad` a count under a reason code, and a skipped record takes its whole group with it.
+Reason codes and the rules for each field: docs/data.md.
 """
 import collections
 import dataclasses

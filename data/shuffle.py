@@ -1,10 +1,9 @@
 """Seeded per-epoch shuffling of an in-memory dataset, by explicit permutation.
 
-grain's `MapDataset.shuffle` permutes lazily with a cipher whose cost per element grows as the
-dataset shrinks (about 13 us at 4000 examples, 0.5 ms at 50, 13 ms at 2, measured on this CPU), so
-a small source in a mixture would stall the pipeline. Our examples are already in memory, so a
-permutation array per epoch (8 bytes per example) is cheap and makes every element O(1).
-Random access by index is kept, which is what makes the iterator state a single position.
+grain's lazy `MapDataset.shuffle` gets slow per element on small sources (figures: docs/benchmarks.md),
+which would stall a mixture. Our examples are already in memory, so a permutation array per epoch
+(8 bytes per example) makes every element O(1) and keeps random access by index, which is what makes
+the iterator state a single position.
 """
 import functools
 

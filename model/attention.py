@@ -1,22 +1,11 @@
 """Hybrid attention of one layer: sliding window, plus compressed entries for CSA (selected) and HCA (all).
 
 One shared KV head (keys are values), low-rank queries with per-head RMS normalisation, partial RoPE,
-a learned per-head sink in the softmax denominator, and a grouped low-rank output projection.
-
-The window is computed blockwise: the queries of a block of B rows (B = window_block, dividing the
-window W) see the W + B keys that end with their block, so the cost is O(S * (W + B)) instead of
-O(S^2); smaller blocks compute fewer masked-out scores (2W at B = W, 1.25W at B = W/4) in more,
-smaller matmuls. Window, compressed entries and sink share one softmax.
-
-Scores and probabilities are float32 [heads, queries, W + B + entries + 1]: for V4-Pro's 128 heads
-and 1,024 CSA entries, 2.3 GiB per 4,096-token sequence, each, several alive in the backward. With
-`query_chunk` > 0 the blocks go through that softmax `query_chunk` queries at a time, in a loop whose
-body is recomputed in the backward pass, so only one chunk's scores are ever alive; the arithmetic
-per query is the same.
-
-Asked for the indexer's loss (CSA), the layer also returns the indexer's KL divergence from this
-softmax's probabilities of the selected entries summed over heads (`model.indexer.attention_kl`),
-detached from the main model.
+a learned per-head sink in the softmax denominator, and a grouped low-rank output projection. Window,
+compressed entries and sink share one softmax; the window is computed blockwise (O(S * (W + B)), B =
+window_block), and `query_chunk` > 0 keeps only one chunk of queries' float32 scores alive. Asked for
+the indexer's loss (CSA), the layer also returns the indexer's KL divergence, detached from the main
+model. Block and chunk sizing: docs/model.md.
 """
 import jax
 import jax.numpy as jnp

@@ -1,28 +1,11 @@
 """`plan.py --search`: the meshes a topology allows for a config, ranked by estimated step time among
-those whose memory fits, from an analytic model (compiling one full-size candidate takes minutes,
-so only the best few are compiled, by plan.py, to confirm).
+those whose memory fits, from an analytic model (only the best few are compiled, by plan.py, to confirm).
 
-A candidate is (data, fsdp, expert, tensor) sizes multiplying to the device count, tensor a power
-of two up to `max_tensor`, with the routed experts over `expert` or over (data, expert)
-(configs.parallelism.rules). It is rejected, with the reason, when the layout or a parameter's
-sharding is impossible (a dimension the mesh axes do not divide) or the global batch does not
-split over the token axes. Per device it is costed as:
-- memory: weights, gradients and optimizer state from every parameter's shard under the rules
-  (the state further split as trainer.state splits it; exact, as planner.memory reads them from a
-  compiled state), activations from
-  planner.memory.activation_bytes;
-- compute: the model FLOPs of the step over the devices at peak, with the matmuls of weights
-  replicated over `tensor` repeated on every tensor rank;
-- communication, no overlap, each collective timed on the levels its axes cross (mesh.cost):
-  every weight is all-gathered (compute dtype) over the axes that shard it without splitting its
-  work (all but `tensor`, and the routed experts' expert axes), once per forward pass (remat runs
-  the forward twice) and once in the backward, layer by layer; its gradient (parameter dtype) is
-  reduce-scattered over the same axes and all-reduced over the token axes that replicate it. Each
-  MoE layer sends its [E, C, d] buffers out and back by all-to-all over the expert axes per pass
-  (rows in the compute dtype out, float32 back). With tensor > 1, three [t, d] float32 partial sums
-  per layer and pass (attention output, shared and routed experts) are all-reduced over `tensor`.
-The model leaves out what the partitioner adds on its own (plan.py's compile shows that), so it
-ranks candidates; it does not replace their compile.
+A candidate is (data, fsdp, expert, tensor) sizes multiplying to the device count, tensor a power of two
+up to `max_tensor`, with the routed experts over `expert` or over (data, expert). It is rejected, with
+the reason, when a sharding is impossible or the batch does not split. Weights, gradients and optimizer
+state per device are exact (planner.memory); compute and communication are estimates that rank
+candidates and do not replace their compile. The cost model in full: docs/planning.md.
 """
 import dataclasses
 import math

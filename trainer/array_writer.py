@@ -1,20 +1,11 @@
 """Writes a checkpoint's jax.Arrays as each process's contiguous blocks: what an async save costs.
 
-Orbax's ArrayHandler writes every unique shard of every array as its own TensorStore write awaited
-by its own asyncio task, and a sharding file per array beside it. That is per-shard Python work: on
-the tiny config (448 arrays, 2,408 unique shards over 8 emulated devices) ~1.9 core-seconds of
-background work per 9 MB save, which the training step competes with on a busy host. This handler
-first joins the shards a process owns into contiguous blocks (one per array when the process holds
-a box of it, as it does for FSDP, expert and tensor sharding over a process-major mesh), then opens every array and issues all block writes as one batch, waiting on their
-TensorStore futures together: ~0.45 core-seconds for the same save (bench/checkpoint.py).
-
-What lands on disk is Orbax's own layout, so the stock ArrayHandler (inherited here) restores it,
-onto any mesh: the same zarr metadata and OCDBT store, chunked as the saving mesh's device shards,
-so a restore onto that mesh reads each chunk once. The sharding file is not written: every restore
-here passes the target shardings.
-
-The blocks are host copies made while `save` blocks the loop (the copy of the state to host memory
-an async save needs anyway), so the donated device buffers may be reused by the next step at once.
+Orbax's ArrayHandler writes every unique shard as its own TensorStore write; this handler joins the
+shards a process owns into contiguous blocks and issues all block writes as one batch, far less
+per-save Python work (docs/benchmarks.md). Invariants: what lands on disk is Orbax's own layout, so the
+stock ArrayHandler (inherited here) restores it onto any mesh; the sharding file is not written, since
+every restore here passes the target shardings; the blocks are host copies made while `save` blocks
+the loop, so donated device buffers may be reused at once. Design notes: docs/training.md.
 """
 import numpy as np
 import jax

@@ -1,30 +1,11 @@
 """Several processes, one global mesh: `jax.distributed` set up from flags or the launcher's environment.
 
-Every process runs the same command; they differ only in the process id. On a CPU host each process
-emulates its share of the topology's devices (mesh/emulate.py: process p holds ranks [p*n, (p+1)*n)),
-and XLA:CPU runs the cross-process collectives over gloo. The setup must happen before anything
-touches devices: the device count and the distributed client are both read once, when the backend
-starts.
-
-Where the values come from, first found wins:
-  process count: --num_processes, JAX_NUM_PROCESSES, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE (else 1)
-  process id:    --process_id, JAX_PROCESS_ID, SLURM_PROCID, OMPI_COMM_WORLD_RANK
-  coordinator:   --coordinator_address, JAX_COORDINATOR_ADDRESS; under Slurm or Open MPI JAX derives
-                 it (and a missing id) itself.
-
-A dead process must not leave the others waiting in a collective forever. The coordination service
-gives the bound: a process that stops sending heartbeats for --heartbeat_timeout_s is declared dead
-and every other process aborts with "the JAX distributed service detected fatal errors" (SIGABRT,
-exit status 134 from a shell); a dead coordinator (process 0) is noticed at once. A process that ends
-with a Python error waits up to --shutdown_timeout_s for the others before it exits, which then
-counts as its death.
-
-A live process that stops joining the collectives (stuck in host code: a hung read, a deadlock) keeps
-sending heartbeats, so the service never declares it dead; without a bound the others would wait in
-their next collective forever (and ignore SIGTERM there). --collective_timeout_s bounds that wait: on
-CPU it is XLA's gloo timeout, after which the waiting collective fails, `collective_errors_named`
-turns the runtime's message into one that names the cause, and the failing process's exit brings
-the stuck one down as above. On Ascend the same bound is HCCL's (HCCL_EXEC_TIMEOUT, in seconds).
+Every process runs the same command; they differ only in the process id, read (first found wins) from
+--process_id, JAX_PROCESS_ID, SLURM_PROCID or OMPI_COMM_WORLD_RANK (the count and coordinator alike).
+Invariants: the setup happens before anything touches devices; a dead process (no heartbeats for
+--heartbeat_timeout_s) makes every other one abort; a live process stuck outside the collectives is
+bounded by --collective_timeout_s (gloo on CPU, HCCL_EXEC_TIMEOUT on Ascend). Where the values come
+from and how each failure ends the run: docs/multihost.md.
 """
 import contextlib
 import dataclasses

@@ -1,16 +1,11 @@
 """Checkpoint writes on the CPU time the step leaves over.
 
-An async save copies the state to host memory while the loop waits, then serialises and writes it
-from background threads (Orbax's, and TensorStore's pool). Where the step keeps the host's cores
-busy (emulated devices; the host side of an accelerator step) those threads compete with it: on
-the tiny config (8 emulated devices, 2 cores) a save's background part is ~0.45 core-seconds for
-9 MB (trainer/array_writer.py). Run at the lowest priority they yield the CPU to the step whenever
-it wants it (bench/checkpoint.py measures both priorities).
-
-Linux keeps a nice value per thread and a new thread inherits its creator's, so the saves are
-started from one low-priority thread and every thread Orbax starts for them runs at that priority;
-TensorStore's pool threads outlive a save (and may come from a restore in the main thread), so they
-are lowered by name each time. Elsewhere (no per-thread priorities) the saves run as before.
+An async save serialises and writes from background threads (Orbax's and TensorStore's pool), which
+compete with a step that keeps the host's cores busy; run at the lowest priority they yield the CPU to
+the step (bench/checkpoint.py measures both priorities; figures in docs/benchmarks.md). Linux keeps a
+nice value per thread and new threads inherit it, so saves start from one low-priority thread;
+TensorStore's pool threads outlive a save and are lowered by name each time. Elsewhere (no per-thread
+priorities) the saves run as before. Design notes: docs/training.md.
 """
 import concurrent.futures
 import os

@@ -1,22 +1,10 @@
 """Training metrics: a progress line, `metrics.jsonl` and TensorBoard events per logging interval.
 
-The step returns its metrics as device scalars; fetching them forces the host to wait for the
-step, so the loop hands them to `MetricsWriter.write` only every `log_every` steps. Throughput is
-measured between two writes (steps done x tokens per step / wall time), which includes everything
-the loop did in between; call `mark` after compilation or an evaluation to restart the clock.
-
-MFU = achieved model FLOP/s / peak FLOP/s, with the analytic training FLOPs per token
-(`model.flops.train_flops_per_token`) and the peak of all devices of the topology
-(`topology.peak_flops * mesh.size`); on an emulated CPU mesh it is an estimate of nothing physical,
-but the same formula reads true on the real machine.
-
-A NaN or Inf value is recorded like any other (as the string "nan"/"inf" in the JSON file, which
-stays strict JSON); what the run does about it is `trainer.nonfinite`'s business.
-
-A run resumed from the checkpoint of step k drops the records after k from `metrics.jsonl`: the
-interrupted run wrote them after its last complete checkpoint and the resumed run writes those steps
-again, so the file stays one record per step, the curve of the run that the checkpoints hold.
-(TensorBoard keeps both copies of those points in its separate event files.)
+The loop hands the step's device scalars to `MetricsWriter.write` only every `log_every` steps (fetching
+them waits for the step); throughput is measured between two writes, and `mark` restarts the clock
+after compilation or an evaluation. MFU uses the analytic training FLOPs per token and the topology's
+peak. Invariants: a NaN/Inf is recorded like any other value (strict JSON); a run resumed from step k
+drops the records after k, so `metrics.jsonl` holds one record per step. Details: docs/training.md.
 """
 import datetime
 import json

@@ -1,44 +1,11 @@
 """The optimizers DeepSeek-V4 trained with, as optax transformations over the model's `nnx.State` params.
 
-`build_optimizer(config, params)` gives AdamW for everything (name "adamw") or Muon for the hidden
-matrices with AdamW for the rest (name "muon"), behind global-norm clipping, with the learning-rate
-schedule of `learning_rate_schedule(config)`, optionally accumulating gradients over several calls.
-
-Who gets which optimizer is read from each parameter's logical axis names (its `out_sharding`
-metadata), not from its path:
-  1. batch axes (`BATCH_AXES`: layers, expert) index independent matrices: every layer and expert
-     is orthogonalised on its own;
-  2. an axis pair in `FACTORED_AXES` (heads x head_dim, index_heads x index_head_dim, hc x embed,
-     o_groups x o_lora) is one matrix dimension stored in two axes: wo_b's groups are one
-     [groups x o_lora, d] matrix, since the layer sums their outputs (the reference's single linear);
-  3. what remains must be two dimensions, input (reduction) first then output, the layout every
-     projection of the model uses. Those parameters are matrices; the others (norm gains, mHC
-     base/scale, attention sinks) are vectors and go to AdamW;
-  4. matrices with an axis in `ADAMW_TABLE_AXES` go to AdamW as the spec says for the embedding and
-     the head (`vocab`), and as we chose for the compressors' `ape` (`comp_pos`): ape is a table of
-     additive gate biases looked up by position, not a linear map of activations, so the reason for
-     orthogonalising its update does not apply. The spec leaves ape (and attn_sink) open;
-  5. a head-indexed input dimension is split into the groups of its module's `o_groups` axis
-     (`GROUPED_AXES`): wo_a maps each group of heads to its own low-rank output, so each group is
-     one matrix of (heads/groups * head_dim) x o_lora.
-Weight decay: every matrix, embedding and head included; not vectors or ape (decaying a gain, bias
-or gate pulls it towards 0, which is not its initial or neutral value) unless `decay_vectors`.
-The lightning indexer (every parameter under a module named `indexer`: its projections and its own
-compressor) is trained by its own loss alone (config.train.indexer_weight, trainer/step.py); without
-that loss nothing reaches it, so unless `train_indexer` it is frozen: no update, no decay, no state.
-
-Precision: gradients are cast to `state_dtype` (float32) first, so moments, Newton-Schulz inputs and
-updates are float32 even for bf16 parameters, and the state's dtypes never depend on the params'.
-`momentum_dtype` (bfloat16: half the bytes) stores AdamW's first moments and Muon's momentum;
-they are read back into state_dtype for the update.
-With float32 params (the default: bf16 only in compute) they are the master weights. With bf16
-params the state holds float32 masters (`master_weights`, on by default; `_with_masters`), sharded
-like the rest of the state; without them `optax.apply_updates` rounds `param + update` every step
-and updates under bf16's spacing are lost.
-
-The transformation must be given trees structured like the `params` it was built from (the
-model's trainable `nnx.State`, its gradients, or subtrees masked by optax): roles are looked up by
-each leaf's key path.
+`build_optimizer(config, params)` gives AdamW for everything ("adamw") or Muon for the hidden matrices
+with AdamW for the rest ("muon"), behind global-norm clipping, with `learning_rate_schedule(config)`,
+optionally accumulating gradients over several calls. Invariants: roles come from each parameter's
+logical axis names, not its path (so the transformation must see trees structured like `params`);
+moments, Newton-Schulz inputs and updates are float32 whatever the params' dtype; the indexer is frozen
+unless its own loss trains it. The role rules, weight decay and precision: docs/training.md.
 """
 import dataclasses
 import math

@@ -1,23 +1,11 @@
 """Autoregressive sampling from the model on its mesh: temperature, nucleus (top-p), stop tokens.
 
-Correct before fast: every new token recomputes the whole prefix with one fixed-shape forward pass
-(no KV cache), so a completion of N tokens costs N full forwards. That is fine at the tiny model's
-scale (evaluation, tests, small on-policy runs); a large model samples with an inference engine and
-hands over its rollouts (data/rollouts.py). Prompts are left-aligned in a [rows, prompt + new]
-buffer; causality makes the not-yet-written tail irrelevant to the positions before it, so one
-compiled program serves every step, every temperature and every top-p.
-
-Two distributions per step, both returned for the sampled token, since GRPO's importance ratio is
-taken against the policy that actually sampled while the KL and the trainer's view use the model:
-- the model distribution: softmax(logits), temperature 1, no top-p;
-- the sampling distribution: softmax(logits / temperature) restricted to the nucleus and
-  renormalised. Temperature 0 is greedy decoding: a point mass on the argmax (log-prob 0).
-The nucleus of a distribution p is every token whose strictly more probable tokens hold less than
-`top_p` of the mass: the smallest top set reaching `top_p`, with ties at its edge all kept (so the
-result does not depend on how a sort orders equal values). top_p = 1 keeps every token.
-
-Randomness: the draw of row r at step t uses fold_in(fold_in(key, r), t), r counted over all prompts
-of a call, so a row's sample does not depend on `batch_rows` or on the other rows.
+Correct before fast: every new token recomputes the whole prefix (no KV cache), fine at the tiny model's
+scale; a large model samples with an inference engine (data/rollouts.py). One compiled program serves
+every step, temperature and top-p. The model distribution and the sampling distribution are both
+returned for the sampled token (GRPO's ratio uses the latter). Invariant: row r's draw at step t uses
+fold_in(fold_in(key, r), t), so a row's sample does not depend on `batch_rows` or the other rows.
+The nucleus rule and the two distributions: docs/training.md.
 """
 import dataclasses
 import functools

@@ -1,19 +1,11 @@
 """One post-training step: micro-batched forward and backward, optimizer update, MoE bias update.
 
-The objective (objectives/: SFT, DPO, GRPO, distillation) supplies the loss; the step is the same for
-all. Gradients are accumulated over `microbatches` slices of the global batch; the objective's
-normalisers are counted over the whole batch first, so every micro-batch loss and metric is its share
-of the global value and they add up: the accumulated gradient equals the one of the whole batch in one
-pass. Objectives that compare against a frozen model (DPO/GRPO reference, distillation teacher) get
-its output on the same micro-batch; the frozen weights are a step argument sharded like the trained
-ones, never differentiated. The objective's scheduled loss weights (SFT: the MTP weight) are read at
-the optimizer's applied-update count, like the learning rate, and logged under their names.
-
-With `indexer_weight` > 0 the lightning indexer's own loss (model.indexer: its KL divergence from the
-main attention over the entries it selected, on detached inputs) joins the total with that weight and
-is logged as `indexer_loss`: the mean over the batch's tokens (padding excluded) and the CSA layers,
-counted over the whole batch like the objective's normalisers. It reaches the indexer alone; at 0 it
-is not computed (and the optimizer leaves the indexer out: trainer.optimizer.build_optimizer).
+The objective (objectives/) supplies the loss; the step is the same for all. Invariants: the
+objective's normalisers are counted over the whole batch first, so the gradient accumulated over
+`microbatches` equals the whole batch's in one pass; a frozen model (reference, teacher) is a step
+argument sharded like the trained one, never differentiated; scheduled loss weights are read at the
+optimizer's applied-update count. With `indexer_weight` > 0 the indexer's own loss joins the total.
+Start at `make_train_step`. Details: docs/training.md.
 """
 import jax
 import jax.numpy as jnp
