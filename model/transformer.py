@@ -22,14 +22,14 @@ from model.moe import MoEStats
 from model.mtp import MTPLayer
 from model.norms import RMSNorm
 
-LAYER_INPUT = "layer_input"  # the streams entering each layer (checkpoint_name)
+LAYER_INPUT = "layer_input"  # the streams entering each scanned step (checkpoint_name)
 HOST_MEMORY = "pinned_host"  # the memory kind "offload" keeps them in
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # As "full", with each layer's input streams moved to host memory in the forward pass and back
+    # As "full", with each step's input streams moved to host memory in the forward pass and back
     # in the backward, instead of held on the device for the whole step.
     OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
@@ -94,23 +94,26 @@ class LayerGroup(nnx.Module):
         """replay: [repeats*len(pattern), b, s, k] experts per layer or None ->
         (streams, MoEStats stacked [repeats*len(pattern), ...], indexer KL [repeats*len(pattern)] (Block),
         hidden [repeats*len(pattern), ...] or None), layers in schedule order."""
-        graphdefs, state = zip(*(nnx.split(block) for block in self.blocks))
+        graphdef, state = nnx.split(self.blocks)
         period = len(self.pattern)
         if replay is not None:
             replay = replay.reshape(self.repeats, period, *replay.shape[1:])
-        layers = [self._layer(graphdef, positions, segment_ids, token_ids, indexer_loss) for graphdef in graphdefs]
 
         def body(carry, xs):
-            layer_states, layer_replay = xs
+            carry = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry)
+            layer_state, layer_replay = xs
+            blocks = nnx.merge(graphdef, layer_state)
             stats, kls, hidden = [], [], []
-            for position, layer in enumerate(layers):
-                carry, layer_stats, kl = layer(layer_states[position], carry,
-                                               None if layer_replay is None else layer_replay[position])
+            for position, block in enumerate(blocks):
+                carry, layer_stats, kl = block(carry, positions, segment_ids, token_ids,
+                                               None if layer_replay is None else layer_replay[position], indexer_loss)
                 stats.append(layer_stats)
                 kls.append(kl)
                 hidden.append(carry)
             return carry, (_stack(stats), jnp.stack(kls), jnp.stack(hidden) if collect_hidden else None)
 
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
         if self.scan_layers:
             streams, (stats, kls, hidden) = jax.lax.scan(body, streams, (state, replay))
         else:
@@ -122,19 +125,6 @@ class LayerGroup(nnx.Module):
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order
         hidden = None if hidden is None else merge_layers(hidden)
         return streams, jax.tree.map(merge_layers, stats), merge_layers(kls), hidden
-
-    def _layer(self, graphdef, positions, segment_ids, token_ids, indexer_loss: bool):
-        """One position of the pattern as (its layer's weights, streams, replay) -> (streams, stats, indexer KL),
-        under the remat policy on its own: the backward of a two-layer step recomputes and holds one
-        layer's intermediates at a time, and each layer keeps its input streams (LAYER_INPUT)."""
-        def layer(layer_state, streams, layer_replay):
-            streams = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), streams)
-            return nnx.merge(graphdef, layer_state)(streams, positions, segment_ids, token_ids, layer_replay,
-                                                    indexer_loss)
-
-        if self.remat_policy == "none":
-            return layer
-        return jax.checkpoint(layer, policy=REMAT[self.remat_policy], prevent_cse=False)
 
 
 class DeepSeekV4(nnx.Module):
