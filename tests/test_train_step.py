@@ -351,7 +351,7 @@ def test_optimizer_state_is_sharded_like_the_parameters(name):
 
     config = tiny.get_config()
     args = from_config(config.model)
-    tx = build_optimizer(optimizer.get_config(name), abstract_params(args))
+    tx = build_optimizer(optimizer.get_config(name), abstract_params(args), train_indexer=True)  # every parameter
     state = abstract_train_state(args, build_mesh(config.mesh), config.mesh.rules, tx)
     ratio = shard_bytes(state.opt_state) / shard_bytes(state.params)
     assert {"adamw": 1.99, "muon": 1.0}[name] < ratio < {"adamw": 2.05, "muon": 1.3}[name], ratio
