@@ -31,7 +31,8 @@ _DEVICES = 8
 def _uncounted_tile_flops(args, tiles: float, tokens: int, mesh, rules) -> float:
     """FLOPs of the tiles run beyond the one forward and one backward body per MoE layer and device
     that XLA's cost analysis includes (no remat: each forward loop runs once)."""
-    from planner.measure import tile_body_flops, tokens_per_device
+    from planner.measure import tile_body_flops
+    from planner.memory import tokens_per_device
 
     if args.remat_policy != "none":
         raise ValueError(f"tile accounting assumes remat_policy='none', got {args.remat_policy!r}")

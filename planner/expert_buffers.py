@@ -23,9 +23,9 @@ from mesh.layout import plan_layout
 from mesh.presets import get_topology
 from model.args import ModelArgs, from_config
 from model.expert_dispatch import capacity
+from planner.memory import tokens_per_device
 
 GIB = 2 ** 30
-TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)  # act_batch: what splits the tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ def run_dispatch_buffers(config: ml_collections.ConfigDict, mesh_shape: dict) ->
     """`dispatch_buffers` of a run config on a resolved mesh shape (one micro-batch's tokens)."""
     args = from_config(config.model)
     rows = config.data.global_batch_size // config.train.microbatches
-    tokens = rows * config.data.seq_len // math.prod(mesh_shape.get(a, 1) for a in TOKEN_AXES)
+    tokens = tokens_per_device(rows * config.data.seq_len, mesh_shape)
     expert_shards = math.prod(mesh_shape[a] for a in parallelism.expert_mesh_axes(config.mesh.rules))
     return dispatch_buffers(args, tokens, expert_shards, mesh_shape.get(mesh_axes.TENSOR, 1))
 

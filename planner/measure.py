@@ -7,6 +7,7 @@ from mesh.sharding import resolve_spec
 from model.args import ModelArgs
 from model.expert_dispatch import W13_NAMES, capacity
 from model.grouped_mlp import chunk_tile, tile_flops
+from planner.memory import tokens_per_device
 
 FLOPS = "flops"
 SEP = "|"
@@ -32,11 +33,6 @@ def measure(compiled, mesh_shape: dict) -> dict:
             key = collective_key(collective.kind, axes, what)
             figures[key] = figures.get(key, 0) + value
     return figures
-
-
-def tokens_per_device(tokens: int, mesh_shape: dict) -> int:
-    """A step's `tokens` split over the batch axes: the tokens each device dispatches."""
-    return tokens // math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
 
 
 def chunk_rows(args: ModelArgs, tokens: int) -> int:

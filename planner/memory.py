@@ -13,6 +13,7 @@ import re
 import jax
 import numpy as np
 
+from mesh import axes as mesh_axes
 from model.args import OFFLOAD, ModelArgs
 from model.expert_dispatch import capacity
 
@@ -35,6 +36,19 @@ _INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")  # in long tuple shapes
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) .*\{$")
 _CALLS = re.compile(r"calls=%?(?P<name>[\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
+
+
+TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)  # act_batch: the mesh axes that split the tokens
+
+
+def token_shards(mesh_shape: dict) -> int:
+    """How many ways a step's tokens are split (the batch axes' sizes multiplied)."""
+    return math.prod(mesh_shape.get(axis, 1) for axis in TOKEN_AXES)
+
+
+def tokens_per_device(tokens: int, mesh_shape: dict) -> int:
+    """A step's `tokens` split over the batch axes: the tokens each device holds and dispatches."""
+    return tokens // token_shards(mesh_shape)
 
 
 def _readable(op_name: str) -> str:
@@ -162,8 +176,7 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
 def layer_input_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict) -> float:
     """The input streams [tokens, hc, d] every layer keeps for its recomputation under remat, per
     device, all layers: what remat_policy="offload" moves to host memory and back each step."""
-    token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
-    tokens = batch_size * seq_len // token_shards
+    tokens = tokens_per_device(batch_size * seq_len, mesh_shape)
     layers = args.num_layers + args.num_mtp_layers
     return layers * tokens * args.hc_mult * args.hidden_size * np.dtype(args.compute_dtype).itemsize
 
@@ -173,9 +186,8 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
     intermediates (`_layer_bytes_per_token`); with remat a layer keeps only its input streams and one
     layer's intermediates are live at a time (and not even the inputs with "offload"). On top, one query chunk's attention scores (when they
     are chunked) and the largest transient: the MoE dispatch buffers or one vocabulary tile's logits."""
-    token_shards = math.prod(mesh_shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
     tensor = mesh_shape.get("tensor", 1)
-    tokens = batch_size * seq_len // token_shards
+    tokens = tokens_per_device(batch_size * seq_len, mesh_shape)
     act = np.dtype(args.compute_dtype).itemsize
     layers = args.num_layers + args.num_mtp_layers
     per_layer = _layer_bytes_per_token(args, seq_len, tensor) * tokens

@@ -29,7 +29,6 @@ from planner import memory
 from planner.estimate import placement
 from trainer.state import split_variables, state_axes, state_spec
 
-TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)
 PARTIAL_SUMS_PER_LAYER = 3  # attention output, shared expert, routed experts: psum over tensor
 
 
@@ -142,9 +141,9 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
     params, routing = table.params, table.routing
     shape = dict(candidate.axes)
     rules = parallelism.rules(candidate.experts_over_data)
-    token_shards = math.prod(shape[a] for a in TOKEN_AXES)
-    if config.data.global_batch_size % token_shards:
-        candidate.rejected = f"batch {config.data.global_batch_size} does not split over {token_shards} token shards"
+    shards = memory.token_shards(shape)
+    if config.data.global_batch_size % shards:
+        candidate.rejected = f"batch {config.data.global_batch_size} does not split over {shards} token shards"
         return candidate
     try:
         layout = plan_layout(topology, shape, dict(config.mesh.pins))
@@ -180,11 +179,11 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
             full = numel // layers // (split // where.size)
             seconds["all-gather"] += passes * layers * cost.all_gather_seconds(where, full * act)
             seconds["reduce-scatter"] += layers * cost.reduce_scatter_seconds(where, full * t.itemsize)
-        replicating = tuple(a for a in TOKEN_AXES if a not in used and shape[a] > 1)
+        replicating = tuple(a for a in memory.TOKEN_AXES if a not in used and shape[a] > 1)
         if replicating:
             seconds["all-reduce"] += cost.all_reduce_seconds(placement(layout, replicating),
                                                              numel // split * t.itemsize)
-    tokens = config.data.global_batch_size * config.data.seq_len // token_shards
+    tokens = memory.tokens_per_device(config.data.global_batch_size * config.data.seq_len, shape)
     moe_layers = args.num_layers + args.num_mtp_layers
     expert_axes = parallelism.expert_mesh_axes(rules)
     if math.prod(shape[a] for a in expert_axes) > 1:
