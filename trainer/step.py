@@ -123,7 +123,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
         metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=at_applied_updates(state.opt_state, schedule, state.step),
-                       expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load))
+                       expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load),
+                       expert_load=constrain(load, (None, None)))
         metrics.update(step_weights)
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
