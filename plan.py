@@ -2,13 +2,16 @@
 and (--search) which mesh of the topology is fastest among those that fit.
 
     python plan.py --config=configs/v4_pro.py [--config.mesh.axes.expert=64 ...] [--search] [--json=plan.json]
+        [--memory_png=memory.png]
 
 Compiles the real sharded train step (trainer.step) for abstract inputs on as many emulated CPU
 devices as the topology has (nothing is allocated) and prints planner/report.py's report: memory per
 device against the HBM, FLOPs, collectives, step time. `train.py --dry_run` prints the same report
-for exactly the run its command line describes (evaluation included).
+for exactly the run its command line describes (evaluation included). `--memory_png` draws the memory
+per device as stacked bars against the HBM (planner/memory_picture.py).
 """
 import json
+import os
 import time
 
 from absl import app, flags
@@ -16,6 +19,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object to this file.")
+_MEMORY_PNG = flags.DEFINE_string("memory_png", None,
+                                  "Also draw the memory per device (analytic and compiled breakdowns as stacked "
+                                  "bars against the HBM) into this PNG file.")
 _FULL = flags.DEFINE_bool("full_compile", True,
                           "Compile the full-depth scanned step for memory and compile time (else the "
                           "memory figures are the analytic ones only).")
@@ -32,6 +38,7 @@ _SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --sea
 _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
 
+from configs.release import ConfigError
 from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
 from trainer.cli import exits_on_bad_input
 
@@ -98,6 +105,14 @@ def smallest_fitting_part(config, args, table, hbm, max_tensor: int, full_compil
     return smallest
 
 
+def _check_output_folders() -> None:
+    """Before the compiles: the folders --json and --memory_png write into exist."""
+    for flag in (_JSON, _MEMORY_PNG):
+        folder = os.path.dirname(os.path.abspath(flag.value)) if flag.value else None
+        if folder and not os.path.isdir(folder):
+            raise ConfigError(f"--{flag.name}={flag.value}: the folder {folder} does not exist")
+
+
 @exits_on_bad_input
 def main(argv):
     del argv
@@ -107,6 +122,7 @@ def main(argv):
     from mesh.presets import get_topology
 
     config = _CONFIG.value
+    _check_output_folders()
     jax.config.update("jax_platforms", "cpu")
     emulate(get_topology(config.mesh.topology))
     start = time.perf_counter()
@@ -121,6 +137,10 @@ def main(argv):
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(report, f, indent=1)
+    if _MEMORY_PNG.value:
+        from planner.memory_picture import memory_figure
+
+        memory_figure(report).savefig(_MEMORY_PNG.value)
 
 
 if __name__ == "__main__":

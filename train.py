@@ -115,6 +115,17 @@ def _check_best_metric(checkpoint_config, metrics: dict) -> None:
                           f"it has {sorted(_scalars(metrics))}")
 
 
+def _draw_pictures(workdir: str, num_layers: int) -> None:
+    """Process 0 draws the run's pictures from its recorded metrics (trainer/pictures.py)."""
+    if not distributed.is_primary():
+        return
+    from trainer.pictures import draw_run
+
+    paths = draw_run(workdir, num_layers)
+    if paths:
+        _say("pictures: " + ", ".join(str(path) for path in paths.values()))
+
+
 def _progress_line(step: int, record: dict, refused: bool) -> str:
     """The stdout line of a recorded step (the writer logs the full one); NaN/Inf arrive as strings."""
     line = (f"step {step}: loss {float(record['loss']):.4f} lr {float(record['learning_rate']):.2e} "
@@ -261,6 +272,7 @@ def _train(config, topology, processes):
                     _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
                          "and stopping")
                     return
+        _draw_pictures(workdir, args.num_layers)
         _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding,
                         processes)
 

@@ -2,15 +2,20 @@
 
 Axes not named in --mesh keep the defaults of configs/parallelism.py (fsdp takes the rest unless
 another axis is -1). With --emulate the host also gets the topology's device count and the real
-jax Mesh is built, which proves the layout on this machine's devices.
+jax Mesh is built, which proves the layout on this machine's devices. `--draw=out.png` also draws
+the axes laid on the topology's levels (mesh/draw.py).
 """
+import os
+
 from absl import app, flags
 
 from configs import parallelism
+from configs.release import ConfigError
 from mesh import report
 from mesh.emulate import emulate
 from mesh.layout import plan_layout
 from mesh.presets import get_topology
+from trainer.cli import exits_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", "cm384-8", "topology spec, e.g. cm384, cm384:4, a2-cluster:2")
@@ -18,6 +23,8 @@ flags.DEFINE_string("mesh", "", "axis sizes, e.g. expert=64,fsdp=12,tensor=1 (-1
 flags.DEFINE_string("pin", "", "axis=level pins, e.g. fsdp=chip")
 flags.DEFINE_float("bytes", 2.0**30, "message size per device for the collective estimates")
 flags.DEFINE_bool("emulate", False, "set the CPU device count and build the real jax Mesh")
+flags.DEFINE_string("draw", None, "PNG file to draw the axes on the topology's levels into (which levels "
+                    "each axis crosses, which devices it spans)")
 
 
 def _pairs(text, convert):
@@ -30,8 +37,12 @@ def _pairs(text, convert):
     return pairs
 
 
+@exits_on_bad_input
 def main(argv):
     del argv
+    folder = os.path.dirname(os.path.abspath(FLAGS.draw)) if FLAGS.draw else None
+    if folder and not os.path.isdir(folder):
+        raise ConfigError(f"--draw={FLAGS.draw}: the folder {folder} does not exist")
     config = parallelism.get_config(FLAGS.topology, pins=_pairs(FLAGS.pin, str),
                                     **_pairs(FLAGS.mesh, int))
     topology = get_topology(config.topology)
@@ -40,6 +51,11 @@ def main(argv):
     print(f"mesh {layout.shape}")
     print(report.axis_table(layout, FLAGS.bytes))
     print(report.device_grid(layout))
+    if FLAGS.draw:
+        from mesh.draw import layout_figure
+
+        layout_figure(layout).savefig(FLAGS.draw)
+        print(f"drew {FLAGS.draw}")
     if FLAGS.emulate:
         emulate(topology)
         mesh = layout.mesh()

@@ -1,7 +1,8 @@
 """The metrics writer: progress line, metrics.jsonl and TensorBoard events agree; derived throughput,
 MFU and ETA follow from an injected clock; NaN/Inf values are recorded as strict JSON; a resumed run
-replaces the records an interrupted run wrote after its last checkpoint; without output (processes
-other than 0) nothing is written."""
+replaces the records an interrupted run wrote after its last checkpoint (in metrics.jsonl and
+expert_load.jsonl); the step's expert load goes to expert_load.jsonl, not to the scalars; without output
+(processes other than 0) nothing is written."""
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from trainer.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter
+from trainer.metrics import EXPERT_LOAD, EXPERT_LOAD_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter
 
 TOTAL_STEPS, TOKENS_PER_STEP = 100, 2048
 FLOPS_PER_TOKEN, PEAK_FLOPS = 1e9, 8e12
@@ -29,10 +30,10 @@ class FakeClock:
 
 
 def _step_metrics(step):
-    """What trainer.step returns: device scalars, plus a per-layer array that is not logged."""
+    """What trainer.step returns: device scalars, plus the per-layer expert load, which is no scalar."""
     return {"loss": jnp.float32(3.0 - 0.01 * step), "learning_rate": jnp.float32(1e-3),
             "grad_norm": jnp.float32(0.5), "expert_load_max_over_mean": jnp.float32(1.25),
-            "dropped_assignments": jnp.float32(3.0), "load": jnp.ones((4, 8))}
+            "dropped_assignments": jnp.float32(3.0), EXPERT_LOAD: jnp.full((4, 8), step, jnp.float32)}
 
 
 def _writer(workdir, clock, start_step=0, output=True):
@@ -87,7 +88,9 @@ def test_records_agree_and_rates_follow_the_clock(tmp_path, caplog):
     assert last["tokens_per_second"] == pytest.approx(tokens_per_second)
     assert last["mfu"] == pytest.approx(tokens_per_second * FLOPS_PER_TOKEN / PEAK_FLOPS)
     assert last["eta_seconds"] == pytest.approx((TOTAL_STEPS - 20) * SECONDS_PER_STEP)
-    assert "load" not in last, "arrays are not scalars to log"
+    assert EXPERT_LOAD not in last, "arrays are not scalars to log"
+    loads = [_strict_json(line) for line in (tmp_path / EXPERT_LOAD_FILE).read_text().splitlines()]
+    assert loads == [{"step": step, EXPERT_LOAD: [[step] * 8] * 4} for step in logged_steps]
 
     scalars = _tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
     for name in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "eta_seconds",
@@ -155,3 +158,5 @@ def test_a_resume_drops_the_records_after_its_checkpoint(tmp_path):
         resumed.write(step, _step_metrics(step))
     resumed.close()
     assert _steps_on_file(tmp_path) == [1, 2, 3, 4, 5]
+    loads = [_strict_json(line) for line in (tmp_path / EXPERT_LOAD_FILE).read_text().splitlines()]
+    assert [load["step"] for load in loads] == [1, 2, 3, 4, 5]

@@ -3,8 +3,10 @@
 The loop hands the step's device scalars to `MetricsWriter.write` only every `log_every` steps (fetching
 them waits for the step); throughput is measured between two writes, and `mark` restarts the clock
 after compilation or an evaluation. MFU uses the analytic training FLOPs per token and the topology's
-peak. Invariants: a NaN/Inf is recorded like any other value (strict JSON); a run resumed from step k
-drops the records after k, so `metrics.jsonl` holds one record per step. Details: docs/training.md.
+peak. The step's per-expert load ([layers + MTP, experts] counts) goes to `expert_load.jsonl`, one
+line per interval, for trainer/pictures.py; `metrics.jsonl` stays scalar. Invariants: a NaN/Inf is
+recorded like any other value (strict JSON); a run resumed from step k drops the records after k in
+both files, so each holds one record per step. Details: docs/training.md.
 """
 import datetime
 import json
@@ -20,10 +22,12 @@ from tensorboard.summary import Writer
 from trainer.nonfinite import NONFINITE_STEPS
 
 METRICS_FILE = "metrics.jsonl"
+EXPERT_LOAD_FILE = "expert_load.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Names of the step's metrics (trainer.step.make_train_step) that the progress line shows.
 LOSS, LEARNING_RATE, GRAD_NORM = "loss", "learning_rate", "grad_norm"
 IMBALANCE, DROPS = "expert_load_max_over_mean", "dropped_assignments"
+EXPERT_LOAD = "expert_load"  # the step's [layers + MTP, experts] token-expert assignment counts
 # Values the writer derives from the clock.
 TOKENS_PER_SECOND, MFU, ETA_SECONDS = "tokens_per_second", "mfu", "eta_seconds"
 
@@ -62,7 +66,8 @@ def _format_line(step: int, total_steps: int, values: dict) -> str:
 
 class MetricsWriter:
     """Writes each logging interval's metrics to the log, `<workdir>/metrics.jsonl` and
-    `<workdir>/tensorboard/` (event files that `tensorboard --logdir <workdir>` finds).
+    `<workdir>/tensorboard/` (event files that `tensorboard --logdir <workdir>` finds), and the
+    step's expert load, when it has one, to `<workdir>/expert_load.jsonl`.
 
     tokens_per_step: tokens the model processes per step (global batch x sequence length).
     flops_per_token: model training FLOPs per token; peak_flops: FLOP/s of all devices together.
@@ -76,12 +81,15 @@ class MetricsWriter:
                  peak_flops: float, start_step: int = 0, clock=time.perf_counter, output: bool = True):
         workdir = epath.Path(workdir)
         self.jsonl_path = workdir / METRICS_FILE
+        self.expert_load_path = workdir / EXPERT_LOAD_FILE
         self.tensorboard_dir = workdir / TENSORBOARD_DIR
         self.output = output
         if output:
             workdir.mkdir(parents=True, exist_ok=True)
             _drop_records_after(self.jsonl_path, start_step)
+            _drop_records_after(self.expert_load_path, start_step)
             self._jsonl = self.jsonl_path.open("a")
+            self._expert_load = self.expert_load_path.open("a")
             self._tensorboard = Writer(str(self.tensorboard_dir))
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -114,6 +122,10 @@ class MetricsWriter:
             return record
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
+        if EXPERT_LOAD in host:
+            counts = np.rint(np.asarray(host[EXPERT_LOAD])).astype(np.int64).tolist()
+            self._expert_load.write(json.dumps({"step": step, EXPERT_LOAD: counts}) + "\n")
+            self._expert_load.flush()
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
@@ -124,4 +136,5 @@ class MetricsWriter:
         if not self.output:
             return
         self._jsonl.close()
+        self._expert_load.close()
         self._tensorboard.close()
