@@ -7,7 +7,9 @@ encodes it (chat template, seq_len: a pair that does not fit is left out and cou
 drops it); the reference runs on the configured mesh, and each record is written with its replies'
 summed log-probabilities added as `ref_chosen_logps` / `ref_rejected_logps`. The reference is what
 DPO would use in the step: the weights of an Orbax checkpoint, or the seed's initialisation. The
-output file appears only when complete.
+output file appears only when complete. It sits beside its command line, not in objectives/ or
+trainer/, because it joins the DPO objective's pair log-probabilities with the trainer's checkpoints
+and mesh, and neither package imports the other (tests/test_imports.py).
 """
 import glob
 import itertools
@@ -23,10 +25,10 @@ from data.errors import LoadStats
 from data.pipeline import build_encoder, preference_rows
 from mesh.sharding import activate
 from model.args import from_config
+from model.params import split_variables
 from objectives.dpo import pair_logprobs
 from trainer.checkpointing import Checkpointer, abstract_like
 from trainer.sharded_init import build_mesh, init_sharded
-from trainer.state import split_variables
 from trainer.step import batch_sharding_of
 
 

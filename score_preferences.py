@@ -6,7 +6,7 @@
 
 Writes the pairs of `config.data.preference_sources` with `ref_chosen_logps` / `ref_rejected_logps`
 from the reference (the weights of --init_checkpoint, or the seed's initialisation), computed on the
-configured (emulated) mesh: see objectives/dpo_reference.py. An existing output is replaced only with
+configured (emulated) mesh: see dpo_reference.py. An existing output is replaced only with
 --overwrite, and never when it is one of the input files.
 """
 from absl import app, flags
@@ -32,7 +32,7 @@ def main(argv):
     from mesh.emulate import emulate
     from mesh.presets import get_topology
     from model.args import from_config
-    from objectives.dpo_reference import check_output, score_pairs
+    from dpo_reference import check_output, score_pairs
     from trainer.host_check import check_host
     from trainer.validate_config import validate_run_config
 

@@ -52,6 +52,7 @@ def main(argv):
     from configs import tiny
     from mesh.sharding import activate
     from model.args import from_config
+    from objectives import build_objective
     from trainer.checkpointing import Checkpointer, abstract_train_state
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.sharded_init import build_mesh
@@ -71,7 +72,8 @@ def main(argv):
         tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
         step_fn, batch_sharding = jit_train_step(
-            make_train_step(graphdef, tx, learning_rate_schedule(config.optimizer), config.train),
+            make_train_step(graphdef, tx, learning_rate_schedule(config.optimizer), config.train,
+                            build_objective(config)),
             shardings, mesh, rules)
         abstract = abstract_train_state(args, mesh, rules, tx)
         batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}

@@ -54,6 +54,7 @@ def main(argv):
     from mesh.sharding import activate
     from model.args import from_config
     from model.flops import train_flops_per_token
+    from objectives import build_objective
     from trainer.sharded_init import build_mesh
     from trainer.state import create_train_state
     from trainer.step import jit_train_step, make_train_step
@@ -81,8 +82,8 @@ def main(argv):
             tx = optax.adamw(1e-4)
             with activate(mesh, mesh_config.rules):
                 graphdef, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, config.seed)
-                step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-4),
-                                                         train_config), shardings, mesh, mesh_config.rules)
+                step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-4), train_config,
+                                                         build_objective(config)), shardings, mesh, mesh_config.rules)
                 compiled = step.lower(state, batch).compile()
                 state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)

@@ -9,6 +9,8 @@ biases were balanced for.
 """
 import ml_collections
 
+NAMES = ("sft", "dpo", "grpo", "distill")  # the values of config.objective; objectives/ builds each
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()

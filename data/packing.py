@@ -14,6 +14,7 @@ from data.errors import LoadStats
 
 OVERLONG_POLICIES = ("truncate", "drop")
 FIELDS = ("tokens", "loss_mask")
+BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")  # a packed row; every objective's batch has these
 
 
 def fit_length(examples: list[dict[str, np.ndarray]], seq_len: int, policy: str, stats: LoadStats

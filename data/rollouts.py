@@ -1,5 +1,5 @@
 """Rollouts written by any inference engine -> validated groups of completions -> fixed-shape GRPO
-batches.
+batches, with each completion's reward normalised within its group (`group_advantages`).
 
 A record is one JSON object per line: prompt, completion (ids preferred, or text), the sampling
 policy's log-probs, optional reward, group and routed experts (docs/data.md lists the fields).
@@ -233,3 +233,15 @@ def make_batch(groups: Sequence[Sequence[Rollout]], *, seq_len: int, pad_id: int
         if "routed_experts" in batch:
             batch["routed_experts"][b, :end] = rollout.routed_experts
     return batch
+
+
+def group_advantages(rewards: np.ndarray, groups: np.ndarray, eps: float) -> np.ndarray:
+    """rewards [n], group ids [n] -> (r - group mean) / (group std + eps), std over the group (ddof 0);
+    a group whose rewards are all equal gets zeros (nothing to prefer)."""
+    rewards = np.asarray(rewards, np.float64)
+    advantages = np.zeros_like(rewards)
+    for group in np.unique(groups):
+        members = groups == group
+        r = rewards[members]
+        advantages[members] = (r - r.mean()) / (r.std() + eps)
+    return advantages.astype(np.float32)

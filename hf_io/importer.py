@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 from absl import logging
 
+from configs.checkpoint_layout import config_to_json
 from hf_io import quant
 from hf_io.atomic import atomic_directory
 from hf_io.hf_config import config_json
@@ -25,7 +26,6 @@ from hf_io.team import SOLO, Team
 from hf_io.validation import FP8_TILES, MXFP4, ConversionError, SourceTensor, check_source
 from hf_io.weights_layout import model_leaves
 from model.args import DTYPES, from_config
-from trainer.checkpointing import config_to_json
 
 IMPORT_STEP = 0
 

@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from trainer.checkpointing import CHECKPOINT_DIR, CONFIG, STATE
+from configs.checkpoint_layout import CHECKPOINT_DIR, CONFIG, STATE
 
 OCDBT_CACHE_BYTES = 64 << 20
 

@@ -1,4 +1,4 @@
-"""Writes model weights as one step of a `trainer.checkpointing.Checkpointer` directory, leaf slice
+"""Writes model weights as one step of a checkpoint directory (configs/checkpoint_layout.py), leaf slice
 by leaf slice, so no leaf (a stacked expert tensor can exceed host memory) is ever whole in memory.
 
 The step holds the items `state` ({'params', 'routing'} nested by variable path, what
@@ -16,9 +16,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from configs.checkpoint_layout import CHECKPOINT_DIR, CONFIG, STATE
 from hf_io.team import SOLO, Team
 from hf_io.weights_layout import Leaf
-from trainer.checkpointing import CHECKPOINT_DIR, CONFIG, STATE
 
 ORBAX_TREE_METADATA = "_METADATA"
 ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"

@@ -41,7 +41,7 @@ class Team:
         """Process 0's `value` (JSON data), on every process."""
         if self.count == 1:
             return value
-        from trainer.distributed import allgather_json
+        from mesh.processes import allgather_json
 
         return allgather_json(value)[0]
 

@@ -1,5 +1,5 @@
 """The weights a Checkpointer step holds for a model config: each variable's collection (`params` or
-`routing`, as `trainer.state.split_variables` splits them), flat path, shape, dtype and partition
+`routing`, as `model.params.split_variables` splits them), flat path, shape, dtype and partition
 spec on the target mesh. No arrays and no devices: the mesh is abstract."""
 import dataclasses
 import math
@@ -12,8 +12,8 @@ from mesh.presets import get_topology
 from mesh.sharding import activate, param_shardings
 from mesh.layout import plan_layout
 from model.args import ModelArgs
+from model.params import split_variables
 from model.transformer import DeepSeekV4
-from trainer.state import split_variables
 
 PARAMS, ROUTING = "params", "routing"
 VALUE_KEY = "value"  # the leaf key of an nnx variable in a saved train state

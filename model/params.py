@@ -1,4 +1,5 @@
-"""Parameter creation with logical axis names, and the variable kinds that are not trained by gradients.
+"""Parameter creation with logical axis names, and the variable kinds that are not trained by gradients
+(`split_variables` separates them from the parameters: the train state and checkpoints hold the two apart).
 
 Variables carry their logical names as metadata only (`eager_sharding=False`): the model never needs
 a mesh to exist, and `mesh.sharding.param_shardings` turns the names into shardings when one does.
@@ -14,6 +15,12 @@ class RoutingBias(nnx.Variable):
 
 class HashTable(nnx.Variable):
     """Frozen token-id -> expert-id table of the hash-routed layers."""
+
+
+def split_variables(state):
+    """Model state -> (trainable params, routing variables: the biases and hash tables)."""
+    params, routing = nnx.split_state(state, nnx.Param, (RoutingBias, HashTable))
+    return params, routing
 
 
 def normal(rngs: nnx.Rngs, shape, names, stddev: float, dtype) -> nnx.Param:

@@ -5,13 +5,12 @@ weights, the loss of one micro-batch and the MoE bias update.
 """
 import ml_collections
 
+from configs.objectives import NAMES
 from objectives.distill import Distill
 from objectives.dpo import DPO
 from objectives.grpo import GRPO
 from objectives.protocol import Objective
 from objectives.sft import SFT, mtp_weight_schedule
-
-NAMES = ("sft", "dpo", "grpo", "distill")
 
 
 def build_objective(config: ml_collections.ConfigDict) -> Objective:

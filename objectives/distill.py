@@ -10,8 +10,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from data.packing import BATCH_FIELDS
 from objectives.protocol import NO_WEIGHTS
-from objectives.sequence import BATCH_FIELDS, scored_targets
+from objectives.sequence import scored_targets
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from data.encode import REFERENCE_LOGPS
+from data.packing import BATCH_FIELDS
 from objectives.protocol import NO_WEIGHTS
-from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets, segment_sums
+from objectives.sequence import scored_logprobs, scored_targets, segment_sums
 
 SIDES = 2  # chosen = segment 1, rejected = segment 2
 REFERENCES = ("model", "data")

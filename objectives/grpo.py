@@ -1,7 +1,7 @@
 """Group relative policy optimisation on completions of a sampling policy.
 
 Each prompt has a group of G completions with rewards; a completion's advantage is its reward
-normalised within its group (`group_advantages`, on the host). Per scored completion token:
+normalised within its group (`data.rollouts.group_advantages`, on the host). Per scored completion token:
 
     ratio = exp(log p(token) - log p_sampling(token))
     loss  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3
@@ -15,23 +15,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from data.packing import BATCH_FIELDS
 from model.losses import ahead
 from objectives.protocol import NO_WEIGHTS
-from objectives.sequence import BATCH_FIELDS, scored_logprobs, scored_targets
-
-
-def group_advantages(rewards: np.ndarray, groups: np.ndarray, eps: float) -> np.ndarray:
-    """rewards [n], group ids [n] -> (r - group mean) / (group std + eps), std over the group (ddof 0);
-    a group whose rewards are all equal gets zeros (nothing to prefer)."""
-    rewards = np.asarray(rewards, np.float64)
-    advantages = np.zeros_like(rewards)
-    for group in np.unique(groups):
-        members = groups == group
-        r = rewards[members]
-        advantages[members] = (r - r.mean()) / (r.std() + eps)
-    return advantages.astype(np.float32)
+from objectives.sequence import scored_logprobs, scored_targets
 
 
 def grpo_token_terms(logprobs, sampling_logprobs, advantages, reference_logprobs, clip_low: float,

@@ -11,8 +11,6 @@ import jax.numpy as jnp
 from model.losses import shifted_targets
 from model.transformer import ModelOutput
 
-BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")  # every objective's batch has these
-
 
 def scored_targets(batch: dict):
     """-> (target of position i = token i+1 [b,s], weights [b,s] float32: 1 where that target is scored)."""

@@ -7,8 +7,8 @@ import ml_collections
 import optax
 
 from configs.optimizer import decay_start
+from data.packing import BATCH_FIELDS
 from model.losses import language_model_loss, target_counts
-from objectives.sequence import BATCH_FIELDS
 
 MTP_WEIGHT = "mtp_weight"  # the name of the MTP weight in `weight_schedules`, the step's weights and metrics
 

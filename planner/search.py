@@ -24,10 +24,11 @@ from mesh.sharding import resolve_spec
 from model.args import ModelArgs
 from model.expert_dispatch import capacity
 from model.flops import train_flops_per_step
+from model.params import split_variables
 from model.summary import abstract_model, component_of
 from planner import memory
 from planner.estimate import placement
-from trainer.state import split_variables, state_axes, state_spec
+from trainer.state import state_axes, state_spec
 
 PARTIAL_SUMS_PER_LAYER = 3  # attention output, shared expert, routed experts: psum over tensor
 

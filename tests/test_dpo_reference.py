@@ -1,5 +1,5 @@
 """DPO with the reference log-probabilities stored with the pairs (`config.dpo.reference="data"`):
-objectives/dpo_reference.py (score_preferences.py) writes them from the reference model, the preference pipeline batches them,
+dpo_reference.py (score_preferences.py) writes them from the reference model, the preference pipeline batches them,
 and they are the reference forward's own numbers, so the loss is the in-step one."""
 import itertools
 import json
@@ -15,12 +15,12 @@ from flax import nnx
 from configs import tiny
 from configs.release import ConfigError
 from data.errors import DataError
+from data.packing import BATCH_FIELDS
 from data.pipeline import build_preference_pipeline
+from dpo_reference import check_output, score_pairs
 from mesh.sharding import activate
 from model.args import from_config
 from objectives.dpo import DPO, pair_logprobs
-from objectives.dpo_reference import check_output, score_pairs
-from objectives.sequence import BATCH_FIELDS
 from trainer.sharded_init import build_mesh, init_sharded
 from trainer.state import split_variables
 

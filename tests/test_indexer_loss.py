@@ -23,6 +23,7 @@ from model.args import CSA
 from model.attention import Attention
 from model.norms import rms_normalize
 from model.transformer import DeepSeekV4
+from objectives.sft import SFT
 from tests.model_configs import tiny_args
 from trainer.optimizer import INDEXER, build_optimizer
 from trainer.sharded_init import build_mesh
@@ -140,9 +141,12 @@ def test_the_indexer_loss_and_its_gradient_equal_a_numpy_reference(query_chunk):
     assert float(none) == 0.0
 
 
+def _sft(bias_update_rate=1e-3):
+    return SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=bias_update_rate)
+
+
 def _train_config(indexer_weight, **overrides):
-    config = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3,
-                                            microbatches=2, indexer_weight=indexer_weight))
+    config = ml_collections.ConfigDict(dict(balance_weight=1e-4, microbatches=2, indexer_weight=indexer_weight))
     config.update(overrides)
     return config
 
@@ -178,7 +182,8 @@ def test_without_a_weight_a_step_leaves_the_indexer_bitwise_unchanged():
                          abstract_params(args))
     graphdef, state = _state(args, tx)
     before = _flat(state.params)
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), _train_config(0.0, microbatches=1)))
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), _train_config(0.0, microbatches=1),
+                                   _sft()))
     new_state, metrics = step(state, _batch(args))
     assert INDEXER_LOSS not in metrics
     after = _flat(new_state.params)
@@ -214,7 +219,7 @@ def test_with_a_weight_the_main_model_gradients_do_not_change():
     batch = _batch(args)
     results = {}
     for weight in (0.0, 1.0):
-        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1.0), _train_config(weight)))
+        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1.0), _train_config(weight), _sft()))
         new_state, metrics = step(state, batch)
         results[weight] = _flat(new_state.params), jax.device_get(metrics)
     before = _flat(state.params)
@@ -237,7 +242,7 @@ def test_training_the_indexer_alone_lowers_its_loss():
     before = _flat(state.params)
     batch = _batch(args)
     step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(3e-2),
-                                   _train_config(1.0, bias_update_rate=0.0)))
+                                   _train_config(1.0), _sft(bias_update_rate=0.0)))
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, batch)
@@ -262,12 +267,12 @@ def test_the_sharded_step_trains_the_indexer_as_one_device():
     train_config = _train_config(1.0)
     graphdef, state = _state(args, tx)
     reference, reference_metrics = jax.device_get(
-        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config))(state, batch))
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()))(state, batch))
     mesh_config = parallelism.get_config("cm384-8", data=2, fsdp=2, expert=2)
     mesh, rules = build_mesh(mesh_config), mesh_config.rules
     with activate(mesh, rules):
         graphdef, sharded, shardings = create_train_state(args, mesh, rules, tx, seed=0)
-        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config),
+        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()),
                                  shardings, mesh, rules)
         new_state, metrics = jax.device_get(step(sharded, batch))
     np.testing.assert_allclose(metrics[INDEXER_LOSS], reference_metrics[INDEXER_LOSS], rtol=1e-5)

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from model.transformer import DeepSeekV4
+from objectives.sft import SFT
 from tests.model_configs import parity_args
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, NonFinitePolicy, NonFiniteStepError
 from trainer.state import TrainState, split_variables
@@ -32,9 +33,9 @@ def compiled():
     params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
     state = TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), routing=routing,
                        rng=jax.random.key_data(jax.random.key(0)), nonfinite_steps=np.int32(0))
-    train_config = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3,
-                                                  microbatches=1))
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), train_config))
+    train_config = ml_collections.ConfigDict(dict(balance_weight=1e-4, microbatches=1))
+    objective = SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=1e-3)
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), train_config, objective))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, args.vocab_size, (BATCH, SEQ)).astype(np.int32)
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
+from data.rollouts import group_advantages
 from model.transformer import ModelOutput
 from objectives.distill import Distill
 from objectives.dpo import DPO
-from objectives.grpo import GRPO, group_advantages
+from objectives.grpo import GRPO
 from objectives.sft import MTP_WEIGHT, SFT
 
 B, S, V, D = 4, 12, 8, 5

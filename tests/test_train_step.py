@@ -34,6 +34,7 @@ from mesh import hlo_collectives
 from mesh.axes import mesh_axes_of
 from mesh.sharding import activate
 from model.transformer import DeepSeekV4
+from objectives.sft import SFT
 from tests import emulated_run
 from tests.model_configs import parity_args
 from trainer.sharded_init import build_mesh
@@ -54,9 +55,11 @@ def _args(**overrides):
     return parity_args(num_layers=4, compress_ratios=(0, 0, 4, 128, 0), **overrides)
 
 
+SFT_OBJECTIVE = SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=1e-3)
+
+
 def _train_config(**overrides):
-    config = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3,
-                                            microbatches=2))
+    config = ml_collections.ConfigDict(dict(balance_weight=1e-4, microbatches=2))
     config.update(overrides)
     return config
 
@@ -114,7 +117,7 @@ class Reference(NamedTuple):
 
 def _single_device_step(args, tx, batch, lr) -> Reference:
     graphdef, state = _single_device_state(args, tx)
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config()))
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config(), SFT_OBJECTIVE))
     new_state, metrics = step(state, batch)
     return Reference(*jax.device_get((state, new_state, metrics)))
 
@@ -165,8 +168,9 @@ def _check_sharded_step(args, batch, reference: Reference, mesh_config, tx, lr, 
     mesh = build_mesh(mesh_config)
     with activate(mesh, mesh_config.rules):
         graphdef, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, seed=0)
-        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config()),
-                                 shardings, mesh, mesh_config.rules)
+        step, _ = jit_train_step(
+            make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config(), SFT_OBJECTIVE),
+            shardings, mesh, mesh_config.rules)
         compiled = step.lower(state, batch).compile()
         new_state, metrics = compiled(state, batch)
     expected = reference.metrics
@@ -294,7 +298,8 @@ def test_microbatches_sum_to_the_whole_batch(sgd_reference):
     runs = []
     for microbatches in (1, 2):
         graphdef, fresh = _single_device_state(args, tx)
-        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=microbatches)))
+        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=microbatches),
+                                       SFT_OBJECTIVE))
         runs.append(jax.device_get(step(fresh, batch)))
     (whole, whole_metrics), (micro, micro_metrics) = runs
     for key in ("loss", "grad_norm"):
@@ -308,7 +313,7 @@ def test_loss_falls_when_memorising_a_batch(sgd_reference):
     args, batch, _ = sgd_reference
     tx = optax.adamw(LR)
     graphdef, state = _single_device_state(args, tx)
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config()))
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config(), SFT_OBJECTIVE))
     losses = []
     for _ in range(20):
         state, metrics = step(state, batch)

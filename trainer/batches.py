@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Sharding
 
+from data.packing import BATCH_FIELDS
 from data.pipeline import build_encoder, read_sft_examples, sft_stream
-from trainer.distributed import allgather_json
-from trainer.step import BATCH_KEYS
+from mesh.processes import allgather_json
 
 
 class DataExhausted(Exception):
@@ -50,7 +50,7 @@ class GlobalBatches:
         the token fields, int32[batch, seq_len] each."""
         self.streams = config.streams or jax.process_count()
         self.shape = (config.global_batch_size, config.seq_len)
-        fields = fields or {key: ((config.seq_len,), np.int32) for key in BATCH_KEYS}
+        fields = fields or {key: ((config.seq_len,), np.int32) for key in BATCH_FIELDS}
         self.fields = {key: ((config.global_batch_size, *dims), np.dtype(dtype))
                        for key, (dims, dtype) in fields.items()}
         self.sharding = sharding

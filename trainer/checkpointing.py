@@ -14,7 +14,6 @@ onto one device.
 """
 import base64
 import functools
-import json
 import time
 from typing import Any
 
@@ -27,16 +26,16 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from configs.checkpoint_layout import CHECKPOINT_DIR, CONFIG, DATA, STATE, config_to_json
 from configs.release import ConfigError
 from mesh.sharding import activate, param_shardings
 from model.args import ModelArgs
+from model.params import split_variables
 from model.transformer import DeepSeekV4
 from trainer.array_writer import BlockArrayHandler
 from trainer.io_priority import BackgroundWriter
-from trainer.state import TrainState, optimizer_shardings, replicated, split_variables
+from trainer.state import TrainState, optimizer_shardings, replicated
 
-CHECKPOINT_DIR = "checkpoints"
-STATE, DATA, CONFIG = "state", "data", "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # How the data-iterator state is wrapped so JSON can carry either a dict or grain's bytes.
 DATA_JSON, DATA_BYTES = "json", "bytes"
@@ -87,11 +86,6 @@ def _decode_data_state(stored: dict):
     if stored["kind"] == DATA_BYTES:
         return base64.b64decode(stored["value"])
     return stored["value"]
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-    """The config as plain JSON data (tuples become lists), as it is stored with every checkpoint."""
-    return json.loads(config.to_json_best_effort())
 
 
 def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransformation) -> TrainState:

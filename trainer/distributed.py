@@ -9,13 +9,10 @@ from and how each failure ends the run: docs/multihost.md.
 """
 import contextlib
 import dataclasses
-import json
 import os
 
 import jax
-import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
 from mesh.emulate import emulate
@@ -135,15 +132,3 @@ def collective_errors_named(processes: Processes):
 def is_primary() -> bool:
     """Process 0 writes what exists once per run: logs, progress lines, metrics.jsonl, TensorBoard."""
     return jax.process_index() == 0
-
-
-def allgather_json(value) -> list:
-    """`value` (JSON data) of every process, in process order; every process must call this."""
-    if jax.process_count() == 1:
-        return [value]
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 
+from configs.checkpoint_layout import CHECKPOINT_DIR
 from configs.release import ConfigError
-from trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
+from trainer.checkpointing import Checkpointer
 
 RECORD = "reference.json"
 INIT_CHECKPOINT, TEACHER, SEED, DATA = "init_checkpoint", "teacher", "seed", "data"

@@ -16,8 +16,7 @@ from data.errors import DataError, InvalidRecord, LoadStats
 from data.evaluation import completion_text
 from data.formats import parse_prompt
 from data.jsonl import read_records
-from data.rollouts import Rollout, load_rollouts, make_batch
-from objectives.grpo import group_advantages
+from data.rollouts import Rollout, group_advantages, load_rollouts, make_batch
 from trainer import rewards
 from trainer.sampler import make_sampler
 from trainer.step import REPLAY_KEY

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mesh.axes import mesh_axes_of
 from mesh.sharding import candidates
-from model import params as model_params
+from model.params import split_variables
 from model.transformer import DeepSeekV4
 from trainer.sharded_init import init_sharded
 
@@ -35,12 +35,6 @@ class TrainState:
     routing: Any
     rng: jax.Array
     nonfinite_steps: jax.Array
-
-
-def split_variables(state):
-    """Model state -> (trainable params, routing variables)."""
-    params, routing = nnx.split_state(state, nnx.Param, (model_params.RoutingBias, model_params.HashTable))
-    return params, routing
 
 
 def replicated(mesh) -> NamedSharding:

@@ -1,10 +1,10 @@
 """One post-training step: micro-batched forward and backward, optimizer update, MoE bias update.
 
-The objective (objectives/) supplies the loss; the step is the same for all. Invariants: the
-objective's normalisers are counted over the whole batch first, so the gradient accumulated over
-`microbatches` equals the whole batch's in one pass; a frozen model (reference, teacher) is a step
-argument sharded like the trained one, never differentiated; scheduled loss weights are read at the
-optimizer's applied-update count. With `indexer_weight` > 0 the indexer's own loss joins the total.
+The objective (an `objectives.protocol.Objective`, passed by the caller) supplies the loss; the step
+is the same for all. Invariants: the objective's normalisers are counted over the whole batch first,
+so the gradient accumulated over `microbatches` equals the whole batch's in one pass; a frozen model
+(reference, teacher) is a step argument sharded like the trained one, never differentiated; scheduled
+loss weights are read at the optimizer's applied-update count. With `indexer_weight` > 0 the indexer's own loss joins the total.
 Start at `make_train_step`. Details: docs/training.md.
 """
 import jax
@@ -13,15 +13,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from data.packing import BATCH_FIELDS
 from mesh.sharding import constrain, logical_to_spec
+from model.params import split_variables
 from objectives.protocol import Objective
-from objectives.sft import SFT
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
 from trainer.optimizer import at_applied_updates
-from trainer.state import TrainState, split_variables
+from trainer.state import TrainState
 
 BATCH = ("act_batch", "act_length")
-BATCH_KEYS = SFT.batch_keys
 REPLAY_KEY = "routed_experts"  # optional [B, S, num_layers, k] int32: routing replay (main layers only)
 INDEXER_LOSS = "indexer_loss"  # the step metric of the indexer's loss (with indexer_weight > 0)
 
@@ -41,20 +41,16 @@ def _constrained(batch: dict) -> dict:
     return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config,
-                    objective: Objective | None = None, unroll_microbatches: bool = False):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective: Objective,
+                    unroll_microbatches: bool = False):
     """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
 
-    train_config: balance_weight, microbatches, indexer_weight (0 when absent), and mtp_weight,
-    bias_update_rate for the default SFT objective, whose MTP weight is constant
-    (objectives.build_objective gives SFT its schedule).
+    train_config: balance_weight, microbatches, indexer_weight (0 when absent); `objective` supplies
+    the loss (objectives.build_objective builds the configured one).
     `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
     `unroll_microbatches` unrolls the micro-batch loop (the planner's FLOP and collective counts, which
     XLA takes once per loop body); the step computes the same either way.
     """
-    if objective is None:
-        objective = SFT(mtp_weight=optax.constant_schedule(train_config.mtp_weight),
-                        bias_update_rate=train_config.bias_update_rate)
     microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
     indexer_weight = train_config.get("indexer_weight", 0.0)
 
@@ -140,7 +136,7 @@ def batch_sharding_of(mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
 
 
-def jit_train_step(step, state_shardings, mesh, rules, batch_keys=BATCH_KEYS, frozen_shardings=None):
+def jit_train_step(step, state_shardings, mesh, rules, batch_keys=BATCH_FIELDS, frozen_shardings=None):
     """The step under jax.jit with the state's shardings in and out, the state donated, the batch
     sharded by `batch_sharding_of`, and the frozen model (when given) sharded like the trained one.
     Returns (jitted step, the batch sharding)."""

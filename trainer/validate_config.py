@@ -11,11 +11,11 @@ import math
 import ml_collections
 
 from configs import checkpoint
+from configs.objectives import NAMES as OBJECTIVES
 from configs.release import ConfigError
 from data.encode import LOSS_MASK_MODES
 from data.packing import OVERLONG_POLICIES
 from model.args import from_config
-from objectives import NAMES as OBJECTIVES
 from trainer.nonfinite import POLICIES as NONFINITE_POLICIES
 
 SOURCE_FIELDS = ("sft_sources", "eval_sources", "preference_sources", "prompt_sources")
