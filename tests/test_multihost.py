@@ -31,6 +31,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from configs import tiny
+from tests.conftest import COMPILATION_CACHE_ENV
 from tests.test_train_main import (NO_EVAL, WITH_EVAL, _accuracy_lines, _complete_steps, _finish, _has_step,
                                    _losses, _output, _saved_run, _spawn, _start, _wait_until)
 from tests.multihost_worker import worker_config
@@ -47,6 +48,18 @@ HEARTBEAT_S = 10
 # loaded machine.
 EXIT_BOUND_S = HEARTBEAT_S + 50
 FATAL = "JAX distributed service detected fatal errors"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_compilation_cache():
+    """The processes this module starts run without the suite's persistent compilation cache
+    (tests/conftest.py): with a shared cache, two resumes that loaded the step from it stopped in
+    their first step, the devices waiting in different collectives. Off the cache, these runs
+    compile their own programs and leave none behind for the other tests' runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in COMPILATION_CACHE_ENV:
+            patch.delenv(name, raising=False)
+        yield
 
 
 def _free_port() -> int:
