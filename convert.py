@@ -11,7 +11,9 @@ Flags, formats and multi-process imports: docs/conversion.md.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs.release import ConfigError
 from trainer import distributed
+from trainer.cli import exits_on_bad_input, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model + mesh config, e.g. configs/v4_flash.py.")
 _DIRECTION = flags.DEFINE_enum("direction", None, ["import", "export"], "import: HF -> Orbax; export: Orbax -> HF.")
@@ -36,7 +38,7 @@ def _team():
     if processes.count == 1:
         return Team(wait_s=_WAIT.value)
     if _DIRECTION.value == "export":
-        raise ValueError(f"--direction=export runs in one process; got {processes.count} processes")
+        raise ConfigError(f"--direction=export runs in one process; got {processes.count} processes")
     # Only the coordination service and one default device per process are needed: no emulation.
     distributed.initialize(processes, None, emulate_devices=False)
     import jax
@@ -46,6 +48,7 @@ def _team():
     return Team(jax.process_index(), jax.process_count(), _WAIT.value)
 
 
+@exits_on_bad_input
 def main(argv):
     del argv
     from hf_io.exporter import export_checkpoint
@@ -73,4 +76,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "direction", "input", "output"])
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,7 @@ configured (emulated) mesh: see dpo_reference.py. An existing output is replaced
 from absl import app, flags
 from ml_collections import config_flags
 
-from trainer.cli import exits_on_bad_input
+from trainer.cli import exits_on_bad_input, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _INIT = flags.DEFINE_string("init_checkpoint", None,
@@ -54,4 +54,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "output"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -41,6 +41,7 @@ Note: a dimension must divide by the product of its mesh axes (mesh.sharding che
 """
 import ml_collections
 
+from configs.release import ConfigError
 from mesh import axes
 from mesh.axes import mesh_axes_of
 
@@ -117,7 +118,7 @@ def get_config(topology=DEFAULT_TOPOLOGY, pins=None, experts_over_data=False, **
     """
     unknown = sorted(set(axis_sizes) - set(axes.MESH_AXES))
     if unknown:
-        raise ValueError(f"unknown mesh axes {unknown}; valid: {axes.MESH_AXES}")
+        raise ConfigError(f"unknown mesh axes {unknown}; valid: {axes.MESH_AXES}")
     sizes = dict(DEFAULT_AXES)
     if -1 in axis_sizes.values() and axes.FSDP not in axis_sizes:
         sizes[axes.FSDP] = 1

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 
+from configs.release import ConfigError
 from hf_io.team import SOLO, Team
 
 INCOMPLETE_MARK = ".incomplete-"
@@ -23,7 +24,7 @@ def atomic_directory(final: str, team: Team = SOLO):
     run down (trainer/distributed.py), leaving at most the temporary, marked incomplete by its name."""
     final = os.path.abspath(final)
     if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; the conversion writes a new directory")
+        raise ConfigError(f"{final} already exists; the conversion writes a new directory")
     parent = os.path.dirname(final)
     temporary = None
     if team.is_lead:

@@ -10,6 +10,7 @@ import os
 
 from absl import logging
 
+from configs.release import ConfigError
 from hf_io import release_format
 from hf_io.atomic import atomic_directory
 from hf_io.hf_config import config_json
@@ -44,7 +45,7 @@ def export_checkpoint(workdir: str, output_dir: str, config, fmt: str = release_
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, dry_run: bool = False) -> list:
     """Writes step `step` (None: the latest) of `workdir` to `output_dir`; returns the tensor plan."""
     if fmt not in (release_format.BF16, release_format.FP8_RELEASE):
-        raise ValueError(f"export format {fmt!r} not allowed; allowed: bf16, fp8")
+        raise ConfigError(f"export format {fmt!r} not allowed; allowed: bf16, fp8")
     args = from_config(config.model)
     reader = WeightsReader(workdir, step)
     leaves = model_leaves(args, config.mesh)

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from configs.checkpoint_layout import config_to_json
+from configs.release import ConfigError
 from hf_io import quant
 from hf_io.atomic import atomic_directory
 from hf_io.hf_config import config_json
@@ -79,7 +80,7 @@ def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bf
     """Converts `source_dir` for `config` (its `model` and target `mesh`) into workdir `output_dir`;
     in a team, this process converts its share of the tensors (hf_io/team.py)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not allowed; allowed: {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} not allowed; allowed: {sorted(DTYPES)}")
     storage_dtype = np.dtype(DTYPES[dtype])
     args = from_config(config.model)
     checkpoint = SafetensorsCheckpoint(source_dir)

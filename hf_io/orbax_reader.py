@@ -7,6 +7,7 @@ import tensorstore as ts
 from etils import epath
 
 from configs.checkpoint_layout import CHECKPOINT_DIR, CONFIG, STATE
+from configs.release import ConfigError
 
 OCDBT_CACHE_BYTES = 64 << 20
 
@@ -15,8 +16,8 @@ class WeightsReader:
     def __init__(self, workdir: str, step: int | None = None):
         root = epath.Path(workdir) / CHECKPOINT_DIR
         if not root.exists():
-            raise FileNotFoundError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a train.py workdir "
-                                    "or a converted checkpoint")
+            raise ConfigError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a train.py workdir "
+                              "or a converted checkpoint")
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         manager = ocp.CheckpointManager(root, options=options, item_handlers={
             STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()})
@@ -24,8 +25,8 @@ class WeightsReader:
         if step is None:
             step = manager.latest_step()
         if step is None or step not in steps:
-            raise FileNotFoundError(f"{root}: no complete checkpoint" + (f" for step {step}; complete ones: {steps}"
-                                                                         if step is not None else ""))
+            raise ConfigError(f"{root}: no complete checkpoint" + (f" for step {step}; complete ones: {steps}"
+                                                                   if step is not None else ""))
         self.step = step
         self.state_dir = root / str(step) / STATE
         tree = manager.item_metadata(step)[STATE]

@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from configs.release import ConfigError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HEADER_LENGTH_BYTES = 8
@@ -29,7 +31,7 @@ NUMPY_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """The files are not a readable safetensors checkpoint; the message names file and tensor."""
 
 

@@ -7,6 +7,7 @@ import re
 
 from absl import logging
 
+from configs.release import ConfigError
 from hf_io import hf_config, quant
 from hf_io.release_names import FP4, FP8, INDEX, MTP_PREFIX, ReleaseTensor, canonical_name, release_tensors, \
     saved_by_transformers
@@ -25,8 +26,9 @@ PLAIN, FP8_TILES, MXFP4 = "plain", "fp8_tiles", "mxfp4"
 SHOWN = 20
 
 
-class ConversionError(ValueError):
-    """The input does not fit the config, or the conversion failed; the message names what."""
+class ConversionError(ConfigError):
+    """The input does not fit the config, or the conversion failed; the message names what (a ConfigError:
+    convert.py answers it with that one line)."""
 
 
 class ConfigMismatch(ConversionError):

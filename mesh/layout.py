@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
+from configs.release import ConfigError
 from mesh import axes as mesh_axes
 from mesh.topology import Level, Topology
 
@@ -96,24 +97,24 @@ def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     """
     unknown = [name for name in sizes if name not in mesh_axes.MESH_AXES]
     if unknown:
-        raise ValueError(f"unknown mesh axes {unknown}; valid: {mesh_axes.MESH_AXES}")
+        raise ConfigError(f"unknown mesh axes {unknown}; valid: {mesh_axes.MESH_AXES}")
     bad = {name: size for name, size in sizes.items() if size < 1 and size != REST}
     if bad:
-        raise ValueError(f"axis sizes must be positive or {REST} (the rest), got {bad}")
+        raise ConfigError(f"axis sizes must be positive or {REST} (the rest), got {bad}")
     rest = [name for name, size in sizes.items() if size == REST]
     if len(rest) > 1:
-        raise ValueError(f"at most one axis may be {REST} (the rest); got {rest} in {sizes}")
+        raise ConfigError(f"at most one axis may be {REST} (the rest); got {rest} in {sizes}")
     sizes = {**dict.fromkeys(mesh_axes.CORE_AXES, 1), **sizes}
     known = math.prod(size for size in sizes.values() if size != REST)
     resolved = dict(sizes)
     if rest:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot size axis {rest[0]!r}: the other axes multiply to {known}, which does "
                 f"not divide {num_devices} devices ({sizes})")
         resolved[rest[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh axis sizes multiply to {known} but the topology has {num_devices} devices "
             f"({sizes}); make them match or give one axis {REST}")
     return {name: resolved[name] for name in mesh_axes.MESH_AXES if name in resolved}
@@ -132,7 +133,7 @@ def _place(name, size, start, free, topology):
         room = ", ".join(f"{level.name}={free_size}"
                          for level, free_size in zip(topology.levels[start:], free[start:]))
         taken = ", ".join(f"{topology.levels[index].name}:{factor}" for index, factor in factors)
-        raise ValueError(
+        raise ConfigError(
             f"cannot place axis {name}={size} on {topology.name!r} from level "
             f"{topology.levels[start].name!r} outward: after taking ({taken or 'nothing'}) a "
             f"factor {left} is left that divides none of the free level capacities ({room}); "
@@ -147,7 +148,7 @@ def plan_layout(topology: Topology, sizes: dict[str, int], pins: dict[str, str] 
     resolved = resolve_sizes(sizes, topology.num_devices)
     for name in pins:
         if name not in resolved:
-            raise ValueError(f"pin for axis {name!r}, which is not in the mesh {list(resolved)}")
+            raise ConfigError(f"pin for axis {name!r}, which is not in the mesh {list(resolved)}")
     start = {name: topology.level_index(level) for name, level in pins.items()}
 
     order = [name for name in mesh_axes.PLACEMENT_ORDER if name in resolved]

@@ -7,6 +7,7 @@ for any other machine (innermost level first).
 """
 import re
 
+from configs.release import ConfigError
 from mesh.topology import Level, Topology
 
 # --- Ascend 910C (Atlas A3): the software device is one die [P: CM384 3.3.1; HCCL-RT] -----------
@@ -61,7 +62,7 @@ def cm384(supernodes=1, servers=SERVERS_PER_CM384):
     that many of each supernode's servers, as deployments that take part of a supernode do (the
     CM384 serving setup ran on 256 of its 384 chips [P: CM384]), e.g. 4 x 32 servers = 1,024 chips."""
     if not 1 <= servers <= SERVERS_PER_CM384:
-        raise ValueError(f"a CloudMatrix384 supernode has 1..{SERVERS_PER_CM384} servers, got {servers}")
+        raise ConfigError(f"a CloudMatrix384 supernode has 1..{SERVERS_PER_CM384} servers, got {servers}")
     levels = [_chip(), _server(), _supernode(servers)]
     if supernodes > 1:
         levels.append(_a3_cluster(supernodes))
@@ -120,7 +121,7 @@ def custom(levels_text):
             levels.append(Level(name.strip(), int(size), float(bandwidth),
                                 float(latency) if latency else None, "given on the command line"))
         except ValueError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"bad level {item!r} in {levels_text!r}: expected name=size@bandwidth[/latency], "
                 f"e.g. chip=2@270e9,server=8@196e9/1.2e-6 ({err})") from None
     return Topology(f"custom:{levels_text}", tuple(levels), source="given on the command line")
@@ -149,21 +150,21 @@ def get_topology(spec: str) -> Topology:
     """Topology for a spec string such as `cm384`, `cm384:4`, `a2-cluster:16`, `custom:...`."""
     name, sep, arg = spec.partition(":")
     if name not in PRESETS:
-        raise ValueError(f"unknown topology {spec!r}; valid: {valid_specs()}")
+        raise ConfigError(f"unknown topology {spec!r}; valid: {valid_specs()}")
     factory, arg_doc = PRESETS[name]
     if not sep:
         if name in _ARG_REQUIRED:
-            raise ValueError(f"topology {name!r} needs ':<{arg_doc}>', e.g. {name}:2")
+            raise ConfigError(f"topology {name!r} needs ':<{arg_doc}>', e.g. {name}:2")
         return factory()
     if arg_doc is None:
-        raise ValueError(f"topology {name!r} takes no ':' argument; valid: {valid_specs()}")
+        raise ConfigError(f"topology {name!r} takes no ':' argument; valid: {valid_specs()}")
     if name == "custom":
         return factory(arg)
     if name == "cm384" and re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", arg):
         supernodes, servers = arg.split("x")
         return factory(int(supernodes), int(servers))
     if not arg.isdigit() or int(arg) < 1:
-        raise ValueError(f"topology {spec!r}: {arg_doc} must be a positive integer, got {arg!r}")
+        raise ConfigError(f"topology {spec!r}: {arg_doc} must be a positive integer, got {arg!r}")
     return factory(int(arg))
 
 

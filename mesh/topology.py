@@ -9,6 +9,8 @@ that level, which is all the layout and the cost model need.
 import dataclasses
 import math
 
+from configs.release import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Level:
@@ -67,7 +69,7 @@ class Topology:
 
     def level_index(self, name: str) -> int:
         if name not in self.level_names:
-            raise ValueError(
+            raise ConfigError(
                 f"topology {self.name!r} has no level {name!r}; levels (inner -> outer): "
                 f"{', '.join(self.level_names)}")
         return self.level_names.index(name)

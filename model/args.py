@@ -8,6 +8,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from configs.release import ConfigError
+
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
 ATTENTION_KINDS = (SLIDING, CSA, HCA)
 ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}  # the release's ratios: the kinds without attention_kinds
@@ -117,7 +119,7 @@ class ModelArgs:
 
 def _require(condition: bool, field: str, message: str):
     if not condition:
-        raise ValueError(f"config.model.{field}: {message}")
+        raise ConfigError(f"config.model.{field}: {message}")
 
 
 def from_config(model_config) -> ModelArgs:

@@ -88,7 +88,9 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags only for the command line: importers (train.py) define their own
+    from trainer.cli import exits_on_bad_input, parse_flags
+
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(exits_on_bad_input(main), flags_parser=parse_flags)

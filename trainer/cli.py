@@ -1,17 +1,30 @@
 """What the command-line tools do with bad input: one line on stderr that names the problem (the flag,
-field, file:line and the numbers are in the error's message), exit status 2, no traceback.
+field, file:line and the numbers are in the error's message), exit status 2, no traceback;
+`--traceback` (defined here, so every tool that imports this module has it) shows the traceback.
 
-Bad input is a `configs.release.ConfigError` (a config value or flag) or a `data.errors.DataError` (a
-file); any other exception is a bug and keeps its traceback. Wrap an absl `main` with `exits_on_bad_input`.
+Bad input is a `configs.release.ConfigError` (a config value or flag), a `data.errors.DataError` (a
+file) or absl's `app.UsageError`; any other exception is a bug and keeps its traceback. Wrap an absl
+`main` with `exits_on_bad_input`, and pass `parse_flags` as `app.run`'s `flags_parser` to answer a flag
+absl cannot parse (unknown, malformed, a required one missing) the same way.
 """
 import functools
 import sys
 
+from absl import app, flags
+
 from configs.release import ConfigError
 from data.errors import DataError
 
-BAD_INPUT = (ConfigError, DataError)
+BAD_INPUT = (ConfigError, DataError, app.UsageError)
 BAD_INPUT_STATUS = 2
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "On bad input, raise the error with its traceback "
+                               "instead of printing one line.")
+
+
+def _refuse(error: Exception):
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(BAD_INPUT_STATUS)
 
 
 def exits_on_bad_input(main):
@@ -20,6 +33,17 @@ def exits_on_bad_input(main):
         try:
             return main(argv)
         except BAD_INPUT as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(BAD_INPUT_STATUS)
+            if _TRACEBACK.value:
+                raise
+            _refuse(error)
     return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a flag it cannot parse answered as bad input; -> the remaining argv."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        if "--traceback" in argv:
+            raise
+        _refuse(error)
