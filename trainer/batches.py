@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Sharding
 
+from configs.release import ConfigError
 from data.packing import BATCH_FIELDS
 from data.pipeline import build_encoder, read_sft_examples, sft_stream
 from mesh.processes import allgather_json
@@ -55,14 +56,14 @@ class GlobalBatches:
                        for key, (dims, dtype) in fields.items()}
         self.sharding = sharding
         if config.global_batch_size % self.streams:
-            raise ValueError(f"global_batch_size {config.global_batch_size} does not split into "
-                             f"{self.streams} data streams")
+            raise ConfigError(f"global_batch_size {config.global_batch_size} does not split into "
+                              f"{self.streams} data streams")
         rows_per_stream = config.global_batch_size // self.streams
         rows = process_rows(sharding, self.shape)
         self.local_streams = sorted({row // rows_per_stream for row in rows})
         if rows != [row for s in self.local_streams for row in range(s * rows_per_stream, (s + 1) * rows_per_stream)]:
-            raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
-                             f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
+            raise ConfigError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
+                              f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
         self.encoder = build_encoder(config)
         examples = read(config, self.encoder)
         pipelines = [stream(config, examples, self.encoder, process_index=s, process_count=self.streams)
@@ -120,7 +121,7 @@ class GlobalBatches:
         if not isinstance(states, list):
             states = [states]
         if len(states) != self.streams:
-            raise ValueError(f"the checkpoint's data position has {len(states)} streams and this run reads "
-                             f"{self.streams}: run with --config.data.streams={len(states)}")
+            raise ConfigError(f"the checkpoint's data position has {len(states)} streams and this run reads "
+                              f"{self.streams}: run with --config.data.streams={len(states)}")
         for s, iterator in zip(self.local_streams, self._iterators):
             iterator.set_state(states[s])

@@ -15,6 +15,7 @@ import jax
 from absl import flags
 from orbax.checkpoint import multihost
 
+from configs.release import ConfigError
 from mesh.emulate import emulate
 from mesh.topology import Topology
 
@@ -74,8 +75,8 @@ def from_flags(env=os.environ) -> Processes:
     count = _first(_NUM_PROCESSES.value, COUNT_ENV, env, int) or 1
     index = _first(_PROCESS_ID.value, ID_ENV, env, int)
     if count == 1 and index not in (None, 0):
-        raise ValueError(f"process id {index} given for a single-process run; set --num_processes or "
-                         f"{COUNT_ENV[0]}")
+        raise ConfigError(f"process id {index} given for a single-process run; set --num_processes or "
+                          f"{COUNT_ENV[0]}")
     return Processes(count, index, _first(_COORDINATOR.value, COORDINATOR_ENV, env, str),
                      _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value,
                      _COLLECTIVE_TIMEOUT.value)

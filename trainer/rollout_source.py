@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from configs.release import ConfigError
 from data.encode import encode_prompt, reject
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.evaluation import completion_text
@@ -69,7 +70,7 @@ class _GroupBatches(_Position):
         super().__init__()
         rows = config.data.global_batch_size
         if rows % group_size:
-            raise ValueError(f"config.data.global_batch_size={rows} is not a multiple of group_size={group_size}")
+            raise ConfigError(f"config.data.global_batch_size={rows} is not a multiple of group_size={group_size}")
         self.groups_per_step = rows // group_size
         self.settings, self.encoder, self.group_size, self.reward_fn = settings, encoder, group_size, reward_fn
         self.seq_len, self.seed = config.data.seq_len, config.seed
@@ -153,7 +154,7 @@ class RolloutFileSource(_GroupBatches):
 def build_rollout_source(config, *, process_count: int, graphdef, batch_sharding, encoder):
     """The batch source of `config.objective` "grpo" or "distill"."""
     if process_count > 1:
-        raise ValueError(f"config.objective={config.objective!r} runs on one process; this run has {process_count}")
+        raise ConfigError(f"config.objective={config.objective!r} runs on one process; this run has {process_count}")
     if config.objective == "distill":
         return SampledSource(config, config.distill, encoder, graphdef, batch_sharding, group_size=1, reward_fn=None)
     settings = config.grpo
@@ -162,6 +163,6 @@ def build_rollout_source(config, *, process_count: int, graphdef, batch_sharding
         return RolloutFileSource(config, settings, encoder, settings.group_size, reward_fn,
                                  config.model.num_routed_experts)
     if settings.routing_replay:
-        raise ValueError("config.grpo.routing_replay needs config.grpo.rollouts: samples of our own model are "
-                         "routed by the trained model itself")
+        raise ConfigError("config.grpo.routing_replay needs config.grpo.rollouts: samples of our own model are "
+                          "routed by the trained model itself")
     return SampledSource(config, settings, encoder, graphdef, batch_sharding, settings.group_size, reward_fn)
