@@ -26,7 +26,7 @@ echo "setting up $venv (extra: ${extra:-none})" >&2
 target="$root"
 [[ -n "$extra" ]] && target="$root[$extra]"
 "$venv/bin/python" -m pip install --quiet -c "$lock" -e "$target" 2>&1 | grep -v "is ignored" >&2 || true
-"$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections" \
+"$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, matplotlib" \
   || { echo "setup failed: the core packages do not import; see the pip output above" >&2; exit 1; }
 if [[ "$extra" == "test" ]]; then
   "$venv/bin/python" -c "import torch, transformers, pytest" \
