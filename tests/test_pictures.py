@@ -148,12 +148,15 @@ def test_memory_bars_against_the_hbm(tmp_path, compiled):
     assert red_rows.size and abs(red_rows.mean() + offset - hbm_row) < 3
 
 
-def test_plan_refuses_a_memory_png_in_a_missing_folder(tmp_path):
-    result = subprocess.run([sys.executable, "plan.py", "--config=configs/tiny.py",
-                             f"--memory_png={tmp_path}/absent/memory.png"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command, flag", [(["plan.py", "--config=configs/tiny.py"], "memory_png"),
+                                           (["-m", "mesh"], "draw")])
+def test_a_picture_into_a_missing_folder_is_refused(tmp_path, command, flag):
+    """Before any work: one line naming the flag, exit status 2, no traceback."""
+    path = tmp_path / "absent" / "picture.png"
+    result = subprocess.run([sys.executable, *command, f"--{flag}={path}"], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: --memory_png={tmp_path}/absent/memory.png: the " \
-                                                      f"folder {tmp_path}/absent does not exist"
+    assert result.stderr.strip() == f"error: --{flag}={path}: the folder {path.parent} does not exist"
 
 
 def _layout(topology, **axes):
@@ -178,10 +181,3 @@ def test_mesh_draw_png(tmp_path):
     pixels = imread(str(path))[..., :3]
     assert pixels.shape == _expected_shape(layout_figure(_layout("cm384", expert=64, fsdp=12, tensor=1)))
     assert pixels.var() > 0
-
-
-def test_mesh_draw_into_a_missing_folder(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mesh", f"--draw={tmp_path}/absent/mesh.png"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: --draw={tmp_path}/absent/mesh.png: the folder {tmp_path}/absent does not exist"
