@@ -1,6 +1,6 @@
 """Every command-line tool answers bad input with one line on stderr naming the flag or field and its
 numbers, exit status 2 and no traceback (trainer/cli.py), before any compile; `--traceback` shows the
-traceback instead. One bad input per tool here; tests/test_run_bad_input.py covers train.py's and
+traceback instead; library logs stay at warnings unless --verbosity is given. One bad input per tool here; tests/test_run_bad_input.py covers train.py's and
 score_preferences.py's data and config checks in detail, tests/test_mesh_cli.py the mesh tool's output."""
 import os
 import subprocess
@@ -49,3 +49,10 @@ def test_traceback_flag_shows_the_traceback():
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.rstrip().endswith(
         "configs.release.ConfigError: config.model.capacity_factor: -1.0 must be >= 0 (0 = dropless)")
+
+
+def test_library_logs_stay_at_warnings_unless_verbosity_is_given():
+    program = ("from absl import app, logging\nfrom trainer.cli import parse_flags\n"
+               "app.run(lambda argv: print(logging.get_verbosity()), flags_parser=parse_flags)")
+    assert _run("-c", program).stdout.split() == ["-1"]
+    assert _run("-c", program, "--verbosity=0").stdout.split() == ["0"]
