@@ -44,8 +44,9 @@ def compiled():
 
 
 def _leaves_equal(a, b) -> list[bool]:
-    return [np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    """Leaf by leaf (NaN equal to NaN); the trees must have the same structure."""
+    return jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True),
+                                        a, b))
 
 
 def _poisoned_params(params):

@@ -1,6 +1,7 @@
 """The post-training objectives on the real step: DPO raises the chosen-vs-rejected margin, distillation
 lowers the reverse KL to a teacher, and routing replay makes the forward use exactly the recorded
 experts (with the router still trained)."""
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -64,9 +65,7 @@ def test_dpo_raises_the_margin_of_the_chosen_replies():
     np.testing.assert_allclose(history[0]["main_loss"], np.log(2.0), rtol=1e-5)  # policy == reference
     assert history[-1]["dpo_margin"] > 0.5 and history[-1]["dpo_accuracy"] == 1.0, history
     assert history[-1]["main_loss"] < 0.5 * history[0]["main_loss"], history
-    routing_before = jax.tree.leaves(frozen["routing"])
-    for before, after in zip(routing_before, jax.tree.leaves(state.routing)):
-        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))  # bias update off for DPO
+    chex.assert_trees_all_equal(frozen["routing"], state.routing)  # bias update off for DPO
 
 
 def _completion_batch(args, rng, rows=8, prompt=8):

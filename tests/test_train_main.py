@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -122,9 +123,7 @@ def _assert_same_run(workdir: Path, reference: Path):
     """Bitwise the same final checkpoint (every leaf) and data position, and the same loss at every step."""
     (ours, our_data), (theirs, their_data) = _saved_run(workdir, STEPS), _saved_run(reference, STEPS)
     assert our_data == their_data
-    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(theirs)):
-        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{jax.tree_util.keystr(path)} differs"
+    chex.assert_trees_all_equal(ours, theirs, strict=True)
     assert _losses(workdir) == _losses(reference)
     assert sorted(_losses(reference)) == list(range(1, STEPS + 1))
 
@@ -228,9 +227,10 @@ def test_an_overflowing_update_is_never_applied(tmp_path, policy):
         last, _ = _saved_run(workdir, 4)
         first_refused, _ = _saved_run(workdir, 2)
         assert int(last.step) == 4 and int(last.nonfinite_steps) == 3 and int(first_refused.nonfinite_steps) == 1
-        for a, b in zip(jax.tree.leaves((last.params, last.opt_state, last.routing)),
-                        jax.tree.leaves((first_refused.params, first_refused.opt_state, first_refused.routing))):
-            assert np.isfinite(np.asarray(a)).all() and np.array_equal(np.asarray(a), np.asarray(b))
+        kept = (last.params, last.opt_state, last.routing)
+        chex.assert_tree_all_finite(kept)
+        chex.assert_trees_all_equal(kept, (first_refused.params, first_refused.opt_state, first_refused.routing),
+                                    strict=True)
 
 
 def _objective_run(tmp_path, name: str, flags) -> tuple[str, list[dict]]:

@@ -22,6 +22,7 @@ show the collectives the layout implies (parameter all-gathers over fsdp, gradie
 import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -77,6 +78,7 @@ def _sgd():
 
 
 def _assert_params_close(ours, reference, lr=LR):
+    chex.assert_trees_all_equal_structs(ours, reference)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
         diff = np.abs(np.asarray(a) - b)
         assert diff.max() < 0.1 * lr, diff.max()
@@ -89,6 +91,7 @@ def _assert_steps_equal(ours, reference, before):
     parameters by up to half of it: a tensor whose gradient is ~1e-6 steps ~1e-4, where that
     rounding is ~1e-4 of the step); more than 80% of the tensors move (not the indexer, which the
     optimizer freezes at indexer_weight 0)."""
+    chex.assert_trees_all_equal_structs(ours, reference, before)
     moved = 0
     for a, b, start in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), jax.tree.leaves(before)):
         step_reference = np.asarray(b) - start
@@ -177,8 +180,7 @@ def _check_sharded_step(args, batch, reference: Reference, mesh_config, tx, lr, 
     assert abs(float(metrics["loss"]) - expected["loss"]) < 1e-5 * abs(expected["loss"])
     assert abs(float(metrics["grad_norm"]) - expected["grad_norm"]) < 1e-4 * expected["grad_norm"]
     compare(new_state.params, reference.after.params)
-    for ours, theirs in zip(jax.tree.leaves(new_state.routing), jax.tree.leaves(reference.after.routing)):
-        np.testing.assert_array_equal(np.asarray(ours), theirs)
+    chex.assert_trees_all_equal(new_state.routing, reference.after.routing)
     experts = new_state.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert experts.sharding.spec == shardings.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"].get_value().spec
     table = shardings.params["embed"].get_value().spec[1]  # [vocab, embed]
@@ -304,8 +306,7 @@ def test_microbatches_sum_to_the_whole_batch(sgd_reference):
     (whole, whole_metrics), (micro, micro_metrics) = runs
     for key in ("loss", "grad_norm"):
         assert abs(float(micro_metrics[key]) - float(whole_metrics[key])) < 1e-5 * abs(float(whole_metrics[key])), key
-    for a, b in zip(jax.tree.leaves(micro.params), jax.tree.leaves(whole.params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * LR)  # gradients equal to 1e-5
+    chex.assert_trees_all_close(micro.params, whole.params, rtol=0, atol=1e-5 * LR)  # gradients equal to 1e-5
 
 
 def test_loss_falls_when_memorising_a_batch(sgd_reference):
