@@ -163,6 +163,23 @@ def test_main_job_trains_evaluates_and_checkpoints(straight):
     assert _complete_steps(workdir) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
 
 
+def test_the_run_draws_its_pictures(straight):
+    """Every logged step's expert load is on file, and the end of the run draws it and the curves
+    (trainer/pictures.py; tests/test_pictures.py reads the pictures themselves)."""
+    from configs import tiny
+    from model.args import from_config
+
+    workdir, stdout = straight
+    args = from_config(tiny.get_config().model)
+    loads = [json.loads(line) for line in (workdir / "expert_load.jsonl").read_text().splitlines()]
+    assert [load["step"] for load in loads] == list(range(1, STEPS + 1))
+    assert np.asarray(loads[-1]["expert_load"]).shape == (args.num_layers + args.num_mtp_layers,
+                                                          args.num_routed_experts)
+    pictures = [workdir / "pictures" / name for name in ("curves.png", "expert_load.png")]
+    assert f"pictures: {pictures[0]}, {pictures[1]}" in stdout
+    assert all(path.stat().st_size > 0 for path in pictures)
+
+
 def test_sigterm_saves_the_step_and_exits_zero(preempted):
     workdir, stopped, resumed = preempted
     match = re.search(r"SIGTERM received: saved step (\d+) and stopping", stopped)
