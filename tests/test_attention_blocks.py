@@ -1,6 +1,7 @@
 """The sliding window's query blocking and the query chunks change how scores are batched, never which
 keys a query sees: attention outputs and gradients agree for blocks of W and W/4 rows, and for all
 queries at once or a few blocks at a time, on packed rows whose length is not a multiple of any block."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +48,7 @@ def test_window_blocks_agree(kind, seq, documents):
     other, (other_state, other_u) = attention_and_grad(kind, WINDOW // 4, seq, documents)
     np.testing.assert_allclose(other, out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(other_u, grad_u, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(other_state), jax.tree.leaves(grad_state)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(other_state, grad_state, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,seq,documents", [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED),
@@ -63,8 +63,9 @@ def test_query_chunks_agree(kind, seq, documents, chunk_blocks):
     np.testing.assert_allclose(other_u, grad_u, rtol=1e-5, atol=1e-6)
     # Weight gradients are summed over the chunks in another order: rounding of the tensor's scale
     # (measured at most 1.5e-6 on values up to ~6).
-    for a, b in zip(jax.tree.leaves(other_state), jax.tree.leaves(grad_state)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max())))
+    chex.assert_trees_all_equal_comparator(
+        lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max()))),
+        lambda a, b: f"largest difference {float(np.abs(a - b).max())}", other_state, grad_state)
 
 
 def test_query_chunk_is_a_multiple_of_the_block():

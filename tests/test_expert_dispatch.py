@@ -8,6 +8,7 @@ meshes are the 8 test devices', and data=3 x expert=4 on 12 (cm384-12, in its ow
 """
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -411,6 +412,5 @@ def test_dense_reference_equals_the_dispatch(mesh):
     (_, dense), dense_grads = forward_and_grads("dense")
     (_, padded), padded_grads = forward_and_grads("padded")
     np.testing.assert_allclose(dense, padded, **TOL)
-    for got, want in zip(jax.tree.leaves(dense_grads), jax.tree.leaves(padded_grads), strict=True):
-        np.testing.assert_allclose(got, want, **TOL)
+    chex.assert_trees_all_close(dense_grads, padded_grads, **TOL)
     assert len(jax.tree.leaves(dense_grads)) == 5

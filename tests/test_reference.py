@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -90,8 +91,7 @@ def _reference_weights(reference, abstract):
 
 
 def _assert_same(ours, theirs):
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(ours, theirs)
 
 
 def test_the_first_start_records_the_reference(weights, tmp_path):

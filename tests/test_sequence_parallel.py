@@ -4,6 +4,7 @@ compressors) run on 1/tensor of each sequence. Shown by XLA's FLOP count per dev
 forward and backward on fsdp=2,expert=2,tensor=2 costs what it costs on fsdp=8 (where every part is
 split 8 ways), while replicating those parts over tensor costs 1.40x; by the streams' sharding; and by
 sequences the tensor axis does not divide, which run whole and still match one device."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +74,7 @@ def test_streams_sharded_over_tensor_and_equal_to_one_device(seq_len):
     np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5)
     scale = np.abs(np.asarray(expected)).max()
     assert np.abs(np.asarray(out) - np.asarray(expected)).max() < 1e-5 * scale
-    for ours, reference in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
-        reference = np.asarray(reference)
-        assert np.abs(np.asarray(ours) - reference).max() <= 1e-4 * max(np.abs(reference).max(), 1e-12)
+    chex.assert_trees_all_equal_comparator(
+        lambda a, b: np.abs(np.asarray(a) - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-12),
+        lambda a, b: f"largest difference {np.abs(np.asarray(a) - b).max()} of {np.abs(b).max()}",
+        grads, jax.tree.map(np.asarray, expected_grads))

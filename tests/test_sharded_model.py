@@ -1,6 +1,7 @@
 """The model on a mesh equals the model on one device: born-sharded initialisation, and forward logits
 under the logical-axis rules on several mesh shapes. Tolerance: 1e-5 of the largest logit (float32;
 sharded reductions add in another order)."""
+import chex
 import jax
 import numpy as np
 import pytest
@@ -32,8 +33,7 @@ def test_sharded_init_and_forward_match_single_device(unsharded, axes):
     mesh_config = parallelism.get_config("cm384-8", **axes)
     mesh, rules = build_mesh(mesh_config), mesh_config.rules
     graphdef, sharded, shardings = init_sharded(args, mesh, rules, seed=0)
-    for ours, reference in zip(jax.tree.leaves(sharded), jax.tree.leaves(state)):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+    chex.assert_trees_all_equal(sharded, state)
     experts = sharded["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert experts.sharding.shard_shape(experts.shape)[1] == args.num_routed_experts // axes.get("expert", 1)
     with activate(mesh, rules):
