@@ -43,9 +43,11 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     from model.summary import count_parameters
     from planner import estimate, extrapolate, measure, memory
     from planner.expert_buffers import check_dispatch_fits
+    from planner.cpu_dtypes import as_compiled_here
     from planner.program import compile_evaluation, compile_step
     from trainer.checkpointing import abstract_train_state
 
+    config, stand_ins = as_compiled_here(config)
     topology = get_topology(config.mesh.topology)
     layout = plan_layout(topology, dict(config.mesh.axes), dict(config.mesh.pins))
     mesh, rules = layout.mesh(), config.mesh.rules
@@ -61,7 +63,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     report = {"config": {"topology": topology.name, "mesh": shape, "devices": devices,
                          "expert_axes": list(parallelism.expert_mesh_axes(rules)), "objective": config.objective,
                          "batch_size": batch_size, "seq_len": seq_len, "microbatches": microbatches,
-                         "tokens_per_step": tokens}}
+                         "tokens_per_step": tokens, "compiled_as_float16": list(stand_ins)}}
     counts = count_parameters(args)
     report["parameters"] = {"total": counts["total_params"], "activated": counts["active_params"],
                             "mtp": counts["mtp_params"]}
@@ -148,8 +150,10 @@ def compiled_memory(config) -> dict:
     from mesh.presets import get_topology
     from model.args import from_config
     from planner import memory
+    from planner.cpu_dtypes import as_compiled_here
     from planner.program import compile_step
 
+    config, _ = as_compiled_here(config)
     layout = plan_layout(get_topology(config.mesh.topology), dict(config.mesh.axes), dict(config.mesh.pins))
     args = from_config(config.model)
     step = compile_step(args, config, layout.mesh(), *planned_optimizer(config, args))
@@ -165,6 +169,9 @@ def format_report(report: dict) -> str:
              f"{c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['seq_len']}"
              + (f" in {c['microbatches']} micro-batches" if c["microbatches"] > 1 else "")
              + f"), objective {c['objective']}"]
+    if c.get("compiled_as_float16"):
+        lines.append(f"bfloat16 compiled as float16, the same width, as XLA:CPU runs bf16 in float32 "
+                     f"(planner/cpu_dtypes.py): {', '.join(c['compiled_as_float16'])}")
     fits = {None: "unknown (no HBM figure)", True: "FITS", False: "DOES NOT FIT"}[report["fits"]]
     hbm = gib(report["hbm_bytes"]) if report["hbm_bytes"] else "n/a"
     lines.append(f"memory per device: {gib(report['per_device_bytes'])} of {hbm} HBM -> {fits}")
