@@ -9,7 +9,7 @@ cd "$root"
 args=()
 for arg in "$@"; do
   if [[ "$arg" == "--quick" ]]; then
-    args+=(-m quick)
+    args+=(-m "quick and not slow")
   else
     args+=("$arg")
   fi

@@ -3,6 +3,8 @@ persistent compilation cache outside the clone that the test run and the command
 import os
 from pathlib import Path
 
+import pytest
+
 NUM_TEST_DEVICES = 8
 
 os.environ["XLA_FLAGS"] = (
@@ -27,6 +29,32 @@ for name, value in COMPILATION_CACHE_ENV.items():
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
+
+
+# The quick tier (scripts/test.sh --quick): modules of unit tests of pure functions and single layers
+# on abstract or tiny inputs, a few minutes in all on 2 cores. A module joins by its name here, and
+# the list fails the run when a module in it is gone, so a rename cannot silently shrink the tier.
+QUICK_MODULES = frozenset({
+    "test_array_writer.py", "test_attention_blocks.py", "test_batch_spread.py", "test_data_bad_input.py",
+    "test_data_pipeline.py", "test_data_sample.py", "test_data_template.py", "test_devices.py",
+    "test_embedding.py", "test_full_size_sharding.py", "test_grouped_mlp.py", "test_hf_mapping.py",
+    "test_hlo_collectives.py", "test_indexer.py", "test_io_priority.py", "test_mesh_cli.py",
+    "test_mesh_cost.py", "test_mesh_layout.py", "test_mesh_matmul.py", "test_mesh_sharding.py",
+    "test_mesh_topology.py", "test_model_args.py", "test_model_summary.py", "test_objectives.py",
+    "test_optimizer.py", "test_plan_search.py", "test_rewards.py", "test_rollouts.py",
+    "test_validate_config.py", "test_vocab_head.py",
+})
+_missing = sorted(name for name in QUICK_MODULES if not (Path(__file__).parent / name).exists())
+if _missing:
+    raise RuntimeError(f"tests/conftest.py QUICK_MODULES names modules that do not exist: {_missing}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests of QUICK_MODULES `quick`, before `-m` selects."""
+    for item in items:
+        if item.path.name in QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
 
 
 def pytest_report_header(config):
