@@ -40,7 +40,7 @@ _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tenso
 
 from configs.release import ConfigError
 from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
-from trainer.cli import exits_on_bad_input
+from trainer.cli import exits_on_bad_input, parse_flags
 
 
 def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
@@ -145,4 +145,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -13,9 +13,9 @@ from configs import parallelism
 from configs.release import ConfigError
 from mesh import report
 from mesh.emulate import emulate
-from mesh.layout import plan_layout
+from mesh.layout import plan_layout, resolve_sizes
 from mesh.presets import get_topology
-from trainer.cli import exits_on_bad_input
+from trainer.cli import exits_on_bad_input, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", "cm384-8", "topology spec, e.g. cm384, cm384:4, a2-cluster:2")
@@ -27,13 +27,19 @@ flags.DEFINE_string("draw", None, "PNG file to draw the axes on the topology's l
                     "each axis crosses, which devices it spans)")
 
 
-def _pairs(text, convert):
+def _pairs(flag: str, convert, expected: str) -> dict:
+    """The comma-separated name=value entries of --`flag`, each value through `convert`."""
+    text = FLAGS[flag].value
     pairs = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
+        malformed = ConfigError(f"--{flag}={text}: entry {item!r} is not {expected}")
         if not sep:
-            raise app.UsageError(f"expected name=value in {text!r}, got {item!r}")
-        pairs[key.strip()] = convert(value.strip())
+            raise malformed
+        try:
+            pairs[key.strip()] = convert(value.strip())
+        except ValueError:
+            raise malformed from None
     return pairs
 
 
@@ -43,9 +49,14 @@ def main(argv):
     folder = os.path.dirname(os.path.abspath(FLAGS.draw)) if FLAGS.draw else None
     if folder and not os.path.isdir(folder):
         raise ConfigError(f"--draw={FLAGS.draw}: the folder {folder} does not exist")
-    config = parallelism.get_config(FLAGS.topology, pins=_pairs(FLAGS.pin, str),
-                                    **_pairs(FLAGS.mesh, int))
-    topology = get_topology(config.topology)
+    topology = get_topology(FLAGS.topology)
+    pins = _pairs("pin", str, "axis=level")
+    sizes = _pairs("mesh", int, "axis=<integer size> (-1 = the rest)")
+    try:
+        config = parallelism.get_config(FLAGS.topology, pins=pins, **sizes)
+        resolve_sizes(dict(config.axes), topology.num_devices)
+    except ConfigError as error:
+        raise ConfigError(f"--mesh={FLAGS.mesh}: {error}") from error
     layout = plan_layout(topology, dict(config.axes), dict(config.pins))
     print(report.describe_topology(layout))
     print(f"mesh {layout.shape}")
@@ -66,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

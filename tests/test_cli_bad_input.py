@@ -27,11 +27,16 @@ def _run(*command: str) -> subprocess.CompletedProcess:
      "error: {tmp}: neither model.safetensors.index.json nor model.safetensors found"),
     (("score_preferences.py", "--config=configs/tiny.py"),
      "error: flag --output=None: Flag --output must have a value other than None."),
+    (("plan.py", "--config=configs/tiny.py", "--no_such_flag=1"), "error: Unknown command line flag 'no_such_flag'"),
     (("-m", "mesh", "--topology=cm384", "--mesh=expert=7"),
-     "error: cannot size axis 'fsdp': the other axes multiply to 7, which does not divide 768 devices"),
+     "error: --mesh=expert=7: cannot size axis 'fsdp': the other axes multiply to 7, which does not divide 768 "
+     "devices"),
+    (("-m", "mesh", "--topology=cm384", "--mesh=expert=x"),
+     "error: --mesh=expert=x: entry 'expert=x' is not axis=<integer size> (-1 = the rest)"),
     (("-m", "model.summary", "--config=configs/tiny.py", "--config.model.capacity_factor=-1"),
      "error: config.model.capacity_factor: -1.0 must be >= 0 (0 = dropless)"),
-], ids=["train", "plan", "convert", "score_preferences", "mesh", "model.summary"])
+], ids=["train", "plan", "plan-unknown-flag", "convert", "score_preferences", "mesh", "mesh-size-not-integer",
+        "model.summary"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, command, says):
     result = _run(*(part.format(tmp=tmp_path) for part in command))
     assert result.returncode == 2, result.stderr[-3000:]
