@@ -126,15 +126,6 @@ def _draw_pictures(workdir: str, num_layers: int) -> None:
         _say("pictures: " + ", ".join(str(path) for path in paths.values()))
 
 
-def _progress_line(step: int, record: dict, refused: bool) -> str:
-    """The stdout line of a recorded step (the writer logs the full one); NaN/Inf arrive as strings."""
-    line = (f"step {step}: loss {float(record['loss']):.4f} lr {float(record['learning_rate']):.2e} "
-            f"grad_norm {float(record['grad_norm']):.3f}")
-    if "tokens_per_second" in record:
-        line += f" {record['tokens_per_second']:,.0f} tok/s"
-    return line + (" (non-finite: update not applied)" if refused else "")
-
-
 @exits_on_bad_input
 def main(argv):
     del argv
@@ -180,7 +171,7 @@ def _train(config, topology, processes):
     from trainer.batch_source import build_batch_source
     from trainer.batches import DataExhausted
     from trainer.checkpointing import Checkpointer, abstract_train_state, check_missing
-    from trainer.metrics import MetricsWriter
+    from trainer.metrics import MetricsWriter, progress_line
     from trainer.nonfinite import NonFinitePolicy, was_refused
     from trainer.optimizer import build_optimizer, learning_rate_schedule
     from trainer.preemption import PreemptionGuard
@@ -258,7 +249,7 @@ def _train(config, topology, processes):
                 refused = was_refused(metrics)
                 if refused or done == start_step + 1 or done % log_every == 0 or done == total_steps:
                     record = writer.write(done, dict(metrics, **source.metrics()))
-                    _say(_progress_line(done, record, refused))
+                    _say(progress_line(record, refused))
                 if refused:
                     nonfinite_policy.handle(done, record)
                 if done == start_step + 1:

@@ -1,10 +1,9 @@
 """The metrics writer: progress line, metrics.jsonl and TensorBoard events agree; derived throughput,
-MFU and ETA follow from an injected clock; NaN/Inf values are recorded as strict JSON; a resumed run
-replaces the records an interrupted run wrote after its last checkpoint (in metrics.jsonl and
-expert_load.jsonl); the step's expert load goes to expert_load.jsonl, not to the scalars; without output
-(processes other than 0) nothing is written."""
+MFU and ETA follow from an injected clock and leave out the first write's interval (the compile);
+NaN/Inf values are recorded as strict JSON; a resumed run replaces the records an interrupted run
+wrote after its last checkpoint (in metrics.jsonl and expert_load.jsonl); the step's expert load goes
+to expert_load.jsonl, not to the scalars; without output (processes other than 0) nothing is written."""
 import json
-import logging
 import math
 
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from trainer.metrics import EXPERT_LOAD, EXPERT_LOAD_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter
+from trainer.metrics import EXPERT_LOAD, EXPERT_LOAD_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, progress_line
 
 TOTAL_STEPS, TOKENS_PER_STEP = 100, 2048
 FLOPS_PER_TOKEN, PEAK_FLOPS = 1e9, 8e12
@@ -56,31 +55,32 @@ def _tensorboard_scalars(logdir):
             for tag in accumulator.Tags()["tensors"]}
 
 
-def test_without_output_the_record_is_computed_and_nothing_written(tmp_path, caplog):
+def test_without_output_the_record_is_computed_and_nothing_written(tmp_path):
     """Processes other than 0 of a multi-process run: the loop still reads the record."""
     clock = FakeClock()
     writer = _writer(tmp_path / "run", clock, output=False)
+    writer.mark(0)
     clock.now += 10 * SECONDS_PER_STEP
-    with caplog.at_level(logging.INFO):
-        record = writer.write(10, _step_metrics(10))
+    record = writer.write(10, _step_metrics(10))
     writer.close()
     assert record["loss"] == pytest.approx(2.9)
     assert record["tokens_per_second"] == pytest.approx(TOKENS_PER_STEP / SECONDS_PER_STEP)
     assert not (tmp_path / "run").exists()
-    assert "step 10/" not in caplog.text
 
 
-def test_records_agree_and_rates_follow_the_clock(tmp_path, caplog):
+def test_records_agree_and_rates_follow_the_clock(tmp_path):
     clock = FakeClock()
     writer = _writer(tmp_path, clock)
+    writer.mark(0)
     logged_steps = (10, 20)
-    with caplog.at_level(logging.INFO):
-        for step in logged_steps:
-            clock.now += 10 * SECONDS_PER_STEP
-            writer.write(step, _step_metrics(step))
+    records = []
+    for step in logged_steps:
+        clock.now += 10 * SECONDS_PER_STEP
+        records.append(writer.write(step, _step_metrics(step)))
     writer.close()
+    line = progress_line(records[-1])
 
-    records = [_strict_json(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert records == [_strict_json(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(logged_steps)
     tokens_per_second = TOKENS_PER_STEP / SECONDS_PER_STEP
     last = records[-1]
@@ -98,16 +98,41 @@ def test_records_agree_and_rates_follow_the_clock(tmp_path, caplog):
         assert [step for step, _ in scalars[name]] == list(logged_steps), name
         assert scalars[name][-1][1] == pytest.approx(last[name], rel=1e-6), name
 
-    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 20/")][-1]
-    for part in ("step 20/100", "loss 2.8000", "lr 1.000e-03", "grad_norm 0.5", "4,096 tok/s", "MFU 51.20%",
+    for part in ("step 20: loss 2.8000", "lr 1.000e-03", "grad_norm 0.5", "4,096 tok/s", "MFU 51.20%",
                  "load max/mean 1.250", "drops 3", "ETA 0:00:40"):
         assert part in line, (part, line)
+
+
+def test_the_first_write_has_no_throughput_and_the_next_measures_from_it(tmp_path):
+    """The first interval holds the step's compilation (jit compiles on the first call): no tokens/s,
+    MFU or ETA for it, on file or on the line; the next write measures from the end of the first step."""
+    clock = FakeClock()
+    writer = _writer(tmp_path, clock)
+    clock.now += 60.0 + SECONDS_PER_STEP
+    first = writer.write(1, _step_metrics(1))
+    clock.now += 9 * SECONDS_PER_STEP
+    second = writer.write(10, _step_metrics(10))
+    writer.close()
+    assert not {"tokens_per_second", "mfu", "eta_seconds"} & set(first)
+    assert not {"tok/s", "MFU", "ETA"} & set(progress_line(first).split())
+    tokens_per_second = TOKENS_PER_STEP / SECONDS_PER_STEP
+    assert second["tokens_per_second"] == pytest.approx(tokens_per_second)
+    line = progress_line(second)
+    for part in (f"{tokens_per_second:,.0f} tok/s", f"MFU {tokens_per_second * FLOPS_PER_TOKEN / PEAK_FLOPS:.2%}",
+                 "ETA 0:00:45"):
+        assert part in line, (part, line)
+
+
+def test_progress_line_of_a_refused_step_says_so():
+    line = progress_line({"step": 3, "loss": "nan", "learning_rate": 1e-3, "grad_norm": "inf"}, refused=True)
+    assert line == "step 3: loss nan | lr 1.000e-03 | grad_norm inf (non-finite: update not applied)"
 
 
 def test_mark_restarts_the_throughput_clock(tmp_path):
     """Time spent compiling or evaluating before `mark` does not count against tokens/s."""
     clock = FakeClock()
     writer = _writer(tmp_path, clock)
+    writer.write(1, _step_metrics(1))
     clock.now += 60.0
     writer.mark(1)
     clock.now += 9 * SECONDS_PER_STEP
@@ -117,16 +142,15 @@ def test_mark_restarts_the_throughput_clock(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_values_are_recorded_as_strings(tmp_path, caplog, bad):
+def test_non_finite_values_are_recorded_as_strings(tmp_path, bad):
     clock = FakeClock()
     writer = _writer(tmp_path, clock)
     clock.now += 1.0
-    with caplog.at_level(logging.INFO):
-        writer.write(7, dict(_step_metrics(7), loss=jnp.float32(bad), nonfinite_steps=jnp.int32(2)))
+    writer.write(7, dict(_step_metrics(7), loss=jnp.float32(bad), nonfinite_steps=jnp.int32(2)))
     writer.close()
     record = _strict_json((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
     assert record["step"] == 7 and record["loss"] == str(bad) and record["nonfinite_steps"] == 2
-    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 7/")][-1]
+    line = progress_line(record)
     assert f"loss {bad:.4f}" in line and "non-finite steps skipped 2" in line, line
 
 

@@ -1,8 +1,10 @@
-"""Training metrics: a progress line, `metrics.jsonl` and TensorBoard events per logging interval.
+"""Training metrics: `metrics.jsonl`, TensorBoard events and a progress line per logging interval.
 
 The loop hands the step's device scalars to `MetricsWriter.write` only every `log_every` steps (fetching
-them waits for the step); throughput is measured between two writes, and `mark` restarts the clock
-after compilation or an evaluation. MFU uses the analytic training FLOPs per token and the topology's
+them waits for the step) and prints `progress_line` of the record it returns. Throughput is measured
+between two writes, or from a `mark` (which restarts the clock after an evaluation, or before the first
+write of a step compiled ahead); the first write after the writer is made has none, since its interval
+holds the step's compilation. MFU uses the analytic training FLOPs per token and the topology's
 peak. The step's per-expert load ([layers + MTP, experts] counts) goes to `expert_load.jsonl`, one
 line per interval, for trainer/pictures.py; `metrics.jsonl` stays scalar. Invariants: a NaN/Inf is
 recorded like any other value (strict JSON); a run resumed from step k drops the records after k in
@@ -15,7 +17,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from etils import epath
 from tensorboard.summary import Writer
 
@@ -51,21 +52,23 @@ def _drop_records_after(path: epath.Path, step: int) -> None:
         rewritten.replace(path)
 
 
-def _format_line(step: int, total_steps: int, values: dict) -> str:
-    parts = [f"step {step}/{total_steps}"]
-    formats = [(LOSS, "loss {:.4f}"), (LEARNING_RATE, "lr {:.3e}"), (GRAD_NORM, "grad_norm {:.4g}"),
-               (TOKENS_PER_SECOND, "{:,.0f} tok/s"), (MFU, "MFU {:.2%}"), (IMBALANCE, "load max/mean {:.3f}"),
-               (DROPS, "drops {:.0f}")]
-    parts += [fmt.format(values[name]) for name, fmt in formats if name in values]
-    if values.get(NONFINITE_STEPS):
-        parts.append(f"non-finite steps skipped {values[NONFINITE_STEPS]:.0f}")
-    if ETA_SECONDS in values:
-        parts.append(f"ETA {datetime.timedelta(seconds=round(values[ETA_SECONDS]))}")
-    return " | ".join(parts)
+def progress_line(record: dict, refused: bool = False) -> str:
+    """The progress line of a record of `MetricsWriter.write`: step, loss, lr, grad_norm, tokens/s, MFU,
+    expert load, drops, ETA (those the record has; NaN/Inf arrive as strings); `refused`: the step's
+    update was not applied (trainer.nonfinite)."""
+    parts = [f"step {record['step']}: loss {float(record[LOSS]):.4f}"]
+    formats = [(LEARNING_RATE, "lr {:.3e}"), (GRAD_NORM, "grad_norm {:.4g}"), (TOKENS_PER_SECOND, "{:,.0f} tok/s"),
+               (MFU, "MFU {:.2%}"), (IMBALANCE, "load max/mean {:.3f}"), (DROPS, "drops {:.0f}")]
+    parts += [fmt.format(float(record[name])) for name, fmt in formats if name in record]
+    if record.get(NONFINITE_STEPS):
+        parts.append(f"non-finite steps skipped {record[NONFINITE_STEPS]:.0f}")
+    if ETA_SECONDS in record:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(record[ETA_SECONDS]))}")
+    return " | ".join(parts) + (" (non-finite: update not applied)" if refused else "")
 
 
 class MetricsWriter:
-    """Writes each logging interval's metrics to the log, `<workdir>/metrics.jsonl` and
+    """Writes each logging interval's metrics to `<workdir>/metrics.jsonl` and
     `<workdir>/tensorboard/` (event files that `tensorboard --logdir <workdir>` finds), and the
     step's expert load, when it has one, to `<workdir>/expert_load.jsonl`.
 
@@ -94,7 +97,7 @@ class MetricsWriter:
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._clock = clock
-        self.mark(start_step)
+        self._mark_step = self._mark_time = None  # no throughput until a write or a mark starts the clock
 
     def mark(self, step: int) -> None:
         """Restart the throughput clock: the next write measures from `step`, now."""
@@ -110,8 +113,8 @@ class MetricsWriter:
         # when it was dispatched (steps run asynchronously).
         now = self._clock()
         values = {name: float(np.asarray(value)) for name, value in host.items() if np.ndim(value) == 0}
-        steps, seconds = step - self._mark_step, now - self._mark_time
-        if steps > 0 and seconds > 0:
+        if self._mark_step is not None and step > self._mark_step and now > self._mark_time:
+            steps, seconds = step - self._mark_step, now - self._mark_time
             tokens_per_second = steps * self.tokens_per_step / seconds
             values[TOKENS_PER_SECOND] = tokens_per_second
             values[MFU] = tokens_per_second * self.flops_per_token / self.peak_flops
@@ -129,7 +132,6 @@ class MetricsWriter:
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
-        logging.info("%s", _format_line(step, self.total_steps, values))
         return record
 
     def close(self) -> None:
