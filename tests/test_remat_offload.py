@@ -2,6 +2,7 @@
 loss and every gradient equal plain remat's; a platform without host memory is refused in one line;
 the planner counts the bytes moved. XLA:CPU lowers the host copies as plain copies, so what the
 device would save is counted (planner.memory), not measured, here."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,8 +46,7 @@ def test_offloaded_layer_inputs_give_plain_remat_and_go_to_host():
     groups = len(DeepSeekV4(_args("full"), nnx.Rngs(0)).groups)
     assert backward.count("<host>") >= groups and "<host>" not in plain_backward
     np.testing.assert_array_equal(value, plain_value)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    chex.assert_trees_all_close(grads, plain_grads, rtol=1e-6, atol=1e-9)
 
 
 class _Memory:
