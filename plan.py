@@ -17,6 +17,10 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs.release import ConfigError
+from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
+from trainer.cli import exits_on_bad_input, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object to this file.")
 _MEMORY_PNG = flags.DEFINE_string("memory_png", None,
@@ -37,10 +41,6 @@ _SEARCH = flags.DEFINE_bool("search", False,
 _SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --search.")
 _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
-
-from configs.release import ConfigError
-from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
-from trainer.cli import exits_on_bad_input, parse_flags
 
 
 def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,

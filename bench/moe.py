@@ -93,7 +93,7 @@ def main(argv):
     results = []
     for text in _MESHES.value.split(";"):
         if text == "none":
-            mesh, scope = None, None
+            mesh = None
             args = tuple(jnp.asarray(host[name]) for name in order)
         else:
             sizes = dict.fromkeys(_MESH_AXES, 1)

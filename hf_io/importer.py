@@ -19,7 +19,6 @@ from configs.checkpoint_layout import config_to_json
 from configs.release import ConfigError
 from hf_io import quant
 from hf_io.atomic import atomic_directory
-from hf_io.hf_config import config_json
 from hf_io.orbax_writer import WeightsWriter, step_directory
 from hf_io.progress import Progress
 from hf_io.safetensors_reader import SafetensorsCheckpoint

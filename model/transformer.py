@@ -5,6 +5,7 @@ Layers of one kind are created stacked (leading `layers` axis) and run under `ja
 per group of the schedule (`args.layer_groups`), so compile time does not grow with depth.
 """
 import dataclasses
+import operator
 from typing import Optional
 
 import jax
@@ -119,7 +120,7 @@ class LayerGroup(nnx.Module):
         else:
             outputs = []
             for r in range(self.repeats):
-                streams, out = body(streams, jax.tree.map(lambda x: x[r], (state, replay)))
+                streams, out = body(streams, jax.tree.map(operator.itemgetter(r), (state, replay)))
                 outputs.append(out)
             stats, kls, hidden = _stack(outputs)
         merge_layers = lambda a: a.reshape(-1, *a.shape[2:])  # [repeats, pattern, ...] -> schedule order

@@ -37,7 +37,7 @@ def spec_counts(args) -> dict:
     """Section 4 of the spec, term by term, per component name of `model.summary`."""
     V, d, H, c = args.vocab_size, args.hidden_size, args.num_heads, args.head_dim
     d_c, g, d_g = args.q_lora_rank, args.o_groups, args.o_lora_rank
-    E, I, k = args.num_routed_experts, args.moe_intermediate_size, args.num_experts_per_tok
+    E, I = args.num_routed_experts, args.moe_intermediate_size
     n_I, c_I, n = args.index_n_heads, args.index_head_dim, args.hc_mult
     m, m_hca = 4, 128
     attention_core = d * d_c + d_c + d_c * H * c + d * c + c + H * c * d_g + g * d_g * d + H

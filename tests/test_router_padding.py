@@ -2,7 +2,6 @@
 rows, gives the same expert load, balance loss and bias update as the same tokens without it, and
 with a capacity factor the dropped assignments are exactly those of the real tokens (NumPy count)."""
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import chex
-import jax
 import numpy as np
 import pytest
 
