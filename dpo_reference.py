@@ -11,6 +11,7 @@ output file appears only when complete. It sits beside its command line, not in 
 trainer/, because it joins the DPO objective's pair log-probabilities with the trainer's checkpoints
 and mesh, and neither package imports the other (tests/test_imports.py).
 """
+
 import glob
 import itertools
 import json
@@ -38,8 +39,10 @@ def check_output(output: str, config, overwrite: bool) -> None:
     scoring skips (too long, bad) would be lost from an input written over."""
     inputs = [path for pattern, _ in config.data.preference_sources for path in glob.glob(pattern)]
     if any(os.path.realpath(path) == os.path.realpath(output) for path in inputs):
-        raise ConfigError(f"--output={output} is one of the input files (config.data.preference_sources): "
-                          "write the scored pairs to another file")
+        raise ConfigError(
+            f"--output={output} is one of the input files (config.data.preference_sources): "
+            "write the scored pairs to another file"
+        )
     if os.path.exists(output) and not overwrite:
         raise ConfigError(f"--output={output} exists: pass --overwrite to replace it")
 
@@ -58,7 +61,8 @@ def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> 
         if init_checkpoint:
             abstract = abstract_like(weights, {"params": param_shardings, "routing": routing_shardings})
             weights, _ = Checkpointer(init_checkpoint, config, keep=1, save_every=1).restore_weights(
-                None, abstract, fallback=weights)
+                None, abstract, fallback=weights
+            )
             log(f"reference weights from {init_checkpoint}")
         batch_sharding = batch_sharding_of(mesh, rules)
 
@@ -75,12 +79,14 @@ def score_pairs(config, init_checkpoint: str | None, output: str, log=print) -> 
             batch = {k: jax.device_put(np.stack([r[k] for r in padded]), batch_sharding) for k in rows[0]}
             sums = np.asarray(reference_logps(weights, batch))
             for (raw, _), (chosen, rejected) in zip(scored, sums):
-                out.write(json.dumps({**raw, "ref_chosen_logps": float(chosen),
-                                      "ref_rejected_logps": float(rejected)}) + "\n")
+                out.write(
+                    json.dumps({**raw, "ref_chosen_logps": float(chosen), "ref_rejected_logps": float(rejected)}) + "\n"
+                )
 
         encoder = build_encoder(config.data)
         pairs = itertools.chain.from_iterable(
-            preference_rows(pattern, encoder, config.data, stats) for pattern, _ in config.data.preference_sources)
+            preference_rows(pattern, encoder, config.data, stats) for pattern, _ in config.data.preference_sources
+        )
         partial, written = f"{output}.partial", 0
         try:
             with open(partial, "w") as out:

@@ -10,6 +10,7 @@ device against the HBM, FLOPs, collectives, step time. `train.py --dry_run` prin
 for exactly the run its command line describes (evaluation included). `--memory_png` draws the memory
 per device as stacked bars against the HBM (planner/memory_picture.py).
 """
+
 import json
 import os
 import time
@@ -23,28 +24,41 @@ from trainer.cli import exits_on_bad_input, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object to this file.")
-_MEMORY_PNG = flags.DEFINE_string("memory_png", None,
-                                  "Also draw the memory per device (analytic and compiled breakdowns as stacked "
-                                  "bars against the HBM) into this PNG file.")
-_FULL = flags.DEFINE_bool("full_compile", True,
-                          "Compile the full-depth scanned step for memory and compile time (else the "
-                          "memory figures are the analytic ones only).")
+_MEMORY_PNG = flags.DEFINE_string(
+    "memory_png",
+    None,
+    "Also draw the memory per device (analytic and compiled breakdowns as stacked "
+    "bars against the HBM) into this PNG file.",
+)
+_FULL = flags.DEFINE_bool(
+    "full_compile",
+    True,
+    "Compile the full-depth scanned step for memory and compile time (else the "
+    "memory figures are the analytic ones only).",
+)
 _PEAK_BUFFERS = flags.DEFINE_integer(
-    "peak_buffers", 0, "With --full_compile: list this many of the largest buffers live at the compiled "
+    "peak_buffers",
+    0,
+    "With --full_compile: list this many of the largest buffers live at the compiled "
     "program's memory peak, with their shapes and the JAX op that made them (XLA's live-range dump, written to a "
-    "temporary directory: a few hundred MB for a full-size step).")
+    "temporary directory: a few hundred MB for a full-size step).",
+)
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the topology's HBM per device (GiB).")
-_SEARCH = flags.DEFINE_bool("search", False,
-                            "Rank every mesh of the topology by estimated step time among those that fit "
-                            "(analytic, planner/search.py), then compile the best --search_confirm of them "
-                            "instead of the config's own mesh.")
+_SEARCH = flags.DEFINE_bool(
+    "search",
+    False,
+    "Rank every mesh of the topology by estimated step time among those that fit "
+    "(analytic, planner/search.py), then compile the best --search_confirm of them "
+    "instead of the config's own mesh.",
+)
 _SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --search.")
 _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
 
 
-def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int,
-                       log=print, peak_buffers: int = 0) -> dict:
+def search_and_confirm(
+    config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int, log=print, peak_buffers: int = 0
+) -> dict:
     """`--search`: the ranked candidates, then make_plan of the best `confirm` fitting ones; the report
     of the one the compile estimates fastest among those that fit (else the first), with the search
     and the smallest part of the topology that fits (`smallest_fitting_part`)."""
@@ -60,8 +74,10 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
     log(search.format_table(candidates, top))
     best = [c for c in candidates if not c.rejected and c.fits][:confirm]
     if not best:
-        raise ValueError(f"--search: no mesh of {topology.name} fits {config.data.global_batch_size} x {config.data.seq_len} "
-                         f"in {hbm / GIB:.1f} GiB per device by the analytic estimate")
+        raise ValueError(
+            f"--search: no mesh of {topology.name} fits {config.data.global_batch_size} x {config.data.seq_len} "
+            f"in {hbm / GIB:.1f} GiB per device by the analytic estimate"
+        )
     reports = []
     for candidate in best:
         log(f"confirming {candidate.name} by compiling it ...")
@@ -69,12 +85,22 @@ def search_and_confirm(config, full_compile: bool, hbm_bytes, top: int, confirm:
         reports[-1]["search_estimate"] = search.as_dict(candidate)
     ranked = sorted(reports, key=lambda r: (not r["fits"], r["step_time_s"] or 0.0))
     report = dict(ranked[0])
-    report["search"] = {"candidates": [search.as_dict(c) for c in candidates if not c.rejected][:top],
-                        "considered": len(candidates), "rejected": search.rejection_counts(candidates),
-                        "confirmed": [{"mesh": r["config"]["mesh"], "fits": r["fits"],
-                                       "per_device_bytes": r["per_device_bytes"], "step_time_s": r["step_time_s"],
-                                       "estimate": r["search_estimate"]} for r in reports],
-                        "smallest": smallest_fitting_part(config, args, table, hbm, max_tensor, full_compile, log)}
+    report["search"] = {
+        "candidates": [search.as_dict(c) for c in candidates if not c.rejected][:top],
+        "considered": len(candidates),
+        "rejected": search.rejection_counts(candidates),
+        "confirmed": [
+            {
+                "mesh": r["config"]["mesh"],
+                "fits": r["fits"],
+                "per_device_bytes": r["per_device_bytes"],
+                "step_time_s": r["step_time_s"],
+                "estimate": r["search_estimate"],
+            }
+            for r in reports
+        ],
+        "smallest": smallest_fitting_part(config, args, table, hbm, max_tensor, full_compile, log),
+    }
     return report
 
 
@@ -85,23 +111,34 @@ def smallest_fitting_part(config, args, table, hbm, max_tensor: int, full_compil
     from mesh.presets import get_topology, smaller_parts
     from planner import search
 
-    found = search.smallest_topology(args, config, [get_topology(s) for s in smaller_parts(config.mesh.topology)],
-                                     table, hbm, max_tensor)
+    found = search.smallest_topology(
+        args, config, [get_topology(s) for s in smaller_parts(config.mesh.topology)], table, hbm, max_tensor
+    )
     if found is None:
         log("smallest topology: none of the cuts fits by the analytic estimate")
         return None
     topology, candidate = found
-    smallest = {"topology": topology.name, "devices": topology.num_devices, "mesh": dict(candidate.axes),
-                "experts_over_data": candidate.experts_over_data, "analytic_bytes": candidate.memory["total"],
-                "compiled_bytes": None, "fits": None}
-    log(f"smallest topology that fits (analytic): {topology.name}, {topology.num_devices} devices, mesh "
-        f"{candidate.name}, {candidate.memory['total'] / GIB:.2f} GiB per device")
+    smallest = {
+        "topology": topology.name,
+        "devices": topology.num_devices,
+        "mesh": dict(candidate.axes),
+        "experts_over_data": candidate.experts_over_data,
+        "analytic_bytes": candidate.memory["total"],
+        "compiled_bytes": None,
+        "fits": None,
+    }
+    log(
+        f"smallest topology that fits (analytic): {topology.name}, {topology.num_devices} devices, mesh "
+        f"{candidate.name}, {candidate.memory['total'] / GIB:.2f} GiB per device"
+    )
     if full_compile:
         log(f"confirming {topology.name} by compiling it ...")
         compiled = compiled_memory(search.apply(config, candidate, topology.name))["total"]
         smallest.update(compiled_bytes=compiled, fits=bool(compiled <= hbm))
-        log(f"smallest topology, compiled: {compiled / GIB:.2f} GiB per device of {hbm / GIB:.2f} -> "
-            f"{'FITS' if compiled <= hbm else 'DOES NOT FIT'}")
+        log(
+            f"smallest topology, compiled: {compiled / GIB:.2f} GiB per device of {hbm / GIB:.2f} -> "
+            f"{'FITS' if compiled <= hbm else 'DOES NOT FIT'}"
+        )
     return smallest
 
 
@@ -128,8 +165,15 @@ def main(argv):
     start = time.perf_counter()
     hbm = None if _HBM_GIB.value is None else _HBM_GIB.value * GIB
     if _SEARCH.value:
-        report = search_and_confirm(config, _FULL.value, hbm, _SEARCH_TOP.value, _SEARCH_CONFIRM.value,
-                                    _SEARCH_MAX_TENSOR.value, peak_buffers=_PEAK_BUFFERS.value)
+        report = search_and_confirm(
+            config,
+            _FULL.value,
+            hbm,
+            _SEARCH_TOP.value,
+            _SEARCH_CONFIRM.value,
+            _SEARCH_MAX_TENSOR.value,
+            peak_buffers=_PEAK_BUFFERS.value,
+        )
     else:
         report = make_plan(config, _FULL.value, hbm, peak_buffers=_PEAK_BUFFERS.value)
     report["wall_seconds"] = time.perf_counter() - start

@@ -9,14 +9,16 @@ from the reference (the weights of --init_checkpoint, or the seed's initialisati
 configured (emulated) mesh: see dpo_reference.py. An existing output is replaced only with
 --overwrite, and never when it is one of the input files.
 """
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from trainer.cli import exits_on_bad_input, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
-_INIT = flags.DEFINE_string("init_checkpoint", None,
-                            "Workdir of the reference weights (an Orbax checkpoint); default: the seed's init.")
+_INIT = flags.DEFINE_string(
+    "init_checkpoint", None, "Workdir of the reference weights (an Orbax checkpoint); default: the seed's init."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "The scored JSONL to write.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output (never one of the input files).")
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")

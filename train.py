@@ -9,6 +9,7 @@ resume; a non-finite step is never applied; `--dry_run` compiles the run for abs
 the planner's report. Start at `main`. Restarts, objectives and checkpoints: docs/training.md; several
 processes: docs/multihost.md; --dry_run: docs/planning.md.
 """
+
 import contextlib
 import dataclasses
 import os
@@ -23,20 +24,29 @@ from trainer.cli import exits_on_bad_input, parse_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 _STEPS = flags.DEFINE_integer("steps", None, "Train until this step (default: config.train.steps).")
-_INIT = flags.DEFINE_string("init_checkpoint", None,
-                            "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
-                            "whose weights start a new run. A resume restores its own; for DPO/GRPO, whose "
-                            "reference they are, it reads the recorded step of the recorded one, and the flag may "
-                            "be omitted or name that one.")
+_INIT = flags.DEFINE_string(
+    "init_checkpoint",
+    None,
+    "Workdir of an Orbax checkpoint (a train.py run, or convert.py --direction=import) "
+    "whose weights start a new run. A resume restores its own; for DPO/GRPO, whose "
+    "reference they are, it reads the recorded step of the recorded one, and the flag may "
+    "be omitted or name that one.",
+)
 _ALLOW_MISSING = flags.DEFINE_list(
-    "init_allow_missing", [], "Path prefixes (e.g. params/groups/2/) of weights --init_checkpoint may lack; they "
-    "start from fresh initialisation. The MTP module's may always be missing (transformers saves have none).")
+    "init_allow_missing",
+    [],
+    "Path prefixes (e.g. params/groups/2/) of weights --init_checkpoint may lack; they "
+    "start from fresh initialisation. The MTP module's may always be missing (transformers saves have none).",
+)
 _EMULATE = flags.DEFINE_bool("emulate", True, "On a CPU host, emulate the topology's devices.")
 _DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, "Compile the step and the evaluation this command would run, for abstract inputs on the "
+    "dry_run",
+    False,
+    "Compile the step and the evaluation this command would run, for abstract inputs on the "
     "topology's devices emulated here (nothing allocated, no data or checkpoint read, nothing written), print the "
     "planner's report (memory per device against the HBM, FLOPs, collectives, step time) and exit: 0 if it fits, "
-    "1 if not.")
+    "1 if not.",
+)
 
 
 def _say(text: str) -> None:
@@ -57,11 +67,17 @@ def _report_heldout(when, config, graphdef, state, encoder, batch_sharding, proc
     conversations = []
     for pattern, _ in config.data.eval_sources:
         conversations += load_conversations(pattern)
-    conversations = conversations[:config.eval.num_examples]
+    conversations = conversations[: config.eval.num_examples]
     generate = make_greedy_generate(
-        graphdef, state.params, state.routing, max_new_tokens=config.eval.max_new_tokens,
-        batch_rows=config.eval.batch_rows, max_prompt_len=config.eval.max_prompt_len,
-        stop_id=encoder.tokenizer.token_id(encoder.template.eos), batch_sharding=batch_sharding)
+        graphdef,
+        state.params,
+        state.routing,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_rows=config.eval.batch_rows,
+        max_prompt_len=config.eval.max_prompt_len,
+        stop_id=encoder.tokenizer.token_id(encoder.template.eos),
+        batch_sharding=batch_sharding,
+    )
     distributed.barrier(f"held-out evaluation {when} compiled", processes)
     result = exact_match_accuracy(conversations, generate, encoder)
     _say(f"held-out exact match {when}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
@@ -80,7 +96,8 @@ def _frozen_weights(config, objective, reference, state, abstract_weights):
         return None
     if reference["kind"] == TEACHER:
         teacher, _ = Checkpointer(reference["path"], config, keep=1, save_every=1).restore_weights(
-            reference["step"], abstract_weights)
+            reference["step"], abstract_weights
+        )
         return teacher
     return jax.tree.map(lambda x: x.copy(), {"params": state.params, "routing": state.routing})
 
@@ -111,8 +128,10 @@ def _check_best_metric(checkpoint_config, metrics: dict) -> None:
 
     name = checkpoint_config.keep_best_metric
     if name is not None and name not in _scalars(metrics):
-        raise ConfigError(f"config.checkpoint.keep_best_metric={name!r} is not a metric of this run's step; "
-                          f"it has {sorted(_scalars(metrics))}")
+        raise ConfigError(
+            f"config.checkpoint.keep_best_metric={name!r} is not a metric of this run's step; "
+            f"it has {sorted(_scalars(metrics))}"
+        )
 
 
 def _draw_pictures(workdir: str, num_layers: int) -> None:
@@ -186,9 +205,11 @@ def _train(config, topology, processes):
     args = from_config(config.model)
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     workdir = _WORKDIR.value
-    _say(f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
-         f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)"
-         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    _say(
+        f"model: {args.num_layers} layers, d={args.hidden_size}, {args.num_routed_experts} experts; "
+        f"mesh {dict(mesh.shape)} on topology {config.mesh.topology} ({mesh.size} devices)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    )
 
     with activate(mesh, rules):
         tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
@@ -202,22 +223,32 @@ def _train(config, topology, processes):
         checkpointer = Checkpointer.from_config(workdir, config, config.checkpoint)
         abstract_weights = {"params": abstract.params, "routing": abstract.routing}
         resuming = checkpointer.latest_step() is not None
-        reference = pin_reference(workdir, config, objective, _INIT.value, resuming,
-                                  write=distributed.is_primary(), log=_say)
+        reference = pin_reference(
+            workdir, config, objective, _INIT.value, resuming, write=distributed.is_primary(), log=_say
+        )
         start = initial_checkpoint(reference, _INIT.value, resuming)
         if start:
             init_path, init_step = start
             initial, fresh = Checkpointer(init_path, config, keep=1, save_every=1).restore_weights(
-                init_step, abstract_weights, fallback={"params": state.params, "routing": state.routing})
+                init_step, abstract_weights, fallback={"params": state.params, "routing": state.routing}
+            )
             check_missing(init_path, fresh, _ALLOW_MISSING.value)
             state = dataclasses.replace(state, params=initial["params"], routing=initial["routing"])
-            _say(f"initial weights from {init_path}" + (f"; {len(fresh)} absent there keep their fresh "
-                                                        f"initialisation, e.g. {fresh[0]}" if fresh else ""))
+            _say(
+                f"initial weights from {init_path}"
+                + (f"; {len(fresh)} absent there keep their fresh initialisation, e.g. {fresh[0]}" if fresh else "")
+            )
         frozen = _frozen_weights(config, objective, reference, state, abstract_weights)
         frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
         frozen_args = () if frozen is None else (frozen,)
-        step_fn, batch_sharding = jit_train_step(make_train_step(graphdef, tx, schedule, config.train, objective),
-                                                 shardings, mesh, rules, objective.batch_keys, frozen_shardings)
+        step_fn, batch_sharding = jit_train_step(
+            make_train_step(graphdef, tx, schedule, config.train, objective),
+            shardings,
+            mesh,
+            rules,
+            objective.batch_keys,
+            frozen_shardings,
+        )
         if resuming:
             state, data_state = checkpointer.restore(None, abstract)
             source.set_state(data_state)
@@ -231,10 +262,15 @@ def _train(config, topology, processes):
             distributed.barrier("train step compiled", processes)
 
         tokens_per_step = config.data.global_batch_size * config.data.seq_len
-        writer = MetricsWriter(workdir, total_steps=total_steps, tokens_per_step=tokens_per_step,
-                               flops_per_token=train_flops_per_token(args, config.data.seq_len),
-                               peak_flops=topology.peak_flops * mesh.size, start_step=start_step,
-                               output=distributed.is_primary())
+        writer = MetricsWriter(
+            workdir,
+            total_steps=total_steps,
+            tokens_per_step=tokens_per_step,
+            flops_per_token=train_flops_per_token(args, config.data.seq_len),
+            peak_flops=topology.peak_flops * mesh.size,
+            start_step=start_step,
+            output=distributed.is_primary(),
+        )
         log_every = config.checkpoint.log_every
         with contextlib.closing(checkpointer), contextlib.closing(writer), PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
@@ -260,12 +296,13 @@ def _train(config, topology, processes):
                     checkpointer.save(done, state, source.get_state(), metrics=_scalars(metrics), force=force)
                 if stopping:
                     checkpointer.wait()
-                    _say(f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
-                         "and stopping")
+                    _say(
+                        f"{guard.signal_name or 'a signal (on another process)'} received: saved step {done} "
+                        "and stopping"
+                    )
                     return
         _draw_pictures(workdir, args.num_layers)
-        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding,
-                        processes)
+        _report_heldout(f"after {int(state.step)} steps", config, graphdef, state, encoder, batch_sharding, processes)
 
 
 if __name__ == "__main__":

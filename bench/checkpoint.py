@@ -22,6 +22,7 @@ trainer/io_priority.py) and, under `at_nice`, for it and for 0 (writers competin
 Each quantity is the median over `repeats` intervals (in_flight_step_overhead: over all in-flight
 steps, relative to their own interval's baseline).
 """
+
 import json
 import os
 import shutil
@@ -64,17 +65,24 @@ def main(argv):
     mesh, rules = build_mesh(config.mesh), config.mesh.rules
     rng = np.random.default_rng(0)
     shape = (config.data.global_batch_size, config.data.seq_len)
-    host_batch = {"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-                  "loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
-                  "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy()}
+    host_batch = {
+        "tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "loss_mask": np.ones(shape, np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy(),
+    }
     configured_nice = config.checkpoint.writer_nice
     with activate(mesh, rules):
         tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
         step_fn, batch_sharding = jit_train_step(
-            make_train_step(graphdef, tx, learning_rate_schedule(config.optimizer), config.train,
-                            build_objective(config)),
-            shardings, mesh, rules)
+            make_train_step(
+                graphdef, tx, learning_rate_schedule(config.optimizer), config.train, build_objective(config)
+            ),
+            shardings,
+            mesh,
+            rules,
+        )
         abstract = abstract_train_state(args, mesh, rules, tx)
         batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
         state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / _MB
@@ -91,8 +99,9 @@ def main(argv):
                 (in_flight if writing else baseline).append(time.perf_counter() - step_started)
             started = time.perf_counter()
             checkpointer.wait()
-            return state, dict(blocked=blocked, in_flight=in_flight, baseline=baseline,
-                               waited=time.perf_counter() - started)
+            return state, dict(
+                blocked=blocked, in_flight=in_flight, baseline=baseline, waited=time.perf_counter() - started
+            )
 
         def measure(state, nice: int):
             """The loop-side figures of saves whose writer threads run at `nice`."""
@@ -118,8 +127,10 @@ def main(argv):
                 "async_save_overhead": statistics.median(overheads),
                 "in_flight_step_overhead": statistics.mean(excess) if excess else 0.0,
                 "in_flight_steps": flying / _REPEATS.value,
-                "save_blocking_s": statistics.median(blocking), "save_cost_s": statistics.median(costs),
-                "baseline_step_seconds": statistics.median(base_steps)}
+                "save_blocking_s": statistics.median(blocking),
+                "save_cost_s": statistics.median(costs),
+                "baseline_step_seconds": statistics.median(base_steps),
+            }
             return state, checkpointer, workdir, figures
 
         def whole_save(state, checkpointer):
@@ -146,13 +157,24 @@ def main(argv):
             checkpointer.close()
             shutil.rmtree(workdir)
 
-    print(json.dumps({
-        "config": "tiny", "devices": _DEVICES, "window_steps": _WINDOW.value, "repeats": _REPEATS.value,
-        "writer_nice": configured_nice, **at_nice[configured_nice],
-        "save_mb_s": state_mb / statistics.median(saves), "restore_mb_s": state_mb / statistics.median(restores),
-        "state_mb": state_mb, "save_seconds": statistics.median(saves), "restore_seconds": statistics.median(restores),
-        "at_nice": at_nice,
-    }))
+    print(
+        json.dumps(
+            {
+                "config": "tiny",
+                "devices": _DEVICES,
+                "window_steps": _WINDOW.value,
+                "repeats": _REPEATS.value,
+                "writer_nice": configured_nice,
+                **at_nice[configured_nice],
+                "save_mb_s": state_mb / statistics.median(saves),
+                "restore_mb_s": state_mb / statistics.median(restores),
+                "state_mb": state_mb,
+                "save_seconds": statistics.median(saves),
+                "restore_seconds": statistics.median(restores),
+                "at_nice": at_nice,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ The second needs the host to write bf16 output ~1.9x faster than it reads the in
 (3.7 output bytes per input byte here); throughput_over_write_bound says how near the import is
 to the host's own write speed.
 """
+
 import argparse
 import json
 import os
@@ -39,8 +40,13 @@ def bench_config(layers: int, experts: int, hidden: int, inter: int):
     from configs.v4_model import compress_ratios
 
     config = tiny.get_config()
-    config.model.update(num_layers=layers, compress_ratios=compress_ratios(layers, first=0),
-                        num_routed_experts=experts, hidden_size=hidden, moe_intermediate_size=inter)
+    config.model.update(
+        num_layers=layers,
+        compress_ratios=compress_ratios(layers, first=0),
+        num_routed_experts=experts,
+        hidden_size=hidden,
+        moe_intermediate_size=inter,
+    )
     return config
 
 
@@ -59,7 +65,7 @@ def plain_write_seconds(path: str, nbytes: int) -> float:
     started = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
         for offset in range(0, nbytes, READ_CHUNK):
-            f.write(memoryview(buffer)[:min(READ_CHUNK, nbytes - offset)])
+            f.write(memoryview(buffer)[: min(READ_CHUNK, nbytes - offset)])
         os.fsync(f.fileno())
     seconds = time.perf_counter() - started
     os.remove(path)
@@ -85,8 +91,9 @@ def main(flags):
     with tempfile.TemporaryDirectory(dir=flags.tmp) as root:
         source, output = os.path.join(root, "hf"), os.path.join(root, "orbax")
         started = time.perf_counter()
-        write_release_checkpoint(source, from_config(config.model), "fp8", quantise=False,
-                                 max_shard_bytes=flags.shard_mib << 20)
+        write_release_checkpoint(
+            source, from_config(config.model), "fp8", quantise=False, max_shard_bytes=flags.shard_mib << 20
+        )
         generate_s = time.perf_counter() - started
         files = SafetensorsCheckpoint(source).files
         sizes = [os.path.getsize(path) for path in files]
@@ -94,9 +101,22 @@ def main(flags):
             raise SystemExit(f"generated only {sum(sizes) / 2**30:.2f} GiB; raise --layers or --experts")
         read_s = plain_read_seconds(files)
         child = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--child", f"--source={source}", f"--output={output}",
-             f"--layers={flags.layers}", f"--experts={flags.experts}", f"--hidden={flags.hidden}",
-             f"--inter={flags.inter}"], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                f"--source={source}",
+                f"--output={output}",
+                f"--layers={flags.layers}",
+                f"--experts={flags.experts}",
+                f"--hidden={flags.hidden}",
+                f"--inter={flags.inter}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
         if child.returncode:
             raise SystemExit(child.stderr[-3000:])
         convert_s = json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
@@ -110,8 +130,13 @@ def main(flags):
         "write_bound_mb_s": round(input_bytes / write_s / 1e6, 1),
         "throughput_over_write_bound": round(write_s / convert_s, 3),
         "peak_rss_over_largest_shard": round(peak_rss / largest, 3),
-        "input_bytes": input_bytes, "shards": len(sizes), "largest_shard_bytes": largest, "peak_rss_bytes": peak_rss,
-        "output_bytes": output_bytes, "convert_s": round(convert_s, 2), "generate_s": round(generate_s, 2),
+        "input_bytes": input_bytes,
+        "shards": len(sizes),
+        "largest_shard_bytes": largest,
+        "peak_rss_bytes": peak_rss,
+        "output_bytes": output_bytes,
+        "convert_s": round(convert_s, 2),
+        "generate_s": round(generate_s, 2),
         "throughput_target_met": input_bytes / convert_s >= 0.5 * input_bytes / read_s,
         "rss_target_met": peak_rss < 3 * largest,
     }

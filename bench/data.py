@@ -7,6 +7,7 @@ step consumes (global_batch_size * seq_len * packing_efficiency per step).
 
     python bench/data.py [--batches 200] [--seq-len 256] [--batch-size 8]
 """
+
 import argparse
 import json
 import os
@@ -44,15 +45,19 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     iterator.close()
 
-    print(json.dumps({
-        "tokens_per_sec": round(real / seconds),
-        "packing_efficiency": round(real / cells, 4),
-        "batches_per_sec": round(args.batches / seconds, 1),
-        "build_seconds": round(build_seconds, 3),
-        "records": pipeline.stats.records_kept,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens_per_sec": round(real / seconds),
+                "packing_efficiency": round(real / cells, 4),
+                "batches_per_sec": round(args.batches / seconds, 1),
+                "build_seconds": round(build_seconds, 3),
+                "records": pipeline.stats.records_kept,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ dispatch (or why it cannot run here); and the ratio of XLA-counted FLOPs (per-de
 times devices) to the analytic 2*3*t*k*d*I forward (x3 for forward+backward). Routing is random top-k,
 so loads are near balanced. Timings on this shared 2-core machine are noisy (2-4x between runs).
 """
+
 import contextlib
 import json
 import math
@@ -22,8 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed forward+backward runs per variant (after one compile run).")
-_MESHES = flags.DEFINE_string("meshes", "none;fsdp=8;data=2,expert=4;fsdp=2,expert=2,tensor=2",
-                              "Semicolon-separated meshes, each axis=size pairs; 'none' = no mesh.")
+_MESHES = flags.DEFINE_string(
+    "meshes",
+    "none;fsdp=8;data=2,expert=4;fsdp=2,expert=2,tensor=2",
+    "Semicolon-separated meshes, each axis=size pairs; 'none' = no mesh.",
+)
 _TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens t in the batch.")
 _WIDTH = flags.DEFINE_integer("width", 256, "Model width d.")
 _HIDDEN = flags.DEFINE_integer("hidden", 128, "Expert hidden width I.")
@@ -63,8 +67,15 @@ def main(argv):
         "w2": (rng.normal(size=(e, i, d)) / math.sqrt(i)).astype(np.float32),
         "cotangent": rng.normal(size=(t, d)).astype(np.float32),
     }
-    names = {"x": TOKEN_NAMES, "experts": TOKEN_NAMES, "weights": TOKEN_NAMES,
-             "w1": W13_NAMES, "w3": W13_NAMES, "w2": W2_NAMES, "cotangent": TOKEN_NAMES}
+    names = {
+        "x": TOKEN_NAMES,
+        "experts": TOKEN_NAMES,
+        "weights": TOKEN_NAMES,
+        "w1": W13_NAMES,
+        "w3": W13_NAMES,
+        "w2": W2_NAMES,
+        "cotangent": TOKEN_NAMES,
+    }
 
     def dense(x, experts, weights, w1, w3, w2):
         """RoutedExperts.__call__: every expert on every token, a combine matrix keeps the chosen ones."""
@@ -76,12 +87,25 @@ def main(argv):
 
     def dispatch(backend, capacity_factor=None):
         def forward(x, experts, weights, w1, w3, w2):
-            return routed_experts(x, Routing(experts, weights, None), w1, w3, w2, limit=_LIMIT,
-                                  backend=backend, capacity_factor=capacity_factor)[0]
+            return routed_experts(
+                x,
+                Routing(experts, weights, None),
+                w1,
+                w3,
+                w2,
+                limit=_LIMIT,
+                backend=backend,
+                capacity_factor=capacity_factor,
+            )[0]
+
         return forward
 
-    variants = {"dense": dense, "padded": dispatch("padded"),
-                f"padded_cf{_CAPACITY.value:g}": dispatch("padded", _CAPACITY.value), "ragged": dispatch("ragged")}
+    variants = {
+        "dense": dense,
+        "padded": dispatch("padded"),
+        f"padded_cf{_CAPACITY.value:g}": dispatch("padded", _CAPACITY.value),
+        "ragged": dispatch("ragged"),
+    }
     order = ("cotangent", "x", "experts", "weights", "w1", "w3", "w2")
     useful = 2 * 3 * t * k * d * i
 
@@ -98,12 +122,23 @@ def main(argv):
         else:
             sizes = dict.fromkeys(_MESH_AXES, 1)
             sizes.update({axis: int(n) for axis, n in (pair.split("=") for pair in text.split(","))})
-            mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape([sizes[a] for a in _MESH_AXES]), _MESH_AXES,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * len(_MESH_AXES))
-            args = tuple(jax.device_put(host[name], NamedSharding(
-                mesh, resolve_spec(name, names[name], host[name].shape, sizes, RULES))) for name in order)
-        entry = {"mesh": text, "ms_per_forward_backward": {}, "flops_ratio_forward": {},
-                 "flops_ratio_forward_backward": {}}
+            mesh = jax.sharding.Mesh(
+                np.array(jax.devices()).reshape([sizes[a] for a in _MESH_AXES]),
+                _MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(_MESH_AXES),
+            )
+            args = tuple(
+                jax.device_put(
+                    host[name], NamedSharding(mesh, resolve_spec(name, names[name], host[name].shape, sizes, RULES))
+                )
+                for name in order
+            )
+        entry = {
+            "mesh": text,
+            "ms_per_forward_backward": {},
+            "flops_ratio_forward": {},
+            "flops_ratio_forward_backward": {},
+        }
         for label, forward in variants.items():
             with activate(mesh, RULES) if mesh is not None else contextlib.nullcontext():
                 try:
@@ -115,7 +150,8 @@ def main(argv):
             devices = 1 if mesh is None else mesh.size
             entry["flops_ratio_forward"][label] = round(fwd.cost_analysis()["flops"] * devices / useful, 3)
             entry["flops_ratio_forward_backward"][label] = round(
-                step.cost_analysis()["flops"] * devices / (_TRAIN_FLOPS_PER_FORWARD * useful), 3)
+                step.cost_analysis()["flops"] * devices / (_TRAIN_FLOPS_PER_FORWARD * useful), 3
+            )
             jax.block_until_ready(step(*args))
             times = []
             for _ in range(_STEPS.value):
@@ -124,8 +160,21 @@ def main(argv):
                 times.append(time.perf_counter() - start)
             entry["ms_per_forward_backward"][label] = round(1e3 * statistics.median(times), 1)
         results.append(entry)
-    print(json.dumps({"tokens": t, "width": d, "hidden": i, "experts": e, "top_k": k, "devices": _DEVICES,
-                      "steps": _STEPS.value, "meshes": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "tokens": t,
+                "width": d,
+                "hidden": i,
+                "experts": e,
+                "top_k": k,
+                "devices": _DEVICES,
+                "steps": _STEPS.value,
+                "meshes": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ step reports running add (tiles - loops) x the XLA-counted FLOPs of one forward 
 tile (`model.grouped_mlp.tile_flops`). Timings on this
 machine are noisy; the two dispatches are measured in the same run, alternating.
 """
+
 import json
 import os
 import sys
@@ -21,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per mesh and dispatch (after one warm-up).")
-_MESHES = flags.DEFINE_string("meshes", "fsdp=8;data=2,expert=4;fsdp=2,expert=2,tensor=2",
-                              "Semicolon-separated meshes, each axis=size pairs.")
+_MESHES = flags.DEFINE_string(
+    "meshes", "fsdp=8;data=2,expert=4;fsdp=2,expert=2,tensor=2", "Semicolon-separated meshes, each axis=size pairs."
+)
 _DISPATCH = flags.DEFINE_string("dispatch", "padded", "The expert-parallel dispatch to measure.")
 _CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "Capacity factor of the measured dispatch (0: dropless).")
 _DEVICES = 8
@@ -64,9 +66,12 @@ def main(argv):
     train_config.microbatches = 1
     rng = np.random.default_rng(0)
     shape = (config.data.global_batch_size, config.data.seq_len)
-    batch = {"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-             "loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
-             "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy()}
+    batch = {
+        "tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "loss_mask": np.ones(shape, np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), shape).copy(),
+    }
     tokens = float(np.prod(shape))
     results = []
     for text in _MESHES.value.split(";"):
@@ -76,14 +81,21 @@ def main(argv):
         timings, flops = {}, None
         for dispatch in ("dense", _DISPATCH.value):
             model_config = config.model.copy_and_resolve_references()
-            model_config.update(scan_layers=False, moe_dispatch=dispatch,
-                                capacity_factor=0.0 if dispatch == "dense" else _CAPACITY.value)
+            model_config.update(
+                scan_layers=False,
+                moe_dispatch=dispatch,
+                capacity_factor=0.0 if dispatch == "dense" else _CAPACITY.value,
+            )
             args = from_config(model_config)
             tx = optax.adamw(1e-4)
             with activate(mesh, mesh_config.rules):
                 graphdef, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, config.seed)
-                step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-4), train_config,
-                                                         build_objective(config)), shardings, mesh, mesh_config.rules)
+                step, _ = jit_train_step(
+                    make_train_step(graphdef, tx, optax.constant_schedule(1e-4), train_config, build_objective(config)),
+                    shardings,
+                    mesh,
+                    mesh_config.rules,
+                )
                 compiled = step.lower(state, batch).compile()
                 state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)
@@ -95,14 +107,31 @@ def main(argv):
             if dispatch != "dense":
                 counted = compiled.cost_analysis()["flops"] * mesh.size
                 if args.expert_tile:
-                    counted += _uncounted_tile_flops(args, float(metrics["expert_tiles"]), int(tokens), mesh,
-                                                     mesh_config.rules)
+                    counted += _uncounted_tile_flops(
+                        args, float(metrics["expert_tiles"]), int(tokens), mesh, mesh_config.rules
+                    )
                 flops = counted / (train_flops_per_token(args, config.data.seq_len) * tokens)
-        results.append({"mesh": text, "tokens_per_sec": tokens / timings[_DISPATCH.value],
-                        "flops_ratio": flops, "moe_dispatch_ratio": timings[_DISPATCH.value] / timings["dense"],
-                        "step_seconds": timings})
-    print(json.dumps({"config": "tiny", "devices": _DEVICES, "batch": list(shape), "dispatch": _DISPATCH.value,
-                      "capacity_factor": _CAPACITY.value, "meshes": results}))
+        results.append(
+            {
+                "mesh": text,
+                "tokens_per_sec": tokens / timings[_DISPATCH.value],
+                "flops_ratio": flops,
+                "moe_dispatch_ratio": timings[_DISPATCH.value] / timings["dense"],
+                "step_seconds": timings,
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "config": "tiny",
+                "devices": _DEVICES,
+                "batch": list(shape),
+                "dispatch": _DISPATCH.value,
+                "capacity_factor": _CAPACITY.value,
+                "meshes": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the weights alone), so neither package imports the other.
 `data` the data-iterator position, `config` the run config as JSON (`config_to_json`). A weights-only
 step (an import) has `state` and `config`.
 """
+
 import json
 
 import ml_collections

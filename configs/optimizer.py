@@ -7,6 +7,7 @@ peak learning rate 2.7e-4, final/peak 0.1, 2000 warmup steps. The spec gives no 
 DeepSeek-V3's. Post-training runs will usually lower the learning rate and the run length: override
 them. `get_config(name, **overrides)` replaces fields.
 """
+
 import ml_collections
 
 NAMES = ("adamw", "muon")
@@ -16,25 +17,25 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
     if name not in NAMES:
         raise ValueError(f"optimizer {name!r} unknown; choose one of {NAMES}")
     config = ml_collections.ConfigDict()
-    config.name = name                         # "muon": Muon for hidden matrices; "adamw": AdamW for all
+    config.name = name  # "muon": Muon for hidden matrices; "adamw": AdamW for all
 
     # Learning-rate schedule: linear warmup, a constant plateau, then decay to final_lr_ratio * peak.
-    config.learning_rate = 2.7e-4              # peak (V4-Flash pre-training; V4-Pro used 2.0e-4)
-    config.init_lr_ratio = 0.0                 # warmup starts at this fraction of the peak
+    config.learning_rate = 2.7e-4  # peak (V4-Flash pre-training; V4-Pro used 2.0e-4)
+    config.init_lr_ratio = 0.0  # warmup starts at this fraction of the peak
     config.warmup_steps = 2000
-    config.total_steps = 10_000                # optimizer updates in the run; the decay ends here
-    config.decay = "cosine"                    # "cosine", "linear" or "constant" (no decay)
+    config.total_steps = 10_000  # optimizer updates in the run; the decay ends here
+    config.decay = "cosine"  # "cosine", "linear" or "constant" (no decay)
     config.decay_steps = ml_collections.config_dict.placeholder(int)  # None: everything after warmup
-    config.final_lr_ratio = 0.1                # 2.7e-5 / 2.7e-4
+    config.final_lr_ratio = 0.1  # 2.7e-5 / 2.7e-4
 
-    config.clip_grad_norm = 1.0                # global L2 norm over all gradients; 0 disables clipping
-    config.accumulation_steps = 1              # >1: one update per this many calls (optax.MultiSteps)
-    config.state_dtype = "float32"             # gradients, moments and updates, whatever the params' dtype
-    config.momentum_dtype = "float32"          # stored AdamW first moments and Muon momentum ("bfloat16" halves
-                                               # them; updates are still computed in state_dtype)
-    config.master_weights = True               # params narrower than state_dtype (bf16) get state_dtype masters
-                                               # in the optimizer state; False rounds param + update each step
-    config.decay_vectors = False               # weight-decay norm gains, mHC base/scale, sinks, ape too
+    config.clip_grad_norm = 1.0  # global L2 norm over all gradients; 0 disables clipping
+    config.accumulation_steps = 1  # >1: one update per this many calls (optax.MultiSteps)
+    config.state_dtype = "float32"  # gradients, moments and updates, whatever the params' dtype
+    config.momentum_dtype = "float32"  # stored AdamW first moments and Muon momentum ("bfloat16" halves
+    # them; updates are still computed in state_dtype)
+    config.master_weights = True  # params narrower than state_dtype (bf16) get state_dtype masters
+    # in the optimizer state; False rounds param + update each step
+    config.decay_vectors = False  # weight-decay norm gains, mHC base/scale, sinks, ape too
 
     # AdamW: all parameters (name "adamw"), or embedding, head, vectors and tables (name "muon").
     config.adam_b1 = 0.9
@@ -50,11 +51,11 @@ def get_config(name: str = "muon", **overrides) -> ml_collections.ConfigDict:
     config.muon_momentum = 0.95
     config.muon_nesterov = True
     config.muon_weight_decay = 0.1
-    config.muon_rms_scale = 0.18               # makes the update RMS match AdamW's, so one LR serves both
+    config.muon_rms_scale = 0.18  # makes the update RMS match AdamW's, so one LR serves both
     # Hybrid Newton-Schulz: (iterations, a, b, c) per stage, X <- aX + b(XX^T)X + c(XX^T)^2 X.
     config.muon_ns_stages = ((8, 3.4445, -4.7750, 2.0315), (2, 2.0, -1.5, 0.5))
-    config.muon_ns_eps = 1e-7                  # added to the Frobenius norm (a zero gradient stays zero)
-    config.muon_ns_dtype = "bfloat16"          # matmul inputs of the iteration (V4: stable in BF16); f32 sums
+    config.muon_ns_eps = 1e-7  # added to the Frobenius norm (a zero gradient stays zero)
+    config.muon_ns_dtype = "bfloat16"  # matmul inputs of the iteration (V4: stable in BF16); f32 sums
 
     config.update(overrides)
     return config

@@ -39,6 +39,7 @@ Note: a dimension must divide by the product of its mesh axes (mesh.sharding che
 (7168 = 2^10 x 7, vocab 129280 = 2^8 x 5 x 101) have no factor 3, so on the 768 dies of a CM384
 (2^8 x 3) the factor 3 has to sit on an axis that never shards them.
 """
+
 import ml_collections
 
 from configs.release import ConfigError
@@ -93,12 +94,12 @@ ACTIVATION_RULES = (
 
 RULES = PARAM_RULES + ACTIVATION_RULES
 
+
 def rules(experts_over_data: bool = False) -> tuple:
     """RULES, or RULES with the routed experts sharded over (data, expert) (see the module docstring)."""
     if not experts_over_data:
         return RULES
-    return tuple((name, (axes.DATA, axes.EXPERT)) if name == "expert" else (name, target)
-                 for name, target in RULES)
+    return tuple((name, (axes.DATA, axes.EXPERT)) if name == "expert" else (name, target) for name, target in RULES)
 
 
 def expert_mesh_axes(rule_table) -> tuple:

@@ -7,6 +7,7 @@ full-size configs have none, so a full-size run names one or the other). The cha
 release's encoding (data/chat_template.py), checked against the tokenizer when the encoder is built.
 `resolve_tokenizer` runs once, after the command line is parsed and before anything is read.
 """
+
 import os
 
 import ml_collections
@@ -27,14 +28,18 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
             raise ConfigError(f"--config.release_dir={release}: no such directory")
         path = os.path.join(release, TOKENIZER_FILE)
         if not os.path.isfile(path):
-            raise ConfigError(f"--config.release_dir={release}: the release has no {TOKENIZER_FILE} "
-                              f"(or pass --config.data.tokenizer_path)")
+            raise ConfigError(
+                f"--config.release_dir={release}: the release has no {TOKENIZER_FILE} "
+                f"(or pass --config.data.tokenizer_path)"
+            )
         config.data.tokenizer_path = path
         return path
     path = config.data.tokenizer_path
     if not path:
-        raise ConfigError("config.data.tokenizer_path is unset: pass --config.release_dir=<the Hugging Face "
-                          "release directory> or --config.data.tokenizer_path=<tokenizer.json>")
+        raise ConfigError(
+            "config.data.tokenizer_path is unset: pass --config.release_dir=<the Hugging Face "
+            "release directory> or --config.data.tokenizer_path=<tokenizer.json>"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"--config.data.tokenizer_path={path}: no such file")
     return path

@@ -1,6 +1,7 @@
 """A tiny DeepSeek-V4 with the full structure (every layer kind, hash and score routing, MTP) that
 post-trains on the shipped sample tasks on 2 CPU cores; the numbers are small, nothing else differs
 from V4-Flash."""
+
 from configs import checkpoint, optimizer, parallelism
 from configs.v4_model import compress_ratios, model_config, run_config
 
@@ -39,8 +40,13 @@ def get_config():
         vocab_tile=128,
     )
     mesh = parallelism.get_config("cm384-8", expert=2, fsdp=-1, tensor=1)
-    return run_config(model, mesh, batch_size=BATCH, seq_len=SEQ_LEN, steps=STEPS,
-                      optimizer_config=optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20,
-                                                            adam_eps=1e-8),
-                      checkpoint_config=checkpoint.get_config(save_every=100, log_every=20),
-                      mtp_weight_after_decay=None)
+    return run_config(
+        model,
+        mesh,
+        batch_size=BATCH,
+        seq_len=SEQ_LEN,
+        steps=STEPS,
+        optimizer_config=optimizer.get_config("muon", learning_rate=3e-3, warmup_steps=20, adam_eps=1e-8),
+        checkpoint_config=checkpoint.get_config(save_every=100, log_every=20),
+        mtp_weight_after_decay=None,
+    )

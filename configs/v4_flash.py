@@ -7,6 +7,7 @@ full remat, bf16 compute, Muon, experts over expert with the data axis replicati
 widths and depth. The tokenizer comes from the release: `--config.release_dir=<DeepSeek-V4-Flash>`
 (or `--config.data.tokenizer_path`).
 """
+
 from configs import parallelism
 from configs.v4_model import compress_ratios, model_config, run_config, scaled_run_config
 

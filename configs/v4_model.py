@@ -4,6 +4,7 @@ Constants here are the same in V4-Flash and V4-Pro (see ../shared/design/deepsee
 section 1.1): mHC with 4 streams and 20 Sinkhorn iterations, SwiGLU clamp 10, RoPE bases 10000 /
 160000 with YaRN x16 from 65536, RMSNorm eps 1e-6, 6 routed experts per token, 1 shared expert.
 """
+
 import ml_collections
 
 from configs import checkpoint, data, objectives, optimizer
@@ -88,23 +89,43 @@ def scaled_numbers(*, first: int, num_routed_experts: int, routed_scaling_factor
 def scaled_run_config(mesh: ml_collections.ConfigDict, **numbers) -> ml_collections.ConfigDict:
     """The run config of a full-size config's scaled twin: `scaled_numbers(**numbers)` on `mesh` (8
     emulated devices), 8 x 256 tokens per step, 20 steps of the same optimizer with 2 warmup steps."""
-    return run_config(model_config(**scaled_numbers(**numbers)), mesh, batch_size=8, seq_len=256, steps=20,
-                      optimizer_config=optimizer.get_config(warmup_steps=2))
+    return run_config(
+        model_config(**scaled_numbers(**numbers)),
+        mesh,
+        batch_size=8,
+        seq_len=256,
+        steps=20,
+        optimizer_config=optimizer.get_config(warmup_steps=2),
+    )
 
 
-def eval_config(num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len: int = 48,
-                batch_rows: int = 32) -> ml_collections.ConfigDict:
+def eval_config(
+    num_examples: int = 64, max_new_tokens: int = 12, max_prompt_len: int = 48, batch_rows: int = 32
+) -> ml_collections.ConfigDict:
     """Held-out exact match before and after training (greedy decoding); num_examples=0 skips it."""
-    return ml_collections.ConfigDict(dict(num_examples=num_examples, max_new_tokens=max_new_tokens,
-                                          max_prompt_len=max_prompt_len, batch_rows=batch_rows))
+    return ml_collections.ConfigDict(
+        dict(
+            num_examples=num_examples,
+            max_new_tokens=max_new_tokens,
+            max_prompt_len=max_prompt_len,
+            batch_rows=batch_rows,
+        )
+    )
 
 
-def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, *, batch_size: int,
-               seq_len: int, seed: int = 0, steps: int = 10_000,
-               optimizer_config: ml_collections.ConfigDict | None = None,
-               checkpoint_config: ml_collections.ConfigDict | None = None,
-               mtp_weight_after_decay: float | None = 0.1,
-               **data_fields) -> ml_collections.ConfigDict:
+def run_config(
+    model: ml_collections.ConfigDict,
+    mesh: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    steps: int = 10_000,
+    optimizer_config: ml_collections.ConfigDict | None = None,
+    checkpoint_config: ml_collections.ConfigDict | None = None,
+    mtp_weight_after_decay: float | None = 0.1,
+    **data_fields,
+) -> ml_collections.ConfigDict:
     """The complete config every entry point reads: model, mesh, data, checkpoint, eval, optimizer,
     objective and train settings. The batch shape lives in `config.data` alone (global_batch_size,
     seq_len), and `config.data.vocab_size` is a reference to `config.model.vocab_size`: overriding
@@ -122,22 +143,24 @@ def run_config(model: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
     config.data = data.get_config(seq_len=seq_len, global_batch_size=batch_size, **data_fields)
     config.data.vocab_size = config.model.get_ref("vocab_size")
     # Objective terms and step mechanics (spec section 5.3: MTP weight 0.3, balance 1e-4, bias 1e-3).
-    config.train = ml_collections.ConfigDict(dict(
-        steps=steps,
-        mtp_weight=0.3,
-        # From the optimizer update at which the learning-rate decay starts (V4: 0.1); None: constant.
-        mtp_weight_after_decay=ml_collections.FieldReference(mtp_weight_after_decay, field_type=float),
-        balance_weight=1e-4,
-        # The lightning indexer's own loss (KL to the main attention over its selected entries, on
-        # detached inputs; trainer/step.py). 0: not computed, and the optimizer leaves the indexer as it is.
-        indexer_weight=0.0,
-        bias_update_rate=1e-3,
-        microbatches=1,
-        # A step whose loss, gradient norm or update norm is NaN/Inf is never applied; then "stop" ends
-        # the run (nothing saved for that step) or "skip" goes on with the next batch, the step counted
-        # in the `nonfinite_steps` metric (trainer/nonfinite.py has the details).
-        nonfinite="stop",
-    ))
+    config.train = ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            mtp_weight=0.3,
+            # From the optimizer update at which the learning-rate decay starts (V4: 0.1); None: constant.
+            mtp_weight_after_decay=ml_collections.FieldReference(mtp_weight_after_decay, field_type=float),
+            balance_weight=1e-4,
+            # The lightning indexer's own loss (KL to the main attention over its selected entries, on
+            # detached inputs; trainer/step.py). 0: not computed, and the optimizer leaves the indexer as it is.
+            indexer_weight=0.0,
+            bias_update_rate=1e-3,
+            microbatches=1,
+            # A step whose loss, gradient norm or update norm is NaN/Inf is never applied; then "stop" ends
+            # the run (nothing saved for that step) or "skip" goes on with the next batch, the step counted
+            # in the `nonfinite_steps` metric (trainer/nonfinite.py has the details).
+            nonfinite="stop",
+        )
+    )
     config.optimizer = optimizer_config or optimizer.get_config()
     config.optimizer.total_steps = config.train.get_ref("steps")
     config.checkpoint = checkpoint_config or checkpoint.get_config()

@@ -7,6 +7,7 @@ on piece boundaries and the ids equal those of the whole string. A reply given a
 first `</think>` (`split_reply`). The one difference from the release: every assistant turn is cued.
 Rendering rules and the markers: docs/data.md.
 """
+
 import dataclasses
 from typing import Mapping, Sequence
 
@@ -51,21 +52,27 @@ class ChatTemplate:
 @dataclasses.dataclass(frozen=True)
 class Piece:
     text: str
-    target: bool      # part of an assistant reply (its text or its end marker)
-    turn: int         # index of the message it belongs to
+    target: bool  # part of an assistant reply (its text or its end marker)
+    turn: int  # index of the message it belongs to
 
 
 DEEPSEEK_V4 = ChatTemplate(
     name="deepseek_v4",
-    bos=BOS, eos=EOS, pad=PAD,
-    system_prefix="", system_suffix="",
-    user_prefix=USER, user_suffix="",
-    assistant_prefix=ASSISTANT + THINK_END, assistant_suffix=EOS,
+    bos=BOS,
+    eos=EOS,
+    pad=PAD,
+    system_prefix="",
+    system_suffix="",
+    user_prefix=USER,
+    user_suffix="",
+    assistant_prefix=ASSISTANT + THINK_END,
+    assistant_suffix=EOS,
     special_tokens=(BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END),
 )
 
 DEEPSEEK_V4_THINKING = dataclasses.replace(
-    DEEPSEEK_V4, name="deepseek_v4_thinking", thinking_prefix=ASSISTANT + THINK_START, thinking_suffix=THINK_END)
+    DEEPSEEK_V4, name="deepseek_v4_thinking", thinking_prefix=ASSISTANT + THINK_START, thinking_suffix=THINK_END
+)
 
 PRESETS = {t.name: t for t in (DEEPSEEK_V4, DEEPSEEK_V4_THINKING)}
 CUSTOM = "custom"
@@ -96,8 +103,7 @@ def split_reply(template: ChatTemplate, text: str) -> tuple[str, str] | None:
     return (reasoning, content) if found else None
 
 
-def render(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
-           ) -> list[Piece]:
+def render(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False) -> list[Piece]:
     """The pieces of a conversation; with `generation_prompt`, ends with the reply cue."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
 
@@ -111,11 +117,15 @@ def render(template: ChatTemplate, messages: Sequence[Message], *, generation_pr
         elif message.role == "user":
             parts = [(template.user_prefix, False), (message.content, False), (template.user_suffix, False)]
         elif thinks(turn):
-            parts = [(template.thinking_prefix, False), (message.reasoning, True), (template.thinking_suffix, True),
-                     (message.content, True), (template.assistant_suffix, True)]
+            parts = [
+                (template.thinking_prefix, False),
+                (message.reasoning, True),
+                (template.thinking_suffix, True),
+                (message.content, True),
+                (template.assistant_suffix, True),
+            ]
         else:
-            parts = [(template.assistant_prefix, False), (message.content, True),
-                     (template.assistant_suffix, True)]
+            parts = [(template.assistant_prefix, False), (message.content, True), (template.assistant_suffix, True)]
         pieces.extend(Piece(text, target, turn) for text, target in parts)
     if generation_prompt:
         cue = template.thinking_prefix if thinks(len(messages)) else template.assistant_prefix
@@ -123,8 +133,7 @@ def render(template: ChatTemplate, messages: Sequence[Message], *, generation_pr
     return [p for p in pieces if p.text]
 
 
-def render_reply(template: ChatTemplate, context: Sequence[Message], reply: Message
-                 ) -> tuple[list[Piece], list[Piece]]:
+def render_reply(template: ChatTemplate, context: Sequence[Message], reply: Message) -> tuple[list[Piece], list[Piece]]:
     """(prompt, reply) pieces of the conversation `context` + `reply`: the prompt ends with the
     reply's cue (it equals render(context, generation_prompt=True)); the reply is that turn's
     targets, exactly what SFT trains on when a conversation ends with it."""
@@ -133,6 +142,5 @@ def render_reply(template: ChatTemplate, context: Sequence[Message], reply: Mess
     return pieces[:start], pieces[start:]
 
 
-def render_text(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False
-                ) -> str:
+def render_text(template: ChatTemplate, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
     return "".join(p.text for p in render(template, messages, generation_prompt=generation_prompt))

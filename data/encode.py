@@ -6,6 +6,7 @@ head at position i-1 on it. Which replies count is the mode:
 - "all_assistant_turns": every reply of the conversation;
 - "last_assistant_turn": only the final reply (earlier replies are context).
 """
+
 import dataclasses
 from typing import Sequence
 
@@ -36,8 +37,12 @@ class Encoder:
         for marker in self.template.special_tokens:
             self.tokenizer.token_id(marker)
         if self.tokenizer.vocab_size > self.vocab_size:
-            raise DataError(self.tokenizer.path, f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
-                            f"only {self.vocab_size} embedding rows (config.model.vocab_size)", reason="vocab_too_large")
+            raise DataError(
+                self.tokenizer.path,
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                f"only {self.vocab_size} embedding rows (config.model.vocab_size)",
+                reason="vocab_too_large",
+            )
 
     def check_texts(self, texts: Sequence[str]) -> None:
         """User text must not contain the template's markers: they would be read as real turn
@@ -58,9 +63,12 @@ class Encoder:
         reply not `ended` (a completion cut off by the length limit) may stop inside its reasoning."""
         split = split_reply(self.template, text)
         if split is None and ended:
-            raise InvalidRecord("missing_think_end", f"in thinking mode a reply is '{{reasoning}}"
-                                f"{self.template.thinking_suffix}{{answer}}'; this one has no "
-                                f"{self.template.thinking_suffix!r}")
+            raise InvalidRecord(
+                "missing_think_end",
+                f"in thinking mode a reply is '{{reasoning}}"
+                f"{self.template.thinking_suffix}{{answer}}'; this one has no "
+                f"{self.template.thinking_suffix!r}",
+            )
         reasoning, content = split or (text, "")
         message = Message("assistant", content, reasoning)
         self.check_messages([message])
@@ -85,8 +93,9 @@ class Encoder:
     def check_vocab(self, ids: np.ndarray) -> None:
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
-            raise InvalidRecord("token_out_of_vocab",
-                                f"token id {int(bad[0])} is outside the vocabulary of {self.vocab_size}")
+            raise InvalidRecord(
+                "token_out_of_vocab", f"token id {int(bad[0])} is outside the vocabulary of {self.vocab_size}"
+            )
 
     def ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(i, np.int32) for i in self.tokenizer.encode_batch(texts)]
@@ -99,8 +108,9 @@ def reject(located: Located, error: InvalidRecord, *, skip_bad: bool, stats: Loa
     stats.skip(error.reason)
 
 
-def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, stats: LoadStats
-               ) -> list[dict[str, np.ndarray]]:
+def encode_sft(
+    records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, stats: LoadStats
+) -> list[dict[str, np.ndarray]]:
     """{"tokens": int32[L], "loss_mask": int32[L]} per record, in order; bad ones raise or count."""
     clean = []
     for located in records:
@@ -110,8 +120,11 @@ def encode_sft(records: Sequence[Located], encoder: Encoder, *, skip_bad: bool, 
             clean.append(located)
         except InvalidRecord as e:
             reject(located, e, skip_bad=skip_bad, stats=stats)
-    rendered = iter(encoder.pieces_to_ids(
-        [render(encoder.template, r.record.messages) for r in clean if isinstance(r.record, Conversation)]))
+    rendered = iter(
+        encoder.pieces_to_ids(
+            [render(encoder.template, r.record.messages) for r in clean if isinstance(r.record, Conversation)]
+        )
+    )
     examples = []
     for located in clean:
         record = located.record
@@ -132,10 +145,13 @@ def encode_preference(pair: PreferencePair, encoder: Encoder) -> dict[str, np.nd
     the same conversation's last reply: in thinking mode `{reasoning}</think>{answer}`, and always
     the template's end-of-reply marker, as the model must learn to emit it."""
     encoder.check_messages(pair.prompt)
-    (prompt, chosen), (_, rejected) = (render_reply(encoder.template, pair.prompt, encoder.reply_message(text))
-                                       for text in (pair.chosen, pair.rejected))
-    prompt_ids, chosen_ids, rejected_ids = (np.asarray(ids, np.int32) for ids, _ in
-                                            encoder.pieces_to_ids([prompt, chosen, rejected]))
+    (prompt, chosen), (_, rejected) = (
+        render_reply(encoder.template, pair.prompt, encoder.reply_message(text))
+        for text in (pair.chosen, pair.rejected)
+    )
+    prompt_ids, chosen_ids, rejected_ids = (
+        np.asarray(ids, np.int32) for ids, _ in encoder.pieces_to_ids([prompt, chosen, rejected])
+    )
     encoded = {"prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids}
     if pair.reference_logps is not None:
         encoded[REFERENCE_LOGPS] = np.asarray(pair.reference_logps, np.float32)
@@ -149,13 +165,15 @@ def preference_sequences(encoded: dict[str, np.ndarray]) -> dict[str, dict[str, 
     out = {}
     for side in ("chosen", "rejected"):
         reply = encoded[side]
-        out[side] = {"tokens": np.concatenate([prompt, reply]),
-                     "loss_mask": np.concatenate([np.zeros_like(prompt), np.ones_like(reply)])}
+        out[side] = {
+            "tokens": np.concatenate([prompt, reply]),
+            "loss_mask": np.concatenate([np.zeros_like(prompt), np.ones_like(reply)]),
+        }
     return out
 
 
 def encode_prompt(record: PromptRecord, encoder: Encoder) -> dict:
     """{"prompt": int32[P] ending with the reply cue, "answer": str | None, "extra": dict}."""
     encoder.check_messages(record.prompt)
-    (prompt, _), = encoder.pieces_to_ids([render(encoder.template, record.prompt, generation_prompt=True)])
+    ((prompt, _),) = encoder.pieces_to_ids([render(encoder.template, record.prompt, generation_prompt=True)])
     return {"prompt": np.asarray(prompt, np.int32), "answer": record.answer, "extra": record.extra}

@@ -4,6 +4,7 @@ A bad record must never surface as a traceback from deep inside grain: validatio
 files are read, and every failure is either a `DataError` naming file and line, or (when the config
 skips bad records) one more count under a short reason code that ends up in the metrics.
 """
+
 import collections
 import dataclasses
 

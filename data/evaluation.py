@@ -3,6 +3,7 @@
 The trainer owns decoding (it has the model and the mesh); this module owns what a prompt is and
 what counts as a correct answer, so training curves and the sample tasks agree on both.
 """
+
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,12 +27,13 @@ def completion_text(ids: Sequence[int], encoder: Encoder) -> str:
     and with a thinking template only the answer after the reasoning ("" if the reasoning never ended)."""
     end = encoder.tokenizer.token_id(encoder.template.eos)
     ids = list(ids)
-    reply = split_reply(encoder.template, encoder.tokenizer.decode(ids[:ids.index(end)] if end in ids else ids))
+    reply = split_reply(encoder.template, encoder.tokenizer.decode(ids[: ids.index(end)] if end in ids else ids))
     return reply[1].strip() if reply else ""
 
 
-def exact_match_accuracy(conversations: Sequence[Conversation], generate: GenerateFn, encoder: Encoder
-                         ) -> dict[str, float]:
+def exact_match_accuracy(
+    conversations: Sequence[Conversation], generate: GenerateFn, encoder: Encoder
+) -> dict[str, float]:
     """{"accuracy", "correct", "total"}: a reply counts if it equals the reference after stripping
     surrounding whitespace."""
     contexts, references = zip(*(split_last_reply(c) for c in conversations))

@@ -6,6 +6,7 @@ they become metrics keys (`data/skipped/<reason>`). SFT records are messages, pr
 pre-tokenised; preference pairs (DPO) may carry the reference's log-probabilities; prompt sets (GRPO)
 keep extra fields for the reward function. The fields of each form: docs/data.md.
 """
+
 import dataclasses
 import math
 from typing import Any
@@ -25,12 +26,14 @@ class Message:
 @dataclasses.dataclass(frozen=True)
 class Conversation:
     """An SFT conversation; the last message is an assistant turn."""
+
     messages: tuple[Message, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Pretokenized:
     """An SFT example given as ids; the mask marks target tokens (same convention as batches)."""
+
     tokens: tuple[int, ...]
     loss_mask: tuple[int, ...]
 
@@ -38,6 +41,7 @@ class Pretokenized:
 @dataclasses.dataclass(frozen=True)
 class PreferencePair:
     """A prompt (conversation without the final answer) and two candidate assistant replies."""
+
     prompt: tuple[Message, ...]
     chosen: str
     rejected: str
@@ -47,6 +51,7 @@ class PreferencePair:
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
     """A prompt to sample from; `answer` and `extra` are what a reward function may check."""
+
     prompt: tuple[Message, ...]
     answer: str | None
     extra: dict
@@ -79,8 +84,7 @@ def _parse_message(value: Any, index: int) -> Message:
         raise InvalidRecord("unknown_role", f"messages[{index}] has role {role!r}; expected one of {ROLES}")
     content = value.get("content")
     if not isinstance(content, str):
-        raise InvalidRecord("wrong_type",
-                            f"messages[{index}].content must be a string, got {type(content).__name__}")
+        raise InvalidRecord("wrong_type", f"messages[{index}].content must be a string, got {type(content).__name__}")
     if role == "assistant" and not content.strip():
         raise InvalidRecord("empty_assistant", f"messages[{index}] is an empty assistant turn")
     reasoning = value.get("reasoning_content", "") if role == "assistant" else ""
@@ -109,7 +113,7 @@ def _parse_prompt(record: dict) -> tuple[Message, ...]:
     return (Message("user", _require_str(record, "prompt", non_empty=True)),)
 
 
-INT32_LIMIT = 2 ** 31
+INT32_LIMIT = 2**31
 
 
 def _parse_ids(value: Any, field: str) -> tuple[int, ...]:
@@ -125,19 +129,25 @@ def _parse_ids(value: Any, field: str) -> tuple[int, ...]:
 
 # The fields that mark a record as one kind, and what each kind is called in errors.
 KIND_MARKERS = {"sft": ("messages", "completion", "tokens"), "preference": ("chosen", "rejected")}
-KIND_NAMES = {"sft": "an SFT record ('messages', 'prompt'/'completion' or 'tokens')",
-              "preference": "a preference pair ('prompt', 'chosen', 'rejected')",
-              "prompt": "a prompt record ('prompt', optional 'answer')"}
+KIND_NAMES = {
+    "sft": "an SFT record ('messages', 'prompt'/'completion' or 'tokens')",
+    "preference": "a preference pair ('prompt', 'chosen', 'rejected')",
+    "prompt": "a prompt record ('prompt', optional 'answer')",
+}
 
 
 def _refuse_other_kind(record: dict, wanted: str) -> None:
     """A record that carries another kind's marking fields and lacks this kind's is a file of the
     wrong kind for the objective: say so rather than name one missing field."""
     for kind, markers in KIND_MARKERS.items():
-        if kind != wanted and any(m in record for m in markers) and not any(
-                m in record for m in KIND_MARKERS.get(wanted, ())):
-            raise InvalidRecord("wrong_record_kind", f"this is {KIND_NAMES[kind]}, where this source needs "
-                                f"{KIND_NAMES[wanted]}")
+        if (
+            kind != wanted
+            and any(m in record for m in markers)
+            and not any(m in record for m in KIND_MARKERS.get(wanted, ()))
+        ):
+            raise InvalidRecord(
+                "wrong_record_kind", f"this is {KIND_NAMES[kind]}, where this source needs {KIND_NAMES[wanted]}"
+            )
 
 
 def parse_sft(value: Any) -> Conversation | Pretokenized:

@@ -5,6 +5,7 @@ against its source line (strict mode) or counted by reason (skip mode). Missing 
 that match nothing are configuration errors and always raise: skipping them would silently change
 the mixture.
 """
+
 import dataclasses
 import glob
 import json
@@ -17,6 +18,7 @@ from data.errors import DataError, InvalidRecord, LoadStats
 @dataclasses.dataclass(frozen=True)
 class Located:
     """A parsed record and where it came from (1-based line), for later error messages."""
+
     record: Any
     path: str
     line: int
@@ -29,15 +31,17 @@ def expand(pattern: str) -> list[str]:
         raise DataError(pattern, "the pattern matches no file", reason="missing_file")
     for path in paths:
         if os.path.isdir(path):
-            raise DataError(path, f"is a directory; name its JSONL files with a glob pattern, e.g. "
-                            f"{os.path.join(path, '*.jsonl')}", reason="missing_file")
+            raise DataError(
+                path,
+                f"is a directory; name its JSONL files with a glob pattern, e.g. {os.path.join(path, '*.jsonl')}",
+                reason="missing_file",
+            )
         if not os.path.isfile(path):
             raise DataError(path, "no such file", reason="missing_file")
     return paths
 
 
-def read_records(pattern: str, parse: Callable[[Any], Any], *, skip_bad: bool,
-                 stats: LoadStats) -> Iterator[Located]:
+def read_records(pattern: str, parse: Callable[[Any], Any], *, skip_bad: bool, stats: LoadStats) -> Iterator[Located]:
     """Yields the valid records of every file the pattern names, in file then line order."""
     for path in expand(pattern):
         yield from _read_file(path, parse, skip_bad=skip_bad, stats=stats)

@@ -7,6 +7,7 @@ Rows carry the four batch fields the model and loss consume, each int32[seq_len]
 - `positions`: 0, 1, 2... restarting at each example, 0 on padding.
 With packing off, each row holds one example (same code path, at most one sequence per bin).
 """
+
 import grain
 import numpy as np
 
@@ -17,8 +18,9 @@ FIELDS = ("tokens", "loss_mask")
 BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")  # a packed row; every objective's batch has these
 
 
-def fit_length(examples: list[dict[str, np.ndarray]], seq_len: int, policy: str, stats: LoadStats
-               ) -> list[dict[str, np.ndarray]]:
+def fit_length(
+    examples: list[dict[str, np.ndarray]], seq_len: int, policy: str, stats: LoadStats
+) -> list[dict[str, np.ndarray]]:
     """Examples no longer than seq_len. "truncate" keeps the first seq_len tokens (counted under
     `truncated`); "drop" removes the example. A truncation that leaves no target token is a drop
     (nothing to learn from it); drops count under `dropped_too_long`."""
@@ -38,12 +40,17 @@ def fit_length(examples: list[dict[str, np.ndarray]], seq_len: int, policy: str,
 
 
 def _to_batch_fields(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"tokens": row["tokens"], "loss_mask": row["loss_mask"],
-            "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
+    return {
+        "tokens": row["tokens"],
+        "loss_mask": row["loss_mask"],
+        "segment_ids": row["tokens_segment_ids"],
+        "positions": row["tokens_positions"],
+    }
 
 
-def pack(examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: bool, seed: int,
-         pad_id: int) -> grain.IterDataset:
+def pack(
+    examples: grain.IterDataset, *, seq_len: int, num_bins: int, enabled: bool, seed: int, pad_id: int
+) -> grain.IterDataset:
     """Rows of int32[seq_len] fields from examples of int32[<=seq_len]; bins are emitted in a
     seeded order so a row does not always hold the shortest leftovers."""
     packed = grain.experimental.FirstFitPackIterDataset(
@@ -67,7 +74,9 @@ def pair_row(sides: dict[str, dict[str, np.ndarray]], seq_len: int, pad_id: int)
         return None
     pad = seq_len - sum(lengths)
     fill = lambda parts, value: np.concatenate(parts + [np.full(pad, value, np.int32)]).astype(np.int32)
-    return {"tokens": fill([chosen["tokens"], rejected["tokens"]], pad_id),
-            "loss_mask": fill([chosen["loss_mask"], rejected["loss_mask"]], 0),
-            "segment_ids": fill([np.full(lengths[0], 1), np.full(lengths[1], 2)], 0),
-            "positions": fill([np.arange(lengths[0]), np.arange(lengths[1])], 0)}
+    return {
+        "tokens": fill([chosen["tokens"], rejected["tokens"]], pad_id),
+        "loss_mask": fill([chosen["loss_mask"], rejected["loss_mask"]], 0),
+        "segment_ids": fill([np.full(lengths[0], 1), np.full(lengths[1], 2)], 0),
+        "positions": fill([np.arange(lengths[0]), np.arange(lengths[1])], 0),
+    }

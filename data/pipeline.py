@@ -6,6 +6,7 @@ counted) before training starts; mixture weights are shares of examples; the ord
 the weights and the process index only, and `get_state()` restores the exact position. Start at
 `build_sft_pipeline`. Design notes: docs/data.md.
 """
+
 import atexit
 import dataclasses
 import functools
@@ -17,8 +18,15 @@ import numpy as np
 
 from data import packing
 from data.chat_template import get_template
-from data.encode import (REFERENCE_LOGPS, Encoder, encode_preference, encode_prompt, encode_sft,
-                         preference_sequences, reject)
+from data.encode import (
+    REFERENCE_LOGPS,
+    Encoder,
+    encode_preference,
+    encode_prompt,
+    encode_sft,
+    preference_sequences,
+    reject,
+)
 from data.errors import DataError, InvalidRecord, LoadStats
 from data.formats import parse_preference, parse_prompt, parse_sft
 from data.jsonl import read_records
@@ -31,6 +39,7 @@ class SFTPipeline:
     """`dataset` yields {"tokens","loss_mask","segment_ids","positions"}: int32[batch, seq_len],
     batch = global_batch_size / process_count. Iterate with `iter(pipeline)`; save the iterator's
     `get_state()` with the train state and `set_state` it on restore."""
+
     dataset: grain.IterDataset
     stats: LoadStats
     encoder: Encoder
@@ -60,6 +69,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> Encoder:
 @dataclasses.dataclass
 class Examples:
     """Every source's examples, read, validated and encoded once: what each stream takes its share of."""
+
     per_source: list[list]
     weights: list[float]
     stats: LoadStats
@@ -74,42 +84,55 @@ def read_sft_examples(config: ml_collections.ConfigDict, encoder: Encoder) -> Ex
         encoded = encode_sft(records, encoder, skip_bad=config.skip_bad_records, stats=stats)
         kept = packing.fit_length(encoded, config.seq_len, config.overlong, stats)
         if not kept:
-            raise DataError(pattern, "no usable example left after validation and the length policy",
-                            reason="no_examples")
+            raise DataError(
+                pattern, "no usable example left after validation and the length policy", reason="no_examples"
+            )
         stats.records_kept += len(kept)
         examples.append(kept)
         weights.append(float(weight))
     return Examples(examples, weights, stats)
 
 
-def sft_stream(config: ml_collections.ConfigDict, examples: Examples, encoder: Encoder, *, process_index: int = 0,
-               process_count: int = 1) -> SFTPipeline:
+def sft_stream(
+    config: ml_collections.ConfigDict,
+    examples: Examples,
+    encoder: Encoder,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> SFTPipeline:
     """Stream `process_index` of `process_count`: its share of the mixed examples, packed into rows."""
     _check_process_share(config, process_count)
     rows = packing.pack(
         _mixed_share(examples.per_source, examples.weights, config, process_index, process_count),
-        seq_len=config.seq_len, num_bins=config.num_packing_bins, enabled=config.pack,
-        seed=config.shuffle_seed, pad_id=encoder.tokenizer.token_id(encoder.template.pad))
+        seq_len=config.seq_len,
+        num_bins=config.num_packing_bins,
+        enabled=config.pack,
+        seed=config.shuffle_seed,
+        pad_id=encoder.tokenizer.token_id(encoder.template.pad),
+    )
     return _batched(rows, config, process_count, examples.stats, encoder)
 
 
-def build_sft_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1,
-                       encoder: Encoder | None = None) -> SFTPipeline:
+def build_sft_pipeline(
+    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1, encoder: Encoder | None = None
+) -> SFTPipeline:
     """Batches for SFT (pass jax.process_index() / jax.process_count() on a multi-host run)."""
     _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
-    return sft_stream(config, read_sft_examples(config, encoder), encoder, process_index=process_index,
-                      process_count=process_count)
+    return sft_stream(
+        config, read_sft_examples(config, encoder), encoder, process_index=process_index, process_count=process_count
+    )
 
 
 def _check_process_share(config, process_count: int) -> None:
     if config.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {config.global_batch_size} does not split over "
-                         f"{process_count} processes")
+        raise ValueError(f"global_batch_size {config.global_batch_size} does not split over {process_count} processes")
 
 
-def _mixed_share(examples: list[list], weights: list[float], config, process_index: int,
-                 process_count: int) -> grain.IterDataset:
+def _mixed_share(
+    examples: list[list], weights: list[float], config, process_index: int, process_count: int
+) -> grain.IterDataset:
     """Each source shuffled per epoch and repeated, sources mixed by weight, this process's share."""
     sources = []
     for i, source_examples in enumerate(examples):
@@ -119,7 +142,8 @@ def _mixed_share(examples: list[list], weights: list[float], config, process_ind
         sources.append(ds.repeat(config.num_epochs))
     mixed = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
     return mixed[process_index::process_count].to_iter_dataset(
-        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer)
+    )
 
 
 def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadStats, encoder: Encoder):
@@ -129,8 +153,9 @@ def _batched(rows: grain.IterDataset, config, process_count: int, stats: LoadSta
     return SFTPipeline(batches, stats, encoder)
 
 
-def read_preference_examples(config: ml_collections.ConfigDict, encoder: Encoder,
-                             with_reference: bool = False) -> Examples:
+def read_preference_examples(
+    config: ml_collections.ConfigDict, encoder: Encoder, with_reference: bool = False
+) -> Examples:
     """One row per pair of every `config.preference_sources` pattern (`preference_rows`); a pair
     longer than the row is dropped and counted (a cut reply would compare different things).
     `with_reference`: every pair must carry its reference log-probabilities (`reference_logps`)."""
@@ -145,36 +170,69 @@ def read_preference_examples(config: ml_collections.ConfigDict, encoder: Encoder
     return Examples(examples, weights, stats)
 
 
-def preference_stream(config: ml_collections.ConfigDict, examples: Examples, encoder: Encoder, *,
-                      process_index: int = 0, process_count: int = 1) -> SFTPipeline:
+def preference_stream(
+    config: ml_collections.ConfigDict,
+    examples: Examples,
+    encoder: Encoder,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> SFTPipeline:
     """Stream `process_index` of `process_count`: its share of the mixed pair rows, one pair per row."""
     _check_process_share(config, process_count)
-    return _batched(_mixed_share(examples.per_source, examples.weights, config, process_index, process_count),
-                    config, process_count, examples.stats, encoder)
+    return _batched(
+        _mixed_share(examples.per_source, examples.weights, config, process_index, process_count),
+        config,
+        process_count,
+        examples.stats,
+        encoder,
+    )
 
 
-def build_preference_pipeline(config: ml_collections.ConfigDict, *, process_index: int = 0,
-                              process_count: int = 1, encoder: Encoder | None = None,
-                              with_reference: bool = False) -> SFTPipeline:
+def build_preference_pipeline(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    encoder: Encoder | None = None,
+    with_reference: bool = False,
+) -> SFTPipeline:
     """Batches for DPO from `config.preference_sources` (read_preference_examples), one pair per row
     (chosen = segment 1, rejected = segment 2); with `with_reference`, `reference_logps` float32[batch, 2]."""
     _check_process_share(config, process_count)
     encoder = encoder or build_encoder(config)
-    return preference_stream(config, read_preference_examples(config, encoder, with_reference), encoder,
-                             process_index=process_index, process_count=process_count)
+    return preference_stream(
+        config,
+        read_preference_examples(config, encoder, with_reference),
+        encoder,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
-def preference_rows(pattern: str, encoder: Encoder, config: ml_collections.ConfigDict, stats: LoadStats, *,
-                    require_reference: bool = False):
+def preference_rows(
+    pattern: str,
+    encoder: Encoder,
+    config: ml_collections.ConfigDict,
+    stats: LoadStats,
+    *,
+    require_reference: bool = False,
+):
     """(the record as read, its batch row) of every pair of `pattern` that fits `config.seq_len`, in file
     order; the row is `packing.pair_row` (chosen = segment 1, rejected = segment 2, replies in the loss
     mask), plus `reference_logps` float32[2] when `require_reference` (a pair without them is bad).
     Pairs that do not fit are counted in `stats.dropped_too_long`."""
     pad_id = encoder.tokenizer.token_id(encoder.template.pad)
     parse = functools.partial(parse_preference, require_reference=require_reference)
-    for located, pair in _encoded_records(pattern, lambda value: (value, parse(value)),
-                                          lambda record, enc: encode_preference(record[1], enc), encoder,
-                                          config.skip_bad_records, stats, PAIR_ARRAYS):
+    for located, pair in _encoded_records(
+        pattern,
+        lambda value: (value, parse(value)),
+        lambda record, enc: encode_preference(record[1], enc),
+        encoder,
+        config.skip_bad_records,
+        stats,
+        PAIR_ARRAYS,
+    ):
         row = packing.pair_row(preference_sequences(pair), config.seq_len, pad_id)
         if row is None:
             stats.dropped_too_long += 1
@@ -211,15 +269,17 @@ def _load_encoded(pattern, parse, encode, encoder, skip_bad, stats, arrays):
 PAIR_ARRAYS = ("prompt", "chosen", "rejected")
 
 
-def load_preferences(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
-                     stats: LoadStats | None = None) -> list[dict[str, np.ndarray]]:
+def load_preferences(
+    pattern: str, encoder: Encoder, *, skip_bad: bool = False, stats: LoadStats | None = None
+) -> list[dict[str, np.ndarray]]:
     """[{"prompt": int32[P], "chosen": int32[C], "rejected": int32[R]}] (see encode_preference)."""
-    return _load_encoded(pattern, parse_preference, encode_preference, encoder, skip_bad,
-                         stats or LoadStats(), PAIR_ARRAYS)
+    return _load_encoded(
+        pattern, parse_preference, encode_preference, encoder, skip_bad, stats or LoadStats(), PAIR_ARRAYS
+    )
 
 
-def load_prompts(pattern: str, encoder: Encoder, *, skip_bad: bool = False,
-                 stats: LoadStats | None = None) -> list[dict]:
+def load_prompts(
+    pattern: str, encoder: Encoder, *, skip_bad: bool = False, stats: LoadStats | None = None
+) -> list[dict]:
     """[{"prompt": int32[P], "answer": str | None, "extra": dict}] (see encode_prompt)."""
-    return _load_encoded(pattern, parse_prompt, encode_prompt, encoder, skip_bad,
-                         stats or LoadStats(), ("prompt",))
+    return _load_encoded(pattern, parse_prompt, encode_prompt, encoder, skip_bad, stats or LoadStats(), ("prompt",))

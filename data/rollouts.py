@@ -8,6 +8,7 @@ log-prob; routed experts are on every record or none. Bad input is a `DataError`
 or with `skip_bad` a count under a reason code, and a skipped record takes its whole group with it.
 Reason codes and the rules for each field: docs/data.md.
 """
+
 import collections
 import dataclasses
 import math
@@ -31,22 +32,22 @@ RewardFn = Callable[[str, PromptRecord], float]
 class Rollout:
     """One completion of a prompt. Also built directly from the project's sampler (ids and sampling
     log-probs of a trainer.sampler.Completion) so both sources share `make_batch`."""
-    record: PromptRecord               # the prompt, its answer and other fields, for reward functions
-    prompt_ids: np.ndarray             # int32[P], rendered with the chat template, ends with the reply cue
-    completion_ids: np.ndarray         # int32[C]
-    sampling_logprobs: np.ndarray      # float32[C], log-prob of each completion id when it was sampled
+
+    record: PromptRecord  # the prompt, its answer and other fields, for reward functions
+    prompt_ids: np.ndarray  # int32[P], rendered with the chat template, ends with the reply cue
+    completion_ids: np.ndarray  # int32[C]
+    sampling_logprobs: np.ndarray  # float32[C], log-prob of each completion id when it was sampled
     reward: float
-    group: str                         # the group's name: its "group" value, or its prompt's last message
+    group: str  # the group's name: its "group" value, or its prompt's last message
     routed_experts: Optional[np.ndarray] = None  # int32[P + C, layers, k]
-    where: str = ""                    # "path:line" it came from, for messages
+    where: str = ""  # "path:line" it came from, for messages
 
 
 def _number_list(record: dict, field: str, reason: str) -> list:
     if field not in record:
         raise InvalidRecord(reason, f"missing field {field!r}")
     value = record[field]
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                              for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise InvalidRecord("wrong_type", f"field {field!r} must be a list of numbers")
     return value
 
@@ -66,8 +67,7 @@ def _completion_ids(fields: dict, encoder: Encoder) -> np.ndarray:
         raise InvalidRecord("missing_field", "a rollout needs exactly one of 'completion' and 'completion_ids'")
     if "completion_ids" in fields:
         ids = fields["completion_ids"]
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in ids):
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise InvalidRecord("wrong_type", "field 'completion_ids' must be a non-empty list of integers")
         ids = np.asarray(ids, np.int64)
         encoder.check_vocab(ids)
@@ -76,17 +76,20 @@ def _completion_ids(fields: dict, encoder: Encoder) -> np.ndarray:
     if not isinstance(text, str) or not text:
         raise InvalidRecord("wrong_type", "field 'completion' must be a non-empty string")
     eos = encoder.template.eos
-    body, ended = (text[:-len(eos)], True) if text.endswith(eos) else (text, False)
+    body, ended = (text[: -len(eos)], True) if text.endswith(eos) else (text, False)
     encoder.reply_message(body, ended=ended)  # refuses stray markers, and a thinking reply without `</think>`
-    ids, = encoder.ids([body])
+    (ids,) = encoder.ids([body])
     return np.concatenate([ids, [encoder.tokenizer.token_id(eos)] if ended else []]).astype(np.int32)
 
 
 def _logprobs(fields: dict, count: int, given_as_text: bool, eos: str) -> np.ndarray:
     values = np.asarray(_number_list(fields, "logprobs", "missing_logprobs"), np.float32)
     if len(values) != count:
-        hint = (f" (a completion the end-of-reply token ended must end with {eos!r} or be given as ids)"
-                if given_as_text and len(values) == count + 1 else "")
+        hint = (
+            f" (a completion the end-of-reply token ended must end with {eos!r} or be given as ids)"
+            if given_as_text and len(values) == count + 1
+            else ""
+        )
         raise InvalidRecord("logprob_count", f"{len(values)} log-probs for {count} completion tokens{hint}")
     if not np.isfinite(values).all():
         raise InvalidRecord("nonfinite_logprob", f"log-prob {int(np.argmin(np.isfinite(values)))} is not finite")
@@ -120,16 +123,25 @@ def _routed_experts(fields: dict, tokens: int, num_experts: Optional[int]) -> Op
     if experts is None or experts.ndim != 3 or experts.dtype.kind != "i":
         raise InvalidRecord("bad_routed_experts", "'routed_experts' must be a [layers][tokens][k] array of integers")
     if experts.shape[1] != tokens:
-        raise InvalidRecord("bad_routed_experts", f"'routed_experts' covers {experts.shape[1]} tokens; prompt + "
-                            f"completion have {tokens}")
+        raise InvalidRecord(
+            "bad_routed_experts",
+            f"'routed_experts' covers {experts.shape[1]} tokens; prompt + completion have {tokens}",
+        )
     limit = num_experts if num_experts is not None else np.iinfo(np.int32).max
     if experts.min() < 0 or experts.max() >= limit:
         raise InvalidRecord("bad_routed_experts", f"'routed_experts' holds ids outside [0, {limit})")
     return np.moveaxis(experts, 0, 1).astype(np.int32)  # [tokens, layers, k], the model's replay layout
 
 
-def _rollout(located: Located, group: str, encoder: Encoder, *, seq_len: int, reward_fn: Optional[RewardFn],
-             num_experts: Optional[int]) -> Rollout:
+def _rollout(
+    located: Located,
+    group: str,
+    encoder: Encoder,
+    *,
+    seq_len: int,
+    reward_fn: Optional[RewardFn],
+    num_experts: Optional[int],
+) -> Rollout:
     fields = located.record.extra
     prompt = dataclasses.replace(located.record, extra={k: v for k, v in fields.items() if k not in ROLLOUT_FIELDS})
     prompt_ids = encode_prompt(prompt, encoder)["prompt"]
@@ -138,16 +150,34 @@ def _rollout(located: Located, group: str, encoder: Encoder, *, seq_len: int, re
     logprobs = _logprobs(fields, len(completion_ids), "completion" in fields, encoder.template.eos)
     tokens = len(prompt_ids) + len(completion_ids)
     if tokens > seq_len:
-        raise InvalidRecord("too_long", f"prompt ({len(prompt_ids)}) + completion ({len(completion_ids)}) tokens "
-                            f"exceed seq_len {seq_len}")
+        raise InvalidRecord(
+            "too_long",
+            f"prompt ({len(prompt_ids)}) + completion ({len(completion_ids)}) tokens exceed seq_len {seq_len}",
+        )
     reward = _reward(fields, completion_text(completion_ids, encoder), prompt, reward_fn)
-    return Rollout(prompt, prompt_ids, completion_ids, logprobs, reward, group,
-                   _routed_experts(fields, tokens, num_experts), f"{located.path}:{located.line}")
+    return Rollout(
+        prompt,
+        prompt_ids,
+        completion_ids,
+        logprobs,
+        reward,
+        group,
+        _routed_experts(fields, tokens, num_experts),
+        f"{located.path}:{located.line}",
+    )
 
 
-def load_rollouts(pattern: str, encoder: Encoder, *, seq_len: int, group_size: Optional[int] = None,
-                  reward_fn: Optional[RewardFn] = None, num_experts: Optional[int] = None,
-                  skip_bad: bool = False, stats: Optional[LoadStats] = None) -> list[tuple[Rollout, ...]]:
+def load_rollouts(
+    pattern: str,
+    encoder: Encoder,
+    *,
+    seq_len: int,
+    group_size: Optional[int] = None,
+    reward_fn: Optional[RewardFn] = None,
+    num_experts: Optional[int] = None,
+    skip_bad: bool = False,
+    stats: Optional[LoadStats] = None,
+) -> list[tuple[Rollout, ...]]:
     """The groups of the rollouts files `pattern` names, each a tuple of G rollouts in file order,
     groups in order of first appearance. `reward_fn` fills absent rewards; `num_experts` bounds routed
     expert ids. See the module docstring for the rules and the skip policy."""
@@ -163,8 +193,11 @@ def load_rollouts(pattern: str, encoder: Encoder, *, seq_len: int, group_size: O
             routing = None if rollout.routed_experts is None else rollout.routed_experts.shape[1:]
             first_routing = routing if first_routing == () else first_routing
             if routing != first_routing:
-                raise InvalidRecord("bad_routed_experts", f"'routed_experts' [layers, k] {routing or 'absent'} where "
-                                    f"the first rollout has {first_routing or 'none'}; all must match")
+                raise InvalidRecord(
+                    "bad_routed_experts",
+                    f"'routed_experts' [layers, k] {routing or 'absent'} where "
+                    f"the first rollout has {first_routing or 'none'}; all must match",
+                )
         except InvalidRecord as e:
             reject(located, e, skip_bad=skip_bad, stats=stats)
             broken.add(key)
@@ -178,8 +211,9 @@ def load_rollouts(pattern: str, encoder: Encoder, *, seq_len: int, group_size: O
     return kept
 
 
-def _equal_groups(groups: dict[tuple, list[Rollout]], group_size: Optional[int], pattern: str, *, skip_bad: bool,
-                  stats: LoadStats) -> list[tuple[Rollout, ...]]:
+def _equal_groups(
+    groups: dict[tuple, list[Rollout]], group_size: Optional[int], pattern: str, *, skip_bad: bool, stats: LoadStats
+) -> list[tuple[Rollout, ...]]:
     """The groups of the expected size; the others raise (naming each with its size and first line)
     or, with skip_bad, are dropped and their records counted under "unequal_group"."""
     sizes = collections.Counter(len(members) for members in groups.values())
@@ -188,8 +222,9 @@ def _equal_groups(groups: dict[tuple, list[Rollout]], group_size: Optional[int],
     if odd and not skip_bad:
         listed = ", ".join(f"{m[0].group!r} has {len(m)} (first at {m[0].where})" for m in odd)
         basis = "group_size" if group_size else f"the size of {sizes[expected]} of {len(groups)} groups"
-        raise DataError(pattern, f"groups must all have {expected} completions ({basis}): {listed}",
-                        reason="unequal_group")
+        raise DataError(
+            pattern, f"groups must all have {expected} completions ({basis}): {listed}", reason="unequal_group"
+        )
     for members in odd:
         for _ in members:
             stats.skip("unequal_group")
@@ -213,11 +248,15 @@ def make_batch(groups: Sequence[Sequence[Rollout]], *, seq_len: int, pad_id: int
     """
     rows = [rollout for group in groups for rollout in group]
     shape = (len(rows), seq_len)
-    batch = {"tokens": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, np.int32),
-             "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
-             "sampling_logprobs": np.zeros(shape, np.float32),
-             "rewards": np.asarray([r.reward for r in rows], np.float32),
-             "group_ids": np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups])}
+    batch = {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "loss_mask": np.zeros(shape, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "sampling_logprobs": np.zeros(shape, np.float32),
+        "rewards": np.asarray([r.reward for r in rows], np.float32),
+        "group_ids": np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups]),
+    }
     if rows and rows[0].routed_experts is not None:
         _, layers, k = rows[0].routed_experts.shape
         batch["routed_experts"] = np.broadcast_to(np.arange(k, dtype=np.int32), (len(rows), seq_len, layers, k)).copy()

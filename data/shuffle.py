@@ -5,6 +5,7 @@ which would stall a mixture. Our examples are already in memory, so a permutatio
 (8 bytes per example) makes every element O(1) and keeps random access by index, which is what makes
 the iterator state a single position.
 """
+
 import functools
 
 import grain

@@ -3,6 +3,7 @@
 Prompts and answers are a few tokens long so that a ~1M-parameter model at seq_len 256 learns them
 in minutes on a CPU, and held-out accuracy shows it: each task is a rule, not a fact to memorise.
 """
+
 import dataclasses
 import random
 import string
@@ -11,6 +12,7 @@ import string
 @dataclasses.dataclass(frozen=True)
 class TaskSizes:
     """How big task inputs get (inclusive bounds)."""
+
     max_addend: int = 99
     min_list: int = 3
     max_list: int = 5

@@ -3,6 +3,7 @@
 The wrapper never adds special tokens on its own: the chat template places BOS/EOS and role markers
 explicitly, so what is trained on is exactly what the template says.
 """
+
 from typing import Sequence
 
 import tokenizers
@@ -20,8 +21,11 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)), str(path))
         except Exception as e:  # the backend raises a bare Exception for unreadable files
-            raise DataError(path, f"cannot load the tokenizer named by config.data.tokenizer_path (or "
-                            f"config.release_dir): {e}", reason="bad_tokenizer") from None
+            raise DataError(
+                path,
+                f"cannot load the tokenizer named by config.data.tokenizer_path (or config.release_dir): {e}",
+                reason="bad_tokenizer",
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -41,6 +45,9 @@ class Tokenizer:
         """The id of a token that must be a single vocabulary entry (e.g. a template marker)."""
         token_id = self._backend.token_to_id(token)
         if token_id is None:
-            raise DataError(self.path, f"token {token!r} is not in the vocabulary; the chat template "
-                            "and the tokenizer do not match", reason="template_mismatch")
+            raise DataError(
+                self.path,
+                f"token {token!r} is not in the vocabulary; the chat template and the tokenizer do not match",
+                reason="template_mismatch",
+            )
         return token_id

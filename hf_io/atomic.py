@@ -1,6 +1,7 @@
 """All-or-nothing output directories: everything is written into a sibling temporary directory that
 is renamed to the final name only once complete, so an interrupted or failed conversion (a full
 disk, a crash) never leaves something at the final path that a later restore could take for done."""
+
 import contextlib
 import os
 import shutil

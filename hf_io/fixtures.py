@@ -5,6 +5,7 @@ shards, a config.json, and every tensor named, shaped and encoded as the release
 `quantise=False` draws the stored code and scale bytes directly (large benchmark checkpoints in
 seconds rather than minutes).
 """
+
 import json
 import os
 
@@ -23,14 +24,20 @@ def random_value(tensor, rng: np.random.Generator, num_experts: int) -> np.ndarr
     """A float32 (or int64 table) value in the release layout, scaled like the tensor's role."""
     shape, name = tuple(tensor.shape), tensor.name
     if tensor.storage == INDEX:
-        return np.stack([rng.permutation(num_experts)[:shape[1]] for _ in range(shape[0])]).astype(np.int64)
+        return np.stack([rng.permutation(num_experts)[: shape[1]] for _ in range(shape[0])]).astype(np.int64)
     if "norm" in name or name.endswith("_scale"):
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     return (0.05 * rng.standard_normal(shape)).astype(np.float32)
 
 
-def write_release_checkpoint(directory: str, args: ModelArgs, fmt: str = release_format.FP8_RELEASE, seed: int = 0,
-                             quantise: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+def write_release_checkpoint(
+    directory: str,
+    args: ModelArgs,
+    fmt: str = release_format.FP8_RELEASE,
+    seed: int = 0,
+    quantise: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
     """Writes the checkpoint into `directory` (created); returns its index."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -10,6 +10,7 @@ decode exactly into bf16); tensors it holds wider (F32: mHC, sinks, ape, router 
 `transformers` save) keep float32, so nothing is rounded that was not already. Restores cast to the
 train state's dtypes.
 """
+
 import dataclasses
 
 import numpy as np
@@ -54,8 +55,10 @@ def decode(checkpoint: SafetensorsCheckpoint, source: SourceTensor, dtype) -> np
     finite = np.isfinite(value.astype(np.float32))
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ConversionError(f"{source.weight}: {int((~finite).sum())} values decode to NaN/Inf, the first at "
-                              f"{list(where)} ({value[where]})")
+        raise ConversionError(
+            f"{source.weight}: {int((~finite).sum())} values decode to NaN/Inf, the first at "
+            f"{list(where)} ({value[where]})"
+        )
     return value
 
 
@@ -74,8 +77,9 @@ def _storage(sources: list, leaves: dict, dtype) -> dict:
     return storage
 
 
-def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bfloat16",
-                      dry_run: bool = False, team: Team = SOLO) -> ImportSummary:
+def import_checkpoint(
+    source_dir: str, output_dir: str, config, dtype: str = "bfloat16", dry_run: bool = False, team: Team = SOLO
+) -> ImportSummary:
     """Converts `source_dir` for `config` (its `model` and target `mesh`) into workdir `output_dir`;
     in a team, this process converts its share of the tensors (hf_io/team.py)."""
     if dtype not in DTYPES:
@@ -91,13 +95,23 @@ def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bf
     if unfilled:
         raise ConversionError(f"the config has parameters no release tensor fills: {unfilled[:20]}")
     if without_mtp and args.num_mtp_layers:
-        logging.warning("%s was saved by transformers, which has no MTP module: the output holds no MTP "
-                        "weights (train.py --init_checkpoint keeps their fresh initialisation)", source_dir)
-    sizes = {s.weight: checkpoint.tensors[s.weight].nbytes + (checkpoint.tensors[s.scale].nbytes if s.scale else 0)
-             for s in sources}
+        logging.warning(
+            "%s was saved by transformers, which has no MTP module: the output holds no MTP "
+            "weights (train.py --init_checkpoint keeps their fresh initialisation)",
+            source_dir,
+        )
+    sizes = {
+        s.weight: checkpoint.tensors[s.weight].nbytes + (checkpoint.tensors[s.scale].nbytes if s.scale else 0)
+        for s in sources
+    }
     summary = ImportSummary(len(sources), sum(sizes.values()), len(storage), without_mtp)
-    logging.info("%s: %d tensors, %.2f GiB, fit the config; %d leaves to write", source_dir, summary.tensors,
-                 summary.input_bytes / 2**30, summary.leaves)
+    logging.info(
+        "%s: %d tensors, %.2f GiB, fit the config; %d leaves to write",
+        source_dir,
+        summary.tensors,
+        summary.input_bytes / 2**30,
+        summary.leaves,
+    )
     if dry_run:
         return summary
     share = [sources[i] for i in team.share([sizes[s.weight] for s in sources])]
@@ -113,13 +127,16 @@ def import_checkpoint(source_dir: str, output_dir: str, config, dtype: str = "bf
                 writer.write(leaf, tensor.index, value, source.weight)
             except Exception as error:
                 writer.abandon()
-                raise ConversionError(f"{output_dir}: converting {source.weight} into {tensor.leaf}"
-                                      f"{list(tensor.index)} failed ({error}); nothing was written there") from error
+                raise ConversionError(
+                    f"{output_dir}: converting {source.weight} into {tensor.leaf}"
+                    f"{list(tensor.index)} failed ({error}); nothing was written there"
+                ) from error
             progress.advance(sizes[source.weight])
         try:
             writer.finish(config_to_json(config))
         except Exception as error:
-            raise ConversionError(f"{output_dir}: finishing the checkpoint failed ({error}); nothing was written "
-                                  "there") from error
+            raise ConversionError(
+                f"{output_dir}: finishing the checkpoint failed ({error}); nothing was written there"
+            ) from error
     logging.info("wrote %s", output_dir)
     return summary

@@ -1,6 +1,7 @@
 """Reads the weights of one Checkpointer step, slice by slice: a training checkpoint (OCDBT, with
 optimizer state that is never touched) or a converted one. Array names, shapes and dtypes come from
 Orbax's own metadata; the bytes are read with TensorStore, one layer or expert at a time."""
+
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -16,17 +17,23 @@ class WeightsReader:
     def __init__(self, workdir: str, step: int | None = None):
         root = epath.Path(workdir) / CHECKPOINT_DIR
         if not root.exists():
-            raise ConfigError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a train.py workdir "
-                              "or a converted checkpoint")
+            raise ConfigError(
+                f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a train.py workdir or a converted checkpoint"
+            )
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-        manager = ocp.CheckpointManager(root, options=options, item_handlers={
-            STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()})
+        manager = ocp.CheckpointManager(
+            root,
+            options=options,
+            item_handlers={STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()},
+        )
         steps = manager.all_steps()
         if step is None:
             step = manager.latest_step()
         if step is None or step not in steps:
-            raise ConfigError(f"{root}: no complete checkpoint" + (f" for step {step}; complete ones: {steps}"
-                                                                   if step is not None else ""))
+            raise ConfigError(
+                f"{root}: no complete checkpoint"
+                + (f" for step {step}; complete ones: {steps}" if step is not None else "")
+            )
         self.step = step
         self.state_dir = root / str(step) / STATE
         tree = manager.item_metadata(step)[STATE]

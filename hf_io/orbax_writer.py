@@ -7,6 +7,7 @@ one zarr array per leaf, written with TensorStore, plus the `_METADATA` tree fil
 are the target mesh's shards, cut to one layer and one expert, so every slice written covers whole
 chunks and every device later reads only its own chunks.
 """
+
 import json
 import os
 import time
@@ -33,19 +34,33 @@ def step_directory(root: str, step: int) -> str:
 
 def _tree_metadata(leaves) -> dict:
     """The `_METADATA` file of a PyTree item whose leaves are jax.Arrays at these key paths."""
-    tree = {str(leaf.keys): {"key_metadata": [{"key": key, "key_type": DICT_KEY} for key in leaf.keys],
-                             "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
-            for leaf in leaves}
-    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    tree = {
+        str(leaf.keys): {
+            "key_metadata": [{"key": key, "key_type": DICT_KEY} for key in leaf.keys],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+        }
+        for leaf in leaves
+    }
+    return {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
 
 
 def _step_metadata(started_ns: int) -> dict:
     """The step's `_CHECKPOINT_METADATA`: which Orbax handler reads each item, and when."""
     handler = lambda cls: f"{cls.__module__}.{cls.__qualname__}"
-    return {"item_handlers": {STATE: handler(ocp.PyTreeCheckpointHandler), CONFIG: handler(ocp.JsonCheckpointHandler)},
-            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
-            "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}
+    return {
+        "item_handlers": {STATE: handler(ocp.PyTreeCheckpointHandler), CONFIG: handler(ocp.JsonCheckpointHandler)},
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": started_ns,
+        "commit_timestamp_nsecs": time.time_ns(),
+        "custom_metadata": {},
+    }
 
 
 def write_slice(array: ts.TensorStore, index: tuple, value: np.ndarray) -> ts.WriteFutures:
@@ -74,9 +89,13 @@ class WeightsWriter:
         specs = {}
         for leaf, (dtype, positional) in leaves.items():
             chunks = (1,) * positional + leaf.shard_shape()[positional:]
-            specs[leaf] = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
-                           "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
-                           "dtype": np.dtype(dtype).name, "store_data_equal_to_fill_value": True}
+            specs[leaf] = {
+                "driver": "zarr",
+                "kvstore": {"driver": "file", "path": os.path.join(self.state_dir, leaf.name)},
+                "metadata": {"shape": list(leaf.shape), "chunks": list(chunks), "compressor": None},
+                "dtype": np.dtype(dtype).name,
+                "store_data_equal_to_fill_value": True,
+            }
         # Process 0 creates every array; the others open what it created (and check it matches).
         if team.is_lead:
             self._open(specs, create=True)
@@ -93,8 +112,9 @@ class WeightsWriter:
         WRITE_CONCURRENCY writes are in flight, and a failed one is reported by its `what`."""
         array = self.arrays[leaf.path]
         if tuple(value.shape) != tuple(array[index].shape):
-            raise ValueError(f"{what}: laid out as {list(value.shape)}, {leaf.path}{list(index)} needs "
-                             f"{list(array[index].shape)}")
+            raise ValueError(
+                f"{what}: laid out as {list(value.shape)}, {leaf.path}{list(index)} needs {list(array[index].shape)}"
+            )
         future = write_slice(array, index, np.asarray(value, array.dtype.numpy_dtype))
         self._pending.append((future, f"{leaf.path}{list(index)} from {what}"))
         while len(self._pending) >= WRITE_CONCURRENCY:

@@ -1,5 +1,6 @@
 """A progress line for long conversions: bytes done of the total, rate and time left, logged at most
 every few seconds (and once at the end) so a multi-hour run is followable without flooding logs."""
+
 import time
 
 from absl import logging
@@ -17,8 +18,10 @@ class Progress:
         elapsed = max(self.clock() - self.started, 1e-9)
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (f"{self.what}: {self.done / GIB:.2f}/{self.total / GIB:.2f} GiB "
-                f"({100 * self.done / self.total:.0f}%), {rate / 1e6:.0f} MB/s, ETA {left:.0f} s")
+        return (
+            f"{self.what}: {self.done / GIB:.2f}/{self.total / GIB:.2f} GiB "
+            f"({100 * self.done / self.total:.0f}%), {rate / 1e6:.0f} MB/s, ETA {left:.0f} s"
+        )
 
     def advance(self, nbytes: int):
         self.done += nbytes

@@ -8,6 +8,7 @@ Both decodes are exact in bfloat16. Encoding picks the power-of-two scale 2^ceil
 code)) and rounds to nearest; a second pass over the decoded values then gives the canonical
 encoding (the smallest exact scale), so encode(decode(x)) == x for everything encode writes.
 """
+
 import ml_dtypes
 import numpy as np
 
@@ -89,13 +90,13 @@ def _tiles(x: np.ndarray) -> np.ndarray:
     """[out, in] -> [out_tiles, 128, in_tiles, 128], zero-padded at the far edges."""
     rows, cols = tile_grid(x.shape)
     padded = np.zeros((rows * FP8_TILE, cols * FP8_TILE), x.dtype)
-    padded[:x.shape[0], :x.shape[1]] = x
+    padded[: x.shape[0], : x.shape[1]] = x
     return padded.reshape(rows, FP8_TILE, cols, FP8_TILE)
 
 
 def _untile(tiles: np.ndarray, shape) -> np.ndarray:
     rows, _, cols, _ = tiles.shape
-    return tiles.reshape(rows * FP8_TILE, cols * FP8_TILE)[:shape[0], :shape[1]]
+    return tiles.reshape(rows * FP8_TILE, cols * FP8_TILE)[: shape[0], : shape[1]]
 
 
 def _check_2d(what: str, x: np.ndarray):
@@ -108,8 +109,10 @@ def decode_fp8(codes: np.ndarray, scales: np.ndarray, what: str = "tensor", dtyp
     float32) -> `dtype` [out, in]. ue8m0 products are exact in float32 and bfloat16."""
     _check_2d(what, codes)
     if tuple(scales.shape) != tile_grid(codes.shape):
-        raise QuantError(f"{what}: scale shape {tuple(scales.shape)} does not match the 128x128 tile grid "
-                         f"{tile_grid(codes.shape)} of weight shape {tuple(codes.shape)}")
+        raise QuantError(
+            f"{what}: scale shape {tuple(scales.shape)} does not match the 128x128 tile grid "
+            f"{tile_grid(codes.shape)} of weight shape {tuple(codes.shape)}"
+        )
     if scales.dtype == np.float32:
         values = _tiles(codes.view(E4M3).astype(np.float32)) * scales[:, None, :, None]
         return _untile(values, codes.shape).astype(dtype)
@@ -146,9 +149,11 @@ def encode_fp8_float_scales(x: np.ndarray, what: str = "tensor"):
 def _check_fp4_shapes(what: str, packed_shape, scales_shape):
     out, half = packed_shape
     if tuple(scales_shape) != (out, 2 * half // FP4_BLOCK) or (2 * half) % FP4_BLOCK:
-        raise QuantError(f"{what}: scale shape {tuple(scales_shape)} does not fit packed FP4 shape "
-                         f"{tuple(packed_shape)} (one scale per {FP4_BLOCK} inputs: expected "
-                         f"{(out, 2 * half // FP4_BLOCK)})")
+        raise QuantError(
+            f"{what}: scale shape {tuple(scales_shape)} does not fit packed FP4 shape "
+            f"{tuple(packed_shape)} (one scale per {FP4_BLOCK} inputs: expected "
+            f"{(out, 2 * half // FP4_BLOCK)})"
+        )
 
 
 def decode_fp4(packed: np.ndarray, scales: np.ndarray, what: str = "tensor", dtype=np.float32) -> np.ndarray:

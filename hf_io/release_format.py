@@ -4,6 +4,7 @@ Formats: "bf16" (nothing quantised), "fp8" (as released: FP8 tiles with ue8m0 sc
 attention, shared-expert and MTP projections, MXFP4 routed experts), "fp8_base" (the Base
 checkpoints: FP8 tiles everywhere, routed experts with float32 tile scales).
 """
+
 import numpy as np
 
 from hf_io import quant
@@ -16,7 +17,7 @@ FORMATS = (BF16, FP8_RELEASE, FP8_BASE)
 
 
 def encoding(tensor: ReleaseTensor, fmt: str) -> str:
-    """"plain", "fp8_tiles", "fp8_float_tiles" or "mxfp4" for `tensor` in format `fmt`."""
+    """ "plain", "fp8_tiles", "fp8_float_tiles" or "mxfp4" for `tensor` in format `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} not allowed; allowed: {FORMATS}")
     if fmt == BF16 or tensor.storage not in (FP8, FP4):
@@ -33,11 +34,15 @@ def plan(tensor: ReleaseTensor, fmt: str) -> list:
     if kind == "plain":
         return [PlannedTensor(tensor.name, tensor.dtype, shape)]
     if kind == "mxfp4":
-        return [PlannedTensor(tensor.name, "I8", quant.fp4_packed_shape(shape)),
-                PlannedTensor(tensor.scale_name, "F8_E8M0", quant.fp4_scale_shape(shape))]
+        return [
+            PlannedTensor(tensor.name, "I8", quant.fp4_packed_shape(shape)),
+            PlannedTensor(tensor.scale_name, "F8_E8M0", quant.fp4_scale_shape(shape)),
+        ]
     scale_dtype = "F32" if kind == "fp8_float_tiles" else "F8_E8M0"
-    return [PlannedTensor(tensor.name, "F8_E4M3", shape),
-            PlannedTensor(tensor.scale_name, scale_dtype, quant.tile_grid(shape))]
+    return [
+        PlannedTensor(tensor.name, "F8_E4M3", shape),
+        PlannedTensor(tensor.scale_name, scale_dtype, quant.tile_grid(shape)),
+    ]
 
 
 def encode(tensor: ReleaseTensor, value: np.ndarray, fmt: str) -> list:
@@ -68,4 +73,3 @@ def random_codes(tensor: ReleaseTensor, fmt: str, rng: np.random.Generator) -> l
     if scale.dtype == "F32":
         scales = quant.ue8m0_to_float(scales)
     return [codes.view(NUMPY_DTYPES[weight.dtype]), scales]
-

@@ -6,6 +6,7 @@ are `model.hf_mapping`'s, found through the `transformers` name of each release 
 directions cannot drift apart. `transformers`' `save_pretrained` writes a third naming (release
 names under `model.`, except a few it leaves renamed); `canonical_name` folds it into the release's.
 """
+
 import dataclasses
 import re
 from typing import Callable
@@ -73,11 +74,18 @@ def _layer_table(args: ModelArgs, layer: int) -> dict:
         table.update(_compressor_table("attn.compressor", "self_attn.compressor", d, width, c, ratio))
     if kind == CSA:
         ci, ni = args.index_head_dim, args.index_n_heads
-        table.update(_compressor_table("attn.indexer.compressor", "self_attn.compressor.indexer", d, 2 * ci, ci,
-                                       args.compress_ratio(layer)))
+        table.update(
+            _compressor_table(
+                "attn.indexer.compressor", "self_attn.compressor.indexer", d, 2 * ci, ci, args.compress_ratio(layer)
+            )
+        )
         table["attn.indexer.wq_b.weight"] = ("self_attn.compressor.indexer.q_b_proj.weight", FP8, BF16, (ni * ci, dc))
         table["attn.indexer.weights_proj.weight"] = (
-            "self_attn.compressor.indexer.scorer.weights_proj.weight", PLAIN, BF16, (ni, d))
+            "self_attn.compressor.indexer.scorer.weights_proj.weight",
+            PLAIN,
+            BF16,
+            (ni, d),
+        )
     return table
 
 
@@ -114,8 +122,12 @@ def _global_shapes(args: ModelArgs) -> dict:
 def _mtp_table(args: ModelArgs) -> dict:
     """release suffix under `mtp.{depth}.` -> (storage, dtype, shape) of the MTP module's own tensors."""
     d = args.hidden_size
-    table = {"e_proj.weight": (FP8, BF16, (d, d)), "h_proj.weight": (FP8, BF16, (d, d)),
-             "enorm.weight": (PLAIN, BF16, (d,)), "hnorm.weight": (PLAIN, BF16, (d,))}
+    table = {
+        "e_proj.weight": (FP8, BF16, (d, d)),
+        "h_proj.weight": (FP8, BF16, (d, d)),
+        "enorm.weight": (PLAIN, BF16, (d,)),
+        "hnorm.weight": (PLAIN, BF16, (d,)),
+    }
     for name, shape in _head_shapes(args).items():
         table[name] = (PLAIN, F32 if name.startswith("hc_") else BF16, shape)
     return table
@@ -127,14 +139,27 @@ def _block_tensors(args: ModelArgs, layer: int, release_prefix: str, ours_prefix
     tensors = []
     for suffix, (hf_suffix, storage, dtype, shape) in _layer_table(args, layer).items():
         ours, to_ours, to_hf = rules[hf_suffix]
-        tensors.append(ReleaseTensor(release_prefix + suffix, storage, dtype, shape, f"{ours_prefix}.{ours}",
-                                     repeat, to_ours, to_hf))
+        tensors.append(
+            ReleaseTensor(
+                release_prefix + suffix, storage, dtype, shape, f"{ours_prefix}.{ours}", repeat, to_ours, to_hf
+            )
+        )
     d, inter = args.hidden_size, args.moe_intermediate_size
     shapes = {"w1.weight": (inter, d), "w3.weight": (inter, d), "w2.weight": (d, inter)}
     for expert in range(args.num_routed_experts):
         for suffix, ours, to_ours, to_hf in hf_mapping.RELEASE_EXPERT_RULES:
-            tensors.append(ReleaseTensor(f"{release_prefix}ffn.experts.{expert}.{suffix}", FP4, BF16, shapes[suffix],
-                                         f"{ours_prefix}.{ours}", repeat + (expert,), to_ours, to_hf))
+            tensors.append(
+                ReleaseTensor(
+                    f"{release_prefix}ffn.experts.{expert}.{suffix}",
+                    FP4,
+                    BF16,
+                    shapes[suffix],
+                    f"{ours_prefix}.{ours}",
+                    repeat + (expert,),
+                    to_ours,
+                    to_hf,
+                )
+            )
     return tensors
 
 
@@ -151,16 +176,20 @@ def release_tensors(args: ModelArgs, with_mtp: bool = True) -> list:
     tensors = [global_tensor("embed.weight")]
     for layer, prefix, repeat in hf_mapping.layer_slots(args):
         tensors += _block_tensors(args, layer, f"layers.{layer}.", prefix, (repeat,))
-    tensors += [global_tensor(name) for name in ("norm.weight", "head.weight", "hc_head_fn", "hc_head_base",
-                                                 "hc_head_scale")]
+    tensors += [
+        global_tensor(name) for name in ("norm.weight", "head.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
+    ]
     if with_mtp:
         mtp_table = _mtp_table(args)
         for depth in range(args.num_mtp_layers):
             release_prefix, ours_prefix = f"{MTP_PREFIX}{depth}.", f"mtp.{depth}"
             for suffix, ours, to_ours, to_hf in hf_mapping.MTP_RULES:
                 storage, dtype, shape = mtp_table[suffix]
-                tensors.append(ReleaseTensor(release_prefix + suffix, storage, dtype, shape, f"{ours_prefix}.{ours}",
-                                             (), to_ours, to_hf))
+                tensors.append(
+                    ReleaseTensor(
+                        release_prefix + suffix, storage, dtype, shape, f"{ours_prefix}.{ours}", (), to_ours, to_hf
+                    )
+                )
             tensors += _block_tensors(args, args.num_layers + depth, release_prefix, f"{ours_prefix}.block", ())
     return tensors
 

@@ -5,6 +5,7 @@ Opening parses every shard's header and checks it against the file and the index
 shard or an index that disagrees with the shards fails before any tensor is read, naming the file
 and tensor.
 """
+
 import dataclasses
 import json
 import math
@@ -24,10 +25,18 @@ MAX_HEADER_BYTES = 100 << 20
 # safetensors dtype -> NumPy dtype. F8_E8M0 scales are kept as raw exponent bytes (a numeric cast
 # of float8_e8m0fnu to an integer would destroy them); packed FP4 arrives as I8 or U8.
 NUMPY_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E8M0": np.dtype(np.uint8), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E8M0": np.dtype(np.uint8),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 
 
@@ -58,8 +67,10 @@ def read_header(path: str) -> dict:
             raise CheckpointError(f"{path}: truncated ({size} bytes, not even a header length)")
         (header_bytes,) = struct.unpack("<Q", prefix)
         if header_bytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_bytes > size:
-            raise CheckpointError(f"{path}: header length {header_bytes} does not fit the file ({size} bytes); "
-                                  "the shard is truncated or not safetensors")
+            raise CheckpointError(
+                f"{path}: header length {header_bytes} does not fit the file ({size} bytes); "
+                "the shard is truncated or not safetensors"
+            )
         try:
             header = json.loads(f.read(header_bytes))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -78,9 +89,11 @@ def read_header(path: str) -> dict:
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
     beyond = sorted((t for t in tensors.values() if t.end > size), key=lambda t: t.start)
     if beyond:
-        problems.append(f"truncated: the header describes {max(t.end for t in beyond)} bytes, the file has "
-                        f"{size}; tensors cut off: {[t.name for t in beyond][:10]}"
-                        + (f" and {len(beyond) - 10} more" if len(beyond) > 10 else ""))
+        problems.append(
+            f"truncated: the header describes {max(t.end for t in beyond)} bytes, the file has "
+            f"{size}; tensors cut off: {[t.name for t in beyond][:10]}"
+            + (f" and {len(beyond) - 10} more" if len(beyond) > 10 else "")
+        )
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     return tensors
@@ -125,8 +138,11 @@ class SafetensorsCheckpoint:
             if name not in weight_map:
                 problems.append(f"tensor {name!r} in {os.path.basename(info.path)} has no index entry")
         if problems:
-            raise CheckpointError(f"{index_path} disagrees with the shards: " + "; ".join(problems[:20])
-                                  + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+            raise CheckpointError(
+                f"{index_path} disagrees with the shards: "
+                + "; ".join(problems[:20])
+                + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+            )
 
     @property
     def files(self) -> list:

@@ -1,6 +1,7 @@
 """Writes safetensors shards and their index from a planned list of tensors, streaming: each shard's
 header is written first (names, dtypes and shapes are known in advance), then the tensors' bytes in
 plan order as the caller produces them, so only one tensor is held at a time."""
+
 import dataclasses
 import json
 import math
@@ -46,8 +47,11 @@ def shard_file_name(index: int, count: int) -> str:
 def _header(tensors: list) -> bytes:
     entries, offset = {"__metadata__": {"format": "pt"}}, 0
     for tensor in tensors:
-        entries[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
-                                "data_offsets": [offset, offset + tensor.nbytes]}
+        entries[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     encoded = json.dumps(entries, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
@@ -59,8 +63,9 @@ def write_bytes(f, data) -> None:
     f.write(data)
 
 
-def write_shards(directory: str, plan: list, arrays: Iterable[np.ndarray], max_shard_bytes: int,
-                 on_tensor=None) -> dict:
+def write_shards(
+    directory: str, plan: list, arrays: Iterable[np.ndarray], max_shard_bytes: int, on_tensor=None
+) -> dict:
     """Writes `plan` (PlannedTensors) into shards under `directory`, taking the arrays in plan order
     from `arrays`; writes the index and returns it. `on_tensor(planned)` is called after each tensor.
     A produced array whose dtype or shape differs from its plan entry is an error naming the tensor."""
@@ -76,8 +81,10 @@ def write_shards(directory: str, plan: list, arrays: Iterable[np.ndarray], max_s
                 array = next(source)
                 expected = NUMPY_DTYPES[tensor.dtype]
                 if array.dtype != expected or tuple(array.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{path}: tensor {tensor.name!r} was produced as {array.dtype} "
-                                     f"{list(array.shape)}, planned {tensor.dtype} {list(tensor.shape)}")
+                    raise ValueError(
+                        f"{path}: tensor {tensor.name!r} was produced as {array.dtype} "
+                        f"{list(array.shape)}, planned {tensor.dtype} {list(tensor.shape)}"
+                    )
                 write_bytes(f, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
                 weight_map[tensor.name] = file_name
                 if on_tensor is not None:

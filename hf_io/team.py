@@ -6,6 +6,7 @@ A conversion of a 1.6T release is bound by reading and decoding on one host; N h
 --num_processes=N ...`, as train.py takes them) read N disjoint sets of source tensors, balanced by
 bytes, so they finish at about the same time.
 """
+
 import dataclasses
 
 

@@ -2,6 +2,7 @@
 written: every problem (missing, unexpected, mis-shaped, mis-typed tensors, a contradicting
 config.json) is collected and reported at once, by tensor name; the result says how each tensor
 is encoded so the importer can decode it without guessing."""
+
 import dataclasses
 import re
 
@@ -9,8 +10,16 @@ from absl import logging
 
 from configs.release import ConfigError
 from hf_io import hf_config, quant
-from hf_io.release_names import FP4, FP8, INDEX, MTP_PREFIX, ReleaseTensor, canonical_name, release_tensors, \
-    saved_by_transformers
+from hf_io.release_names import (
+    FP4,
+    FP8,
+    INDEX,
+    MTP_PREFIX,
+    ReleaseTensor,
+    canonical_name,
+    release_tensors,
+    saved_by_transformers,
+)
 from hf_io.safetensors_reader import SafetensorsCheckpoint
 from model.args import ModelArgs
 
@@ -69,8 +78,12 @@ def _encoding(tensor: ReleaseTensor, weight, scale) -> tuple:
     if weight.dtype not in quantised_dtypes:
         return None, [f"mis-typed {name}: {weight.dtype}, expected one of {FLOAT_DTYPES + quantised_dtypes}"]
     if weight.dtype in PACKED_FP4_DTYPES:
-        encoding, weight_shape, scale_shape, scale_dtypes = (MXFP4, quant.fp4_packed_shape(shape),
-                                                            quant.fp4_scale_shape(shape), ("F8_E8M0",))
+        encoding, weight_shape, scale_shape, scale_dtypes = (
+            MXFP4,
+            quant.fp4_packed_shape(shape),
+            quant.fp4_scale_shape(shape),
+            ("F8_E8M0",),
+        )
     else:
         encoding, weight_shape, scale_shape, scale_dtypes = FP8_TILES, shape, quant.tile_grid(shape), SCALE_DTYPES
     problems = []
@@ -95,8 +108,10 @@ def check_source(checkpoint: SafetensorsCheckpoint, args: ModelArgs) -> list:
     if checkpoint.config is not None:
         contradictions = hf_config.mismatches(checkpoint.config, args)
         if contradictions:
-            raise ConfigMismatch(f"config mismatch: {where}/config.json describes another model than the "
-                                 "config given:\n  " + "\n  ".join(contradictions))
+            raise ConfigMismatch(
+                f"config mismatch: {where}/config.json describes another model than the "
+                "config given:\n  " + "\n  ".join(contradictions)
+            )
     stored = {}
     for name in checkpoint.tensors:
         stored.setdefault(canonical_name(name), []).append(name)
@@ -117,8 +132,11 @@ def check_source(checkpoint: SafetensorsCheckpoint, args: ModelArgs) -> list:
         encoding, tensor_problems = _encoding(tensor, weight, scale)
         by_kind["other"] += tensor_problems
         if not tensor_problems:
-            sources.append(SourceTensor(tensor, weight.name, scale.name if scale else None, encoding,
-                                        weight.dtype in WIDE_FLOAT_DTYPES))
+            sources.append(
+                SourceTensor(
+                    tensor, weight.name, scale.name if scale else None, encoding, weight.dtype in WIDE_FLOAT_DTYPES
+                )
+            )
     ignored = sorted(name for name in set(stored) - used if IGNORED.match(name))
     if ignored:
         logging.info("%s: ignoring %s (the model shares the main embedding and head)", where, ignored)
@@ -129,7 +147,11 @@ def check_source(checkpoint: SafetensorsCheckpoint, args: ModelArgs) -> list:
     sections += [_listing("naming problems", problems)] if problems else []
     if sections:
         bad = len(by_kind["missing"]) + len(by_kind["other"])
-        headline = (f"{where} does not match the config: {bad} of {len(expected)} tensors missing or wrong "
-                    "(is it a checkpoint of another model size?)\n" if 2 * bad > len(expected) else "")
+        headline = (
+            f"{where} does not match the config: {bad} of {len(expected)} tensors missing or wrong "
+            "(is it a checkpoint of another model size?)\n"
+            if 2 * bad > len(expected)
+            else ""
+        )
         raise ConversionError(f"{headline}{where}: the checkpoint does not fit the config:\n" + "\n".join(sections))
     return sources

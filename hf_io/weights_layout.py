@@ -1,6 +1,7 @@
 """The weights a Checkpointer step holds for a model config: each variable's collection (`params` or
 `routing`, as `model.params.split_variables` splits them), flat path, shape, dtype and partition
 spec on the target mesh. No arrays and no devices: the mesh is abstract."""
+
 import dataclasses
 import math
 
@@ -53,12 +54,14 @@ def model_leaves(args: ModelArgs, mesh_config) -> dict:
         _, abstract = nnx.split(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
         shardings = param_shardings(abstract, mesh, rules)
     leaves = {}
-    for collection, (state, state_shardings) in zip((PARAMS, ROUTING),
-                                                    zip(split_variables(abstract), split_variables(shardings))):
+    for collection, (state, state_shardings) in zip(
+        (PARAMS, ROUTING), zip(split_variables(abstract), split_variables(shardings))
+    ):
         specs = {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(state_shardings)}
         for keys, variable in nnx.to_flat_state(state):
             path = ".".join(map(str, keys))
             value = variable.get_value()
-            leaves[path] = Leaf(collection, path, tuple(value.shape), np.dtype(value.dtype), specs[path],
-                                tuple(mesh.shape.items()))
+            leaves[path] = Leaf(
+                collection, path, tuple(value.shape), np.dtype(value.dtype), specs[path], tuple(mesh.shape.items())
+            )
     return leaves

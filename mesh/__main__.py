@@ -5,6 +5,7 @@ another axis is -1). With --emulate the host also gets the topology's device cou
 jax Mesh is built, which proves the layout on this machine's devices. `--draw=out.png` also draws
 the axes laid on the topology's levels (mesh/draw.py).
 """
+
 import os
 
 from absl import app, flags
@@ -23,8 +24,11 @@ flags.DEFINE_string("mesh", "", "axis sizes, e.g. expert=64,fsdp=12,tensor=1 (-1
 flags.DEFINE_string("pin", "", "axis=level pins, e.g. fsdp=chip")
 flags.DEFINE_float("bytes", 2.0**30, "message size per device for the collective estimates")
 flags.DEFINE_bool("emulate", False, "set the CPU device count and build the real jax Mesh")
-flags.DEFINE_string("draw", None, "PNG file to draw the axes on the topology's levels into (which levels "
-                    "each axis crosses, which devices it spans)")
+flags.DEFINE_string(
+    "draw",
+    None,
+    "PNG file to draw the axes on the topology's levels into (which levels each axis crosses, which devices it spans)",
+)
 
 
 def _pairs(flag: str, convert, expected: str) -> dict:
@@ -72,8 +76,10 @@ def main(argv):
         mesh = layout.mesh()
         ranks = [device.id for device in mesh.devices.flat]
         matches = ranks == [int(rank) for rank in layout.device_ids.flat]
-        print(f"built jax Mesh {dict(mesh.shape)} over {mesh.devices.size} "
-              f"{mesh.devices.flat[0].platform} devices; device ids follow the layout: {matches}")
+        print(
+            f"built jax Mesh {dict(mesh.shape)} over {mesh.devices.size} "
+            f"{mesh.devices.flat[0].platform} devices; device ids follow the layout: {matches}"
+        )
 
 
 if __name__ == "__main__":

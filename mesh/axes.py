@@ -6,12 +6,12 @@ axis, a tuple of mesh axes, or None (replicated). Keeping both vocabularies here
 the configs and the layout code agree without importing each other.
 """
 
-DATA = "data"            # weights replicated; gradients all-reduced once per step
-FSDP = "fsdp"            # weights, gradients and optimizer state sharded (ZeRO-3)
-EXPERT = "expert"        # routed experts sharded; tokens travel by all-to-all
-TENSOR = "tensor"        # attention heads / hidden of large matmuls split; per-layer collectives
-SEQUENCE = "sequence"    # reserved: context parallelism for long sequences
-PIPELINE = "pipeline"    # reserved: layer stages
+DATA = "data"  # weights replicated; gradients all-reduced once per step
+FSDP = "fsdp"  # weights, gradients and optimizer state sharded (ZeRO-3)
+EXPERT = "expert"  # routed experts sharded; tokens travel by all-to-all
+TENSOR = "tensor"  # attention heads / hidden of large matmuls split; per-layer collectives
+SEQUENCE = "sequence"  # reserved: context parallelism for long sequences
+PIPELINE = "pipeline"  # reserved: layer stages
 
 # Always present in a Mesh (size 1 when unused), so every rule can name them; the reserved
 # axes appear only when a config gives them a size.
@@ -58,7 +58,7 @@ ACTIVATION_AXES = {
     "act_batch": "sequences of a micro-batch",
     "act_length": "tokens of a sequence",
     "act_stream_length": "tokens of a sequence in the token-wise parts between tensor-parallel regions "
-                         "(residual streams, mHC, norms, low-rank projections): sequence parallelism",
+    "(residual streams, mHC, norms, low-rank projections): sequence parallelism",
     "act_embed": "model width d of activations",
     "act_hc": "hyper-connection streams of the residual state",
     "act_heads": "attention heads of activations",

@@ -11,6 +11,7 @@ Invariant: `fn` acts on each item of the leading dim on its own (padding items a
 dropped); it must keep the shape. Used by Muon's Newton-Schulz (trainer/optimizer.py), which needs
 each matrix whole: gathered instead, a 256-way sharded stack of 29 matrices sat whole on every die.
 """
+
 import math
 
 import jax
@@ -43,8 +44,8 @@ def over_batch(fn, x: jax.Array, spec, batch: tuple[int, ...], mesh) -> jax.Arra
     def local(shard):
         order = list(batch) + rest
         items = shard.transpose(order)
-        rest_shape = items.shape[len(batch):]
-        count = math.prod(items.shape[:len(batch)])
+        rest_shape = items.shape[len(batch) :]
+        count = math.prod(items.shape[: len(batch)])
         items = items.reshape(count, *rest_shape)
         items = jnp.pad(items, [(0, -count % ways)] + [(0, 0)] * len(rest_shape))
         for dim, axes in moved:

@@ -13,6 +13,7 @@ Ring phases add (s_l - 1) latencies, all-to-all one per level. Bandwidths are pe
 unpublished latencies count as zero, so the estimates are lower bounds; the measured UB rates are
 0.7-0.85 of peak and MoE all-to-all reaches 54-131 GB/s per rank (ascend_topology.md 2.5).
 """
+
 from mesh.layout import AxisPlacement
 
 

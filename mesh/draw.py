@@ -9,6 +9,7 @@ the peers of device 0 along that axis by their coordinate: the dies one of its c
 Only axes larger than 1 are drawn. `python -m mesh --draw=out.png` saves it; a matplotlib `Figure` on
 the Agg canvas, no display.
 """
+
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -44,14 +45,21 @@ def _level_table(panel, layout: Layout, axes: list[str]) -> None:
     factors = level_factors(layout, axes)
     crossed = np.ma.masked_equal(np.log2(factors.astype(float)), 0.0)
     # The largest factor at 1/1.4 of the colour scale: mid-blue, so its black label stays legible.
-    panel.imshow(crossed, cmap="Blues", aspect="auto", interpolation="nearest",
-                 vmin=0.0, vmax=max(float(np.log2(factors.max())), 1.0) * 1.4)
+    panel.imshow(
+        crossed,
+        cmap="Blues",
+        aspect="auto",
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=max(float(np.log2(factors.max())), 1.0) * 1.4,
+    )
     for (row, column), factor in np.ndenumerate(factors):
         if factor > 1:
             panel.text(column, row, f"x{factor}", ha="center", va="center", fontsize=11)
     levels = layout.topology.levels
-    panel.set_xticks(range(len(levels)), [f"{level.name}\nx{level.size}, {level.bandwidth / 1e9:.3g} GB/s"
-                                          for level in levels])
+    panel.set_xticks(
+        range(len(levels)), [f"{level.name}\nx{level.size}, {level.bandwidth / 1e9:.3g} GB/s" for level in levels]
+    )
     panel.set_yticks(range(len(axes)), [f"{name}={layout.shape[name]}" for name in axes])
     panel.set_title("levels each mesh axis crosses (its factor there), innermost level left")
 
@@ -71,8 +79,9 @@ def _device_strip(panel, layout: Layout, axes: list[str]) -> None:
     panel.set_xlim(0, devices)
     panel.set_ylim(len(axes) - 0.5, -0.5)
     panel.set_yticks(range(len(axes)), axes)
-    panel.set_xlabel(f"device rank ({', '.join(layout.topology.level_names)} groups, innermost first; "
-                     f"lines: group boundaries)")
+    panel.set_xlabel(
+        f"device rank ({', '.join(layout.topology.level_names)} groups, innermost first; lines: group boundaries)"
+    )
     panel.set_title("devices of device 0's collective along each axis, coloured by their coordinate")
 
 

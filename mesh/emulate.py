@@ -6,6 +6,7 @@ rank order: process p holds ranks [p * n, (p + 1) * n), e.g. one server of cm384
 JAX reads the host device count once, when its backend starts, so this must run before the first
 JAX computation (or `jax.devices()`); afterwards we can only check and explain.
 """
+
 import jax
 
 from mesh.topology import Topology
@@ -21,8 +22,10 @@ def emulate(topology: Topology, num_processes: int = 1) -> int:
     Fine to call again once the backend runs, as long as the count already matches.
     """
     if topology.num_devices % num_processes:
-        raise ValueError(f"topology {topology.name!r} has {topology.num_devices} devices, which do not "
-                         f"split evenly over {num_processes} processes")
+        raise ValueError(
+            f"topology {topology.name!r} has {topology.num_devices} devices, which do not "
+            f"split evenly over {num_processes} processes"
+        )
     needed = topology.num_devices // num_processes
     if needed > MAX_CPU_DEVICES_PER_PROCESS:
         raise ValueError(
@@ -30,7 +33,8 @@ def emulate(topology: Topology, num_processes: int = 1) -> int:
             f"{num_processes}, more than the {MAX_CPU_DEVICES_PER_PROCESS} one CPU process can emulate. "
             f"Run more processes (train.py --num_processes, see trainer/distributed.py), e.g. one "
             f"supernode each; then jax.devices() lists all of them and Layout.mesh() works unchanged. "
-            f"Layouts and costs need no devices at all: use plan_layout / Layout.abstract_mesh().")
+            f"Layouts and costs need no devices at all: use plan_layout / Layout.abstract_mesh()."
+        )
     try:
         jax.config.update("jax_num_cpu_devices", needed)
     except RuntimeError:
@@ -40,5 +44,6 @@ def emulate(topology: Topology, num_processes: int = 1) -> int:
                 f"too late to emulate {topology.name!r}: JAX already started with {have} devices "
                 f"and {needed} are needed. Call mesh.emulate.emulate() right after `import jax`, "
                 f"before any JAX operation, or start Python with "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={needed}") from None
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={needed}"
+            ) from None
     return needed

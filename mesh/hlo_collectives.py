@@ -9,6 +9,7 @@ a device grid (`mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`, whose devices may be la
 spans a set of mesh axes when its devices are exactly those reached by moving along those axes from
 one device of the group.
 """
+
 import dataclasses
 import itertools
 import math
@@ -17,23 +18,40 @@ import re
 import numpy as np
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 # `%name = <result shape(s)> kind(` or the `-start` form of an async collective.
 _INSTRUCTION = re.compile(r"=\s*(?P<shape>\(?[^=]*?\)?)\s+(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+[0-9]*[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
 _LISTED = re.compile(r"replica_groups=\{(?P<groups>(?:\{[0-9,]*\},?)*)\}")
 _IOTA = re.compile(r"replica_groups=\[(?P<shape>[0-9,]+)\]<=\[(?P<dims>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?")
-_NAMED = re.compile(r"replica_groups=mesh\[(?P<mesh>[^\]]*)\]"
-                    r"(?:,\s*device_ids=\(\[(?P<ids>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?\))?\s*\{(?P<axes>[^}]*)\}")
+_NAMED = re.compile(
+    r"replica_groups=mesh\[(?P<mesh>[^\]]*)\]"
+    r"(?:,\s*device_ids=\(\[(?P<ids>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?\))?\s*\{(?P<axes>[^}]*)\}"
+)
 _PAIRS = re.compile(r"source_target_pairs=\{(?P<pairs>(?:\{[0-9]+,[0-9]+\},?)*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
     kind: str
-    bytes: int           # of the result, per device (for a tuple result, the sum of its arrays)
-    groups: tuple        # tuple of tuples of device ids
+    bytes: int  # of the result, per device (for a tuple result, the sum of its arrays)
+    groups: tuple  # tuple of tuples of device ids
     line: str
 
     def axes(self, mesh_axes: dict) -> tuple:
@@ -53,8 +71,9 @@ def _shape_bytes(text: str) -> int:
 def _groups(line: str) -> tuple:
     listed = _LISTED.search(line)
     if listed:
-        return tuple(tuple(int(d) for d in group.split(",") if d)
-                     for group in re.findall(r"\{([0-9,]*)\}", listed["groups"]))
+        return tuple(
+            tuple(int(d) for d in group.split(",") if d) for group in re.findall(r"\{([0-9,]*)\}", listed["groups"])
+        )
     iota = _IOTA.search(line)
     if iota:
         shape = [int(d) for d in iota["shape"].split(",")]
@@ -113,5 +132,4 @@ def group_axes(groups: tuple, mesh_axes: dict, exact: bool = True) -> tuple:
             spans = [frozenset(row.tolist()) for row in spans]
             if all(group in spans if exact else any(group <= span for span in spans) for group in wanted):
                 return tuple(names[i] for i in subset)
-    raise ValueError(f"replica groups {sorted(map(sorted, wanted))[:4]}... follow no set of mesh axes "
-                     f"of {mesh_axes}")
+    raise ValueError(f"replica groups {sorted(map(sorted, wanted))[:4]}... follow no set of mesh axes of {mesh_axes}")

@@ -10,6 +10,7 @@ multiply to the device count and no pin forbids it.
 Everything here is numpy over topology ranks; `Layout.mesh()` is the only step that touches JAX
 devices, so full-size layouts (768 or 12,288 devices) are computed on any machine.
 """
+
 import dataclasses
 import math
 
@@ -80,14 +81,14 @@ class Layout:
             raise ValueError(
                 f"topology {self.topology.name!r} needs {needed} devices but {len(devices)} are "
                 f"available; on a CPU host call mesh.emulate.emulate(topology) before JAX starts, "
-                f"or set XLA_FLAGS=--xla_force_host_platform_device_count={needed}")
+                f"or set XLA_FLAGS=--xla_force_host_platform_device_count={needed}"
+            )
         grid = np.asarray(devices[:needed], dtype=object)[self.device_ids]
         return Mesh(grid, self.axis_names, axis_types=(AxisType.Auto,) * len(self.axis_names))
 
     def abstract_mesh(self) -> AbstractMesh:
         """The same mesh without devices, for shardings and AOT lowering of full-size layouts."""
-        return AbstractMesh(self.device_ids.shape, self.axis_names,
-                            axis_types=(AxisType.Auto,) * len(self.axis_names))
+        return AbstractMesh(self.device_ids.shape, self.axis_names, axis_types=(AxisType.Auto,) * len(self.axis_names))
 
 
 def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
@@ -111,12 +112,14 @@ def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
         if num_devices % known:
             raise ConfigError(
                 f"cannot size axis {rest[0]!r}: the other axes multiply to {known}, which does "
-                f"not divide {num_devices} devices ({sizes})")
+                f"not divide {num_devices} devices ({sizes})"
+            )
         resolved[rest[0]] = num_devices // known
     elif known != num_devices:
         raise ConfigError(
             f"mesh axis sizes multiply to {known} but the topology has {num_devices} devices "
-            f"({sizes}); make them match or give one axis {REST}")
+            f"({sizes}); make them match or give one axis {REST}"
+        )
     return {name: resolved[name] for name in mesh_axes.MESH_AXES if name in resolved}
 
 
@@ -130,19 +133,18 @@ def _place(name, size, start, free, topology):
             free[index] //= take
             left //= take
     if left != 1:
-        room = ", ".join(f"{level.name}={free_size}"
-                         for level, free_size in zip(topology.levels[start:], free[start:]))
+        room = ", ".join(f"{level.name}={free_size}" for level, free_size in zip(topology.levels[start:], free[start:]))
         taken = ", ".join(f"{topology.levels[index].name}:{factor}" for index, factor in factors)
         raise ConfigError(
             f"cannot place axis {name}={size} on {topology.name!r} from level "
             f"{topology.levels[start].name!r} outward: after taking ({taken or 'nothing'}) a "
             f"factor {left} is left that divides none of the free level capacities ({room}); "
-            f"choose sizes that divide the levels or change the pins")
+            f"choose sizes that divide the levels or change the pins"
+        )
     return factors
 
 
-def plan_layout(topology: Topology, sizes: dict[str, int], pins: dict[str, str] | None = None
-                ) -> Layout:
+def plan_layout(topology: Topology, sizes: dict[str, int], pins: dict[str, str] | None = None) -> Layout:
     """Lays `sizes` (axis -> size, one may be -1) on `topology`; `pins` maps axis -> level name."""
     pins = dict(pins or {})
     resolved = resolve_sizes(sizes, topology.num_devices)
@@ -171,7 +173,11 @@ def plan_layout(topology: Topology, sizes: dict[str, int], pins: dict[str, str] 
     device_ids = ranks.transpose(permutation).reshape([resolved[name] for name in axis_names])
 
     placements = {
-        name: AxisPlacement(name, resolved[name], tuple(
-            (topology.levels[index], factor) for index, axis, factor in blocks if axis == name))
-        for name in axis_names}
+        name: AxisPlacement(
+            name,
+            resolved[name],
+            tuple((topology.levels[index], factor) for index, axis, factor in blocks if axis == name),
+        )
+        for name in axis_names
+    }
     return Layout(topology, axis_names, device_ids, placements)

@@ -5,32 +5,33 @@ device and one direction. Spec strings: a preset name, optionally `:count` (serv
 `cm384:SxN` takes N servers of each of S supernodes), or `custom:name=size@bandwidth[/latency],...`
 for any other machine (innermost level first).
 """
+
 import re
 
 from configs.release import ConfigError
 from mesh.topology import Level, Topology
 
 # --- Ascend 910C (Atlas A3): the software device is one die [P: CM384 3.3.1; HCCL-RT] -----------
-DIES_PER_910C = 2                 # two compute dies per package [P: CM384 3.3.1]
-CHIPS_PER_A3_SERVER = 8           # 8 x 910C per Atlas 800T A3 node [P: CM384 3.3.2]
-SERVERS_PER_CM384 = 48            # 48 nodes = 384 chips = 768 dies [P: CM384 3.3.3]
-DIE_HBM_BYTES = 64e9              # 64 GB per die (128 GB per package) [P: CM384, SGL]
-DIE_BF16_FLOPS = 376e12           # ~376 TFLOPS dense BF16 per die, +-5% [D: topology notes section 1]
-DIE_PAIR_BANDWIDTH = 270e9        # on-package die-to-die, 540 GB/s total [P: CM384 Fig.3]
-UB_BANDWIDTH = 196e9              # unified bus per die, 7 x 224 Gbps [P: CM384]
-UB_NODE_LATENCY = 1.2e-6          # 512 B read, same node [P: CM384 Tab.1]
-UB_SUPERNODE_LATENCY = 1.9e-6     # 512 B read, other node of the supernode [P: CM384 Tab.1]
-A3_ROCE_BANDWIDTH = 25e9          # 200 Gbps RDMA per die [P: CM384 3.3.2]
-CPUS_PER_A3_SERVER = 4            # 4 Kunpeng CPUs per node [P: CM384 3.3.2]
-CPU_UB_BANDWIDTH = 160e9          # ~160 GB/s UB per CPU [P: CM384 3.3.2]
+DIES_PER_910C = 2  # two compute dies per package [P: CM384 3.3.1]
+CHIPS_PER_A3_SERVER = 8  # 8 x 910C per Atlas 800T A3 node [P: CM384 3.3.2]
+SERVERS_PER_CM384 = 48  # 48 nodes = 384 chips = 768 dies [P: CM384 3.3.3]
+DIE_HBM_BYTES = 64e9  # 64 GB per die (128 GB per package) [P: CM384, SGL]
+DIE_BF16_FLOPS = 376e12  # ~376 TFLOPS dense BF16 per die, +-5% [D: topology notes section 1]
+DIE_PAIR_BANDWIDTH = 270e9  # on-package die-to-die, 540 GB/s total [P: CM384 Fig.3]
+UB_BANDWIDTH = 196e9  # unified bus per die, 7 x 224 Gbps [P: CM384]
+UB_NODE_LATENCY = 1.2e-6  # 512 B read, same node [P: CM384 Tab.1]
+UB_SUPERNODE_LATENCY = 1.9e-6  # 512 B read, other node of the supernode [P: CM384 Tab.1]
+A3_ROCE_BANDWIDTH = 25e9  # 200 Gbps RDMA per die [P: CM384 3.3.2]
+CPUS_PER_A3_SERVER = 4  # 4 Kunpeng CPUs per node [P: CM384 3.3.2]
+CPU_UB_BANDWIDTH = 160e9  # ~160 GB/s UB per CPU [P: CM384 3.3.2]
 A3_HOST_BANDWIDTH = CPUS_PER_A3_SERVER * CPU_UB_BANDWIDTH / (CHIPS_PER_A3_SERVER * DIES_PER_910C)  # 40 GB/s per die [D]
 
 # --- Ascend 910B (Atlas A2) ------------------------------------------------------------------
-NPUS_PER_A2_SERVER = 8            # 8 x 910B per Atlas 800T A2 server [P: SGL, HCCL perf tester]
-A2_HBM_BYTES = 64e9               # 64 GB [P: SGL; S: Chiao]
-A2_BF16_FLOPS = 320e12            # third-party tables give 280-320 TFLOPS, SKU dependent [S: Chiao]
-A2_HCCS_BANDWIDTH = 196e9         # 7 peer links, 392 GB/s aggregate bidir -> 196 one way [S: Chiao; D]
-A2_ROCE_BANDWIDTH = 25e9          # 200 Gbps RoCE per NPU [S: DeepServe]
+NPUS_PER_A2_SERVER = 8  # 8 x 910B per Atlas 800T A2 server [P: SGL, HCCL perf tester]
+A2_HBM_BYTES = 64e9  # 64 GB [P: SGL; S: Chiao]
+A2_BF16_FLOPS = 320e12  # third-party tables give 280-320 TFLOPS, SKU dependent [S: Chiao]
+A2_HCCS_BANDWIDTH = 196e9  # 7 peer links, 392 GB/s aggregate bidir -> 196 one way [S: Chiao; D]
+A2_ROCE_BANDWIDTH = 25e9  # 200 Gbps RoCE per NPU [S: DeepServe]
 
 _CM384_SOURCE = "CloudMatrix384 / Atlas 900 A3 SuperPoD [P: CM384 3.3, Tab.1]"
 _A2_SOURCE = "Atlas 800T A2 server [S: Chiao; P: SGL; S: DeepServe]"
@@ -45,8 +46,9 @@ def _server(chips=CHIPS_PER_A3_SERVER):
 
 
 def _supernode(servers=SERVERS_PER_CM384):
-    return Level("supernode", servers, UB_BANDWIDTH, UB_SUPERNODE_LATENCY,
-                 "UB via L1+L2, non-blocking [P: CM384 3.3.3, Tab.1]")
+    return Level(
+        "supernode", servers, UB_BANDWIDTH, UB_SUPERNODE_LATENCY, "UB via L1+L2, non-blocking [P: CM384 3.3.3, Tab.1]"
+    )
 
 
 def _a3_cluster(supernodes):
@@ -94,8 +96,7 @@ def cm384_64():
 
 
 def _a2_server():
-    return Level("server", NPUS_PER_A2_SERVER, A2_HCCS_BANDWIDTH, None,
-                 "HCCS full mesh, latency n/p [S: Chiao]")
+    return Level("server", NPUS_PER_A2_SERVER, A2_HCCS_BANDWIDTH, None, "HCCS full mesh, latency n/p [S: Chiao]")
 
 
 def atlas800t_a2():
@@ -106,8 +107,7 @@ def atlas800t_a2():
 def a2_cluster(servers):
     """`servers` Atlas 800T A2 servers over RoCE."""
     roce = Level("cluster", servers, A2_ROCE_BANDWIDTH, None, "RoCE, latency n/p [S: DeepServe]")
-    return Topology(f"a2-cluster:{servers}", (_a2_server(), roce), A2_HBM_BYTES, A2_BF16_FLOPS,
-                    _A2_SOURCE)
+    return Topology(f"a2-cluster:{servers}", (_a2_server(), roce), A2_HBM_BYTES, A2_BF16_FLOPS, _A2_SOURCE)
 
 
 def custom(levels_text):
@@ -118,12 +118,20 @@ def custom(levels_text):
             name, rest = item.split("=")
             size, rest = rest.split("@")
             bandwidth, _, latency = rest.partition("/")
-            levels.append(Level(name.strip(), int(size), float(bandwidth),
-                                float(latency) if latency else None, "given on the command line"))
+            levels.append(
+                Level(
+                    name.strip(),
+                    int(size),
+                    float(bandwidth),
+                    float(latency) if latency else None,
+                    "given on the command line",
+                )
+            )
         except ValueError as err:
             raise ConfigError(
                 f"bad level {item!r} in {levels_text!r}: expected name=size@bandwidth[/latency], "
-                f"e.g. chip=2@270e9,server=8@196e9/1.2e-6 ({err})") from None
+                f"e.g. chip=2@270e9,server=8@196e9/1.2e-6 ({err})"
+            ) from None
     return Topology(f"custom:{levels_text}", tuple(levels), source="given on the command line")
 
 
@@ -131,8 +139,11 @@ def custom(levels_text):
 PRESETS = {
     "atlas800t-a2": (atlas800t_a2, None),
     "a2-cluster": (a2_cluster, "number of A2 servers"),
-    "cm384": (cm384, "number of supernodes (optional, default 1), optionally x servers used of each "
-                     "(1-48, default 48), e.g. cm384:4x32"),
+    "cm384": (
+        cm384,
+        "number of supernodes (optional, default 1), optionally x servers used of each "
+        "(1-48, default 48), e.g. cm384:4x32",
+    ),
     "cm384-8": (cm384_8, None),
     "cm384-12": (cm384_12, None),
     "cm384-16": (cm384_16, None),
@@ -187,4 +198,3 @@ def smaller_parts(spec: str) -> list[str]:
 def _supernodes(topology: Topology) -> int:
     clusters = [level.size for level in topology.levels if level.name == "cluster"]
     return clusters[0] if clusters else 1
-

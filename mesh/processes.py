@@ -4,6 +4,7 @@ Used where every process must agree on a small JSON value: the data streams' pos
 (trainer/batches.py) and the lead process's choices in a conversion (hf_io/team.py). Every process
 must make the same calls in the same order; with one process nothing is exchanged.
 """
+
 import json
 
 import jax
@@ -18,6 +19,6 @@ def allgather_json(value) -> list:
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
+    padded[: data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded))
     return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]

@@ -1,4 +1,5 @@
 """Human-readable views of a Layout: the axis table and the device grid."""
+
 import math
 
 import numpy as np
@@ -28,20 +29,22 @@ def describe_topology(layout: Layout) -> str:
     lines = [f"topology {topology.name}: {topology.num_devices} devices; {topology.source}"]
     for level in topology.levels:
         latency = _seconds(level.latency) if level.latency else "n/p"
-        lines.append(f"  level {level.name:<10} x{level.size:<5} {_si(level.bandwidth, 'B/s'):>11}"
-                     f"  latency {latency:<8} {level.source}")
+        lines.append(
+            f"  level {level.name:<10} x{level.size:<5} {_si(level.bandwidth, 'B/s'):>11}"
+            f"  latency {latency:<8} {level.source}"
+        )
     if topology.hbm_bytes and topology.peak_flops:
-        lines.append(f"  per device: {_si(topology.hbm_bytes, 'B')} HBM, "
-                     f"{_si(topology.peak_flops, 'FLOP/s')} BF16")
+        lines.append(f"  per device: {_si(topology.hbm_bytes, 'B')} HBM, {_si(topology.peak_flops, 'FLOP/s')} BF16")
     return "\n".join(lines)
 
 
 def axis_table(layout: Layout, nbytes: float) -> str:
     """One row per mesh axis: size, levels crossed, bottleneck, collective times for `nbytes`."""
-    header = (f"{'axis':<9}{'size':>6}  {'levels crossed (factor)':<34}{'bottleneck':>12}"
-              f"{'all-reduce':>12}{'all-gather':>12}{'all-to-all':>12}")
-    lines = [f"collective estimates for {_si(nbytes, 'B')} per device (peak bandwidth, lower bound)",
-             header]
+    header = (
+        f"{'axis':<9}{'size':>6}  {'levels crossed (factor)':<34}{'bottleneck':>12}"
+        f"{'all-reduce':>12}{'all-gather':>12}{'all-to-all':>12}"
+    )
+    lines = [f"collective estimates for {_si(nbytes, 'B')} per device (peak bandwidth, lower bound)", header]
     for name in layout.axis_names:
         axis = layout.axis(name)
         crossed = " ".join(f"{level.name}:{factor}" for level, factor in axis.factors) or "-"
@@ -52,7 +55,8 @@ def axis_table(layout: Layout, nbytes: float) -> str:
         lines.append(
             f"{name:<9}{axis.size:>6}  {crossed:<34}{_si(axis.bottleneck_bandwidth, 'B/s'):>12}"
             f"{_seconds(times['all_reduce']):>12}{_seconds(times['all_gather']):>12}"
-            f"{_seconds(times['all_to_all']):>12}")
+            f"{_seconds(times['all_to_all']):>12}"
+        )
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ The model names every dimension logically (`embed`, `heads`, `act_batch`, ...); 
 (if any) carries each name is data, held by the config's rules. Outside an active rules context the
 constraints are identities, so the same model code runs unsharded in reference tests.
 """
+
 import contextlib
 import math
 import threading
@@ -64,33 +65,37 @@ def resolve_spec(what, names, shape, mesh_sizes, rules, indivisible_falls_back=F
             entries.append(None)
             continue
         if name not in table:
-            raise KeyError(f"{what}: logical axis {name!r} (dim {dim}) has no rule; "
-                           f"rules cover {sorted(table)}")
+            raise KeyError(f"{what}: logical axis {name!r} (dim {dim}) has no rule; rules cover {sorted(table)}")
         chosen = None
         for target in table[name]:
             axes = mesh_axes_of(target)
             for axis in axes:
                 if axis not in mesh_sizes:
-                    raise ValueError(f"{what}: rule {name!r} -> {target!r} names mesh axis "
-                                     f"{axis!r}, absent from the mesh {mesh_sizes}")
+                    raise ValueError(
+                        f"{what}: rule {name!r} -> {target!r} names mesh axis "
+                        f"{axis!r}, absent from the mesh {mesh_sizes}"
+                    )
             if not any(axis in used for axis in axes):
                 divides = shape is None or shape[dim] % math.prod(mesh_sizes[axis] for axis in axes) == 0
                 if divides or not indivisible_falls_back or target is table[name][-1]:
                     chosen = axes
                     break
         if chosen is None:
-            taken = {axis: used[axis] for target in table[name] for axis in mesh_axes_of(target)
-                     if axis in used}
+            taken = {axis: used[axis] for target in table[name] for axis in mesh_axes_of(target) if axis in used}
             owners = ", ".join(f"{axis!r} by dim {d} ({names[d]!r})" for axis, d in taken.items())
-            raise ValueError(f"{what} {shape}: every rule of dim {dim} ({name!r}) needs a mesh axis "
-                             f"already taken ({owners}); add a fallback rule such as ({name!r}, None)")
+            raise ValueError(
+                f"{what} {shape}: every rule of dim {dim} ({name!r}) needs a mesh axis "
+                f"already taken ({owners}); add a fallback rule such as ({name!r}, None)"
+            )
         for axis in chosen:
             used[axis] = dim
         ways = math.prod(mesh_sizes[axis] for axis in chosen)
         if shape is not None and shape[dim] % ways:
-            raise ValueError(f"{what} {shape}: dim {dim} ({name!r}) has size {shape[dim]}, "
-                             f"not divisible by {ways} = mesh axes {chosen} of sizes "
-                             f"{[mesh_sizes[axis] for axis in chosen]}")
+            raise ValueError(
+                f"{what} {shape}: dim {dim} ({name!r}) has size {shape[dim]}, "
+                f"not divisible by {ways} = mesh axes {chosen} of sizes "
+                f"{[mesh_sizes[axis] for axis in chosen]}"
+            )
         entries.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
     return PartitionSpec(*entries)
 
@@ -98,8 +103,7 @@ def resolve_spec(what, names, shape, mesh_sizes, rules, indivisible_falls_back=F
 def logical_to_spec(names, rules, mesh_sizes=None):
     """A PartitionSpec for a tuple of logical names; unknown names are an error."""
     if mesh_sizes is None:
-        mesh_sizes = {axis: 1 for target in candidates(rules).values() for t in target
-                      for axis in mesh_axes_of(t)}
+        mesh_sizes = {axis: 1 for target in candidates(rules).values() for t in target for axis in mesh_axes_of(t)}
     return resolve_spec("activation", names, None, mesh_sizes, rules)
 
 
@@ -116,11 +120,12 @@ def constrain(x, names):
 def param_spec(path, names, shape, mesh, rules):
     """The checked PartitionSpec of one parameter (see `resolve_spec` for the errors)."""
     if names is None:
-        raise ValueError(f"parameter {path}: no logical axis names (create it with "
-                         f"out_sharding=(...)); every parameter must declare them")
+        raise ValueError(
+            f"parameter {path}: no logical axis names (create it with "
+            f"out_sharding=(...)); every parameter must declare them"
+        )
     if len(names) != len(shape):
-        raise ValueError(f"parameter {path}: {len(names)} logical names {names} for "
-                         f"{len(shape)}-d shape {shape}")
+        raise ValueError(f"parameter {path}: {len(names)} logical names {names} for {len(shape)}-d shape {shape}")
     return resolve_spec(f"parameter {path}", names, shape, dict(mesh.shape), rules)
 
 
@@ -131,14 +136,14 @@ def param_shardings(abstract_state, mesh, rules):
     extra leading name given by nnx.vmap's transform_metadata. `mesh` may be an AbstractMesh, so
     full-size layouts are checked without devices.
     """
+
     def sharding(path, variable):
         where = "/".join(str(getattr(key, "key", key)) for key in path)
         names = variable.get_metadata().get("out_sharding")
         spec = param_spec(where, names, variable.get_value().shape, mesh, rules)
         return variable.replace(NamedSharding(mesh, spec))
 
-    return jax.tree_util.tree_map_with_path(
-        sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_local(fn, names, *arrays):
@@ -151,6 +156,7 @@ def shard_local(fn, names, *arrays):
     if current is None:
         return fn(*arrays)
     mesh, rules = current
-    spec = resolve_spec("activation", names, arrays[0].shape[:len(names)], dict(mesh.shape), rules,
-                        indivisible_falls_back=True)
+    spec = resolve_spec(
+        "activation", names, arrays[0].shape[: len(names)], dict(mesh.shape), rules, indivisible_falls_back=True
+    )
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)

@@ -6,6 +6,7 @@ dies of one 910C, then the 8 chips of a server, then the servers of a supernode
 (ascend_topology.md 3.1). Each level says how fast a device talks to peers that first differ at
 that level, which is all the layout and the cost model need.
 """
+
 import dataclasses
 import math
 
@@ -33,7 +34,8 @@ class Level:
         if self.size < 1 or self.bandwidth <= 0:
             raise ValueError(
                 f"level {self.name!r}: size must be >= 1 and bandwidth > 0, got size={self.size}, "
-                f"bandwidth={self.bandwidth}")
+                f"bandwidth={self.bandwidth}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +72,8 @@ class Topology:
     def level_index(self, name: str) -> int:
         if name not in self.level_names:
             raise ConfigError(
-                f"topology {self.name!r} has no level {name!r}; levels (inner -> outer): "
-                f"{', '.join(self.level_names)}")
+                f"topology {self.name!r} has no level {name!r}; levels (inner -> outer): {', '.join(self.level_names)}"
+            )
         return self.level_names.index(name)
 
     def coordinates(self, rank: int) -> dict[str, int]:

@@ -1,4 +1,5 @@
 """The clamped SwiGLU shared by the routed experts (dense and dispatched) and the shared expert."""
+
 import jax
 import jax.numpy as jnp
 

@@ -3,6 +3,7 @@
 Configs are ml_collections ConfigDicts (data users edit); modules hold this frozen copy so it can be a
 static part of traced programs. Conversion checks every field once, with errors that name the field.
 """
+
 import dataclasses
 from typing import Optional
 
@@ -128,8 +129,9 @@ def from_config(model_config) -> ModelArgs:
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(values) - known)
     _require(not unknown, ",".join(unknown), f"unknown field(s); allowed: {sorted(known)}")
-    missing = sorted(f.name for f in dataclasses.fields(ModelArgs)
-                     if f.default is dataclasses.MISSING and f.name not in values)
+    missing = sorted(
+        f.name for f in dataclasses.fields(ModelArgs) if f.default is dataclasses.MISSING and f.name not in values
+    )
     _require(not missing, ",".join(missing), "missing required field(s)")
     values["compress_ratios"] = tuple(int(r) for r in values["compress_ratios"])
     if values.get("attention_kinds") is not None:
@@ -141,32 +143,62 @@ def from_config(model_config) -> ModelArgs:
     _check_kinds(args)
     _check_ratios(args)
     _require(args.dtype in DTYPES, "dtype", f"{args.dtype!r} not allowed; allowed: {sorted(DTYPES)}")
-    _require(args.param_dtype in DTYPES, "param_dtype",
-             f"{args.param_dtype!r} not allowed; allowed: {sorted(DTYPES)}")
-    _require(args.remat_policy in REMAT_POLICIES, "remat_policy",
-             f"{args.remat_policy!r} not allowed; allowed: {list(REMAT_POLICIES)}")
-    _require(args.moe_dispatch in MOE_DISPATCHES, "moe_dispatch",
-             f"{args.moe_dispatch!r} not allowed; allowed: {list(MOE_DISPATCHES)}")
+    _require(args.param_dtype in DTYPES, "param_dtype", f"{args.param_dtype!r} not allowed; allowed: {sorted(DTYPES)}")
+    _require(
+        args.remat_policy in REMAT_POLICIES,
+        "remat_policy",
+        f"{args.remat_policy!r} not allowed; allowed: {list(REMAT_POLICIES)}",
+    )
+    _require(
+        args.moe_dispatch in MOE_DISPATCHES,
+        "moe_dispatch",
+        f"{args.moe_dispatch!r} not allowed; allowed: {list(MOE_DISPATCHES)}",
+    )
     _require(args.capacity_factor >= 0, "capacity_factor", f"{args.capacity_factor} must be >= 0 (0 = dropless)")
     _require(args.expert_tile >= 0, "expert_tile", f"{args.expert_tile} must be >= 0 (0 = whole buffers)")
-    _require(args.vocab_tile >= 0 and (args.vocab_tile == 0 or args.vocab_size % args.vocab_tile == 0), "vocab_tile",
-             f"{args.vocab_tile} must divide vocab_size={args.vocab_size} (or be 0: the whole vocabulary)")
-    _require(args.window_block > 0 and args.sliding_window % args.window_block == 0, "window_block",
-             f"{args.window_block} must divide sliding_window={args.sliding_window}")
-    _require(args.query_chunk >= 0 and args.query_chunk % args.window_block == 0, "query_chunk",
-             f"{args.query_chunk} must be 0 (all queries at once) or a multiple of window_block={args.window_block}")
-    _require(args.num_heads % args.o_groups == 0, "o_groups",
-             f"{args.o_groups} does not divide num_heads={args.num_heads}")
-    _require(0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0, "rope_head_dim",
-             f"{args.rope_head_dim} must be even and at most head_dim={args.head_dim}")
-    _require(args.index_head_dim >= args.rope_head_dim, "index_head_dim",
-             f"{args.index_head_dim} must be at least rope_head_dim={args.rope_head_dim}")
-    _require(args.num_experts_per_tok <= args.num_routed_experts, "num_experts_per_tok",
-             f"{args.num_experts_per_tok} exceeds num_routed_experts={args.num_routed_experts}")
-    _require(args.num_hash_layers <= args.num_layers, "num_hash_layers",
-             f"{args.num_hash_layers} exceeds num_layers={args.num_layers}")
-    _require(args.num_shared_experts in (0, 1), "num_shared_experts",
-             f"{args.num_shared_experts} not supported; allowed: 0 or 1")
+    _require(
+        args.vocab_tile >= 0 and (args.vocab_tile == 0 or args.vocab_size % args.vocab_tile == 0),
+        "vocab_tile",
+        f"{args.vocab_tile} must divide vocab_size={args.vocab_size} (or be 0: the whole vocabulary)",
+    )
+    _require(
+        args.window_block > 0 and args.sliding_window % args.window_block == 0,
+        "window_block",
+        f"{args.window_block} must divide sliding_window={args.sliding_window}",
+    )
+    _require(
+        args.query_chunk >= 0 and args.query_chunk % args.window_block == 0,
+        "query_chunk",
+        f"{args.query_chunk} must be 0 (all queries at once) or a multiple of window_block={args.window_block}",
+    )
+    _require(
+        args.num_heads % args.o_groups == 0, "o_groups", f"{args.o_groups} does not divide num_heads={args.num_heads}"
+    )
+    _require(
+        0 < args.rope_head_dim <= args.head_dim and args.rope_head_dim % 2 == 0,
+        "rope_head_dim",
+        f"{args.rope_head_dim} must be even and at most head_dim={args.head_dim}",
+    )
+    _require(
+        args.index_head_dim >= args.rope_head_dim,
+        "index_head_dim",
+        f"{args.index_head_dim} must be at least rope_head_dim={args.rope_head_dim}",
+    )
+    _require(
+        args.num_experts_per_tok <= args.num_routed_experts,
+        "num_experts_per_tok",
+        f"{args.num_experts_per_tok} exceeds num_routed_experts={args.num_routed_experts}",
+    )
+    _require(
+        args.num_hash_layers <= args.num_layers,
+        "num_hash_layers",
+        f"{args.num_hash_layers} exceeds num_layers={args.num_layers}",
+    )
+    _require(
+        args.num_shared_experts in (0, 1),
+        "num_shared_experts",
+        f"{args.num_shared_experts} not supported; allowed: 0 or 1",
+    )
     return args
 
 
@@ -174,21 +206,34 @@ def _check_kinds(args: ModelArgs):
     """Every entry of `compress_ratios` has a kind: from `attention_kinds`, else from the release's ratios;
     MTP layers are sliding-window only."""
     n = args.num_layers + args.num_mtp_layers
-    _require(len(args.compress_ratios) == n, "compress_ratios",
-             f"has {len(args.compress_ratios)} entries, need num_layers + num_mtp_layers = {n}")
+    _require(
+        len(args.compress_ratios) == n,
+        "compress_ratios",
+        f"has {len(args.compress_ratios)} entries, need num_layers + num_mtp_layers = {n}",
+    )
     if args.attention_kinds is None:
         bad = sorted({r for r in args.compress_ratios if r not in ATTENTION_KIND_BY_RATIO})
-        _require(not bad, "compress_ratios", f"values {bad} need config.model.attention_kinds (one of "
-                 f"{list(ATTENTION_KINDS)} per entry); without it only the release's {ATTENTION_KIND_BY_RATIO}")
+        _require(
+            not bad,
+            "compress_ratios",
+            f"values {bad} need config.model.attention_kinds (one of "
+            f"{list(ATTENTION_KINDS)} per entry); without it only the release's {ATTENTION_KIND_BY_RATIO}",
+        )
         field = "compress_ratios"
     else:
-        _require(len(args.attention_kinds) == n, "attention_kinds",
-                 f"has {len(args.attention_kinds)} entries, need num_layers + num_mtp_layers = {n}")
+        _require(
+            len(args.attention_kinds) == n,
+            "attention_kinds",
+            f"has {len(args.attention_kinds)} entries, need num_layers + num_mtp_layers = {n}",
+        )
         bad = sorted(set(args.attention_kinds) - set(ATTENTION_KINDS))
         _require(not bad, "attention_kinds", f"values {bad} not allowed; allowed: {list(ATTENTION_KINDS)}")
         field = "attention_kinds"
-    _require(all(args.attention_kind(layer) == SLIDING for layer in args.mtp_layer_ids), field,
-             f"MTP layers (the last entries) must be sliding-window only ({SLIDING!r}, ratio 0)")
+    _require(
+        all(args.attention_kind(layer) == SLIDING for layer in args.mtp_layer_ids),
+        field,
+        f"MTP layers (the last entries) must be sliding-window only ({SLIDING!r}, ratio 0)",
+    )
 
 
 def _check_ratios(args: ModelArgs):
@@ -198,13 +243,22 @@ def _check_ratios(args: ModelArgs):
     for layer, ratio in enumerate(args.compress_ratios):
         ratios_of[args.attention_kind(layer)].add(ratio)
     ratios_of = {kind: sorted(ratios) for kind, ratios in ratios_of.items()}
-    _require(ratios_of[SLIDING] in ([], [0]), "compress_ratios",
-             f"sliding-window layers have ratios {ratios_of[SLIDING]}; they must be 0")
+    _require(
+        ratios_of[SLIDING] in ([], [0]),
+        "compress_ratios",
+        f"sliding-window layers have ratios {ratios_of[SLIDING]}; they must be 0",
+    )
     for kind in (CSA, HCA):
-        _require(all(r > 1 for r in ratios_of[kind]), "compress_ratios",
-                 f"{kind} layers have ratios {ratios_of[kind]}; each must be > 1")
-        _require(len(ratios_of[kind]) <= 1, "compress_ratios",
-                 f"{kind} layers have ratios {ratios_of[kind]}; all layers of a kind share one ratio")
+        _require(
+            all(r > 1 for r in ratios_of[kind]),
+            "compress_ratios",
+            f"{kind} layers have ratios {ratios_of[kind]}; each must be > 1",
+        )
+        _require(
+            len(ratios_of[kind]) <= 1,
+            "compress_ratios",
+            f"{kind} layers have ratios {ratios_of[kind]}; all layers of a kind share one ratio",
+        )
 
 
 def layer_kind(args: ModelArgs, layer: int) -> tuple:
@@ -224,11 +278,11 @@ def layer_groups(args: ModelArgs) -> tuple:
     best[n] = (0, ())
     for start in range(n - 1, -1, -1):
         for period in (1, 2):
-            pattern = tuple(kinds[start:start + period])
+            pattern = tuple(kinds[start : start + period])
             if len(pattern) < period:
                 continue
             repeats = 0
-            while kinds[start + repeats * period:start + (repeats + 1) * period] == list(pattern):
+            while kinds[start + repeats * period : start + (repeats + 1) * period] == list(pattern):
                 repeats += 1
                 end = start + repeats * period
                 cost = period + best[end][0]

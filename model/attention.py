@@ -7,6 +7,7 @@ window_block), and `query_chunk` > 0 keeps only one chunk of queries' float32 sc
 the indexer's loss (CSA), the layer also returns the indexer's KL divergence, detached from the main
 model. Block and chunk sizing: docs/model.md.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,8 +35,12 @@ def _with_preceding(blocks: jax.Array, count: int, fill=0) -> jax.Array:
     """[b, nb, B, ...] -> [b, nb, (count+1)*B, ...]: each block preceded by the `count` blocks before it
     (`fill` before the sequence start), oldest first."""
     nb = blocks.shape[1]
-    shifted = [jnp.pad(blocks[:, :max(nb - m, 0)], [(0, 0), (min(m, nb), 0)] + [(0, 0)] * (blocks.ndim - 2),
-                       constant_values=fill) for m in range(count, 0, -1)]
+    shifted = [
+        jnp.pad(
+            blocks[:, : max(nb - m, 0)], [(0, 0), (min(m, nb), 0)] + [(0, 0)] * (blocks.ndim - 2), constant_values=fill
+        )
+        for m in range(count, 0, -1)
+    ]
     return jnp.concatenate(shifted + [blocks], axis=2)
 
 
@@ -74,8 +79,7 @@ def _attend(q_blocks, kv_blocks, mask, entries, usable, sink, scale, weigh_entri
     return out, jnp.sum(probs[..., span:-1], axis=2) if weigh_entries else None
 
 
-def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, chunk_blocks: int,
-                      weigh_entries=False):
+def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, chunk_blocks: int, weigh_entries=False):
     """`_attend` over groups of `chunk_blocks` blocks, one group at a time, each recomputed in the
     backward pass (see the module docstring); 0 or more blocks than there are: all at once."""
     nb = q_blocks.shape[1]
@@ -94,8 +98,9 @@ def _attend_in_chunks(q_blocks, kv_blocks, mask, entries, usable, sink, scale, c
         return x.reshape(x.shape[0], chunks * chunk_blocks, *x.shape[3:])[:, :nb]
 
     inputs = (q_blocks, kv_blocks, mask) + ((usable,) if entries is not None else ())
-    body = jax.checkpoint(lambda xs: _attend(*xs[:3], entries, xs[3] if entries is not None else None, sink, scale,
-                                             weigh_entries))
+    body = jax.checkpoint(
+        lambda xs: _attend(*xs[:3], entries, xs[3] if entries is not None else None, sink, scale, weigh_entries)
+    )
     return jax.tree.map(unsplit, jax.lax.map(body, tuple(split(x) for x in inputs)))
 
 
@@ -114,12 +119,16 @@ class Attention(nnx.Module):
         self.wo_b = params.normal(rngs, (g, args.o_lora_rank, d), ("o_groups", "o_lora", "embed"), std, wdt)
         self.attn_sink = params.constant((h,), ("heads",), 0.0, jnp.float32)
         self.ratio = args.kind_ratios()[kind]
-        self.compressor = (Compressor(args, c, self.ratio, overlap=kind == CSA, norm_name="head_dim", rngs=rngs)
-                           if kind != SLIDING else None)
+        self.compressor = (
+            Compressor(args, c, self.ratio, overlap=kind == CSA, norm_name="head_dim", rngs=rngs)
+            if kind != SLIDING
+            else None
+        )
         self.indexer = Indexer(args, self.ratio, rngs) if kind == CSA else None
 
-    def __call__(self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 indexer_loss: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, u: jax.Array, positions: jax.Array, segment_ids: jax.Array, indexer_loss: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
         """u [b,s,d] (after attn_norm), positions and segment_ids [b,s] -> (out [b,s,d], the indexer's
         KL summed over the queries, float32 scalar: 0 unless `indexer_loss` in a CSA layer)."""
         args, dtype = self.args, u.dtype
@@ -132,7 +141,7 @@ class Attention(nnx.Module):
         q = constrain(rope.rotate(q, positions[..., None], self._inv_freq()), HEADS)
         kv = self.kv_norm(constrain(jnp.einsum("bsd,dc->bsc", u, self.wkv[...].astype(dtype)), NARROW_SHARDED))
         kv = constrain(rope.rotate(kv, positions, self._inv_freq()), NARROW_WHOLE)
-        scale = args.head_dim ** -0.5
+        scale = args.head_dim**-0.5
 
         # Query blocks of B rows, each with the W + B keys ending at it: [b, nb, B, ...].
         q_blocks = _blocks(q, block)
@@ -147,9 +156,17 @@ class Attention(nnx.Module):
             if self.indexer is not None:
                 chosen, index = self.indexer(u, q_latent, positions, segment_ids, chosen)
             usable = _blocks(chosen, block)  # [b, nb, B, n]; rows past the sequence use none
-        out, attended = _attend_in_chunks(q_blocks, kv_blocks, _window_mask(segment_ids, window, block), entries,
-                                          usable, self.attn_sink[...].astype(jnp.float32), scale,
-                                          args.query_chunk // block, weigh_entries)
+        out, attended = _attend_in_chunks(
+            q_blocks,
+            kv_blocks,
+            _window_mask(segment_ids, window, block),
+            entries,
+            usable,
+            self.attn_sink[...].astype(jnp.float32),
+            scale,
+            args.query_chunk // block,
+            weigh_entries,
+        )
         indexer_kl = jnp.zeros((), jnp.float32)
         if weigh_entries:
             attended = jax.lax.stop_gradient(attended.reshape(b, nb * block, -1)[:, :s])

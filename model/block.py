@@ -1,4 +1,5 @@
 """One transformer block: mHC around attention, then mHC around the MoE."""
+
 import jax
 from flax import nnx
 
@@ -21,8 +22,15 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, "embed", eps)
         self.moe = MoE(args, routing == "hash", rngs)
 
-    def __call__(self, streams: jax.Array, positions: jax.Array, segment_ids: jax.Array, token_ids: jax.Array,
-                 replay=None, indexer_loss: bool = False):
+    def __call__(
+        self,
+        streams: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        token_ids: jax.Array,
+        replay=None,
+        indexer_loss: bool = False,
+    ):
         """streams [b,s,n,d]; positions, segment_ids, token_ids [b,s]; replay [b,s,k] int32 or None (experts
         to use instead of the router's choice) -> (streams, MoEStats, the indexer's summed KL: a float32
         scalar, 0 unless `indexer_loss` in a CSA layer; see model.attention)."""

@@ -11,6 +11,7 @@ document's own start, only complete blocks are compressed (a shorter tail is dro
 document's first entry has no previous block. Entries are laid out in row order; a row of s tokens
 holds at most s // ratio complete blocks, which fixes the entries' static count. Computed in float32.
 """
+
 import dataclasses
 
 import jax
@@ -49,8 +50,12 @@ def _block_ids(positions, segment_ids, ratio, num_entries):
     last = rows + (ratio - 1 - offset)  # row of the block's last token if the block is complete
     last_clipped = jnp.minimum(last, s - 1)
     take = lambda a: jnp.take_along_axis(a, last_clipped, axis=1)
-    complete = ((last < s) & (take(segment_ids) == segment_ids) & (segment_ids > 0)
-                & (take(positions) == positions + (ratio - 1 - offset)))
+    complete = (
+        (last < s)
+        & (take(segment_ids) == segment_ids)
+        & (segment_ids > 0)
+        & (take(positions) == positions + (ratio - 1 - offset))
+    )
     starts = complete & (offset == 0)
     ordinal = jnp.cumsum(starts, axis=1) - 1  # entry index of each block start, in row order
     first = jnp.maximum(rows - offset, 0)
@@ -69,8 +74,11 @@ def _pool_stats(values, scores, ids, num_segments):
     each [b, num_segments, channels]."""
     peak = jax.lax.stop_gradient(_per_row(jax.ops.segment_max, scores, ids, num_segments))
     weights = jnp.exp(scores - jnp.take_along_axis(peak, ids[..., None], axis=1))
-    return (peak, _per_row(jax.ops.segment_sum, weights, ids, num_segments),
-            _per_row(jax.ops.segment_sum, weights * values, ids, num_segments))
+    return (
+        peak,
+        _per_row(jax.ops.segment_sum, weights, ids, num_segments),
+        _per_row(jax.ops.segment_sum, weights * values, ids, num_segments),
+    )
 
 
 class Compressor(nnx.Module):
@@ -108,7 +116,8 @@ class Compressor(nnx.Module):
             peak = jnp.where(used[..., None], peak, 0.0)  # empty slots: keep every term finite
             prev_peak, prev_total, prev_weighted = (
                 jnp.pad(unflat(a)[:, :-1], ((0, 0), (1, 0), (0, 0)))
-                for a in _pool_stats(kv[..., :w], gate[..., :w], ids, count))
+                for a in _pool_stats(kv[..., :w], gate[..., :w], ids, count)
+            )
             has_prev = (first_position >= m)[..., None]
             prev_peak = jnp.where(has_prev, prev_peak, -jnp.inf)
             joint = jnp.maximum(peak, prev_peak)

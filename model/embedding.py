@@ -12,6 +12,7 @@ tokens, all of d". Autodiff runs the same path backward: all-to-all, then a scat
 local shard. It needs the `embed` axes among the axes that split the rows of the batch, and the
 vocab axes off them (true of every shipped layout); otherwise `lookup` falls back to `jnp.take`.
 """
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -29,19 +30,22 @@ def _local_lookup(table, tokens, *, dtype, embed_axes, vocab_axes, length_over_v
     tokens' sequence dim is split over the vocab axes too (sequence parallelism)."""
     ids = lax.all_gather(tokens, embed_axes, axis=0, tiled=True) if embed_axes else tokens  # [b'*e, s']
     if length_over_vocab:
-        ids = lax.all_gather(ids, vocab_axes, axis=1, tiled=True)                 # [b'*e, s'*tp]
+        ids = lax.all_gather(ids, vocab_axes, axis=1, tiled=True)  # [b'*e, s'*tp]
     if vocab_axes:
         rows = table.shape[0]
         local = ids - lax.axis_index(vocab_axes) * rows
         mine = (local >= 0) & (local < rows)
         found = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0.0)
-        found = (lax.psum_scatter(found, vocab_axes, scatter_dimension=1, tiled=True) if length_over_vocab
-                 else lax.psum(found, vocab_axes))                              # a row lives on one shard
+        found = (
+            lax.psum_scatter(found, vocab_axes, scatter_dimension=1, tiled=True)
+            if length_over_vocab
+            else lax.psum(found, vocab_axes)
+        )  # a row lives on one shard
     else:
-        found = jnp.take(table, ids, axis=0)                                      # [b'*e, s', d/e]
+        found = jnp.take(table, ids, axis=0)  # [b'*e, s', d/e]
     found = found.astype(dtype)
     if embed_axes:
-        found = lax.all_to_all(found, embed_axes, 0, 2, tiled=True)              # [b', s', d]
+        found = lax.all_to_all(found, embed_axes, 0, 2, tiled=True)  # [b', s', d]
     return found
 
 
@@ -53,18 +57,27 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     mesh, rules = current
     sizes = dict(mesh.shape)
     table_spec = resolve_spec("embedding table", TABLE_NAMES, table.shape, sizes, rules)
-    out_spec = resolve_spec("embedded tokens", TOKENS, tokens.shape + table.shape[1:], sizes, rules,
-                            indivisible_falls_back=True)
+    out_spec = resolve_spec(
+        "embedded tokens", TOKENS, tokens.shape + table.shape[1:], sizes, rules, indivisible_falls_back=True
+    )
     split = lambda entry: {a for a in mesh_axes_of(entry) if sizes[a] > 1}
     batch_axes, length_axes = split(out_spec[0]), split(out_spec[1])
     vocab_axes = tuple(a for a in mesh_axes_of(table_spec[0]) if sizes[a] > 1)
     embed_axes = tuple(a for a in mesh_axes_of(table_spec[1]) if sizes[a] > 1)
     length_over_vocab = bool(vocab_axes) and length_axes == set(vocab_axes)
-    if (not set(embed_axes) <= batch_axes or batch_axes & set(vocab_axes) or split(out_spec[2])
-            or (length_axes & set(vocab_axes) and not length_over_vocab)):
+    if (
+        not set(embed_axes) <= batch_axes
+        or batch_axes & set(vocab_axes)
+        or split(out_spec[2])
+        or (length_axes & set(vocab_axes) and not length_over_vocab)
+    ):
         return jnp.take(table, tokens, axis=0).astype(dtype)
     body = jax.shard_map(
-        lambda t, ids: _local_lookup(t, ids, dtype=dtype, embed_axes=embed_axes, vocab_axes=vocab_axes,
-                                     length_over_vocab=length_over_vocab),
-        mesh=mesh, in_specs=(table_spec, PartitionSpec(*tuple(out_spec)[:2])), out_specs=out_spec)
+        lambda t, ids: _local_lookup(
+            t, ids, dtype=dtype, embed_axes=embed_axes, vocab_axes=vocab_axes, length_over_vocab=length_over_vocab
+        ),
+        mesh=mesh,
+        in_specs=(table_spec, PartitionSpec(*tuple(out_spec)[:2])),
+        out_specs=out_spec,
+    )
     return body(table, tokens)

@@ -50,6 +50,7 @@ matrix does), so a device sends at most t_local assignments to one expert.
   assignments contribute zero and are counted in `dropped_tokens`. Without a mesh t_local is the whole
   batch, so an expert keeps at most ceil(cf * t * k / E).
 """
+
 import math
 
 import jax
@@ -68,7 +69,7 @@ BACKENDS = ("padded", "ragged")
 TOKEN_NAMES = ("act_batch", "act_embed")
 SEQUENCE_NAMES = TOKENS  # tokens as [b, s, d], laid out as the model's token-wise activations
 W13_NAMES = ("expert", "expert_embed", "expert_mlp")  # w1, w3 [E, d, I]
-W2_NAMES = ("expert", "expert_mlp", "expert_embed")   # w2 [E, I, d]
+W2_NAMES = ("expert", "expert_mlp", "expert_embed")  # w2 [E, I, d]
 # Platforms whose XLA backend implements the ragged-all-to-all HLO (XLA:CPU does not).
 RAGGED_ALL_TO_ALL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -88,9 +89,9 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor) -> int:
 def _merge_duplicates(experts, weights, num_experts):
     """experts/weights [t,k] -> same, with a token's repeated choice of one expert folded into its first
     slot (weights summed) and the repeats given the out-of-range expert id E, so they sort last."""
-    same = experts[:, :, None] == experts[:, None, :]                           # [t,k,k]
-    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)                    # [k,k]: j < i
-    repeat = jnp.any(same & earlier, axis=-1)                                   # [t,k]
+    same = experts[:, :, None] == experts[:, None, :]  # [t,k,k]
+    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)  # [k,k]: j < i
+    repeat = jnp.any(same & earlier, axis=-1)  # [t,k]
     merged = jnp.einsum("tij,tj->ti", same.astype(weights.dtype), weights)
     return jnp.where(repeat, num_experts, experts), jnp.where(repeat, 0.0, merged)
 
@@ -101,7 +102,7 @@ def _sort(experts, weights, num_experts, cap):
     -> order [a] (assignment indices, sorted by expert, kept ones first), counts [E] (distinct
     assignments per expert, before capacity), kept [E] (min(counts, cap)), flat weights [a]."""
     experts, weights = _merge_duplicates(experts, weights, num_experts)
-    flat_e, flat_w = experts.reshape(-1), weights.reshape(-1)                   # [a = t*k]
+    flat_e, flat_w = experts.reshape(-1), weights.reshape(-1)  # [a = t*k]
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat_e].add(1)[:num_experts]
     order = jnp.argsort(flat_e, stable=True)
     sorted_e = flat_e[order]
@@ -139,13 +140,13 @@ def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, 
     num_experts = kept.shape[0]
     starts = jnp.cumsum(kept) - kept
     slot = jnp.arange(cap)
-    valid = slot[None, :] < kept[:, None]                                       # [E,C]
-    assignment = order[jnp.where(valid, starts[:, None] + slot[None, :], 0)]    # [E,C]
+    valid = slot[None, :] < kept[:, None]  # [E,C]
+    assignment = order[jnp.where(valid, starts[:, None] + slot[None, :], 0)]  # [E,C]
     token = assignment // k
-    xg = jnp.where(valid[..., None], x[token], 0).astype(x.dtype)              # [E,C,d]
-    wg = jnp.where(valid, flat_w[assignment], 0.0)                              # [E,C]
+    xg = jnp.where(valid[..., None], x[token], 0).astype(x.dtype)  # [E,C,d]
+    wg = jnp.where(valid, flat_w[assignment], 0.0)  # [E,C]
     local = num_experts // ep
-    received = kept                                                             # [El*ep] rows per chunk
+    received = kept  # [El*ep] rows per chunk
     if ep > 1:
         # [ep(dest), El, C, d] -> [ep(source), El, C, d] -> [El, ep*C, d]
         xg = lax.all_to_all(xg.reshape(ep, local, cap, d), expert_axes, 0, 0)
@@ -156,11 +157,20 @@ def _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, 
     if tile:
         # Chunks (local expert, source) of C rows: [El*ep, C, ...].
         tile = chunk_tile(cap, tile)
-        out = expert_mlp(xg.reshape(local * ep, cap, d), wg.reshape(local * ep, cap), received, w1, w3, w2,
-                         chunks_per_expert=ep, tile=tile, limit=limit).reshape(local, ep * cap, d)
+        out = expert_mlp(
+            xg.reshape(local * ep, cap, d),
+            wg.reshape(local * ep, cap),
+            received,
+            w1,
+            w3,
+            w2,
+            chunks_per_expert=ep,
+            tile=tile,
+            limit=limit,
+        ).reshape(local, ep * cap, d)
         tiles = occupied_tiles(received, tile)
     else:
-        out = _ffn_dense_groups(xg, wg, w1, w3, w2, limit)                      # [El, ep*C, d] f32
+        out = _ffn_dense_groups(xg, wg, w1, w3, w2, limit)  # [El, ep*C, d] f32
         tiles = jnp.zeros((), jnp.int32)
     if ep > 1:
         out = out.reshape(local, ep, cap, d).transpose(1, 0, 2, 3)
@@ -177,40 +187,65 @@ def _ragged(x, order, kept, flat_w, k, w1, w3, w2, limit, expert_axes, ep):
     t, d = x.shape
     a = order.shape[0]
     num_experts = kept.shape[0]
-    xs = x[order // k]                                                          # [a,d] sorted by expert
-    ws = jnp.where(jnp.arange(a) < jnp.sum(kept), flat_w[order], 0.0)          # [a]
-    starts = jnp.cumsum(kept) - kept                                            # [E] in my sorted array
+    xs = x[order // k]  # [a,d] sorted by expert
+    ws = jnp.where(jnp.arange(a) < jnp.sum(kept), flat_w[order], 0.0)  # [a]
+    starts = jnp.cumsum(kept) - kept  # [E] in my sorted array
     if ep == 1:
         ys = _ffn_ragged(xs, ws, kept, w1, w3, w2, limit)
     else:
         local = num_experts // ep
         me = lax.axis_index(expert_axes)
-        counts = lax.all_gather(kept, expert_axes)                              # [ep(source), E]
-        before = jnp.cumsum(counts, axis=0) - counts                            # rows of earlier sources
-        totals = counts.sum(0).reshape(ep, local)                               # [ep(dest), El]
+        counts = lax.all_gather(kept, expert_axes)  # [ep(source), E]
+        before = jnp.cumsum(counts, axis=0) - counts  # rows of earlier sources
+        totals = counts.sum(0).reshape(ep, local)  # [ep(dest), El]
         group_start = (jnp.cumsum(totals, axis=1) - totals).reshape(num_experts)
-        source_starts = jnp.cumsum(counts, axis=1) - counts                     # [ep(source), E]
+        source_starts = jnp.cumsum(counts, axis=1) - counts  # [ep(source), E]
 
         def own(m):
             """[ep(source), E] -> [ep(source), El]: the columns of my experts."""
             return lax.dynamic_slice_in_dim(m, me * local, local, axis=1)
 
-        recv = own(counts).reshape(-1)                                          # slice s*El+g
-        rows = ep * a                                                           # every source, all to me
-        xr = lax.ragged_all_to_all(xs, jnp.zeros((rows, d), x.dtype), starts, kept,
-                                   group_start + before[me], recv, axis_name=expert_axes)
-        wr = lax.ragged_all_to_all(ws, jnp.zeros((rows,), ws.dtype), starts, kept,
-                                   group_start + before[me], recv, axis_name=expert_axes)
-        my_groups = lax.dynamic_slice_in_dim(group_start, me * local, local)    # [El]
-        out = _ffn_ragged(xr, wr, own(counts).sum(0), w1, w3, w2, limit)               # [ep*a, d] f32
-        back_offsets = (my_groups[None, :] + own(before)).reshape(-1)           # [ep*El]
-        ys = lax.ragged_all_to_all(out, jnp.zeros((a, d), jnp.float32), back_offsets, recv,
-                                   own(source_starts).reshape(-1), kept, axis_name=expert_axes)
+        recv = own(counts).reshape(-1)  # slice s*El+g
+        rows = ep * a  # every source, all to me
+        xr = lax.ragged_all_to_all(
+            xs, jnp.zeros((rows, d), x.dtype), starts, kept, group_start + before[me], recv, axis_name=expert_axes
+        )
+        wr = lax.ragged_all_to_all(
+            ws, jnp.zeros((rows,), ws.dtype), starts, kept, group_start + before[me], recv, axis_name=expert_axes
+        )
+        my_groups = lax.dynamic_slice_in_dim(group_start, me * local, local)  # [El]
+        out = _ffn_ragged(xr, wr, own(counts).sum(0), w1, w3, w2, limit)  # [ep*a, d] f32
+        back_offsets = (my_groups[None, :] + own(before)).reshape(-1)  # [ep*El]
+        ys = lax.ragged_all_to_all(
+            out,
+            jnp.zeros((a, d), jnp.float32),
+            back_offsets,
+            recv,
+            own(source_starts).reshape(-1),
+            kept,
+            axis_name=expert_axes,
+        )
     return jnp.zeros((t, d), jnp.float32).at[order // k].add(ys)
 
 
-def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, tile, expert_axes, ep,
-           gather_axes, tensor_axes, token_axes):
+def _shard(
+    x,
+    experts,
+    weights,
+    w1,
+    w3,
+    w2,
+    *,
+    limit,
+    backend,
+    capacity_factor,
+    tile,
+    expert_axes,
+    ep,
+    gather_axes,
+    tensor_axes,
+    token_axes,
+):
     """One device's dispatch (or the whole batch without a mesh) -> (y [t,d] f32, partial over
     tensor_axes, stats)."""
     t, k = experts.shape
@@ -218,9 +253,9 @@ def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, 
     cap = capacity(t, k, num_experts, capacity_factor)
     order, counts, kept, flat_w = _sort(experts, weights, num_experts, cap)
     if gather_axes:
-        w1 = lax.all_gather(w1, gather_axes, axis=1, tiled=True)                 # [El, d, I/tp]
+        w1 = lax.all_gather(w1, gather_axes, axis=1, tiled=True)  # [El, d, I/tp]
         w3 = lax.all_gather(w3, gather_axes, axis=1, tiled=True)
-        w2 = lax.all_gather(w2, gather_axes, axis=2, tiled=True)                 # [El, I/tp, d]
+        w2 = lax.all_gather(w2, gather_axes, axis=2, tiled=True)  # [El, I/tp, d]
     if backend == "padded":
         y, tiles = _padded(x, order, kept, flat_w, k, w1, w3, w2, limit, cap, expert_axes, ep, tile)
     else:
@@ -229,10 +264,12 @@ def _shard(x, experts, weights, w1, w3, w2, *, limit, backend, capacity_factor, 
     if token_axes:
         load, dropped, tiles = (lax.psum(v, token_axes) for v in (load, dropped, tiles))
     tiles = tiles * math.prod(lax.axis_size(axis) for axis in tensor_axes)  # every tensor rank runs them
-    stats = {"dropped_tokens": dropped.astype(jnp.float32),
-             "max_load": jnp.max(load).astype(jnp.float32),
-             "mean_load": jnp.mean(load.astype(jnp.float32)),
-             "expert_tiles": tiles.astype(jnp.float32)}
+    stats = {
+        "dropped_tokens": dropped.astype(jnp.float32),
+        "max_load": jnp.max(load).astype(jnp.float32),
+        "mean_load": jnp.mean(load.astype(jnp.float32)),
+        "expert_tiles": tiles.astype(jnp.float32),
+    }
     return y, stats
 
 
@@ -274,8 +311,21 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
     settings = dict(limit=limit, backend=backend, capacity_factor=capacity_factor, tile=tile)
     current = active()
     if current is None:
-        return _sequence_shard(x, routing.experts, routing.weights, w1, w3, w2, expert_axes=(), ep=1,
-                               gather_axes=(), tensor_axes=(), token_axes=(), stream_axes=(), **settings)
+        return _sequence_shard(
+            x,
+            routing.experts,
+            routing.weights,
+            w1,
+            w3,
+            w2,
+            expert_axes=(),
+            ep=1,
+            gather_axes=(),
+            tensor_axes=(),
+            token_axes=(),
+            stream_axes=(),
+            **settings,
+        )
     mesh, rules = current
     sizes = dict(mesh.shape)
     names = SEQUENCE_NAMES if x.ndim == 3 else TOKEN_NAMES
@@ -294,12 +344,21 @@ def routed_experts(x, routing, w1, w3, w2, *, limit, backend="padded", capacity_
         raise NotImplementedError(
             f"backend='ragged' needs lax.ragged_all_to_all over the {axes.EXPERT!r} axis, which "
             f"XLA on {platform!r} does not implement (HLO ragged-all-to-all is UNIMPLEMENTED); "
-            f"use backend='padded'")
+            f"use backend='padded'"
+        )
     body = jax.shard_map(
-        lambda *args: _sequence_shard(*args, expert_axes=expert_axes, ep=ep,
-                                      gather_axes=tuple(a for a in mesh_axes_of(w13_spec[1]) if sizes[a] > 1),
-                                      tensor_axes=mesh_axes_of(w13_spec[2]),
-                                      token_axes=batch_axes, stream_axes=stream_axes, **settings),
-        mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w13_spec, w13_spec, w2_spec),
-        out_specs=(token_spec, PartitionSpec()))
+        lambda *args: _sequence_shard(
+            *args,
+            expert_axes=expert_axes,
+            ep=ep,
+            gather_axes=tuple(a for a in mesh_axes_of(w13_spec[1]) if sizes[a] > 1),
+            tensor_axes=mesh_axes_of(w13_spec[2]),
+            token_axes=batch_axes,
+            stream_axes=stream_axes,
+            **settings,
+        ),
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, w13_spec, w13_spec, w2_spec),
+        out_specs=(token_spec, PartitionSpec()),
+    )
     return body(x, routing.experts, routing.weights, w1, w3, w2)

@@ -5,6 +5,7 @@ a token activates (k of E routed experts, the head, MTP), attention over the key
 (its window, the visible compressed entries or the top-k of them) and the indexer's scores. A
 training step is forward + backward = 3x forward.
 """
+
 import numpy as np
 
 from model.args import CSA, HCA, ModelArgs

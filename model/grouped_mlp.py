@@ -21,6 +21,7 @@ Cost accounting: XLA's cost analysis counts a while body once whatever its trip 
 tiles a call runs is `occupied_tiles(counts, tile)`; the dispatch reports it, and the FLOPs of one
 forward and one backward tile (`tile_bodies`) give the exact executed count.
 """
+
 import functools
 
 import jax
@@ -63,13 +64,20 @@ def _tile_output(gate, up, weight, mask, w2, limit, dtype):
 
 def _tile_backward(x, weight, mask, gate, up, w1, w3, w2, dy, limit):
     """Gradients of one tile from its saved gate/up: dy [T,d] f32 -> (dx, dweight, dw1, dw3, dw2)."""
-    _, output_pullback = jax.vjp(lambda g, u, wt, w: _tile_output(g, u, wt, mask, w, limit, x.dtype),
-                                 gate, up, weight, w2)
+    _, output_pullback = jax.vjp(
+        lambda g, u, wt, w: _tile_output(g, u, wt, mask, w, limit, x.dtype), gate, up, weight, w2
+    )
     dgate, dup, dweight, dw2 = output_pullback(dy)
     # The projections' primal outputs are unused here (XLA drops them); only their transposes run.
-    _, input_pullback = jax.vjp(lambda a, b, c: (jnp.dot(a, b, preferred_element_type=jnp.float32),
-                                                 jnp.dot(a, c, preferred_element_type=jnp.float32)),
-                                x, w1, w3)
+    _, input_pullback = jax.vjp(
+        lambda a, b, c: (
+            jnp.dot(a, b, preferred_element_type=jnp.float32),
+            jnp.dot(a, c, preferred_element_type=jnp.float32),
+        ),
+        x,
+        w1,
+        w3,
+    )
     dx, dw1, dw3 = input_pullback((dgate, dup))
     return dx, dweight, dw1, dw3, dw2
 
@@ -133,13 +141,15 @@ def _forward_loop(x, weights, counts, w1, w3, w2, chunks_per_expert, tile, limit
     axes = _varying(x, weights, counts, w1, w3, w2)
     inner = w1.shape[-1]
     buffers = (_zeros(x.shape, jnp.float32, axes),) + (
-        (_zeros(x.shape[:2] + (inner,), jnp.float32, axes),) * 2 if keep else ())
+        (_zeros(x.shape[:2] + (inner,), jnp.float32, axes),) * 2 if keep else ()
+    )
 
     def body(i, outputs):
         chunk, start, mask = locate(i)
         e = chunk // chunks_per_expert
-        tile_outputs = _tile_forward(_read(x, chunk, start, tile), _read(weights, chunk, start, tile), mask,
-                                     w1[e], w3[e], w2[e], limit)
+        tile_outputs = _tile_forward(
+            _read(x, chunk, start, tile), _read(weights, chunk, start, tile), mask, w1[e], w3[e], w2[e], limit
+        )
         return tuple(_write(buffer, value, chunk, start) for buffer, value in zip(outputs, tile_outputs))
 
     return lax.fori_loop(0, total, body, buffers)
@@ -168,19 +178,30 @@ def _expert_mlp_backward(chunks_per_expert, tile, limit, residuals, dy):
         rows = (_read(a, chunk, start, tile) for a in (x, weights))
         saved = (_read(a, chunk, start, tile) for a in (gate, up))
         gx, gweights, g1, g3, g2 = _tile_backward(
-            *(_vary(a, axes) for a in rows), mask, *(_vary(a, axes) for a in saved),
-            *(_vary(a[e], axes) for a in (w1, w3, w2)), _vary(_read(dy, chunk, start, tile), axes), limit)
-        return (_write(dx, gx, chunk, start), _write(dweights, gweights, chunk, start),
-                dw1.at[e].add(g1.astype(jnp.float32)), dw3.at[e].add(g3.astype(jnp.float32)),
-                dw2.at[e].add(g2.astype(jnp.float32)))
+            *(_vary(a, axes) for a in rows),
+            mask,
+            *(_vary(a, axes) for a in saved),
+            *(_vary(a[e], axes) for a in (w1, w3, w2)),
+            _vary(_read(dy, chunk, start, tile), axes),
+            limit,
+        )
+        return (
+            _write(dx, gx, chunk, start),
+            _write(dweights, gweights, chunk, start),
+            dw1.at[e].add(g1.astype(jnp.float32)),
+            dw3.at[e].add(g3.astype(jnp.float32)),
+            dw2.at[e].add(g2.astype(jnp.float32)),
+        )
 
     axes = _varying(x, weights, counts, w1, w3, w2, dy)
     zeros = lambda a, dtype=jnp.float32: _zeros(a.shape, dtype, axes)
     dx, dweights, dw1, dw3, dw2 = lax.fori_loop(
-        0, total, body, (zeros(x, x.dtype), zeros(weights), zeros(w1), zeros(w3), zeros(w2)))
+        0, total, body, (zeros(x, x.dtype), zeros(weights), zeros(w1), zeros(w3), zeros(w2))
+    )
     primals = (x, weights, w1, w3, w2)
-    dx, dweights, dw1, dw3, dw2 = (_sum_to(g, p).astype(p.dtype) for g, p in zip((dx, dweights, dw1, dw3, dw2),
-                                                                                primals))
+    dx, dweights, dw1, dw3, dw2 = (
+        _sum_to(g, p).astype(p.dtype) for g, p in zip((dx, dweights, dw1, dw3, dw2), primals)
+    )
     return dx, dweights, None, dw1, dw3, dw2
 
 
@@ -190,8 +211,7 @@ _expert_mlp.defvjp(_expert_mlp_forward, _expert_mlp_backward)
 def expert_mlp(x, weights, counts, w1, w3, w2, *, chunks_per_expert: int, tile: int, limit: float):
     """x [G,R,d], weights [G,R] f32, counts [G] int32 -> [G,R,d] float32 (see the module docstring)."""
     rows = x.shape[1]
-    y = _expert_mlp(_pad_rows(x, tile), _pad_rows(weights, tile), counts, w1, w3, w2,
-                    chunks_per_expert, tile, limit)
+    y = _expert_mlp(_pad_rows(x, tile), _pad_rows(weights, tile), counts, w1, w3, w2, chunks_per_expert, tile, limit)
     return y[:, :rows]
 
 
@@ -204,6 +224,18 @@ def tile_flops(tile: int, d: int, inter: int, dtype, limit: float) -> tuple:
     counted = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"]
     forward = lambda *a: _tile_forward(*a, limit)
     backward = lambda *a: _tile_backward(*a, limit)
-    return (counted(forward, spec(tile, d), f32(tile), mask, spec(d, inter), spec(d, inter), spec(inter, d)),
-            counted(backward, spec(tile, d), f32(tile), mask, f32(tile, inter), f32(tile, inter), spec(d, inter),
-                    spec(d, inter), spec(inter, d), f32(tile, d)))
+    return (
+        counted(forward, spec(tile, d), f32(tile), mask, spec(d, inter), spec(d, inter), spec(inter, d)),
+        counted(
+            backward,
+            spec(tile, d),
+            f32(tile),
+            mask,
+            f32(tile, inter),
+            f32(tile, inter),
+            spec(d, inter),
+            spec(d, inter),
+            spec(inter, d),
+            f32(tile, d),
+        ),
+    )

@@ -4,6 +4,7 @@ Our layout differs on purpose: matrices are [in, out] for einsum, heads and grou
 routed experts are separate w1/w3/w2 stacks, and layers of one kind are stacked per scan group. Every
 rule below has an exact inverse, so export is lossless. The MTP module is not part of `transformers`.
 """
+
 from typing import Mapping
 
 import numpy as np
@@ -29,6 +30,7 @@ def _hc_fn_to_hf(w, args):
 def _heads_to_ours(head_dim_attr: str, heads_attr: str):
     def convert(w, args):  # [heads*dim, rank] -> [rank, heads, dim]
         return np.ascontiguousarray(w.T.reshape(w.shape[1], getattr(args, heads_attr), getattr(args, head_dim_attr)))
+
     return convert
 
 
@@ -84,34 +86,48 @@ def _hc_rules(hf: str, ours: str) -> list:
 def layer_rules(args: ModelArgs, layer: int) -> list:
     """Rules (hf suffix under `model.layers.{layer}.`, our block path, to_ours, to_hf) for one layer."""
     kind = args.attention_kind(layer)
-    rules = _hc_rules("attn_hc", "attn_hc") + _hc_rules("ffn_hc", "ffn_hc") + [
-        ("input_layernorm.weight", "attn_norm.weight", _copy, _copy),
-        ("post_attention_layernorm.weight", "ffn_norm.weight", _copy, _copy),
-        ("self_attn.q_a_proj.weight", "attn.wq_a", _t, _t),
-        ("self_attn.q_a_norm.weight", "attn.q_norm.weight", _copy, _copy),
-        ("self_attn.q_b_proj.weight", "attn.wq_b", _heads_to_ours("head_dim", "num_heads"), _heads_to_hf),
-        ("self_attn.kv_proj.weight", "attn.wkv", _t, _t),
-        ("self_attn.kv_norm.weight", "attn.kv_norm.weight", _copy, _copy),
-        ("self_attn.o_a_proj.weight", "attn.wo_a", _o_a_to_ours, _o_a_to_hf),
-        ("self_attn.o_b_proj.weight", "attn.wo_b", _o_b_to_ours, _o_b_to_hf),
-        ("self_attn.sinks", "attn.attn_sink", _copy, _copy),
-        ("mlp.gate.weight", "moe.router.weight", _t, _t),
-        ("mlp.experts.down_proj", "moe.experts.w2", _experts_t, _experts_t),
-        ("mlp.shared_experts.gate_proj.weight", "moe.shared.w1", _t, _t),
-        ("mlp.shared_experts.up_proj.weight", "moe.shared.w3", _t, _t),
-        ("mlp.shared_experts.down_proj.weight", "moe.shared.w2", _t, _t),
-    ]
+    rules = (
+        _hc_rules("attn_hc", "attn_hc")
+        + _hc_rules("ffn_hc", "ffn_hc")
+        + [
+            ("input_layernorm.weight", "attn_norm.weight", _copy, _copy),
+            ("post_attention_layernorm.weight", "ffn_norm.weight", _copy, _copy),
+            ("self_attn.q_a_proj.weight", "attn.wq_a", _t, _t),
+            ("self_attn.q_a_norm.weight", "attn.q_norm.weight", _copy, _copy),
+            ("self_attn.q_b_proj.weight", "attn.wq_b", _heads_to_ours("head_dim", "num_heads"), _heads_to_hf),
+            ("self_attn.kv_proj.weight", "attn.wkv", _t, _t),
+            ("self_attn.kv_norm.weight", "attn.kv_norm.weight", _copy, _copy),
+            ("self_attn.o_a_proj.weight", "attn.wo_a", _o_a_to_ours, _o_a_to_hf),
+            ("self_attn.o_b_proj.weight", "attn.wo_b", _o_b_to_ours, _o_b_to_hf),
+            ("self_attn.sinks", "attn.attn_sink", _copy, _copy),
+            ("mlp.gate.weight", "moe.router.weight", _t, _t),
+            ("mlp.experts.down_proj", "moe.experts.w2", _experts_t, _experts_t),
+            ("mlp.shared_experts.gate_proj.weight", "moe.shared.w1", _t, _t),
+            ("mlp.shared_experts.up_proj.weight", "moe.shared.w3", _t, _t),
+            ("mlp.shared_experts.down_proj.weight", "moe.shared.w2", _t, _t),
+        ]
+    )
     if args.is_hash_layer(layer):
-        rules.append(("mlp.gate.tid2eid", "moe.router.tid2eid", lambda w, a: np.asarray(w, np.int32),
-                      lambda w, a: np.asarray(w, np.int64)))
+        rules.append(
+            (
+                "mlp.gate.tid2eid",
+                "moe.router.tid2eid",
+                lambda w, a: np.asarray(w, np.int32),
+                lambda w, a: np.asarray(w, np.int64),
+            )
+        )
     else:
         rules.append(("mlp.gate.e_score_correction_bias", "moe.router.bias", _copy, _copy))
     if kind != "sliding":
         rules += _compressor_rules("self_attn.compressor", "attn.compressor")
     if kind == "csa":
         rules += _compressor_rules("self_attn.compressor.indexer", "attn.indexer.compressor") + [
-            ("self_attn.compressor.indexer.q_b_proj.weight", "attn.indexer.wq_b",
-             _heads_to_ours("index_head_dim", "index_n_heads"), _heads_to_hf),
+            (
+                "self_attn.compressor.indexer.q_b_proj.weight",
+                "attn.indexer.wq_b",
+                _heads_to_ours("index_head_dim", "index_n_heads"),
+                _heads_to_hf,
+            ),
             ("self_attn.compressor.indexer.scorer.weights_proj.weight", "attn.indexer.weights_proj", _t, _t),
         ]
     return rules
@@ -188,8 +204,10 @@ def hf_to_flat(hf: Mapping[str, np.ndarray], args: ModelArgs) -> dict:
         flat[path] = np.stack([by_repeat[r] for r in range(len(by_repeat))])
     unexpected = sorted(set(hf) - used)
     if unexpected:
-        raise MappingError(f"unexpected tensors in the Hugging Face state: {unexpected[:20]}"
-                           + (f" and {len(unexpected) - 20} more" if len(unexpected) > 20 else ""))
+        raise MappingError(
+            f"unexpected tensors in the Hugging Face state: {unexpected[:20]}"
+            + (f" and {len(unexpected) - 20} more" if len(unexpected) > 20 else "")
+        )
     return flat
 
 
@@ -226,7 +244,7 @@ def load_flat(model: nnx.Module, flat: Mapping[str, np.ndarray], skip_prefixes: 
     for path, value in flat.items():
         var = variables[path]
         if tuple(var.shape) != tuple(value.shape):
-            raise MappingError(f"parameter {path}: shape {tuple(value.shape)} does not match the model's "
-                               f"{tuple(var.shape)}")
+            raise MappingError(
+                f"parameter {path}: shape {tuple(value.shape)} does not match the model's {tuple(var.shape)}"
+            )
         var[...] = np.asarray(value).astype(var.dtype)
-

@@ -5,6 +5,7 @@ collapse them into the sub-layer input (`pre`), how to spread the output back (`
 the streams themselves (`comb`, projected towards a doubly-stochastic matrix by Sinkhorn iterations so
 the residual path cannot amplify). All of it in float32.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,7 +15,6 @@ from model import params
 from model.args import ModelArgs
 from model.layouts import STREAMS
 from model.norms import rms_normalize
-
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -45,8 +45,9 @@ class HyperConnection(nnx.Module):
     def __init__(self, args: ModelArgs, rngs: nnx.Rngs):
         n, d = args.hc_mult, args.hidden_size
         self.n, self.iters, self.hc_eps, self.norm_eps = n, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
-        self.fn = params.normal(rngs, (n, d, (2 + n) * n), ("hc", "embed", "hc_mix"),
-                                args.initializer_range, jnp.float32)
+        self.fn = params.normal(
+            rngs, (n, d, (2 + n) * n), ("hc", "embed", "hc_mix"), args.initializer_range, jnp.float32
+        )
         self.base = params.constant(((2 + n) * n,), ("hc_mix",), 0.0, jnp.float32)
         self.scale = params.constant((3,), ("hc_gate",), 1.0, jnp.float32)
 
@@ -56,8 +57,8 @@ class HyperConnection(nnx.Module):
         mixes = _mix_inputs(streams, self.fn[...], self.norm_eps)
         base, scale = self.base[...], self.scale[...]
         pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + self.hc_eps
-        post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb_logits = mixes[..., 2 * n:] * scale[2] + base[2 * n:]
+        post = 2.0 * jax.nn.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+        comb_logits = mixes[..., 2 * n :] * scale[2] + base[2 * n :]
         comb = sinkhorn(comb_logits.reshape(*comb_logits.shape[:-1], n, n), self.iters, self.hc_eps)
         return collapse(streams, pre), post, comb
 

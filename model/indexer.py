@@ -11,6 +11,7 @@ attention's probabilities of those entries summed over its heads and L1-normalis
 Its inputs are detached from the main model and p is a constant to it, so this loss trains the
 indexer (its projections and its own compressor) and nothing else, and the main loss never reaches it.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,15 +27,22 @@ class Indexer(nnx.Module):
         self.topk, self.ratio = args.index_topk, ratio
         self.heads, self.dim = args.index_n_heads, args.index_head_dim
         wdt = args.weight_dtype
-        self.wq_b = params.normal(rngs, (args.q_lora_rank, self.heads, self.dim),
-                                  ("q_lora", "index_heads", "index_head_dim"), args.initializer_range, wdt)
-        self.weights_proj = params.normal(rngs, (args.hidden_size, self.heads), ("embed", "index_heads"),
-                                          args.initializer_range, wdt)
+        self.wq_b = params.normal(
+            rngs,
+            (args.q_lora_rank, self.heads, self.dim),
+            ("q_lora", "index_heads", "index_head_dim"),
+            args.initializer_range,
+            wdt,
+        )
+        self.weights_proj = params.normal(
+            rngs, (args.hidden_size, self.heads), ("embed", "index_heads"), args.initializer_range, wdt
+        )
         self.compressor = Compressor(args, self.dim, ratio, overlap=True, norm_name="index_head_dim", rngs=rngs)
         self.args = args
 
-    def __call__(self, u: jax.Array, q_latent: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 visible: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, u: jax.Array, q_latent: jax.Array, positions: jax.Array, segment_ids: jax.Array, visible: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """u [b,s,d], q_latent [b,s,q_lora], positions/segment_ids [b,s], visible [b,s,n] (entries the
         query may use) -> (selected [b,s,n] bool, the index scores I [b,s,n] float32, -inf where not
         visible: differentiable in the indexer's parameters, for `attention_kl`)."""
@@ -43,15 +51,17 @@ class Indexer(nnx.Module):
         n = keys.shape[1]
         q = jnp.einsum("bsr,rhc->bshc", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
         q = rope.rotate(q, positions[..., None], rope.inverse_frequencies(self.args, compressed=True))
-        scores = jax.nn.relu(jnp.einsum("bshc,bnc->bshn", q, keys)) * (self.dim ** -0.5)
-        head_weights = jnp.einsum("bsd,dh->bsh", u.astype(jnp.float32),
-                                  self.weights_proj[...].astype(jnp.float32)) * (self.heads ** -0.5)
+        scores = jax.nn.relu(jnp.einsum("bshc,bnc->bshn", q, keys)) * (self.dim**-0.5)
+        head_weights = jnp.einsum("bsd,dh->bsh", u.astype(jnp.float32), self.weights_proj[...].astype(jnp.float32)) * (
+            self.heads**-0.5
+        )
         index = jnp.einsum("bsh,bshn->bsn", head_weights, scores)
         index = jnp.where(visible, index, -jnp.inf)
         if n == 0:
             return visible, index
-        selected = shard_local(lambda i: top_k_mask(jax.lax.stop_gradient(i), min(self.topk, n)),
-                               ("act_batch", "act_length"), index)
+        selected = shard_local(
+            lambda i: top_k_mask(jax.lax.stop_gradient(i), min(self.topk, n)), ("act_batch", "act_length"), index
+        )
         return visible & selected, index
 
 

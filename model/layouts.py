@@ -6,7 +6,8 @@ the replicated narrow projections instead of each computing all of them. The nar
 projections (attention's q_latent and kv, the compressors' kv and gate) are computed on those shards
 and gathered whole once, for the parts that need every position (head-parallel attention, pooling).
 """
+
 STREAMS = ("act_batch", "act_stream_length", "act_hc", "act_embed")  # [b, s, n, d]
-TOKENS = ("act_batch", "act_stream_length", "act_embed")             # [b, s, d]
-NARROW_SHARDED = ("act_batch", "act_stream_length", None)           # [b, s, c], c << d
-NARROW_WHOLE = ("act_batch", "act_length", None)                    # the same, gathered
+TOKENS = ("act_batch", "act_stream_length", "act_embed")  # [b, s, d]
+NARROW_SHARDED = ("act_batch", "act_stream_length", None)  # [b, s, c], c << d
+NARROW_WHOLE = ("act_batch", "act_length", None)  # the same, gathered

@@ -6,6 +6,7 @@ head at position i predicts token i+1; MTP depth k at position i predicts token 
 scored only when its target exists inside the row, is masked in, and belongs to the same packed
 document (segment) as the position.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -31,12 +32,19 @@ def shifted_targets(tokens: jax.Array, loss_mask: jax.Array, shift: int, segment
 
 def target_counts(tokens, loss_mask, segment_ids, num_mtp: int) -> jax.Array:
     """Scored targets of the main head and of each MTP depth: [1 + num_mtp] float32."""
-    return jnp.stack([jnp.sum(shifted_targets(tokens, loss_mask, shift, segment_ids)[1])
-                      for shift in range(1, num_mtp + 2)])
+    return jnp.stack(
+        [jnp.sum(shifted_targets(tokens, loss_mask, shift, segment_ids)[1]) for shift in range(1, num_mtp + 2)]
+    )
 
 
-def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.Array,
-                        mtp_weight: float | jax.Array, segment_ids=None, counts=None):
+def language_model_loss(
+    output: ModelOutput,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    mtp_weight: float | jax.Array,
+    segment_ids=None,
+    counts=None,
+):
     """Mean next-token loss over scored targets, plus `mtp_weight` times the mean over depths of each
     depth's mean MTP loss.
 
@@ -50,9 +58,9 @@ def language_model_loss(output: ModelOutput, tokens: jax.Array, loss_mask: jax.A
         counts = target_counts(tokens, loss_mask, segment_ids, depths)
     counts = jnp.maximum(counts, 1.0)
     shifted = [shifted_targets(tokens, loss_mask, shift, segment_ids) for shift in range(1, depths + 2)]
-    targets = jnp.stack([target for target, _ in shifted])                      # [1 + depths, b, s]
+    targets = jnp.stack([target for target, _ in shifted])  # [1 + depths, b, s]
     weights = jnp.stack([weight for _, weight in shifted])
-    totals = -jnp.sum(output.token_logprobs(targets) * weights, axis=(1, 2))     # one pass of the shared head
+    totals = -jnp.sum(output.token_logprobs(targets) * weights, axis=(1, 2))  # one pass of the shared head
     main = totals[0] / counts[0]
     mtp = jnp.sum(totals[1:] / counts[1:]) / max(depths, 1)
     return main + mtp_weight * mtp, {"main_loss": main, "mtp_loss": mtp, "target_tokens": jnp.sum(weights[0])}

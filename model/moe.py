@@ -8,6 +8,7 @@ sees every token and a combine matrix keeps each token's choices; exact, E/k tim
 FLOPs). tests/test_expert_dispatch.py: the dense reference and the padded dispatch give the same
 output and gradients, and the dispatch equals a per-expert loop on each of its meshes.
 """
+
 import dataclasses
 
 import jax
@@ -36,8 +37,9 @@ class Router(nnx.Module):
     def __init__(self, args: ModelArgs, hashed: bool, rngs: nnx.Rngs):
         self.k, self.scale, self.hashed = args.num_experts_per_tok, args.routed_scaling_factor, hashed
         e = args.num_routed_experts
-        self.weight = params.normal(rngs, (args.hidden_size, e), ("embed", "expert_gate"),
-                                    args.initializer_range, args.weight_dtype)
+        self.weight = params.normal(
+            rngs, (args.hidden_size, e), ("embed", "expert_gate"), args.initializer_range, args.weight_dtype
+        )
         if hashed:
             table = jax.random.randint(rngs.params(), (args.vocab_size, self.k), 0, e, jnp.int32)
             self.tid2eid = params.HashTable(table, out_sharding=("vocab", "topk"), eager_sharding=False)
@@ -56,7 +58,9 @@ class Router(nnx.Module):
             experts = self.tid2eid[...][token_ids]
         else:
             biased = jax.lax.stop_gradient(scores) + self.bias[...]
-            experts = shard_local(lambda s: jax.lax.top_k(s, self.k)[1], TOKENS[:x.ndim - 1], biased)  # token dims [t] or [b,s]
+            experts = shard_local(
+                lambda s: jax.lax.top_k(s, self.k)[1], TOKENS[: x.ndim - 1], biased
+            )  # token dims [t] or [b,s]
         chosen = jnp.take_along_axis(scores, experts, axis=-1)
         weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.scale
         return Routing(experts=experts.astype(jnp.int32), weights=weights, scores=scores)
@@ -94,9 +98,17 @@ class RoutedExperts(nnx.Module):
         if self.dispatch == "dense":
             return self.dense(x, routing), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         dt = x.dtype
-        y, stats = routed_experts(x, routing, self.w1[...].astype(dt), self.w3[...].astype(dt),
-                                  self.w2[...].astype(dt), limit=self.limit, backend=self.dispatch,
-                                  capacity_factor=self.capacity_factor or None, tile=self.tile)
+        y, stats = routed_experts(
+            x,
+            routing,
+            self.w1[...].astype(dt),
+            self.w3[...].astype(dt),
+            self.w2[...].astype(dt),
+            limit=self.limit,
+            backend=self.dispatch,
+            capacity_factor=self.capacity_factor or None,
+            tile=self.tile,
+        )
         return y, stats["dropped_tokens"], stats["expert_tiles"]
 
     def dense(self, x: jax.Array, routing: Routing) -> jax.Array:
@@ -134,8 +146,8 @@ def sequence_balance_loss(routing: Routing, valid: jax.Array, k: int) -> jax.Arr
     tokens, padding excluded). Equals 1 when perfectly balanced."""
     e = routing.scores.shape[-1]
     rows = valid.shape[0]
-    mask = valid.reshape(rows, -1, 1).astype(jnp.float32)                      # [b, s, 1]
-    tokens = jnp.maximum(jnp.sum(mask, axis=1), 1.0)                            # [b, 1]
+    mask = valid.reshape(rows, -1, 1).astype(jnp.float32)  # [b, s, 1]
+    tokens = jnp.maximum(jnp.sum(mask, axis=1), 1.0)  # [b, 1]
     probs = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(rows, -1, e)
     chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=-2).reshape(rows, -1, e)
     fraction = jax.lax.stop_gradient(jnp.sum(chosen * mask, axis=1) / tokens) * (e / k)
@@ -158,15 +170,18 @@ class MoE(nnx.Module):
         term is zero)."""
         routing = self.router(u, token_ids, replay)
         e = self.experts.num_experts
-        dispatched = dataclasses.replace(routing, experts=jnp.where(valid[..., None], routing.experts, e),
-                                         weights=jnp.where(valid[..., None], routing.weights, 0.0))
+        dispatched = dataclasses.replace(
+            routing,
+            experts=jnp.where(valid[..., None], routing.experts, e),
+            weights=jnp.where(valid[..., None], routing.weights, 0.0),
+        )
         y, dropped, tiles = self.experts(u, dispatched)
         if self.shared is not None:
             y = y + self.shared(u)
         counted = jnp.broadcast_to(valid[..., None], routing.experts.shape).astype(jnp.float32)
         load = jnp.zeros((e,), jnp.float32).at[routing.experts.reshape(-1)].add(counted.reshape(-1))
-        balance = (jnp.zeros((), jnp.float32) if self.router.hashed
-                   else sequence_balance_loss(routing, valid, self.router.k))
-        stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles,
-                         experts=routing.experts)
+        balance = (
+            jnp.zeros((), jnp.float32) if self.router.hashed else sequence_balance_loss(routing, valid, self.router.k)
+        )
+        stats = MoEStats(load=load, balance=balance, dropped=dropped, tiles=tiles, experts=routing.experts)
         return y.astype(u.dtype), stats

@@ -4,6 +4,7 @@ with the embedding of token i+1 to predict token i+2 through the shared embeddin
 Depth k (1-based) consumes the streams of depth k-1 (depth 0 = the main model) and the embedding of
 token i+k; its logits at position i are scored against token i+k+1 (see `model.losses`).
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,8 +27,14 @@ class MTPLayer(nnx.Module):
         self.hc_head = HyperHead(args, rngs)
         self.norm = RMSNorm(d, "embed", eps)
 
-    def __call__(self, streams: jax.Array, next_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 token_ids: jax.Array):
+    def __call__(
+        self,
+        streams: jax.Array,
+        next_embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        token_ids: jax.Array,
+    ):
         """streams [b,s,n,d], next_embeds [b,s,d] (embedding of the token k ahead) ->
         (streams [b,s,n,d] for the next depth, normed hidden [b,s,d] for the head, MoEStats)."""
         dt = streams.dtype

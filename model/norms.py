@@ -4,6 +4,7 @@
 which keeps one float32 factor per row between the passes instead of float32 copies of the input
 (V4-Pro's per-head query normalisation: 1 GiB per float32 [4096, 128, 512] copy and die).
 """
+
 import functools
 
 import jax

@@ -4,6 +4,7 @@
 Variables carry their logical names as metadata only (`eager_sharding=False`): the model never needs
 a mesh to exist, and `mesh.sharding.param_shardings` turns the names into shardings when one does.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -3,6 +3,7 @@
 Pure sliding-window layers use the plain base; every layer with a compressor uses the compress base
 with static YaRN for all of its rotations (queries, keys, compressed entries, indexer, de-rotation).
 """
+
 import math
 
 import jax

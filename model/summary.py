@@ -7,6 +7,7 @@ parameters per token exclude the input embedding and MTP, count the output head,
 `num_experts_per_tok / num_routed_experts` of the routed experts. The frozen hash-routing tables are
 integer lookups, not parameters, and are left out.
 """
+
 import json
 import math
 
@@ -19,8 +20,20 @@ from model import params
 from model.args import ModelArgs, from_config
 from model.transformer import DeepSeekV4
 
-COMPONENTS = ("embedding", "head", "attention", "compressor", "indexer", "routed_experts", "shared_expert",
-              "router", "hyper_connections", "norms", "final_head", "mtp")
+COMPONENTS = (
+    "embedding",
+    "head",
+    "attention",
+    "compressor",
+    "indexer",
+    "routed_experts",
+    "shared_expert",
+    "router",
+    "hyper_connections",
+    "norms",
+    "final_head",
+    "mtp",
+)
 
 
 def component_of(path: tuple) -> str:

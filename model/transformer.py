@@ -4,6 +4,7 @@ plus the MTP layers.
 Layers of one kind are created stacked (leading `layers` axis) and run under `jax.lax.scan`, one scan
 per group of the schedule (`args.layer_groups`), so compile time does not grow with depth.
 """
+
 import dataclasses
 import operator
 from typing import Optional
@@ -33,8 +34,11 @@ REMAT = {
     # As "full", with each step's input streams moved to host memory in the forward pass and back
     # in the backward, instead of held on the device for the whole step.
     OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device", offload_dst=HOST_MEMORY),
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst=HOST_MEMORY,
+    ),
 }
 
 
@@ -58,12 +62,13 @@ class ModelOutput:
     def token_logprobs(self, targets: jax.Array) -> jax.Array:
         """targets [h, b, s] int, for the first h heads (main first, then MTP depths) -> log p(target)
         [h, b, s] float32, through the head one vocabulary tile at a time."""
-        return vocab_head.token_logprobs(self.head_inputs[:targets.shape[0]], self.head, targets, self.vocab_tile)
+        return vocab_head.token_logprobs(self.head_inputs[: targets.shape[0]], self.head, targets, self.vocab_tile)
 
     def reverse_kl(self, teacher: "ModelOutput") -> jax.Array:
         """-> KL(self || teacher) of the main heads over the vocabulary [b, s] float32, tile by tile."""
-        return vocab_head.reverse_kl(self.head_inputs[0], self.head, teacher.head_inputs[0], teacher.head,
-                                     self.vocab_tile)
+        return vocab_head.reverse_kl(
+            self.head_inputs[0], self.head, teacher.head_inputs[0], teacher.head, self.vocab_tile
+        )
 
 
 def stacked_blocks(args: ModelArgs, kind: tuple, count: int, rngs: nnx.Rngs) -> Block:
@@ -90,8 +95,9 @@ class LayerGroup(nnx.Module):
         self.remat_policy, self.scan_layers = args.remat_policy, args.scan_layers
         self.blocks = nnx.List([stacked_blocks(args, kind, repeats, rngs) for kind in pattern])
 
-    def __call__(self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None,
-                 indexer_loss: bool = False):
+    def __call__(
+        self, streams, positions, segment_ids, token_ids, collect_hidden: bool, replay=None, indexer_loss: bool = False
+    ):
         """replay: [repeats*len(pattern), b, s, k] experts per layer or None ->
         (streams, MoEStats stacked [repeats*len(pattern), ...], indexer KL [repeats*len(pattern)] (Block),
         hidden [repeats*len(pattern), ...] or None), layers in schedule order."""
@@ -106,8 +112,14 @@ class LayerGroup(nnx.Module):
             blocks = nnx.merge(graphdef, layer_state)
             stats, kls, hidden = [], [], []
             for position, block in enumerate(blocks):
-                carry, layer_stats, kl = block(carry, positions, segment_ids, token_ids,
-                                               None if layer_replay is None else layer_replay[position], indexer_loss)
+                carry, layer_stats, kl = block(
+                    carry,
+                    positions,
+                    segment_ids,
+                    token_ids,
+                    None if layer_replay is None else layer_replay[position],
+                    indexer_loss,
+                )
                 stats.append(layer_stats)
                 kls.append(kl)
                 hidden.append(carry)
@@ -133,8 +145,9 @@ class DeepSeekV4(nnx.Module):
         self.args = args
         d, v, std, wdt = args.hidden_size, args.vocab_size, args.initializer_range, args.weight_dtype
         self.embed = params.normal(rngs, (v, d), ("vocab", "embed"), std, wdt)
-        self.groups = nnx.List([LayerGroup(args, pattern, repeats, first, rngs)
-                                for pattern, repeats, first in layer_groups(args)])
+        self.groups = nnx.List(
+            [LayerGroup(args, pattern, repeats, first, rngs) for pattern, repeats, first in layer_groups(args)]
+        )
         self.hc_head = HyperHead(args, rngs)
         self.norm = RMSNorm(d, "embed", args.rms_norm_eps)
         self.head = params.normal(rngs, (d, v), ("embed", "vocab"), std, wdt)
@@ -145,14 +158,19 @@ class DeepSeekV4(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Normalised hidden [b,s,d] -> float32 logits [b,s,vocab] through the shared head."""
-        out = jnp.einsum("bsd,dv->bsv", hidden, self.head[...].astype(hidden.dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum("bsd,dv->bsv", hidden, self.head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
-    def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None, collect_hidden: bool = False,
-                 routed_experts: Optional[jax.Array] = None, logits: bool = True,
-                 indexer_loss: bool = False) -> ModelOutput:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        collect_hidden: bool = False,
+        routed_experts: Optional[jax.Array] = None,
+        logits: bool = True,
+        indexer_loss: bool = False,
+    ) -> ModelOutput:
         """tokens [b,s] int32. Packed rows give segment_ids (1, 2, ... per document, 0 = padding) and
         positions restarting at 0 in each document; by default a row is one document 0..s-1.
         routed_experts [b, s, num_layers, k] int32 (routing replay) makes every main layer use those
@@ -171,16 +189,21 @@ class DeepSeekV4(nnx.Module):
         for group in self.groups:
             layers = slice(group.first_layer, group.first_layer + group.repeats * len(group.pattern))
             streams, group_stats, group_kls, group_hidden = group(
-                streams, positions, segment_ids, tokens, collect_hidden, None if replay is None else replay[layers],
-                indexer_loss)
+                streams,
+                positions,
+                segment_ids,
+                tokens,
+                collect_hidden,
+                None if replay is None else replay[layers],
+                indexer_loss,
+            )
             stats.append(group_stats)
             kls.append(group_kls)
             hidden.append(group_hidden)
         head_inputs = [self.norm(self.hc_head(streams))]
         for depth, layer in enumerate(self.mtp, start=1):
             ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
-            streams, mtp_hidden, layer_stats = layer(streams, self.embed_tokens(ahead), positions, segment_ids,
-                                                     tokens)
+            streams, mtp_hidden, layer_stats = layer(streams, self.embed_tokens(ahead), positions, segment_ids, tokens)
             head_inputs.append(mtp_hidden)
             stats.append(_stack([layer_stats]))
         whole = [self.logits(h) for h in head_inputs] if logits else [None]

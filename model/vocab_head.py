@@ -11,6 +11,7 @@ on a whole float32 head. Each tile of the head is cast to the compute dtype befo
 Live at once: one [tokens, tile] float32 logits tile and one [d, tile] head tile, whatever the vocabulary.
 Start at `token_logprobs`; `reverse_kl` is distillation's KL(student || teacher) over the full vocabulary.
 """
+
 import functools
 
 import jax
@@ -32,8 +33,7 @@ def _tiles(head: jax.Array, tile: int) -> jax.Array:
 def _tile_logits(hidden: jax.Array, tiles: jax.Array, j) -> tuple:
     """hidden [..., d], tiles [d, tile, n] -> (logits of tile j [..., tile] float32, the tile [d, tile]
     in hidden's dtype)."""
-    weight = constrain(lax.dynamic_index_in_dim(tiles, j, axis=2, keepdims=False).astype(hidden.dtype),
-                       GATHERED_TILE)
+    weight = constrain(lax.dynamic_index_in_dim(tiles, j, axis=2, keepdims=False).astype(hidden.dtype), GATHERED_TILE)
     return jnp.einsum("...d,dt->...t", hidden, weight, preferred_element_type=jnp.float32), weight
 
 
@@ -119,8 +119,9 @@ token_logprobs.defvjp(_logprobs_forward, _logprobs_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def reverse_kl(hidden: jax.Array, head: jax.Array, teacher_hidden: jax.Array, teacher_head: jax.Array,
-               tile: int) -> jax.Array:
+def reverse_kl(
+    hidden: jax.Array, head: jax.Array, teacher_hidden: jax.Array, teacher_head: jax.Array, tile: int
+) -> jax.Array:
     """Student hidden [..., d] and head [d, v], teacher hidden [..., d'] and head [d', v] ->
     KL(student || teacher) over the vocabulary [...] float32, `tile` columns at a time. The teacher
     gets no gradient (its cotangents are zero)."""

@@ -5,6 +5,7 @@ KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)), averaged over t
 scored tokens. It is read over vocabulary tiles, teacher and student tile by tile
 (`ModelOutput.reverse_kl`, model/vocab_head.py), so neither model's [tokens, vocab] logits exist.
 """
+
 import dataclasses
 
 import jax

@@ -11,6 +11,7 @@ either run in the step (`reference="model"`: the frozen initial weights, on the 
 from the batch (`reference="data"`: `reference_logps` [b, 2], precomputed by score_preferences.py
 and stored with the pairs), which spares its forward pass and its copy of the weights.
 """
+
 import dataclasses
 
 import jax
@@ -78,6 +79,11 @@ class DPO:
         chosen = self.beta * (policy[:, 0] - reference_sums[:, 0])
         rejected = self.beta * (policy[:, 1] - reference_sums[:, 1])
         loss = mean(per_pair)
-        return loss, {"main_loss": loss, "dpo_margin": mean(margin), "dpo_accuracy": mean(margin > 0),
-                      "dpo_chosen_reward": mean(chosen), "dpo_rejected_reward": mean(rejected),
-                      "pairs": jnp.sum(valid)}
+        return loss, {
+            "main_loss": loss,
+            "dpo_margin": mean(margin),
+            "dpo_accuracy": mean(margin > 0),
+            "dpo_chosen_reward": mean(chosen),
+            "dpo_rejected_reward": mean(rejected),
+            "pairs": jnp.sum(valid),
+        }

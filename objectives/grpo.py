@@ -11,6 +11,7 @@ averaged over all completion tokens of the global batch (token-level, so long co
 by their length). Batch arrays `sampling_logprobs` and `advantages` are aligned to tokens: entry i
 belongs to token i (the prompt's entries are ignored).
 """
+
 import dataclasses
 
 import jax
@@ -22,8 +23,9 @@ from objectives.protocol import NO_WEIGHTS
 from objectives.sequence import scored_logprobs, scored_targets
 
 
-def grpo_token_terms(logprobs, sampling_logprobs, advantages, reference_logprobs, clip_low: float,
-                     clip_high: float, kl_coef: float):
+def grpo_token_terms(
+    logprobs, sampling_logprobs, advantages, reference_logprobs, clip_low: float, clip_high: float, kl_coef: float
+):
     """Per-token arrays (any equal shapes) -> (loss, ratio, clipped (float: the clip bound was taken), k3)."""
     ratio = jnp.exp(logprobs - sampling_logprobs)
     unclipped = ratio * advantages
@@ -64,9 +66,16 @@ class GRPO:
             reference_logprobs = jax.lax.stop_gradient(logprobs)
         else:
             reference_logprobs = scored_logprobs(reference, batch)[0]
-        per_token, ratio, clipped, k3 = grpo_token_terms(logprobs, sampling, advantages, reference_logprobs,
-                                                         self.clip_low, self.clip_high, self.kl_coef)
+        per_token, ratio, clipped, k3 = grpo_token_terms(
+            logprobs, sampling, advantages, reference_logprobs, self.clip_low, self.clip_high, self.kl_coef
+        )
         mean = lambda x: jnp.sum(x * weights) / jnp.maximum(tokens, 1.0)
         loss = mean(per_token)
-        return loss, {"main_loss": loss, "grpo_ratio": mean(ratio), "grpo_clipped": mean(clipped),
-                      "grpo_kl": mean(k3), "grpo_advantage": mean(advantages), "target_tokens": jnp.sum(weights)}
+        return loss, {
+            "main_loss": loss,
+            "grpo_ratio": mean(ratio),
+            "grpo_clipped": mean(clipped),
+            "grpo_kl": mean(k3),
+            "grpo_advantage": mean(advantages),
+            "target_tokens": jnp.sum(weights),
+        }

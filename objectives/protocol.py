@@ -1,4 +1,5 @@
 """The interface through which every post-training objective plugs into the sharded step (trainer/step.py)."""
+
 from types import MappingProxyType
 from typing import Mapping, Protocol
 
@@ -35,7 +36,8 @@ class Objective(Protocol):
         """Counts over the whole global batch, taken before micro-batching, so that each micro-batch's
         loss and metrics are its share of the global mean and simply add up."""
 
-    def loss(self, output, batch: dict, frozen_output, normalisers: jax.Array,
-             step_weights: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    def loss(
+        self, output, batch: dict, frozen_output, normalisers: jax.Array, step_weights: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict]:
         """One micro-batch's (loss, metrics); `step_weights` holds this step's value of each of
         `weight_schedules`."""

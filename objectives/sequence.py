@@ -5,6 +5,7 @@ Alignment follows model/losses.py: position i predicts token i+1, and a position
 target is in the loss mask and in the same packed segment. Arrays that belong to a token (sampling
 log-probs, advantages) are moved onto the position that predicts it with `model.losses.ahead`.
 """
+
 import jax
 import jax.numpy as jnp
 

@@ -1,4 +1,5 @@
 """Supervised fine-tuning: next-token and MTP cross-entropy on the loss-masked tokens."""
+
 import dataclasses
 from typing import Mapping
 
@@ -19,9 +20,10 @@ def mtp_weight_schedule(train: ml_collections.ConfigDict, optimizer: ml_collecti
     constant when mtp_weight_after_decay is None."""
     if train.mtp_weight_after_decay is None:
         return optax.constant_schedule(train.mtp_weight)
-    return optax.join_schedules([optax.constant_schedule(train.mtp_weight),
-                                 optax.constant_schedule(train.mtp_weight_after_decay)],
-                                boundaries=[decay_start(optimizer)])
+    return optax.join_schedules(
+        [optax.constant_schedule(train.mtp_weight), optax.constant_schedule(train.mtp_weight_after_decay)],
+        boundaries=[decay_start(optimizer)],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,5 +43,6 @@ class SFT:
 
     def loss(self, output, batch: dict, frozen, counts: jax.Array, step_weights: dict[str, jax.Array]):
         """Main loss + this step's MTP weight x MTP loss (model.losses.language_model_loss)."""
-        return language_model_loss(output, batch["tokens"], batch["loss_mask"], step_weights[MTP_WEIGHT],
-                                   batch["segment_ids"], counts)
+        return language_model_loss(
+            output, batch["tokens"], batch["loss_mask"], step_weights[MTP_WEIGHT], batch["segment_ids"], counts
+        )

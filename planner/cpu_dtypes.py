@@ -9,6 +9,7 @@ float16 natively, so compiling the bf16 fields as float16 keeps every 2-byte buf
 leaves shapes, shardings, collectives and matmul FLOPs as they are. Numerics do not enter: the planner
 compiles for abstract inputs and runs nothing. Start with `as_compiled_here`.
 """
+
 import copy
 
 import ml_collections

@@ -9,13 +9,18 @@ has them (bf16 collectives show as f32 there), so communication is an upper boun
 a lower bound on link time (peak bandwidths, no latency where none is published). No overlap of
 compute and communication is assumed: step_time = compute + communication.
 """
+
 import math
 
 from mesh import cost
 from mesh.layout import AxisPlacement, Layout
 
-SECONDS = {"all-reduce": cost.all_reduce_seconds, "all-gather": cost.all_gather_seconds,
-           "reduce-scatter": cost.reduce_scatter_seconds, "all-to-all": cost.all_to_all_seconds}
+SECONDS = {
+    "all-reduce": cost.all_reduce_seconds,
+    "all-gather": cost.all_gather_seconds,
+    "reduce-scatter": cost.reduce_scatter_seconds,
+    "all-to-all": cost.all_to_all_seconds,
+}
 
 
 def placement(layout: Layout, axes: tuple) -> AxisPlacement:
@@ -43,8 +48,9 @@ def collective_seconds(kind: str, axes: tuple, nbytes: float, layout: Layout) ->
     return SECONDS[kind](where, nbytes)
 
 
-def step_estimate(flops_per_device: float, comm_seconds: float, model_flops: float, devices: int,
-                  peak_flops: float | None) -> dict:
+def step_estimate(
+    flops_per_device: float, comm_seconds: float, model_flops: float, devices: int, peak_flops: float | None
+) -> dict:
     if not peak_flops:
         return {"compute_s": None, "step_time_s": None, "mfu": None}
     compute = flops_per_device / peak_flops

@@ -10,6 +10,7 @@ counted (`dropped_assignments`, logged every step). `dispatch_buffers` lists the
 raises a ConfigError naming the field, the largest buffer and the bytes when their sum exceeds the
 HBM. The planner (plan.py, train.py --dry_run) and train.py's real runs call it before compiling anything.
 """
+
 import dataclasses
 import math
 
@@ -25,7 +26,7 @@ from model.args import ModelArgs, from_config
 from model.expert_dispatch import capacity
 from planner.memory import tokens_per_device
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +55,16 @@ def dispatch_buffers(args: ModelArgs, tokens: int, expert_shards: int, tensor: i
     if args.moe_dispatch == "ragged":
         rows = expert_shards * tokens * k  # every source may send all its assignments to one device
         return [Buffer("received rows", (rows, d), act), Buffer("expert outputs", (rows, d), "float32")] + [
-            Buffer(f"{name} projections", (rows, width), "float32") for name in ("gate", "up")]
+            Buffer(f"{name} projections", (rows, width), "float32") for name in ("gate", "up")
+        ]
     cap = capacity(tokens, k, experts, args.capacity_factor or None)
-    projections = [Buffer(f"{name} projections", (local, expert_shards * cap, width), "float32")
-                   for name in ("gate", "up")]
-    return [Buffer("sent rows", (experts, cap, d), act), Buffer("returned rows", (experts, cap, d), "float32")] + projections
+    projections = [
+        Buffer(f"{name} projections", (local, expert_shards * cap, width), "float32") for name in ("gate", "up")
+    ]
+    return [
+        Buffer("sent rows", (experts, cap, d), act),
+        Buffer("returned rows", (experts, cap, d), "float32"),
+    ] + projections
 
 
 def run_dispatch_buffers(config: ml_collections.ConfigDict, mesh_shape: dict) -> list:
@@ -93,4 +99,5 @@ def check_dispatch_fits(config: ml_collections.ConfigDict, hbm_bytes: float | No
     raise ConfigError(
         f"{field}: one MoE layer's dispatch buffers alone need {total / GIB:,.1f} GiB per device of the "
         f"{hbm / GIB:,.1f} GiB HBM on {topology.name}, the largest the {largest}; {remedy} or spread the "
-        f"tokens over more devices")
+        f"tokens over more devices"
+    )

@@ -7,10 +7,10 @@ figure F is linear in the groups' repeat counts r_g:  F(r) = F(1,...,1) + sum_g 
 d_g = F(1,..,2 at g,..,1) - F(1,...,1). One compile with every group once, plus one per group that
 repeats, gives F at full depth exactly.
 """
+
 import dataclasses
 
 from model.args import ModelArgs, layer_groups
-
 
 
 def with_repeats(args: ModelArgs, repeats: tuple) -> ModelArgs:
@@ -24,9 +24,14 @@ def with_repeats(args: ModelArgs, repeats: tuple) -> ModelArgs:
     mtp = slice(args.num_layers, None)
     ratio = args.kind_ratios()
     named = None if args.attention_kinds is None else tuple(a for a, _ in kinds) + args.attention_kinds[mtp]
-    return dataclasses.replace(args, num_layers=len(kinds), num_hash_layers=sum(hashed), scan_layers=False,
-                               compress_ratios=tuple(ratio[a] for a, _ in kinds) + args.compress_ratios[mtp],
-                               attention_kinds=named)
+    return dataclasses.replace(
+        args,
+        num_layers=len(kinds),
+        num_hash_layers=sum(hashed),
+        scan_layers=False,
+        compress_ratios=tuple(ratio[a] for a, _ in kinds) + args.compress_ratios[mtp],
+        attention_kinds=named,
+    )
 
 
 def variants(args: ModelArgs) -> list:

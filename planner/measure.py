@@ -1,5 +1,6 @@
 """Figures read from one compiled program: XLA-counted FLOPs and the collectives by kind and mesh axes,
 as flat {key: number} dicts that `planner.extrapolate.combine` can add and scale."""
+
 import math
 
 from mesh import hlo_collectives
@@ -47,8 +48,13 @@ def tile_body_flops(args: ModelArgs, tokens: int, mesh_shape: dict, rules) -> tu
     shape = (args.num_routed_experts, args.hidden_size, args.moe_intermediate_size)
     spec = resolve_spec("routed w1/w3", W13_NAMES, shape, mesh_shape, rules)[2]
     split = math.prod(mesh_shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
-    return tile_flops(chunk_tile(chunk_rows(args, tokens), args.expert_tile), args.hidden_size,
-                      args.moe_intermediate_size // split, args.compute_dtype, args.swiglu_limit)
+    return tile_flops(
+        chunk_tile(chunk_rows(args, tokens), args.expert_tile),
+        args.hidden_size,
+        args.moe_intermediate_size // split,
+        args.compute_dtype,
+        args.swiglu_limit,
+    )
 
 
 def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict, rules) -> float:

@@ -5,6 +5,7 @@ The compiled figure is XLA's own: arguments + outputs - aliased (donated) + temp
 The breakdown: weights, gradients and optimizer state are exact (their shard shapes); activations are
 an estimate from the shapes of what the layers keep for the backward pass (see `analytic_bytes`).
 """
+
 import glob
 import math
 import os
@@ -20,14 +21,24 @@ from model.expert_dispatch import capacity
 
 def compiled_bytes(compiled) -> dict:
     stats = compiled.memory_analysis()
-    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-             + stats.temp_size_in_bytes)
-    return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-            "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes, "total": total}
+    total = (
+        stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+    )
+    return {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+        "total": total,
+    }
 
 
 # Debug options that make XLA write its buffer live ranges (and nothing slow: no per-fusion LLVM IR).
-LIVE_RANGE_DUMP = {"xla_dump_hlo_pass_re": "^$", "xla_dump_emitter_re": "^$", "xla_dump_buffer_assignment_analysis": True}
+LIVE_RANGE_DUMP = {
+    "xla_dump_hlo_pass_re": "^$",
+    "xla_dump_emitter_re": "^$",
+    "xla_dump_buffer_assignment_analysis": True,
+}
 _PEAK = re.compile(r"Stack trace breakdown for peak usage: (?P<bytes>[0-9 ]+) bytes")
 _LIVE_AT_PEAK = re.compile(r"^\s+Live ranges at \d+ \(peak\):")
 _LIVE = re.compile(r"^\s+(?P<name>[\w.\-]+)(?:\{(?P<index>[0-9,]*)\})?: (?P<bytes>\d+) bytes")
@@ -55,8 +66,11 @@ def _readable(op_name: str) -> str:
     """A JAX op path with the wrappers every step has taken out: jit(step)/while/body/closed_call/x ->
     loop/x."""
     name = re.sub(r"^jit\([^)]*\)/", "", op_name)
-    return name.replace("closed_call/", "").replace("while/body/", "loop/").replace(
-        "checkpoint/rematted_computation/", "remat/")
+    return (
+        name.replace("closed_call/", "")
+        .replace("while/body/", "loop/")
+        .replace("checkpoint/rematted_computation/", "remat/")
+    )
 
 
 def _tuple_element(shape: str, index: str | None) -> str:
@@ -85,8 +99,9 @@ def peak_buffers(live_range_text: str, hlo_text: str, top: int) -> dict:
     peak = next((_PEAK.search(line) for line in lines if _PEAK.search(line)), None)
     start = next((index for index, line in enumerate(lines) if _LIVE_AT_PEAK.match(line)), None)
     if peak is None or start is None:
-        raise ValueError("no 'Live ranges at ... (peak)' and 'Stack trace breakdown for peak usage' in the "
-                         "live-range dump")
+        raise ValueError(
+            "no 'Live ranges at ... (peak)' and 'Stack trace breakdown for peak usage' in the live-range dump"
+        )
     instructions, root_ops, computation = {}, {}, None
     for line in hlo_text.splitlines():
         line = _INDEX_COMMENT.sub("", line)
@@ -102,13 +117,19 @@ def peak_buffers(live_range_text: str, hlo_text: str, top: int) -> dict:
             if line.lstrip().startswith("ROOT ") and op:
                 root_ops[computation] = op["op"]
     buffers = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         live = _LIVE.match(line)
         if not live:
             break
         shape, op, calls = instructions.get(live["name"], ("?", None, None))
         op = op or root_ops.get(calls)  # a fusion named by the op its fused computation ends with
-        buffers.append({"what": _readable(op) if op else live["name"], "shape": _tuple_element(shape, live["index"]), "bytes": int(live["bytes"])})
+        buffers.append(
+            {
+                "what": _readable(op) if op else live["name"],
+                "shape": _tuple_element(shape, live["index"]),
+                "bytes": int(live["bytes"]),
+            }
+        )
     buffers.sort(key=lambda b: -b["bytes"])
     return {"bytes": int(peak["bytes"].replace(" ", "")), "buffers": buffers[:top]}
 
@@ -168,8 +189,11 @@ def _layer_bytes_per_token(args: ModelArgs, seq_len: int, tensor: int) -> float:
         attention += _score_bytes_per_query(args, seq_len, tensor)
     indexer = 2 * max(args.index_n_heads // tensor, 1) * entries * 4
     inter = args.moe_intermediate_size // tensor
-    moe = (args.num_experts_per_tok * (args.hidden_size * act + 3 * inter * 4)
-           + 3 * inter * 4 * args.num_shared_experts + 3 * args.num_routed_experts * 4)
+    moe = (
+        args.num_experts_per_tok * (args.hidden_size * act + 3 * inter * 4)
+        + 3 * inter * 4 * args.num_shared_experts
+        + 3 * args.num_routed_experts * 4
+    )
     return streams + attention + indexer + moe
 
 
@@ -192,7 +216,9 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
     layers = args.num_layers + args.num_mtp_layers
     per_layer = _layer_bytes_per_token(args, seq_len, tensor) * tokens
     if args.query_chunk:  # recomputed chunk by chunk: one chunk of every local row is alive
-        chunk_scores = _score_bytes_per_query(args, seq_len, tensor) * tokens // seq_len * min(args.query_chunk, seq_len)
+        chunk_scores = (
+            _score_bytes_per_query(args, seq_len, tensor) * tokens // seq_len * min(args.query_chunk, seq_len)
+        )
     else:
         chunk_scores = 0
     if args.remat_policy == "none":
@@ -203,7 +229,7 @@ def activation_bytes(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape:
         kept = layer_input_bytes(args, batch_size, seq_len, mesh_shape) + per_layer
     experts = args.num_routed_experts
     cap = capacity(tokens, args.num_experts_per_tok, experts, args.capacity_factor or None)
-    moe = experts * cap * args.hidden_size * (act + 4) * 2            # rows out (x.dtype) and back (f32), both ways
+    moe = experts * cap * args.hidden_size * (act + 4) * 2  # rows out (x.dtype) and back (f32), both ways
     logits = tokens * (args.vocab_tile or args.vocab_size) // tensor * 4 * 2  # one vocabulary tile
     return kept + chunk_scores + max(moe, logits)
 
@@ -214,5 +240,10 @@ def analytic_bytes(args: ModelArgs, state, batch_size: int, seq_len: int, mesh_s
     gradients = shard_bytes(state.params)
     optimizer = shard_bytes(state.opt_state)
     activations = activation_bytes(args, batch_size, seq_len, mesh_shape)
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-            "total": weights + gradients + optimizer + activations}
+    return {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "total": weights + gradients + optimizer + activations,
+    }

@@ -7,12 +7,17 @@ to its total). A dashed line marks the HBM per device (`hbm_bytes`) when the top
 Each segment is labelled with its GiB. plan.py's `--memory_png=PATH` saves it as a PNG; a matplotlib
 `Figure` on the Agg canvas, no display.
 """
+
 from matplotlib.figure import Figure
 
 from planner.report import GIB
 
-ANALYTIC = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
-            ("activations", "activations (estimate)"))
+ANALYTIC = (
+    ("weights", "weights"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer state"),
+    ("activations", "activations (estimate)"),
+)
 DPI = 100
 
 
@@ -22,9 +27,11 @@ def memory_bars(report: dict) -> dict[str, list[tuple[str, float]]]:
     bars = {"analytic": [(label, analytic[key] / GIB) for key, label in ANALYTIC]}
     compiled = report.get("memory_compiled")
     if compiled:
-        bars["compiled"] = [("arguments (weights, optimizer state, batch)", compiled["arguments"] / GIB),
-                            ("outputs not aliased", (compiled["outputs"] - compiled["aliased"]) / GIB),
-                            ("temporaries (gradients, activations)", compiled["temporaries"] / GIB)]
+        bars["compiled"] = [
+            ("arguments (weights, optimizer state, batch)", compiled["arguments"] / GIB),
+            ("outputs not aliased", (compiled["outputs"] - compiled["aliased"]) / GIB),
+            ("temporaries (gradients, activations)", compiled["temporaries"] / GIB),
+        ]
     return bars
 
 
@@ -50,6 +57,8 @@ def memory_figure(report: dict) -> Figure:
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     config = report["config"]
     mesh = ", ".join(f"{name}={size}" for name, size in config["mesh"].items() if size > 1)
-    figure.suptitle(f"memory per device: {config['topology']}, mesh {mesh or 'one device'}, "
-                    f"{config['batch_size']} x {config['seq_len']} tokens")
+    figure.suptitle(
+        f"memory per device: {config['topology']}, mesh {mesh or 'one device'}, "
+        f"{config['batch_size']} x {config['seq_len']} tokens"
+    )
     return figure

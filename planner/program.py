@@ -5,6 +5,7 @@ Nothing is allocated: the train state and the batch are ShapeDtypeStructs carryi
 so a 1.6T-parameter step compiles on emulated CPU devices with a few GiB of host memory. Start with
 `compile_step`; `compile_evaluation` is what train.py --dry_run adds.
 """
+
 import dataclasses
 import time
 
@@ -23,16 +24,18 @@ from trainer.step import batch_sharding_of, jit_train_step, make_train_step
 
 @dataclasses.dataclass
 class CompiledStep:
-    compiled: object        # jax.stages.Compiled
-    state: object           # the abstract TrainState (ShapeDtypeStructs with shardings)
+    compiled: object  # jax.stages.Compiled
+    state: object  # the abstract TrainState (ShapeDtypeStructs with shardings)
     lower_seconds: float
     compile_seconds: float
 
 
 def abstract_batch(batch_keys: tuple, args: ModelArgs, batch_size: int, seq_len: int, mesh, rules) -> dict:
     sharding = batch_sharding_of(mesh, rules)
-    return {key: jax.ShapeDtypeStruct((batch_size, *dims), dtype, sharding=sharding)
-            for key, (dims, dtype) in batch_fields(batch_keys, args, seq_len).items()}
+    return {
+        key: jax.ShapeDtypeStruct((batch_size, *dims), dtype, sharding=sharding)
+        for key, (dims, dtype) in batch_fields(batch_keys, args, seq_len).items()
+    }
 
 
 def _graphdef(args: ModelArgs):
@@ -52,14 +55,21 @@ def lower_step(args: ModelArgs, config, mesh, tx, schedule, unroll_microbatches:
         frozen_shardings = None if frozen is None else {"params": shardings.params, "routing": shardings.routing}
         step, _ = jit_train_step(
             make_train_step(_graphdef(args), tx, schedule, config.train, objective, unroll_microbatches),
-            shardings, mesh, rules, objective.batch_keys, frozen_shardings)
-        batch = abstract_batch(objective.batch_keys, args, config.data.global_batch_size, config.data.seq_len,
-                               mesh, rules)
+            shardings,
+            mesh,
+            rules,
+            objective.batch_keys,
+            frozen_shardings,
+        )
+        batch = abstract_batch(
+            objective.batch_keys, args, config.data.global_batch_size, config.data.seq_len, mesh, rules
+        )
         return step.lower(state, batch, *(() if frozen is None else (frozen,))), state
 
 
-def compile_step(args: ModelArgs, config, mesh, tx, schedule, compiler_options=None,
-                 unroll_microbatches: bool = False) -> CompiledStep:
+def compile_step(
+    args: ModelArgs, config, mesh, tx, schedule, compiler_options=None, unroll_microbatches: bool = False
+) -> CompiledStep:
     """`lower_step`, compiled; `compiler_options` are XLA debug options for this compile (e.g. dumps)."""
     start = time.perf_counter()
     lowered, state = lower_step(args, config, mesh, tx, schedule, unroll_microbatches)
@@ -76,9 +86,13 @@ def compile_evaluation(args: ModelArgs, config, mesh, state) -> CompiledStep:
     rules = config.mesh.rules
     with activate(mesh, rules):
         start = time.perf_counter()
-        compiled = compile_next_tokens(_graphdef(args), state.params, state.routing,
-                                       batch_rows=config.eval.batch_rows,
-                                       length=config.eval.max_prompt_len + config.eval.max_new_tokens,
-                                       batch_sharding=batch_sharding_of(mesh, rules))
+        compiled = compile_next_tokens(
+            _graphdef(args),
+            state.params,
+            state.routing,
+            batch_rows=config.eval.batch_rows,
+            length=config.eval.max_prompt_len + config.eval.max_new_tokens,
+            batch_sharding=batch_sharding_of(mesh, rules),
+        )
         done = time.perf_counter()
     return CompiledStep(compiled, state, 0.0, done - start)

@@ -13,11 +13,12 @@ FLOPs and collectives come from shallow unrolled compiles extrapolated exactly t
 (planner/extrapolate.py), the micro-batch loop unrolled too, since XLA counts a loop body once;
 memory and compile time come from the full-depth scanned program itself.
 """
+
 import resource
 import tempfile
 import time
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def planned_optimizer(config, args):
@@ -29,8 +30,14 @@ def planned_optimizer(config, args):
     return tx, learning_rate_schedule(config.optimizer)
 
 
-def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None, log=print,
-              peak_buffers: int = 0, evaluation: bool = False) -> dict:
+def make_plan(
+    config,
+    full_compile: bool = True,
+    hbm_bytes: float | None = None,
+    log=print,
+    peak_buffers: int = 0,
+    evaluation: bool = False,
+) -> dict:
     """The report (see the module docstring) for `config` on its topology and mesh; JAX must already
     see the topology's devices (mesh.emulate.emulate). `peak_buffers` > 0 adds the largest buffers
     live at the full-depth program's memory peak; `evaluation` adds the held-out decoding step
@@ -60,13 +67,26 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
     batch_size, seq_len, microbatches = config.data.global_batch_size, config.data.seq_len, config.train.microbatches
     tokens = batch_size * seq_len
 
-    report = {"config": {"topology": topology.name, "mesh": shape, "devices": devices,
-                         "expert_axes": list(parallelism.expert_mesh_axes(rules)), "objective": config.objective,
-                         "batch_size": batch_size, "seq_len": seq_len, "microbatches": microbatches,
-                         "tokens_per_step": tokens, "compiled_as_float16": list(stand_ins)}}
+    report = {
+        "config": {
+            "topology": topology.name,
+            "mesh": shape,
+            "devices": devices,
+            "expert_axes": list(parallelism.expert_mesh_axes(rules)),
+            "objective": config.objective,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "microbatches": microbatches,
+            "tokens_per_step": tokens,
+            "compiled_as_float16": list(stand_ins),
+        }
+    }
     counts = count_parameters(args)
-    report["parameters"] = {"total": counts["total_params"], "activated": counts["active_params"],
-                            "mtp": counts["mtp_params"]}
+    report["parameters"] = {
+        "total": counts["total_params"],
+        "activated": counts["active_params"],
+        "mtp": counts["mtp_params"],
+    }
 
     compile_seconds, peak = {}, None
     if full_compile:
@@ -75,15 +95,20 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
             options = dict(memory.LIVE_RANGE_DUMP, xla_dump_to=dump_dir) if peak_buffers else None
             full = compile_step(args, config, mesh, tx, schedule, options)
             if peak_buffers:
-                peak = memory.peak_buffers(memory.live_range_text(dump_dir), memory.optimized_hlo_text(dump_dir),
-                                           peak_buffers)
+                peak = memory.peak_buffers(
+                    memory.live_range_text(dump_dir), memory.optimized_hlo_text(dump_dir), peak_buffers
+                )
         compile_seconds["full"] = full.compile_seconds
         state = full.state
         compiled_memory = memory.compiled_bytes(full.compiled)
-        log(f"full-depth step compiled in {full.compile_seconds:.0f} s: {compiled_memory['total'] / GIB:.2f} GiB per "
+        log(
+            f"full-depth step compiled in {full.compile_seconds:.0f} s: {compiled_memory['total'] / GIB:.2f} GiB per "
             f"device (temporaries {compiled_memory['temporaries'] / GIB:.2f})"
-            + "".join(f"\n  at the peak {b['bytes'] / GIB:.2f} GiB {b['shape']} {b['what']}"
-                      for b in (peak or {}).get("buffers", [])))
+            + "".join(
+                f"\n  at the peak {b['bytes'] / GIB:.2f} GiB {b['shape']} {b['what']}"
+                for b in (peak or {}).get("buffers", [])
+            )
+        )
     else:
         state = abstract_train_state(args, mesh, rules, tx)
         compiled_memory = None
@@ -96,8 +121,7 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         compile_seconds[name] = step.compile_seconds
         measured[name] = measure.measure(step.compiled, shape)
     totals = extrapolate.combine(args, measured)
-    flops_per_device = totals[measure.FLOPS] + measure.uncounted_tile_flops(
-        args, batch_size, seq_len, shape, rules)
+    flops_per_device = totals[measure.FLOPS] + measure.uncounted_tile_flops(args, batch_size, seq_len, shape, rules)
     model_flops = train_flops_per_step(args, batch_size, seq_len)
 
     collectives, comm_seconds = [], 0.0
@@ -107,11 +131,20 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         kind, axes, _ = measure.split_key(key)
         count = totals[measure.collective_key(kind, axes, "count")]
         nbytes = totals[key]
-        seconds = (estimate.collective_seconds(kind, axes, nbytes, layout)
-                   + (count - 1) * estimate.collective_seconds(kind, axes, 0.0, layout))
+        seconds = estimate.collective_seconds(kind, axes, nbytes, layout) + (count - 1) * estimate.collective_seconds(
+            kind, axes, 0.0, layout
+        )
         comm_seconds += seconds
-        collectives.append({"kind": kind, "axes": list(axes), "levels": list(estimate.placement(layout, axes).levels),
-                            "count": round(count), "bytes": nbytes, "seconds": seconds})
+        collectives.append(
+            {
+                "kind": kind,
+                "axes": list(axes),
+                "levels": list(estimate.placement(layout, axes).levels),
+                "count": round(count),
+                "bytes": nbytes,
+                "seconds": seconds,
+            }
+        )
 
     # Activations are those of one micro-batch: the loop frees each before the next.
     analytic = memory.analytic_bytes(args, state, batch_size // microbatches, seq_len, shape)
@@ -130,16 +163,25 @@ def make_plan(config, full_compile: bool = True, hbm_bytes: float | None = None,
         host_offload = {"bytes": moved, "seconds": moved / topology.host_bandwidth if topology.host_bandwidth else None}
     timing = estimate.step_estimate(flops_per_device, comm_seconds, model_flops, devices, topology.peak_flops)
     needed = max(per_device, evaluation_memory["with_optimizer_state"] if evaluation_memory else 0)
-    report.update({
-        "fits": None if hbm is None else bool(needed <= hbm),
-        "per_device_bytes": per_device, "hbm_bytes": hbm,
-        "memory_compiled": compiled_memory, "memory_analytic": analytic, "memory_peak": peak,
-        "memory_evaluation": evaluation_memory, "host_offload": host_offload,
-        "compile_seconds": compile_seconds,
-        "xla_flops": flops_per_device * devices, "model_flops": model_flops,
-        "flops_ratio": flops_per_device * devices / model_flops,
-        "collectives": collectives, "comm_seconds": comm_seconds, **timing,
-    })
+    report.update(
+        {
+            "fits": None if hbm is None else bool(needed <= hbm),
+            "per_device_bytes": per_device,
+            "hbm_bytes": hbm,
+            "memory_compiled": compiled_memory,
+            "memory_analytic": analytic,
+            "memory_peak": peak,
+            "memory_evaluation": evaluation_memory,
+            "host_offload": host_offload,
+            "compile_seconds": compile_seconds,
+            "xla_flops": flops_per_device * devices,
+            "model_flops": model_flops,
+            "flops_ratio": flops_per_device * devices / model_flops,
+            "collectives": collectives,
+            "comm_seconds": comm_seconds,
+            **timing,
+        }
+    )
     return report
 
 
@@ -163,46 +205,68 @@ def compiled_memory(config) -> dict:
 def format_report(report: dict) -> str:
     c = report["config"]
     gib = lambda b: f"{b / GIB:,.2f} GiB"
-    lines = [f"topology {c['topology']}: {c['devices']} devices, mesh {c['mesh']}, routed experts over "
-             f"{' x '.join(c['expert_axes'])}",
-             f"parameters {report['parameters']['total']:,} (activated {report['parameters']['activated']:,}); "
-             f"{c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['seq_len']}"
-             + (f" in {c['microbatches']} micro-batches" if c["microbatches"] > 1 else "")
-             + f"), objective {c['objective']}"]
+    lines = [
+        f"topology {c['topology']}: {c['devices']} devices, mesh {c['mesh']}, routed experts over "
+        f"{' x '.join(c['expert_axes'])}",
+        f"parameters {report['parameters']['total']:,} (activated {report['parameters']['activated']:,}); "
+        f"{c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['seq_len']}"
+        + (f" in {c['microbatches']} micro-batches" if c["microbatches"] > 1 else "")
+        + f"), objective {c['objective']}",
+    ]
     if c.get("compiled_as_float16"):
-        lines.append(f"bfloat16 compiled as float16, the same width, as XLA:CPU runs bf16 in float32 "
-                     f"(planner/cpu_dtypes.py): {', '.join(c['compiled_as_float16'])}")
+        lines.append(
+            f"bfloat16 compiled as float16, the same width, as XLA:CPU runs bf16 in float32 "
+            f"(planner/cpu_dtypes.py): {', '.join(c['compiled_as_float16'])}"
+        )
     fits = {None: "unknown (no HBM figure)", True: "FITS", False: "DOES NOT FIT"}[report["fits"]]
     hbm = gib(report["hbm_bytes"]) if report["hbm_bytes"] else "n/a"
     lines.append(f"memory per device: {gib(report['per_device_bytes'])} of {hbm} HBM -> {fits}")
     if report["memory_compiled"]:
         m = report["memory_compiled"]
-        lines.append(f"  compiled: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased "
-                     f"{gib(m['aliased'])}, temporaries {gib(m['temporaries'])}")
+        lines.append(
+            f"  compiled: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased "
+            f"{gib(m['aliased'])}, temporaries {gib(m['temporaries'])}"
+        )
     if report.get("memory_peak"):
         peak = report["memory_peak"]
         lines.append(f"  live at the compiled peak: {gib(peak['bytes'])}; the largest buffers:")
         lines += [f"    {gib(b['bytes']):>12}  {b['shape']}  {b['what']}" for b in peak["buffers"]]
     if report.get("memory_evaluation"):
         e = report["memory_evaluation"]
-        lines.append(f"  evaluation (greedy decoding): {gib(e['total'])} compiled + the optimizer state = "
-                     f"{gib(e['with_optimizer_state'])}")
+        lines.append(
+            f"  evaluation (greedy decoding): {gib(e['total'])} compiled + the optimizer state = "
+            f"{gib(e['with_optimizer_state'])}"
+        )
     a = report["memory_analytic"]
-    lines.append(f"  analytic: weights {gib(a['weights'])}, gradients {gib(a['gradients'])}, optimizer "
-                 f"{gib(a['optimizer'])}, activations ~{gib(a['activations'])} (total ~{gib(a['total'])})")
+    lines.append(
+        f"  analytic: weights {gib(a['weights'])}, gradients {gib(a['gradients'])}, optimizer "
+        f"{gib(a['optimizer'])}, activations ~{gib(a['activations'])} (total ~{gib(a['total'])})"
+    )
     if report.get("host_offload"):
         h = report["host_offload"]
-        time = "no host link figure" if h["seconds"] is None else f"{h['seconds']:.2f} s over the host link if not overlapped"
-        lines.append(f"  layer inputs offloaded to host memory: {gib(h['bytes'])} to host and back per device and step, {time}")
-    lines.append(f"FLOPs per step: XLA {report['xla_flops']:.4g}, model {report['model_flops']:.4g} "
-                 f"(ratio {report['flops_ratio']:.3f})")
+        time = (
+            "no host link figure"
+            if h["seconds"] is None
+            else f"{h['seconds']:.2f} s over the host link if not overlapped"
+        )
+        lines.append(
+            f"  layer inputs offloaded to host memory: {gib(h['bytes'])} to host and back per device and step, {time}"
+        )
+    lines.append(
+        f"FLOPs per step: XLA {report['xla_flops']:.4g}, model {report['model_flops']:.4g} "
+        f"(ratio {report['flops_ratio']:.3f})"
+    )
     lines.append(f"{'collective':<20}{'mesh axes':<24}{'levels':<28}{'count':>7}{'GiB/device':>12}{'est. s':>10}")
     for entry in report["collectives"]:
-        lines.append(f"{entry['kind']:<20}{','.join(entry['axes']):<24}{','.join(entry['levels']):<28}"
-                     f"{entry['count']:>7}{entry['bytes'] / GIB:>12.3f}{entry['seconds']:>10.3f}")
+        lines.append(
+            f"{entry['kind']:<20}{','.join(entry['axes']):<24}{','.join(entry['levels']):<28}"
+            f"{entry['count']:>7}{entry['bytes'] / GIB:>12.3f}{entry['seconds']:>10.3f}"
+        )
     if report["step_time_s"] is not None:
-        lines.append(f"estimated step: compute {report['compute_s']:.2f} s + communication "
-                     f"{report['comm_seconds']:.2f} s = {report['step_time_s']:.2f} s, MFU {report['mfu']:.1%}")
+        lines.append(
+            f"estimated step: compute {report['compute_s']:.2f} s + communication "
+            f"{report['comm_seconds']:.2f} s = {report['step_time_s']:.2f} s, MFU {report['mfu']:.1%}"
+        )
     lines.append("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["compile_seconds"].items()))
     return "\n".join(lines)
 
@@ -226,6 +290,9 @@ def dry_run(config, topology) -> int:
     start = time.perf_counter()
     report = make_plan(config, hbm_bytes=topology.hbm_bytes, evaluation=True)
     print(format_report(report), flush=True)
-    print(f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+    print(
+        f"dry run of {config.objective} on {topology.name}: {time.perf_counter() - start:.0f} s, peak host memory "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
+        flush=True,
+    )
     return 0 if report["fits"] is not False else 1

@@ -7,6 +7,7 @@ the reason, when a sharding is impossible or the batch does not split. Weights, 
 state per device are exact (planner.memory); compute and communication are estimates that rank
 candidates and do not replace their compile. The cost model in full: docs/planning.md.
 """
+
 import dataclasses
 import math
 
@@ -36,12 +37,13 @@ PARTIAL_SUMS_PER_LAYER = 3  # attention output, shared expert, routed experts: p
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One parameter (or routing variable) as the search needs it."""
+
     path: str
-    names: tuple            # logical axis names
+    names: tuple  # logical axis names
     shape: tuple
     itemsize: int
-    optimizer_bytes: int    # bytes of the optimizer state tied to it, unsharded
-    matmul_share: float     # multiply-adds per token it takes part in (0: lookups, vectors)
+    optimizer_bytes: int  # bytes of the optimizer state tied to it, unsharded
+    matmul_share: float  # multiply-adds per token it takes part in (0: lookups, vectors)
 
 
 class _Owner:
@@ -53,9 +55,9 @@ class _Owner:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    params: tuple               # Tensors
-    routing: tuple              # Tensors: selection biases, hash tables
-    replicated_optimizer: int   # bytes of optimizer state tied to no parameter (step counts)
+    params: tuple  # Tensors
+    routing: tuple  # Tensors: selection biases, hash tables
+    replicated_optimizer: int  # bytes of optimizer state tied to no parameter (step counts)
 
 
 def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
@@ -63,13 +65,20 @@ def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
     _, state = nnx.split(abstract_model(args))
     params, routing = split_variables(state)
     keys = jax.tree_util.tree_map_with_path(
-        lambda path, v: v.replace("/".join(str(getattr(k, "key", k)) for k in path)), params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        lambda path, v: v.replace("/".join(str(getattr(k, "key", k)) for k in path)),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     owners = optax.tree_map_params(
-        tx, lambda leaf, path: leaf if isinstance(leaf, optax.MaskedNode) else _Owner(path, leaf.size * leaf.dtype.itemsize),
-        jax.eval_shape(tx.init, params), keys,
+        tx,
+        lambda leaf, path: (
+            leaf if isinstance(leaf, optax.MaskedNode) else _Owner(path, leaf.size * leaf.dtype.itemsize)
+        ),
+        jax.eval_shape(tx.init, params),
+        keys,
         transform_non_params=lambda leaf: _Owner(None, leaf.size * leaf.dtype.itemsize),
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
     optimizer_bytes = {}  # parameter path -> bytes; None -> the replicated rest (step counts)
     for owner in jax.tree.leaves(owners, is_leaf=lambda x: isinstance(x, _Owner)):
         if isinstance(owner, _Owner):
@@ -86,8 +95,16 @@ def tensors(args: ModelArgs, tx: optax.GradientTransformation) -> Table:
             share = 0.0
             if trainable and value.ndim - (names[0] == "layers") >= 2 and component != "embedding":
                 share = math.prod(value.shape) * (routed_share if "expert" in names else 1.0)
-            out.append(Tensor(key, names, tuple(value.shape), np.dtype(value.dtype).itemsize,
-                              optimizer_bytes.get(key, 0) if trainable else 0, share))
+            out.append(
+                Tensor(
+                    key,
+                    names,
+                    tuple(value.shape),
+                    np.dtype(value.dtype).itemsize,
+                    optimizer_bytes.get(key, 0) if trainable else 0,
+                    share,
+                )
+            )
         return tuple(out)
 
     return Table(table(params, True), table(routing, False), optimizer_bytes.get(None, 0))
@@ -119,8 +136,14 @@ def mesh_shapes(devices: int, max_tensor: int) -> list:
         for expert in (e for e in divisors if (devices // tensor) % e == 0):
             rest = devices // tensor // expert
             for fsdp in (f for f in divisors if rest % f == 0):
-                shapes.append({mesh_axes.DATA: rest // fsdp, mesh_axes.FSDP: fsdp, mesh_axes.EXPERT: expert,
-                               mesh_axes.TENSOR: tensor})
+                shapes.append(
+                    {
+                        mesh_axes.DATA: rest // fsdp,
+                        mesh_axes.FSDP: fsdp,
+                        mesh_axes.EXPERT: expert,
+                        mesh_axes.TENSOR: tensor,
+                    }
+                )
     return shapes
 
 
@@ -135,8 +158,9 @@ def _gathered(names, spec) -> tuple:
     return tuple(axes)
 
 
-def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Table, hbm_bytes,
-             model_flops: float | None = None) -> Candidate:
+def evaluate(
+    candidate: Candidate, args: ModelArgs, config, topology, table: Table, hbm_bytes, model_flops: float | None = None
+) -> Candidate:
     """Fills in `candidate`'s memory, fit, time estimate, or the reason it is rejected; `model_flops`
     of the step (`model.flops.train_flops_per_step`) may be given to spare recounting them."""
     params, routing = table.params, table.routing
@@ -160,7 +184,7 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
     flops_weight = flops_total = 0.0
     spec_axes = [tuple(a for entry in spec for a in mesh_axes_of(entry)) for spec in specs]
     zero = state_axes(rules)
-    for t, used in zip(routing, spec_axes[len(params):]):
+    for t, used in zip(routing, spec_axes[len(params) :]):
         weights += math.prod(t.shape) // math.prod(shape[a] for a in used) * t.itemsize
     for t, spec, used in zip(params, specs, spec_axes):
         split = math.prod(shape[a] for a in used)
@@ -182,25 +206,31 @@ def evaluate(candidate: Candidate, args: ModelArgs, config, topology, table: Tab
             seconds["reduce-scatter"] += layers * cost.reduce_scatter_seconds(where, full * t.itemsize)
         replicating = tuple(a for a in memory.TOKEN_AXES if a not in used and shape[a] > 1)
         if replicating:
-            seconds["all-reduce"] += cost.all_reduce_seconds(placement(layout, replicating),
-                                                             numel // split * t.itemsize)
+            seconds["all-reduce"] += cost.all_reduce_seconds(
+                placement(layout, replicating), numel // split * t.itemsize
+            )
     tokens = memory.tokens_per_device(config.data.global_batch_size * config.data.seq_len, shape)
     moe_layers = args.num_layers + args.num_mtp_layers
     expert_axes = parallelism.expert_mesh_axes(rules)
     if math.prod(shape[a] for a in expert_axes) > 1:
-        rows = args.num_routed_experts * capacity(tokens, args.num_experts_per_tok, args.num_routed_experts,
-                                                  args.capacity_factor or None)
+        rows = args.num_routed_experts * capacity(
+            tokens, args.num_experts_per_tok, args.num_routed_experts, args.capacity_factor or None
+        )
         where = placement(layout, expert_axes)
         per_call = cost.all_to_all_seconds(where, rows * args.hidden_size * act)
         back = cost.all_to_all_seconds(where, rows * args.hidden_size * 4)
         seconds["all-to-all"] = passes * moe_layers * (per_call + back)
     if shape[mesh_axes.TENSOR] > 1:
         where = placement(layout, (mesh_axes.TENSOR,))
-        seconds["all-reduce"] += (passes * moe_layers * PARTIAL_SUMS_PER_LAYER
-                                  * cost.all_reduce_seconds(where, tokens * args.hidden_size * 4))
-    candidate.memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-                        "activations": memory.activation_bytes(args, config.data.global_batch_size,
-                                                               config.data.seq_len, shape)}
+        seconds["all-reduce"] += (
+            passes * moe_layers * PARTIAL_SUMS_PER_LAYER * cost.all_reduce_seconds(where, tokens * args.hidden_size * 4)
+        )
+    candidate.memory = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": memory.activation_bytes(args, config.data.global_batch_size, config.data.seq_len, shape),
+    }
     candidate.memory["total"] = sum(candidate.memory.values())
     candidate.fits = hbm_bytes is None or candidate.memory["total"] <= hbm_bytes
     if model_flops is None:
@@ -221,8 +251,9 @@ def search(args: ModelArgs, config, topology, table: Table, hbm_bytes, max_tenso
     candidates, model_flops = [], train_flops_per_step(args, config.data.global_batch_size, config.data.seq_len)
     for shape in mesh_shapes(topology.num_devices, max_tensor):
         for over_data in (False, True) if shape[mesh_axes.DATA] > 1 else (False,):
-            candidates.append(evaluate(Candidate(shape, over_data), args, config, topology, table, hbm_bytes,
-                                       model_flops))
+            candidates.append(
+                evaluate(Candidate(shape, over_data), args, config, topology, table, hbm_bytes, model_flops)
+            )
 
     def order(c):
         if c.rejected:
@@ -236,8 +267,9 @@ def smallest_topology(args: ModelArgs, config, topologies: list, table: Table, h
     """(topology, its fastest fitting candidate) for the first of `topologies` (smallest first) on
     which a mesh fits by the analytic estimate; None when none does. A topology whose devices cannot
     hold the weights, gradients and optimizer state even split evenly is skipped unsearched."""
-    state_bytes = table.replicated_optimizer + sum(2 * math.prod(t.shape) * t.itemsize + t.optimizer_bytes
-                                                   for t in table.params)
+    state_bytes = table.replicated_optimizer + sum(
+        2 * math.prod(t.shape) * t.itemsize + t.optimizer_bytes for t in table.params
+    )
     for topology in topologies:
         if hbm_bytes is not None and state_bytes > hbm_bytes * topology.num_devices:
             continue
@@ -251,17 +283,28 @@ def apply(config, candidate: Candidate, topology: str | None = None):
     """A copy of `config` laid out as `candidate`, on `topology` (a spec; None: config's own)."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        mesh = parallelism.get_config(topology or config.mesh.topology, dict(config.mesh.pins),
-                                      experts_over_data=candidate.experts_over_data, **candidate.axes)
+        mesh = parallelism.get_config(
+            topology or config.mesh.topology,
+            dict(config.mesh.pins),
+            experts_over_data=candidate.experts_over_data,
+            **candidate.axes,
+        )
         config.mesh = mesh
     return config
 
 
 def as_dict(candidate: Candidate) -> dict:
-    return {"mesh": dict(candidate.axes), "experts_over_data": candidate.experts_over_data,
-            "fits": candidate.fits, "memory": candidate.memory, "compute_s": candidate.compute_s,
-            "comm_s": candidate.comm_s, "step_time_s": candidate.step_time_s, "mfu": candidate.mfu,
-            "rejected": candidate.rejected}
+    return {
+        "mesh": dict(candidate.axes),
+        "experts_over_data": candidate.experts_over_data,
+        "fits": candidate.fits,
+        "memory": candidate.memory,
+        "compute_s": candidate.compute_s,
+        "comm_s": candidate.comm_s,
+        "step_time_s": candidate.step_time_s,
+        "mfu": candidate.mfu,
+        "rejected": candidate.rejected,
+    }
 
 
 def rejection_counts(candidates: list) -> dict:
@@ -275,17 +318,19 @@ def rejection_counts(candidates: list) -> dict:
 
 
 def format_table(candidates: list, top: int) -> str:
-    gib = 2 ** 30
+    gib = 2**30
     viable = [c for c in candidates if not c.rejected]
-    lines = [f"search: {len(candidates)} candidate meshes, {len(viable)} shardable, "
-             f"{sum(1 for c in viable if c.fits)} fit; the best {min(top, len(viable))} (analytic):",
-             f"{'#':>3} {'mesh':<52}{'GiB/device':>11}{'fits':>6}{'compute s':>11}{'comm s':>9}"
-             f"{'step s':>9}{'MFU':>7}"]
+    lines = [
+        f"search: {len(candidates)} candidate meshes, {len(viable)} shardable, "
+        f"{sum(1 for c in viable if c.fits)} fit; the best {min(top, len(viable))} (analytic):",
+        f"{'#':>3} {'mesh':<52}{'GiB/device':>11}{'fits':>6}{'compute s':>11}{'comm s':>9}{'step s':>9}{'MFU':>7}",
+    ]
     for rank, c in enumerate(viable[:top], 1):
         timed = c.step_time_s is not None
-        lines.append(f"{rank:>3} {c.name:<52}{c.memory['total'] / gib:>11.2f}{'yes' if c.fits else 'no':>6}"
-                     + (f"{c.compute_s:>11.3g}{sum(c.comm_s.values()):>9.3g}{c.step_time_s:>9.3g}{c.mfu:>7.1%}"
-                        if timed else ""))
+        lines.append(
+            f"{rank:>3} {c.name:<52}{c.memory['total'] / gib:>11.2f}{'yes' if c.fits else 'no':>6}"
+            + (f"{c.compute_s:>11.3g}{sum(c.comm_s.values()):>9.3g}{c.step_time_s:>9.3g}{c.mfu:>7.1%}" if timed else "")
+        )
     for reason, count in sorted(rejection_counts(candidates).items(), key=lambda kv: -kv[1]):
         lines.append(f"    rejected {count}: {reason}")
     return "\n".join(lines)

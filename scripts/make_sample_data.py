@@ -6,6 +6,7 @@ prompt, two-turn conversations, prompt/completion) so the readers see every SFT 
 
     python scripts/make_sample_data.py [--out data/sample] [--seed 0]
 """
+
 import argparse
 import json
 import os
@@ -70,19 +71,24 @@ def main(argv=None):
     for _ in range(args.train):
         turns = 2 if rng.random() < args.share_two_turn else 1
         train.append(_sft_record(rng, _unique_tasks(rng, turns, taken), args))
-    preference = [{"prompt": p, "chosen": a, "rejected": tasks.wrong_answer(rng, a)}
-                  for _, p, a in _unique_tasks(rng, args.preference, taken)]
+    preference = [
+        {"prompt": p, "chosen": a, "rejected": tasks.wrong_answer(rng, a)}
+        for _, p, a in _unique_tasks(rng, args.preference, taken)
+    ]
     prompts = [{"prompt": p, "answer": a, "task": name} for name, p, a in _unique_tasks(rng, args.prompts, taken)]
 
     os.makedirs(args.out, exist_ok=True)
     _write(os.path.join(args.out, "sft_train.jsonl"), train)
-    _write(os.path.join(args.out, "sft_heldout.jsonl"),
-           [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-            for _, p, a in heldout])
+    _write(
+        os.path.join(args.out, "sft_heldout.jsonl"),
+        [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for _, p, a in heldout],
+    )
     _write(os.path.join(args.out, "preference.jsonl"), preference)
     _write(os.path.join(args.out, "prompts.jsonl"), prompts)
-    print(f"wrote {len(train)} train, {len(heldout)} held-out, {len(preference)} preference, "
-          f"{len(prompts)} prompt records to {args.out}")
+    print(
+        f"wrote {len(train)} train, {len(heldout)} held-out, {len(preference)} preference, "
+        f"{len(prompts)} prompt records to {args.out}"
+    )
 
 
 if __name__ == "__main__":

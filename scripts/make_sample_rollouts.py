@@ -10,6 +10,7 @@ inferred groups, a plain or a message prompt.
 
     python scripts/make_sample_rollouts.py [--out data/sample/rollouts.jsonl] [--seed 0]
 """
+
 import argparse
 import json
 import os
@@ -69,12 +70,13 @@ def main(argv=None):
     rng = random.Random(args.seed)
     encoder = build_encoder(get_config())
     with open(args.prompts, encoding="utf-8") as f:
-        prompts = [json.loads(line) for line in f][:args.groups]
+        prompts = [json.loads(line) for line in f][: args.groups]
     records = []
     for index, prompt in enumerate(prompts):
         form = FORMS[index % len(FORMS)]
-        records += [_record(rng, prompt, i % 2 == 0, f"sample-{index}", form, encoder, args)
-                    for i in range(args.group_size)]
+        records += [
+            _record(rng, prompt, i % 2 == 0, f"sample-{index}", form, encoder, args) for i in range(args.group_size)
+        ]
     with open(args.out, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

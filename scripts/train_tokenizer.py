@@ -7,6 +7,7 @@ digit, which a ~1M-parameter model manages and multi-digit tokens would make muc
 
     python scripts/train_tokenizer.py [--data 'data/sample/sft_train.jsonl'] [--out data/sample/tokenizer.json]
 """
+
 import argparse
 import glob
 import json
@@ -33,13 +34,19 @@ def texts(pattern: str):
 
 def train(pattern: str, vocab_size: int, special_tokens: tuple[str, ...]) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts(pattern), trainer=trainer)
     if tokenizer.get_vocab_size() != vocab_size:
         raise SystemExit(f"the corpus supports only {tokenizer.get_vocab_size()} tokens, not {vocab_size}")

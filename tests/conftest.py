@@ -1,5 +1,6 @@
 """Every test runs with 8 emulated CPU devices, set before JAX initialises its backend, and with a
 persistent compilation cache outside the clone that the test run and the commands it starts share."""
+
 import os
 from pathlib import Path
 
@@ -18,7 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # by tests inherit these variables, except the multi-process runs (tests/test_multihost.py).
 COMPILATION_CACHE_ENV = {
     "JAX_COMPILATION_CACHE_DIR": str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "v4post" / "jax_cache"),
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "v4post" / "jax_cache"
+    ),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2**30),
@@ -34,16 +36,40 @@ jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
 # The quick tier (scripts/test.sh --quick): modules of unit tests of pure functions and single layers
 # on abstract or tiny inputs, a few minutes in all on 2 cores. A module joins by its name here, and
 # the list fails the run when a module in it is gone, so a rename cannot silently shrink the tier.
-QUICK_MODULES = frozenset({
-    "test_array_writer.py", "test_attention_blocks.py", "test_batch_spread.py", "test_data_bad_input.py",
-    "test_data_pipeline.py", "test_data_sample.py", "test_data_template.py", "test_devices.py",
-    "test_embedding.py", "test_full_size_sharding.py", "test_grouped_mlp.py", "test_hf_mapping.py",
-    "test_hlo_collectives.py", "test_indexer.py", "test_io_priority.py", "test_mesh_cli.py",
-    "test_mesh_cost.py", "test_mesh_layout.py", "test_mesh_matmul.py", "test_mesh_sharding.py",
-    "test_mesh_topology.py", "test_model_args.py", "test_model_summary.py", "test_objectives.py",
-    "test_optimizer.py", "test_plan_search.py", "test_rewards.py", "test_rollouts.py",
-    "test_validate_config.py", "test_vocab_head.py",
-})
+QUICK_MODULES = frozenset(
+    {
+        "test_array_writer.py",
+        "test_attention_blocks.py",
+        "test_batch_spread.py",
+        "test_data_bad_input.py",
+        "test_data_pipeline.py",
+        "test_data_sample.py",
+        "test_data_template.py",
+        "test_devices.py",
+        "test_embedding.py",
+        "test_full_size_sharding.py",
+        "test_grouped_mlp.py",
+        "test_hf_mapping.py",
+        "test_hlo_collectives.py",
+        "test_indexer.py",
+        "test_io_priority.py",
+        "test_mesh_cli.py",
+        "test_mesh_cost.py",
+        "test_mesh_layout.py",
+        "test_mesh_matmul.py",
+        "test_mesh_sharding.py",
+        "test_mesh_topology.py",
+        "test_model_args.py",
+        "test_model_summary.py",
+        "test_objectives.py",
+        "test_optimizer.py",
+        "test_plan_search.py",
+        "test_rewards.py",
+        "test_rollouts.py",
+        "test_validate_config.py",
+        "test_vocab_head.py",
+    }
+)
 _missing = sorted(name for name in QUICK_MODULES if not (Path(__file__).parent / name).exists())
 if _missing:
     raise RuntimeError(f"tests/conftest.py QUICK_MODULES names modules that do not exist: {_missing}")
@@ -58,5 +84,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return (f"jax {jax.__version__}: {jax.device_count()} {jax.default_backend()} devices; "
-            f"compilation cache {jax.config.jax_compilation_cache_dir}")
+    return (
+        f"jax {jax.__version__}: {jax.device_count()} {jax.default_backend()} devices; "
+        f"compilation cache {jax.config.jax_compilation_cache_dir}"
+    )

@@ -2,6 +2,7 @@
 conftest) cannot have: `run("cm384-12", "tests.test_train_step:some_check")` starts a fresh Python
 that emulates the topology's devices (mesh/emulate.py), then imports the module and calls the
 function, which raises on failure; a failure here shows the end of its output."""
+
 import importlib
 import subprocess
 import sys
@@ -11,8 +12,13 @@ from pathlib import Path
 def run(topology: str, target: str, timeout_s: int = 600):
     """Runs `target` ("module:function") in a process with `topology`'s devices; fails the calling
     test if it raises."""
-    result = subprocess.run([sys.executable, "-m", __name__, topology, target], capture_output=True, text=True,
-                            timeout=timeout_s, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-m", __name__, topology, target],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 

@@ -1,5 +1,6 @@
 """Small model configurations for tests: the tiny config with overrides that put every code path to
 work on short sequences (windows and top-k smaller than the sequence, several HCA blocks)."""
+
 from configs import tiny
 from model.args import from_config
 

@@ -7,6 +7,7 @@ devices) to `--out/process_<id>.json`. With --wait_forever it
 then runs a small collective every 0.1 s until a process dies or, with --stall_process, stops
 joining them.
 """
+
 import json
 import time
 from pathlib import Path
@@ -18,12 +19,18 @@ from trainer import distributed
 _OUT = flags.DEFINE_string("out", None, "Directory for the gathered batches and data position.")
 _BATCHES = flags.DEFINE_integer("batches", 2, "Global batches to read.")
 _STREAMS = flags.DEFINE_integer("streams", 2, "data.streams")
-_PREFERENCES = flags.DEFINE_string("preferences", None, "Read DPO batches from these pairs, which carry "
-                                   "their reference log-probabilities (dpo.reference=data).")
+_PREFERENCES = flags.DEFINE_string(
+    "preferences",
+    None,
+    "Read DPO batches from these pairs, which carry their reference log-probabilities (dpo.reference=data).",
+)
 _EMULATE = flags.DEFINE_bool("emulate", True, "Emulate this process's share of the topology's devices.")
 _WAIT = flags.DEFINE_bool("wait_forever", False, "Afterwards, run collectives until a process dies.")
-_STALL = flags.DEFINE_integer("stall_process", None, "With --wait_forever: this process stops joining "
-                              "the collectives but stays alive (stuck in host code).")
+_STALL = flags.DEFINE_integer(
+    "stall_process",
+    None,
+    "With --wait_forever: this process stops joining the collectives but stays alive (stuck in host code).",
+)
 
 
 def worker_config(streams: int, preferences: str | None):
@@ -61,9 +68,16 @@ def main(argv):
             seen[f"{i}/{key}"] = np.asarray(multihost_utils.process_allgather(array, tiled=True))
     out = Path(_OUT.value)
     np.savez(out / f"process_{jax.process_index()}.npz", **seen)
-    (out / f"process_{jax.process_index()}.json").write_text(json.dumps({
-        "position": source.get_state(), "process_index": jax.process_index(),
-        "process_count": jax.process_count(), "local_devices": jax.local_device_count()}))
+    (out / f"process_{jax.process_index()}.json").write_text(
+        json.dumps(
+            {
+                "position": source.get_state(),
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "local_devices": jax.local_device_count(),
+            }
+        )
+    )
     with distributed.collective_errors_named(processes):
         while _WAIT.value:
             if jax.process_index() == _STALL.value:

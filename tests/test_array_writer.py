@@ -1,5 +1,6 @@
 """The merged-block array writer: merging against a painted reference, and what it writes read back
 by Orbax's own ArrayHandler (values bitwise, chunks the saving mesh's shards) onto other meshes."""
+
 import itertools
 
 import jax
@@ -14,8 +15,12 @@ from trainer.array_writer import BlockArrayHandler, _host_fragments, _owned_shar
 def _grid(shape, cuts):
     """All boxes of the grid that `cuts` (inner cut points per dimension) make of `shape`."""
     edges = [[0, *c, n] for c, n in zip(cuts, shape)]
-    return [tuple(zip(starts, stops)) for starts, stops in zip(
-        itertools.product(*[e[:-1] for e in edges]), itertools.product(*[e[1:] for e in edges]))]
+    return [
+        tuple(zip(starts, stops))
+        for starts, stops in zip(
+            itertools.product(*[e[:-1] for e in edges]), itertools.product(*[e[1:] for e in edges])
+        )
+    ]
 
 
 def _paint(shape, fragments):
@@ -33,8 +38,9 @@ def _fragments(array, boxes):
     return [(box, array[tuple(slice(*b) for b in box)]) for box in boxes]
 
 
-@pytest.mark.parametrize("shape,cuts", [((6, 8, 4), ([2, 3], [4], [1, 2, 3])), ((16,), ([4, 8, 12],)),
-                                        ((5, 7), ([1], [2, 3, 6]))])
+@pytest.mark.parametrize(
+    "shape,cuts", [((6, 8, 4), ([2, 3], [4], [1, 2, 3])), ((16,), ([4, 8, 12],)), ((5, 7), ([1], [2, 3, 6]))]
+)
 def test_a_full_grid_in_any_order_becomes_one_block(shape, cuts):
     rng = np.random.default_rng(0)
     array = rng.standard_normal(shape)
@@ -83,15 +89,18 @@ def _save(directory, tree):
 def test_written_blocks_restore_with_orbax_own_handler_onto_other_meshes(tmp_path, target):
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     rng = np.random.default_rng(1)
-    host = {"w": rng.standard_normal((8, 12, 4)).astype(np.float32),
-            "b": rng.standard_normal((12,)).astype(jax.numpy.bfloat16),
-            "step": np.array(7, np.int32)}
+    host = {
+        "w": rng.standard_normal((8, 12, 4)).astype(np.float32),
+        "b": rng.standard_normal((12,)).astype(jax.numpy.bfloat16),
+        "step": np.array(7, np.int32),
+    }
     specs = {"w": jax.P("b", "a"), "b": jax.P("b"), "step": jax.P()}
     tree = {k: jax.device_put(v, jax.NamedSharding(mesh, specs[k])) for k, v in host.items()}
     _save(tmp_path / "ck", tree)
 
-    stored = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path / 'ck'}",
-                                                    "path": "w"}}).result()
+    stored = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path / 'ck'}", "path": "w"}}
+    ).result()
     assert tuple(stored.chunk_layout.read_chunk.shape) == tree["w"].sharding.shard_shape((8, 12, 4))
 
     other = jax.make_mesh((4, 2), ("a", "b"), devices=jax.devices()[::-1])

@@ -1,6 +1,7 @@
 """The sliding window's query blocking and the query chunks change how scores are batched, never which
 keys a query sees: attention outputs and gradients agree for blocks of W and W/4 rows, and for all
 queries at once or a few blocks at a time, on packed rows whose length is not a multiple of any block."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,11 @@ def attention_and_grad(kind, block, seq=SEQ, documents=PACKED, query_chunk=0):
     return out, grads
 
 
-@pytest.mark.parametrize("kind,seq,documents", [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED),
-                                                (SLIDING, 6, (6,))],  # shorter than the window minus a block
-                         ids=["sliding", "csa", "short"])
+@pytest.mark.parametrize(
+    "kind,seq,documents",
+    [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED), (SLIDING, 6, (6,))],  # shorter than the window minus a block
+    ids=["sliding", "csa", "short"],
+)
 def test_window_blocks_agree(kind, seq, documents):
     out, (grad_state, grad_u) = attention_and_grad(kind, WINDOW, seq, documents)
     other, (other_state, other_u) = attention_and_grad(kind, WINDOW // 4, seq, documents)
@@ -51,9 +54,11 @@ def test_window_blocks_agree(kind, seq, documents):
     chex.assert_trees_all_close(other_state, grad_state, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,seq,documents", [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED),
-                                                (HCA, 300, (150, 140))],  # an HCA entry per document
-                         ids=["sliding", "csa", "hca"])
+@pytest.mark.parametrize(
+    "kind,seq,documents",
+    [(SLIDING, SEQ, PACKED), (CSA, SEQ, PACKED), (HCA, 300, (150, 140))],  # an HCA entry per document
+    ids=["sliding", "csa", "hca"],
+)
 @pytest.mark.parametrize("chunk_blocks", [1, 3])  # of 4-row blocks: one block at a time, or 3 (the last padded)
 def test_query_chunks_agree(kind, seq, documents, chunk_blocks):
     block = WINDOW // 4
@@ -65,7 +70,10 @@ def test_query_chunks_agree(kind, seq, documents, chunk_blocks):
     # (measured at most 1.5e-6 on values up to ~6).
     chex.assert_trees_all_equal_comparator(
         lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max()))),
-        lambda a, b: f"largest difference {float(np.abs(a - b).max())}", other_state, grad_state)
+        lambda a, b: f"largest difference {float(np.abs(a - b).max())}",
+        other_state,
+        grad_state,
+    )
 
 
 def test_query_chunk_is_a_multiple_of_the_block():

@@ -1,5 +1,6 @@
 """mesh/batch_spread.py on 8 emulated devices: the function sees whole items, the result equals the
 unsharded one and keeps its sharding, and no device gathers the stack."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

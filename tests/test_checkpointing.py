@@ -6,6 +6,7 @@ with random values in every leaf (the optimizer moments too, so a swapped or zer
 which takes about a second instead of compiling the model's initialiser; a separate test checks
 that this abstract state has exactly `create_train_state`'s structure and shardings.
 """
+
 import json
 import os
 import signal
@@ -25,8 +26,14 @@ from configs import parallelism
 from configs.release import ConfigError
 from mesh.sharding import activate
 from tests.model_configs import parity_args
-from trainer.checkpointing import (TMP_SUFFIX, Checkpointer, abstract_like, abstract_train_state, check_missing,
-                                  config_to_json)
+from trainer.checkpointing import (
+    TMP_SUFFIX,
+    Checkpointer,
+    abstract_like,
+    abstract_train_state,
+    check_missing,
+    config_to_json,
+)
 from trainer.preemption import PreemptionGuard
 from trainer.sharded_init import build_mesh
 from trainer.state import TrainState, create_train_state
@@ -64,8 +71,9 @@ def _random_state(abstract, seed=0):
 def _assert_same_state(restored, expected, abstract):
     """Same containers, dtypes, values (bitwise) and the shardings the target asked for."""
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
-    for (path, ours), theirs, target in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                                            jax.tree.leaves(expected), jax.tree.leaves(abstract)):
+    for (path, ours), theirs, target in zip(
+        jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(expected), jax.tree.leaves(abstract)
+    ):
         where = jax.tree_util.keystr(path)
         assert ours.dtype == theirs.dtype, where
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=where)
@@ -159,8 +167,10 @@ def test_abstract_state_matches_create_train_state():
 def _toy_state(step):
     """A small pytree whose values say which step wrote it."""
     replicated = jax.sharding.NamedSharding(jax.make_mesh((1,), ("x",)), jax.sharding.PartitionSpec())
-    return {"w": jax.device_put(np.full((4, 4), step, np.float32), replicated),
-            "step": jax.device_put(np.int32(step), replicated)}
+    return {
+        "w": jax.device_put(np.full((4, 4), step, np.float32), replicated),
+        "step": jax.device_put(np.int32(step), replicated),
+    }
 
 
 def _toy_abstract():
@@ -182,8 +192,9 @@ def test_keeps_the_last_k_and_saves_on_the_grid(tmp_path):
 
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_keeps_the_best_by_metric(tmp_path, mode):
-    checkpointer = Checkpointer(tmp_path, _run_config(), keep=2, save_every=1, keep_best_metric="eval_loss",
-                                keep_best_mode=mode)
+    checkpointer = Checkpointer(
+        tmp_path, _run_config(), keep=2, save_every=1, keep_best_metric="eval_loss", keep_best_mode=mode
+    )
     values = {1: 5.0, 2: 1.0, 3: 9.0, 4: 4.0, 5: 3.0, 6: 2.0}
     for step, value in values.items():
         checkpointer.save(step, _toy_state(step), {}, metrics={"eval_loss": value})
@@ -234,15 +245,20 @@ checkpointer = Checkpointer(workdir, ml_collections.ConfigDict({"run": "child"})
 
 # Saves step 1 completely, then SIGKILLs itself while step 2 (large enough to take a while to
 # write) is being written in the background.
-_KILLED_MID_SAVE = _CHILD_PRELUDE + """
+_KILLED_MID_SAVE = (
+    _CHILD_PRELUDE
+    + """
 checkpointer.save(1, state_of(1, (4, 4)), {"position": 1})
 checkpointer.wait()
 checkpointer.save(2, state_of(2, (16, 1024, 1024)), {"position": 2})
 os.kill(os.getpid(), signal.SIGKILL)
 """
+)
 
 # A training loop that stops on SIGTERM: finishes the step, saves it, exits normally.
-_PREEMPTED_LOOP = _CHILD_PRELUDE + """
+_PREEMPTED_LOOP = (
+    _CHILD_PRELUDE
+    + """
 from trainer.preemption import PreemptionGuard
 STEP_SECONDS, MAX_STEPS = 0.05, 100000
 with PreemptionGuard() as guard:
@@ -256,12 +272,18 @@ with PreemptionGuard() as guard:
             break
 checkpointer.close()
 """
+)
 
 
 def _child(code, workdir):
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(workdir)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(workdir)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_incomplete_save_is_never_restored(tmp_path):
@@ -307,12 +329,15 @@ def test_preemption_guard_sets_the_flag_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(keep=0), "checkpoint.keep must be a positive integer, got 0"),
-    (dict(keep_best_mode="lowest"), "checkpoint.keep_best_mode must be one of \\('min', 'max'\\), got 'lowest'"),
-    (dict(save_interval=5), "checkpoint config has no field 'save_interval'"),
-    (dict(writer_nice=20), "checkpoint.writer_nice must be an integer in 0..19, got 20"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(keep=0), "checkpoint.keep must be a positive integer, got 0"),
+        (dict(keep_best_mode="lowest"), "checkpoint.keep_best_mode must be one of \\('min', 'max'\\), got 'lowest'"),
+        (dict(save_interval=5), "checkpoint config has no field 'save_interval'"),
+        (dict(writer_nice=20), "checkpoint.writer_nice must be an integer in 0..19, got 20"),
+    ],
+)
 def test_checkpoint_config_errors_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):
         checkpoint_config.get_config(**override)
@@ -338,8 +363,11 @@ def test_async_saves_write_from_low_priority_threads(tmp_path):
     assert checkpointer.save(3, state, DATA_STATE, force=True)
     writers = [t for t in threading.enumerate() if t not in before]
     alive = {t.name: _nice(t.native_id) for t in writers if t.is_alive()}
-    pool = [int(tid) for tid in os.listdir("/proc/self/task")
-            if open(f"/proc/self/task/{tid}/comm").read().strip() == "ts_pool_worker"]
+    pool = [
+        int(tid)
+        for tid in os.listdir("/proc/self/task")
+        if open(f"/proc/self/task/{tid}/comm").read().strip() == "ts_pool_worker"
+    ]
     checkpointer.wait()
     assert alive and set(alive.values()) == {19}, alive
     assert pool and {_nice(tid) for tid in pool if os.path.exists(f"/proc/self/task/{tid}")} == {19}
@@ -354,9 +382,12 @@ def test_an_initial_checkpoint_may_lack_only_the_mtp_module_unless_allowed():
     mtp = ["params/mtp/0/block/attn/wq_a", "routing/mtp/0/block/moe/router/bias"]
     check_missing("ckpt", mtp)
     lacking = mtp + ["params/groups/2/blocks/attn/wq_a", "params/head"]
-    with pytest.raises(ConfigError, match=r"^--init_checkpoint=ckpt lacks 2 weights besides the MTP module's: "
-                                          r"params/groups/2/blocks/attn/wq_a, params/head; pass "
-                                          r"--init_allow_missing=<path prefixes, e.g. params/groups/2/blocks/attn/>"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--init_checkpoint=ckpt lacks 2 weights besides the MTP module's: "
+        r"params/groups/2/blocks/attn/wq_a, params/head; pass "
+        r"--init_allow_missing=<path prefixes, e.g. params/groups/2/blocks/attn/>",
+    ):
         check_missing("ckpt", lacking)
     with pytest.raises(ConfigError, match=r"lacks 1 weights besides the MTP module's: params/head;"):
         check_missing("ckpt", lacking, ["params/groups/2/"])

@@ -10,6 +10,7 @@
 - Bad input fails before writing, naming the file or tensor; a full disk mid-write leaves nothing.
 - Several processes: convert.py run as 2 processes writes what one process writes, byte for byte.
 """
+
 import errno
 import json
 import os
@@ -76,7 +77,7 @@ def spec_e4m3(byte):
     byte = np.asarray(byte, np.int64)
     sign = np.where(byte >> 7, -1.0, 1.0)
     exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
-    value = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    value = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
     return np.where((exponent == 15) & (mantissa == 7), np.nan, sign * value)
 
 
@@ -116,8 +117,9 @@ def test_decoders_match_the_spec_bit_for_bit():
     expected = spec_decode_fp8(codes, tile_scales)
     assert np.array_equal(quant.decode_fp8(codes.view(quant.E4M3), tile_scales), expected)
     float_scales = rng.uniform(1e-4, 1e-2, tile_scales.shape).astype(np.float32)
-    assert np.array_equal(quant.decode_fp8(codes.view(quant.E4M3), float_scales),
-                          spec_decode_fp8(codes, float_scales).astype(np.float32))
+    assert np.array_equal(
+        quant.decode_fp8(codes.view(quant.E4M3), float_scales), spec_decode_fp8(codes, float_scales).astype(np.float32)
+    )
     packed = rng.integers(0, 256, (40, 48), dtype=np.uint8).view(np.int8)
     block_scales = rng.integers(100, 150, (40, 3), dtype=np.uint8)
     expected = spec_decode_fp4(packed, block_scales)
@@ -185,9 +187,11 @@ def test_imported_values_are_the_spec_dequantisation(release, config, fmt):
     source, imported = release[fmt]
     checkpoint, reader = SafetensorsCheckpoint(source), WeightsReader(imported)
     leaves = model_leaves(from_config(config.model), config.mesh)
-    cases = [("layers.3.ffn.experts.5.w1", "groups.2.blocks.0.moe.experts.w1", (0, 5)),
-             ("layers.4.ffn.shared_experts.w2", "groups.3.blocks.0.moe.shared.w2", (0,)),
-             ("mtp.0.h_proj", "mtp.0.h_proj", ())]
+    cases = [
+        ("layers.3.ffn.experts.5.w1", "groups.2.blocks.0.moe.experts.w1", (0, 5)),
+        ("layers.4.ffn.shared_experts.w2", "groups.3.blocks.0.moe.shared.w2", (0,)),
+        ("mtp.0.h_proj", "mtp.0.h_proj", ()),
+    ]
     for release_name, leaf, index in cases:
         codes, scales = checkpoint.read(release_name + ".weight"), checkpoint.read(release_name + ".scale")
         decode = spec_decode_fp4 if codes.dtype == np.int8 else spec_decode_fp8
@@ -249,14 +253,16 @@ def _restored_model(workdir, config):
     abstract_weights = {"params": params, "routing": routing}
     fallback = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), abstract_weights)
     weights, missing = Checkpointer(workdir, config, keep=1, save_every=1).restore_weights(
-        None, abstract_weights, fallback)
+        None, abstract_weights, fallback
+    )
     return graphdef, weights, missing, mesh, rules
 
 
 def _logits(graphdef, weights, mesh, rules, tokens):
     with activate(mesh, rules):
-        return np.asarray(jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t).logits)(
-            weights["params"], weights["routing"], tokens))
+        return np.asarray(
+            jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t).logits)(weights["params"], weights["routing"], tokens)
+        )
 
 
 def _relative_error(ours, reference):
@@ -291,6 +297,7 @@ def test_transformers_checkpoint_to_our_mesh_and_back(tmp_path):
     trained.close()
     export_checkpoint(str(tmp_path / "run"), str(tmp_path / "exported"), config, fmt="bf16")
     from transformers import DeepseekV4ForCausalLM
+
     loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = loaded(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
@@ -345,8 +352,13 @@ def test_a_scale_that_decodes_to_nan_is_named(release, config, tmp_path):
     scale.view(np.uint8).flat[0] = 255
     source = str(tmp_path / "hf")
     _rewrite(release["fp8"][0], source, {name: (checkpoint.tensors[name].dtype, scale)})
-    _fails_cleanly(source, str(tmp_path / "out"), config, r"layers\.1\.attn\.wkv\.weight: \d+ values decode to "
-                                                           r"NaN/Inf, the first at \[0, 0\]")
+    _fails_cleanly(
+        source,
+        str(tmp_path / "out"),
+        config,
+        r"layers\.1\.attn\.wkv\.weight: \d+ values decode to "
+        r"NaN/Inf, the first at \[0, 0\]",
+    )
 
 
 def test_missing_index_entry_is_named(release, config, tmp_path):
@@ -357,20 +369,38 @@ def test_missing_index_entry_is_named(release, config, tmp_path):
     del index["weight_map"]["layers.4.attn.wkv.scale"]
     with open(os.path.join(source, INDEX_FILE), "w") as f:
         json.dump(index, f)
-    _fails_cleanly(source, str(tmp_path / "out"), config, r"'layers\.4\.attn\.wkv\.scale' in model-\d+-of-\d+"
-                                                           r"\.safetensors has no index entry")
+    _fails_cleanly(
+        source,
+        str(tmp_path / "out"),
+        config,
+        r"'layers\.4\.attn\.wkv\.scale' in model-\d+-of-\d+"
+        r"\.safetensors has no index entry",
+    )
 
 
-@pytest.mark.parametrize("edit, match", [
-    ({"layers.2.attn.wq_b.weight": ("BF16", np.zeros((128, 16), ml_dtypes.bfloat16))},
-     r"mis-shaped layers\.2\.attn\.wq_b\.weight: \[128, 16\], expected \[128, 32\]"),
-    ({"norm.weight": ("I32", np.zeros(64, np.int32))}, r"mis-typed norm\.weight: I32"),
-    ({"layers.1.attn.wkv.scale": ("BF16", np.zeros((1, 1), ml_dtypes.bfloat16))},
-     r"mis-typed layers\.1\.attn\.wkv\.scale: BF16"),
-    ({"layers.0.attn.wq_c.weight": ("BF16", np.zeros((4, 4), ml_dtypes.bfloat16))},
-     r"unexpected tensors \(1\):\n  layers\.0\.attn\.wq_c\.weight"),
-    ({"layers.5.ffn.experts.7.w2.weight": None}, r"missing tensors \(1\):\n  layers\.5\.ffn\.experts\.7\.w2\.weight"),
-], ids=["wrong-shape", "wrong-dtype", "wrong-scale-dtype", "unknown-key", "missing-tensor"])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            {"layers.2.attn.wq_b.weight": ("BF16", np.zeros((128, 16), ml_dtypes.bfloat16))},
+            r"mis-shaped layers\.2\.attn\.wq_b\.weight: \[128, 16\], expected \[128, 32\]",
+        ),
+        ({"norm.weight": ("I32", np.zeros(64, np.int32))}, r"mis-typed norm\.weight: I32"),
+        (
+            {"layers.1.attn.wkv.scale": ("BF16", np.zeros((1, 1), ml_dtypes.bfloat16))},
+            r"mis-typed layers\.1\.attn\.wkv\.scale: BF16",
+        ),
+        (
+            {"layers.0.attn.wq_c.weight": ("BF16", np.zeros((4, 4), ml_dtypes.bfloat16))},
+            r"unexpected tensors \(1\):\n  layers\.0\.attn\.wq_c\.weight",
+        ),
+        (
+            {"layers.5.ffn.experts.7.w2.weight": None},
+            r"missing tensors \(1\):\n  layers\.5\.ffn\.experts\.7\.w2\.weight",
+        ),
+    ],
+    ids=["wrong-shape", "wrong-dtype", "wrong-scale-dtype", "unknown-key", "missing-tensor"],
+)
 def test_bad_tensor_is_named(release, config, tmp_path, edit, match):
     source = str(tmp_path / "hf")
     _rewrite(release["fp8"][0], source, edit)
@@ -422,9 +452,22 @@ def test_train_starts_from_an_imported_checkpoint(release, tmp_path):
     """`train.py --init_checkpoint` restores a converted release checkpoint (MTP included) and trains."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--steps=1",
-         f"--init_checkpoint={release['fp8'][1]}", "--config.eval.num_examples=8", "--config.eval.batch_rows=8"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/tiny.py",
+            f"--workdir={tmp_path}",
+            "--steps=1",
+            f"--init_checkpoint={release['fp8'][1]}",
+            "--config.eval.num_examples=8",
+            "--config.eval.batch_rows=8",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"initial weights from {release['fp8'][1]}\n" in result.stdout
     assert re.search(r"step 1: loss [0-9.]+", result.stdout)
@@ -463,12 +506,27 @@ def test_two_processes_import_what_one_does(release, tmp_path):
     source, imported = release["fp8"]
     output = tmp_path / "out"
     port = _free_port()
-    processes = [_spawn(["convert.py", "--direction=import", "--config=configs/tiny.py", f"--input={source}",
-                         f"--output={output}", *_process_flags(i, port)], tmp_path, f"convert{i}") for i in range(2)]
+    processes = [
+        _spawn(
+            [
+                "convert.py",
+                "--direction=import",
+                "--config=configs/tiny.py",
+                f"--input={source}",
+                f"--output={output}",
+                *_process_flags(i, port),
+            ],
+            tmp_path,
+            f"convert{i}",
+        )
+        for i in range(2)
+    ]
     outputs = [_finish(process, tmp_path, f"convert{i}", timeout=600) for i, process in enumerate(processes)]
-    assert f"into {output}" in outputs[0][0] and "imported" not in outputs[1][0]   # gloo prints its own lines
-    assert "(process 0 of 2)" in outputs[0][1] and "(process 1 of 2)" not in outputs[1][1]   # progress: process 0
+    assert f"into {output}" in outputs[0][0] and "imported" not in outputs[1][0]  # gloo prints its own lines
+    assert "(process 0 of 2)" in outputs[0][1] and "(process 1 of 2)" not in outputs[1][1]  # progress: process 0
     ours, theirs = _files_under(str(output)), _files_under(imported)
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
-    assert sorted(os.listdir(tmp_path)) == sorted(["out", *(f"convert{i}.{s}" for i in range(2) for s in ("stdout", "stderr"))])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["out", *(f"convert{i}.{s}" for i in range(2) for s in ("stdout", "stderr"))]
+    )

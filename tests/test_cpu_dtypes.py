@@ -1,6 +1,7 @@
 """The planner compiles a run's bfloat16 as float16 (planner/cpu_dtypes.py): which fields change, and
 why. XLA:CPU turns a remat'd scan's bf16 stack of saved carries into a float32 copy of the whole stack;
 with float16 it keeps the stack at 2 bytes. tests/test_step_memory.py checks the same on V4-Pro's twin."""
+
 import re
 
 import jax
@@ -32,6 +33,7 @@ def test_every_bfloat16_field_and_only_those_is_compiled_as_float16():
 def _scanned_gradient_hlo(dtype) -> str:
     """The compiled gradient of LAYERS remat'd scan steps over a `dtype` carry [TOKENS, WIDTH], each
     normalised in float32 as the model's layers do."""
+
     def loss(weights, x):
         def body(carry, w):
             h = carry.astype(jnp.float32)

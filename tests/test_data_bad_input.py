@@ -1,5 +1,6 @@
 """Bad input: each kind is a clear `DataError` naming file and line, raised when the pipeline is
 built (not from inside grain), or, with skip_bad_records, a count of skipped records by reason."""
+
 import json
 
 import pytest
@@ -14,10 +15,12 @@ GOOD = {"messages": [{"role": "user", "content": "add 1 2"}, {"role": "assistant
 BAD_LINES = {
     "malformed_json": '{"messages": [',
     "missing_role": json.dumps({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}),
-    "unknown_role": json.dumps({"messages": [{"role": "robot", "content": "hi"},
-                                             {"role": "assistant", "content": "x"}]}),
-    "empty_assistant": json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": "  "}]}),
+    "unknown_role": json.dumps(
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    ),
+    "empty_assistant": json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    ),
     "wrong_type": json.dumps({"prompt": "add 1 2", "completion": 3}),
     "token_out_of_vocab": json.dumps({"tokens": [0, 5, 9999], "loss_mask": [0, 1, 1]}),
     "missing_field": json.dumps({"text": "no known form"}),
@@ -66,8 +69,9 @@ def test_missing_file_or_empty_pattern(tmp_path, name):
 def test_skip_mode_counts_each_reason(tmp_path):
     path = _write(tmp_path / "mixed.jsonl", [json.dumps(GOOD)] + list(BAD_LINES.values()) + [json.dumps(GOOD)])
     empty = _write(tmp_path / "empty-part.jsonl", [])
-    config = get_config(sft_sources=((path, 1.0), (empty.replace("empty-part", "*-part"), 1.0)), prefetch=0,
-                        skip_bad_records=True)
+    config = get_config(
+        sft_sources=((path, 1.0), (empty.replace("empty-part", "*-part"), 1.0)), prefetch=0, skip_bad_records=True
+    )
     with pytest.raises(DataError, match=r"no usable example"):  # the second source has none left
         build_sft_pipeline(config)
     pipeline = build_sft_pipeline(_config(path, skip_bad_records=True))
@@ -85,8 +89,13 @@ def test_tokenizer_larger_than_the_model_is_refused():
 
 def test_preference_and_prompt_records_are_validated(tmp_path):
     encoder = build_encoder(get_config())
-    prefs = _write(tmp_path / "pref.jsonl", [json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
-                                             json.dumps({"prompt": "p", "chosen": "", "rejected": "b"})])
+    prefs = _write(
+        tmp_path / "pref.jsonl",
+        [
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
+            json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}),
+        ],
+    )
     with pytest.raises(DataError, match=r"pref.jsonl:2: .*\[empty_assistant\]"):
         load_preferences(prefs, encoder)
     prompts = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": 7, "answer": "3"})])
@@ -95,15 +104,21 @@ def test_preference_and_prompt_records_are_validated(tmp_path):
 
 
 def test_a_token_id_beyond_int32_is_named(tmp_path):
-    path = _write(tmp_path / "bad.jsonl", [json.dumps(GOOD), json.dumps({"tokens": [1, 2 ** 31, 3]})])
-    with pytest.raises(DataError, match=rf"^{path}:2: field 'tokens' holds 2147483648, outside the int32 range "
-                                        r"\[token_out_of_vocab\]$"):
+    path = _write(tmp_path / "bad.jsonl", [json.dumps(GOOD), json.dumps({"tokens": [1, 2**31, 3]})])
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}:2: field 'tokens' holds 2147483648, outside the int32 range "
+        r"\[token_out_of_vocab\]$",
+    ):
         build_sft_pipeline(_config(path))
 
 
 def test_a_directory_given_as_a_source_is_named_as_such(tmp_path):
-    with pytest.raises(DataError, match=rf"^{tmp_path}: is a directory; name its JSONL files with a glob pattern, "
-                                        rf"e.g. {tmp_path}/\*.jsonl \[missing_file\]$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{tmp_path}: is a directory; name its JSONL files with a glob pattern, "
+        rf"e.g. {tmp_path}/\*.jsonl \[missing_file\]$",
+    ):
         build_sft_pipeline(_config(str(tmp_path)))
 
 
@@ -115,9 +130,14 @@ def test_a_prompt_longer_than_the_sampling_leaves_is_named_up_front(tmp_path):
     from trainer.rollout_source import _load_prompts
 
     config = tiny.get_config()
-    path = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "add 1 2"}),
-                                               json.dumps({"prompt": " ".join(["word"] * 300)})])
+    path = _write(
+        tmp_path / "prompts.jsonl",
+        [json.dumps({"prompt": "add 1 2"}), json.dumps({"prompt": " ".join(["word"] * 300)})],
+    )
     config.data.prompt_sources = ((path, 1.0),)
-    with pytest.raises(DataError, match=rf"^{path}:2: the prompt has \d+ tokens, more than the 244 that "
-                                        r"config.data.seq_len=256 leaves beside max_new_tokens \[prompt_too_long\]$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}:2: the prompt has \d+ tokens, more than the 244 that "
+        r"config.data.seq_len=256 leaves beside max_new_tokens \[prompt_too_long\]$",
+    ):
         _load_prompts(config, build_encoder(config.data), LoadStats(), 256 - 12)

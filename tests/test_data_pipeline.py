@@ -1,6 +1,7 @@
 """The grain pipeline: batch fields as the model consumes them, packing that keeps examples intact,
 the over-long policy, seeded shuffling, per-process shards, mixture weights, and an iterator whose
 saved state resumes with exactly the same batches."""
+
 import itertools
 import json
 
@@ -23,8 +24,9 @@ FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 
 def _conversation(i):
-    return {"messages": [{"role": "user", "content": f"add {i} {i + 1}"},
-                         {"role": "assistant", "content": str(2 * i + 1)}]}
+    return {
+        "messages": [{"role": "user", "content": f"add {i} {i + 1}"}, {"role": "assistant", "content": str(2 * i + 1)}]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,10 @@ def _segments(batch):
 
 def _encoded(path, pipeline):
     records = [Located(parse_sft(_conversation(i)), path, i + 1) for i in range(NUM_RECORDS)]
-    return {(tuple(e["tokens"]), tuple(e["loss_mask"]))
-            for e in encode_sft(records, pipeline.encoder, skip_bad=False, stats=LoadStats())}
+    return {
+        (tuple(e["tokens"]), tuple(e["loss_mask"]))
+        for e in encode_sft(records, pipeline.encoder, skip_bad=False, stats=LoadStats())
+    }
 
 
 def test_batch_fields_follow_the_contract(sft_file):
@@ -76,8 +80,9 @@ def test_batch_fields_follow_the_contract(sft_file):
             starts = np.flatnonzero(np.diff(seg[row], prepend=0) != 0)
             for start, end in zip(starts, list(starts[1:]) + [SEQ_LEN]):
                 if seg[row][start]:
-                    np.testing.assert_array_equal(pos[row][start:end][seg[row][start:end] > 0],
-                                                  np.arange((seg[row][start:end] > 0).sum()))
+                    np.testing.assert_array_equal(
+                        pos[row][start:end][seg[row][start:end] > 0], np.arange((seg[row][start:end] > 0).sum())
+                    )
         assert (seg.max(axis=1) > 1).all()  # packing puts several short examples in a row
         # Every target has a predecessor in its own segment (the head at i-1 is scored on it).
         rows, cols = np.nonzero(batch["loss_mask"])
@@ -113,6 +118,7 @@ def test_overlong_examples_are_counted(tmp_path, policy):
 def test_shuffle_is_deterministic_by_seed(sft_file):
     def first(seed):
         return _take(iter(build_sft_pipeline(_config(sft_file, shuffle_seed=seed))), 2)
+
     a, b, c = first(0), first(0), first(1)
     for x, y in zip(a, b):
         for name in FIELDS:
@@ -136,6 +142,7 @@ def test_processes_get_disjoint_shares(sft_file):
 def test_epochs_reshuffle(sft_file):
     def order(epoch_batches):
         return [s for b in epoch_batches for s in _segments(b)]
+
     batches = list(build_sft_pipeline(_config(sft_file, num_epochs=2, pack=False)))
     per_epoch = NUM_RECORDS // BATCH
     first, second = order(batches[:per_epoch]), order(batches[per_epoch:])

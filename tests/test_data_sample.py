@@ -1,5 +1,6 @@
 """The shipped sample data and tokenizer: reproducible from the scripts, valid, sized for the tiny
 model, and measurable with the exact-match helper."""
+
 import filecmp
 import json
 import os
@@ -60,8 +61,9 @@ def test_preference_and_prompt_sets(encoder):
 
 def test_exact_match_accuracy(encoder):
     heldout = load_conversations(sample_path("sft_heldout.jsonl"))[:20]
-    prompts = encoder.pieces_to_ids([render(encoder.template, c.messages[:-1], generation_prompt=True)
-                                     for c in heldout])
+    prompts = encoder.pieces_to_ids(
+        [render(encoder.template, c.messages[:-1], generation_prompt=True) for c in heldout]
+    )
     answers = {tuple(ids): c.messages[-1].content for c, (ids, _) in zip(heldout, prompts)}
     eos = encoder.tokenizer.token_id(encoder.template.eos)
 
@@ -69,8 +71,9 @@ def test_exact_match_accuracy(encoder):
         return [encoder.tokenizer.encode(" " + answers[tuple(p.tolist())]) + [eos, 5, 6] for p in prompts]
 
     def half_wrong(prompts):
-        return [encoder.tokenizer.encode(answers[tuple(p.tolist())] + ("" if i % 2 else "x"))
-                for i, p in enumerate(prompts)]
+        return [
+            encoder.tokenizer.encode(answers[tuple(p.tolist())] + ("" if i % 2 else "x")) for i, p in enumerate(prompts)
+        ]
 
     assert exact_match_accuracy(heldout, oracle, encoder) == {"accuracy": 1.0, "correct": 20, "total": 20}
     assert exact_match_accuracy(heldout, half_wrong, encoder)["accuracy"] == 0.5
@@ -86,8 +89,12 @@ def test_sample_dir_holds_only_generated_files():
 def test_default_config_reads_every_sample_record(capsys):
     pipeline = build_sft_pipeline(get_config())
     assert pipeline.stats.as_metrics() == {
-        "data/records_read": 4000, "data/records_kept": 4000, "data/truncated": 0,
-        "data/dropped_too_long": 0, "data/skipped_total": 0}
+        "data/records_read": 4000,
+        "data/records_kept": 4000,
+        "data/truncated": 0,
+        "data/dropped_too_long": 0,
+        "data/skipped_total": 0,
+    }
     bench_data.main(["--batches", "3", "--warmup", "1"])
     report = json.loads(capsys.readouterr().out)
     assert report["tokens_per_sec"] > 0 and 0 < report["packing_efficiency"] <= 1

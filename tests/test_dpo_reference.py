@@ -1,6 +1,7 @@
 """DPO with the reference log-probabilities stored with the pairs (`config.dpo.reference="data"`):
 dpo_reference.py (score_preferences.py) writes them from the reference model, the preference pipeline batches them,
 and they are the reference forward's own numbers, so the loss is the in-step one."""
+
 import itertools
 import json
 import math
@@ -80,7 +81,8 @@ def test_stored_logps_are_the_reference_forward_and_give_its_loss(scored):
     pairs = np.sum(valid)
     in_step, _ = DPO(beta=0.5, bias_update_rate=0.0).loss(output_, arrays, output_, pairs, {})
     stored, metrics = DPO(beta=0.5, bias_update_rate=0.0, reference="data").loss(
-        output_, dict(arrays, reference_logps=batch["reference_logps"]), None, pairs, {})
+        output_, dict(arrays, reference_logps=batch["reference_logps"]), None, pairs, {}
+    )
     assert float(in_step) == pytest.approx(math.log(2), abs=1e-6)
     assert float(stored) == pytest.approx(float(in_step), abs=1e-5)
     assert abs(float(metrics["dpo_margin"])) < 1e-4
@@ -94,13 +96,19 @@ def test_stored_reference_needs_no_frozen_model_but_the_field():
         DPO(0.1, 0.0, reference="engine")
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({}, r"pairs.jsonl:2: the pair lacks \['ref_chosen_logps', 'ref_rejected_logps'\].*\[missing_reference\]"),
-    ({"ref_chosen_logps": -3.0}, r"pairs.jsonl:2: the pair lacks \['ref_rejected_logps'\]"),
-    ({"ref_chosen_logps": 0.5, "ref_rejected_logps": -1.0}, r"pairs.jsonl:2: 'ref_chosen_logps' must be a finite "
-                                                           r"log-probability \(<= 0\), got 0.5 \[bad_reference\]"),
-    ({"ref_chosen_logps": -1.0, "ref_rejected_logps": "x"}, r"'ref_rejected_logps' must be .*got 'x'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({}, r"pairs.jsonl:2: the pair lacks \['ref_chosen_logps', 'ref_rejected_logps'\].*\[missing_reference\]"),
+        ({"ref_chosen_logps": -3.0}, r"pairs.jsonl:2: the pair lacks \['ref_rejected_logps'\]"),
+        (
+            {"ref_chosen_logps": 0.5, "ref_rejected_logps": -1.0},
+            r"pairs.jsonl:2: 'ref_chosen_logps' must be a finite "
+            r"log-probability \(<= 0\), got 0.5 \[bad_reference\]",
+        ),
+        ({"ref_chosen_logps": -1.0, "ref_rejected_logps": "x"}, r"'ref_rejected_logps' must be .*got 'x'"),
+    ],
+)
 def test_pairs_without_valid_reference_logps_are_named(tmp_path, extra, message):
     first, second = (json.loads(line) for line in _shipped_pairs(2))
     good = dict(first, ref_chosen_logps=-2.0, ref_rejected_logps=-3.0)

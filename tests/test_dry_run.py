@@ -1,6 +1,7 @@
 """train.py --dry_run compiles the run its command line describes (objective, frozen model,
 micro-batches, evaluation) for abstract inputs, prints the planner's report and exits 1 when it
 does not fit; the batch it compiles for is the one the batch sources produce."""
+
 import dataclasses
 import os
 import subprocess
@@ -57,8 +58,10 @@ def test_a_dpo_step_is_lowered_with_its_frozen_model_and_batch(reference, argume
     positional, _ = lowered.args_info
     assert len(positional) == arguments
     batch = {key: (info.shape, np.dtype(info.dtype)) for key, info in positional[1].items()}
-    expected = {key: ((8, *dims), np.dtype(dtype))
-                for key, (dims, dtype) in batch_fields(build_objective(config).batch_keys, args, 256).items()}
+    expected = {
+        key: ((8, *dims), np.dtype(dtype))
+        for key, (dims, dtype) in batch_fields(build_objective(config).batch_keys, args, 256).items()
+    }
     assert batch == expected and (REFERENCE_LOGPS in batch) == (reference == "data")
     if arguments == 3:
         frozen = jax.tree.map(lambda info: info.shape, positional[2])
@@ -87,8 +90,14 @@ def test_dry_run_of_the_shipped_v4_flash_config(tmp_path):
     nothing is written."""
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "train.py", "--config=configs/v4_flash.py", f"--workdir={workdir}",
-                             "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/v4_flash.py", f"--workdir={workdir}", "--dry_run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=5400,
+    )
     assert result.returncode in (0, 1), result.stderr[-3000:]
     assert "topology cm384: 768 devices, mesh {'data': 3, 'fsdp': 1, 'expert': 256, 'tensor': 1}" in result.stdout
     assert "3,145,728 tokens per step (768 x 4096), objective sft" in result.stdout

@@ -1,6 +1,7 @@
 """The embedding lookup on the sharded table (model/embedding.py) against `jnp.take` on one device:
 the rows and the table's gradient, on meshes that shard the table's d over fsdp x expert and its rows
 over tensor, and no whole float32 table in the compiled program of the sharded path."""
+
 import re
 
 import jax
@@ -33,6 +34,7 @@ def _value_and_grad(table, tokens, cotangent):
     def loss(table):
         rows = lookup(table, tokens, jnp.float32)
         return jnp.sum(rows * cotangent), rows
+
     return jax.value_and_grad(loss, has_aux=True)(table)
 
 
@@ -43,8 +45,11 @@ def test_sharded_lookup_equals_take(mesh_name):
     expected_grad = np.zeros((VOCAB, D))
     np.add.at(expected_grad, np.asarray(tokens), np.asarray(cotangent))
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(MESHES[mesh_name]), MESH_NAMES)
-    args = (jax.device_put(table, NamedSharding(mesh, TABLE_SPEC)), jax.device_put(tokens, NamedSharding(mesh, TOKEN_SPEC)),
-            jax.device_put(cotangent, NamedSharding(mesh, TOKEN_SPEC)))
+    args = (
+        jax.device_put(table, NamedSharding(mesh, TABLE_SPEC)),
+        jax.device_put(tokens, NamedSharding(mesh, TOKEN_SPEC)),
+        jax.device_put(cotangent, NamedSharding(mesh, TOKEN_SPEC)),
+    )
     with activate(mesh, RULES):
         shardings = ((None, NamedSharding(mesh, TOKEN_SPEC)), NamedSharding(mesh, TABLE_SPEC))
         compiled = jax.jit(_value_and_grad, out_shardings=shardings).lower(*args).compile()
@@ -52,6 +57,7 @@ def test_sharded_lookup_equals_take(mesh_name):
     np.testing.assert_array_equal(np.asarray(rows), expected_rows)
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-6, atol=1e-6)
     assert "all-to-all" in compiled.as_text()  # the sharded path, not the fallback
-    largest = max(int(np.prod([int(n) for n in dims.split(",")]))
-                  for dims in re.findall(r"f32\[([0-9,]+)\]", compiled.as_text()))
+    largest = max(
+        int(np.prod([int(n) for n in dims.split(",")])) for dims in re.findall(r"f32\[([0-9,]+)\]", compiled.as_text())
+    )
     assert largest < VOCAB * D, "a whole float32 table is compiled in"

@@ -1,6 +1,7 @@
 """The dispatch buffers the planner counts (planner/expert_buffers.py) against the arrays the dispatch
 really exchanges, the shipped full-size configs' bounded buffers, and the refusal of a config whose
 worst-case buffers alone exceed the HBM (one line naming the field and the numbers, exit status 2)."""
+
 import dataclasses
 import math
 import os
@@ -44,8 +45,15 @@ def test_the_counted_buffers_are_what_the_dispatch_exchanges(capacity_factor):
     """The sent rows go out and the returned rows come back through all_to_all with exactly the
     element counts and dtypes the planner counts, dropless and capped."""
     args = dataclasses.replace(
-        from_config(tiny.get_config().model), num_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, hidden_size=WIDTH, moe_intermediate_size=HIDDEN,
-        capacity_factor=capacity_factor, moe_dispatch="padded", dtype="bfloat16")
+        from_config(tiny.get_config().model),
+        num_routed_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        hidden_size=WIDTH,
+        moe_intermediate_size=HIDDEN,
+        capacity_factor=capacity_factor,
+        moe_dispatch="padded",
+        dtype="bfloat16",
+    )
     rng = np.random.default_rng(0)
     experts = jnp.asarray(np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(TOKENS)]), jnp.int32)
     routing = Routing(experts, jnp.full((TOKENS, TOP_K), 0.5, jnp.float32), None)
@@ -54,8 +62,9 @@ def test_the_counted_buffers_are_what_the_dispatch_exchanges(capacity_factor):
     w2 = jnp.zeros((EXPERTS, HIDDEN, WIDTH), jnp.bfloat16)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(tuple(MESH_SHAPE.values())), tuple(MESH_SHAPE))
     with activate(mesh, RULES):
-        jaxpr = jax.make_jaxpr(lambda x: routed_experts(x, routing, w13, w13, w2, limit=10.0,
-                                                        capacity_factor=capacity_factor or None)[0])(x)
+        jaxpr = jax.make_jaxpr(
+            lambda x: routed_experts(x, routing, w13, w13, w2, limit=10.0, capacity_factor=capacity_factor or None)[0]
+        )(x)
     tokens_per_device = TOKENS // (MESH_SHAPE["data"] * MESH_SHAPE["expert"])
     buffers = {b.what: b for b in dispatch_buffers(args, tokens_per_device, expert_shards=4, tensor=1)}
     exchanged = _all_to_all_operands(jaxpr.jaxpr)
@@ -89,13 +98,17 @@ def test_a_dispatch_that_cannot_fit_is_refused_naming_the_field_and_bytes():
         "config.model.capacity_factor=0.0: one MoE layer's dispatch buffers alone need 99.0 GiB per device "
         "of the 59.6 GiB HBM on cm384, the largest the returned rows [384, 4096, 7168] float32 42.0 GiB; set "
         "a capacity factor that bounds them (--config.model.capacity_factor=1.25) or spread the tokens over "
-        "more devices")
+        "more devices"
+    )
     config.model.capacity_factor = 1.25
     config.model.moe_dispatch = "ragged"  # moves only routed rows, but must receive the worst case
-    with pytest.raises(ConfigError, match=r"^config.model.moe_dispatch='ragged': .* the largest the expert "
-                                          r"outputs \[9437184, 7168\] float32 252.0 GiB; use moe_dispatch='padded'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config.model.moe_dispatch='ragged': .* the largest the expert "
+        r"outputs \[9437184, 7168\] float32 252.0 GiB; use moe_dispatch='padded'",
+    ):
         check_dispatch_fits(config)
-    check_dispatch_fits(config, hbm_bytes=2 ** 50)  # an override of the HBM is what is checked against
+    check_dispatch_fits(config, hbm_bytes=2**50)  # an override of the HBM is what is checked against
 
 
 @pytest.mark.parametrize("tool", ["train.py", "plan.py"])
@@ -103,11 +116,18 @@ def test_the_entry_points_refuse_it_in_one_line(tmp_path, tool):
     workdir = tmp_path / "run"
     flags = [f"--workdir={workdir}", "--dry_run"] if tool == "train.py" else []
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, tool, "--config=configs/v4_pro.py", "--config.model.capacity_factor=0",
-                             *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, tool, "--config=configs/v4_pro.py", "--config.model.capacity_factor=0", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == [lines[0]] and lines[0].startswith("error: config.model.capacity_factor=0.0: one MoE layer's "
-                                                       "dispatch buffers alone need 99.0 GiB per device")
+    assert lines == [lines[0]] and lines[0].startswith(
+        "error: config.model.capacity_factor=0.0: one MoE layer's dispatch buffers alone need 99.0 GiB per device"
+    )
     assert not workdir.exists()

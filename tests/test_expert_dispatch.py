@@ -6,6 +6,7 @@ choice adds weight * clamped_swiglu(x@w1[e], x@w3[e]) @ w2[e]. All in float32, s
 gradients must agree to float32 rounding (TOL) on every mesh, up to the order of the sums. The
 meshes are the 8 test devices', and data=3 x expert=4 on 12 (cm384-12, in its own process).
 """
+
 import math
 
 import chex
@@ -41,8 +42,9 @@ MESHES = {  # (data, fsdp, expert, tensor)
 
 
 def make_mesh(shape):
-    return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), MESH_NAMES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_NAMES))
+    return jax.sharding.Mesh(
+        np.array(jax.devices()).reshape(shape), MESH_NAMES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_NAMES)
+    )
 
 
 def problem(seed=0, skew=False, tokens=TOKENS, experts=EXPERTS):
@@ -53,8 +55,9 @@ def problem(seed=0, skew=False, tokens=TOKENS, experts=EXPERTS):
     chosen[rng.choice(tokens, DUPLICATES, replace=False), 1:] = chosen[:, :1][:DUPLICATES]
     if skew:
         hot = rng.random(tokens) < 0.5
-        chosen[hot] = np.stack([np.concatenate([[0], rng.permutation(np.arange(1, experts))[:TOP_K - 1]])
-                                for _ in range(hot.sum())])
+        chosen[hot] = np.stack(
+            [np.concatenate([[0], rng.permutation(np.arange(1, experts))[: TOP_K - 1]]) for _ in range(hot.sum())]
+        )
     scale = 1 / math.sqrt(WIDTH)
     return dict(
         x=jnp.asarray(rng.normal(size=(tokens, WIDTH)), jnp.float32),
@@ -81,8 +84,17 @@ def run(p, mesh_shape, backend="padded", capacity_factor=None, grads=True, tile=
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=p["x"].shape), jnp.float32)
 
     def loss(x, weights, w1, w3, w2):
-        y, stats = routed_experts(x, Routing(p["experts"], weights, None), w1, w3, w2, limit=LIMIT,
-                                  backend=backend, capacity_factor=capacity_factor, tile=tile)
+        y, stats = routed_experts(
+            x,
+            Routing(p["experts"], weights, None),
+            w1,
+            w3,
+            w2,
+            limit=LIMIT,
+            backend=backend,
+            capacity_factor=capacity_factor,
+            tile=tile,
+        )
         return jnp.sum(y * cotangent), (y, stats)
 
     args = (p["x"], p["weights"], p["w1"], p["w3"], p["w2"])
@@ -107,8 +119,7 @@ def reference_grads(p, weights=None):
 
 
 def assert_matches(p, y, g):
-    np.testing.assert_allclose(y, reference(p["x"], p["experts"], p["weights"], p["w1"], p["w3"], p["w2"]),
-                               **TOL)
+    np.testing.assert_allclose(y, reference(p["x"], p["experts"], p["weights"], p["w1"], p["w3"], p["w2"]), **TOL)
     for name, got, want in zip(("x", "weights", "w1", "w3", "w2"), g, reference_grads(p)):
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"grad w.r.t. {name}")
 
@@ -129,15 +140,14 @@ def test_padded_dropless_matches_reference(mesh, tile):
     assert float(stats["mean_load"]) == pytest.approx(loads.mean())
 
 
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                               axis_name):
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """lax.ragged_all_to_all's documented semantics from all_gather + scatter, for XLA:CPU, which lacks
     the HLO: slice i of sender s lands on device i // (K / n) at that sender's output_offsets[i]."""
     del recv_sizes
     n = lax.axis_size(axis_name)
     me = lax.axis_index(axis_name)
     per_device = input_offsets.shape[0] // n
-    sources = lax.all_gather(operand, axis_name)                                 # [n, N, ...]
+    sources = lax.all_gather(operand, axis_name)  # [n, N, ...]
     starts, sizes, targets = (lax.all_gather(v, axis_name) for v in (input_offsets, send_sizes, output_offsets))
     rows = jnp.arange(operand.shape[0])
     for s in range(n):
@@ -170,8 +180,7 @@ def test_ragged_on_cpu_names_the_missing_op():
 def test_imbalanced_routing_stays_dropless(tile):
     """Every token sends its first choice to expert 0: the worst case for one expert, still exact."""
     p = problem(seed=3)
-    p["experts"] = p["experts"].at[:, 0].set(0).at[:, 1].set(jnp.where(p["experts"][:, 1] == 0, 1,
-                                                                        p["experts"][:, 1]))
+    p["experts"] = p["experts"].at[:, 0].set(0).at[:, 1].set(jnp.where(p["experts"][:, 1] == 0, 1, p["experts"][:, 1]))
     y, stats, g = run(p, MESHES["data2_expert4"], tile=tile)
     assert_matches(p, y, g)
     assert float(stats["dropped_tokens"]) == 0 and float(stats["max_load"]) == TOKENS
@@ -206,9 +215,15 @@ def expected_kept(experts, shards, cap):
     return kept
 
 
-@pytest.mark.parametrize("mesh,backend,tile", [("none", "padded", 0), ("fsdp2_expert2_tensor2", "padded", 0),
-                                               ("fsdp2_expert2_tensor2", "padded", TILE),
-                                               ("fsdp2_expert2_tensor2", "ragged", 0)])
+@pytest.mark.parametrize(
+    "mesh,backend,tile",
+    [
+        ("none", "padded", 0),
+        ("fsdp2_expert2_tensor2", "padded", 0),
+        ("fsdp2_expert2_tensor2", "padded", TILE),
+        ("fsdp2_expert2_tensor2", "ragged", 0),
+    ],
+)
 def test_capacity_drops_exactly_what_it_reports(mesh, backend, tile, monkeypatch):
     """capacity_factor=1 on a skewed load: output = reference with exactly the independently computed
     dropped (token, expert) choices removed, and dropped_tokens counts them (ragged: emulated exchange)."""
@@ -219,8 +234,9 @@ def test_capacity_drops_exactly_what_it_reports(mesh, backend, tile, monkeypatch
     shards = 1 if shape is None else shape[0] * shape[1] * shape[2]  # act_batch -> (data, fsdp, expert)
     cap = capacity(TOKENS // shards, TOP_K, EXPERTS, 1.0)
     kept = expected_kept(p["experts"], shards, cap)
-    distinct_dropped = sum(1 for t, slot in zip(*np.nonzero(~kept))
-                           if p["experts"][t, slot] not in p["experts"][t, :slot])
+    distinct_dropped = sum(
+        1 for t, slot in zip(*np.nonzero(~kept)) if p["experts"][t, slot] not in p["experts"][t, :slot]
+    )
     assert distinct_dropped > 0
     y, stats, g = run(p, shape, backend=backend, capacity_factor=1.0, tile=tile)
     weights = jnp.where(kept, p["weights"], 0.0)
@@ -246,8 +262,11 @@ def test_a_tile_longer_than_the_capacity_runs_once_per_chunk():
     weights = jnp.where(kept, p["weights"], 0.0)
     np.testing.assert_allclose(y, reference(p["x"], p["experts"], weights, p["w1"], p["w3"], p["w2"]), **TOL)
     source = np.arange(TOKENS)[:, None] // (TOKENS // shards)
-    chunks = {(int(s), int(e)) for s, e, k in zip(np.broadcast_to(source, kept.shape).ravel(),
-                                                 np.asarray(p["experts"]).ravel(), kept.ravel()) if k}
+    chunks = {
+        (int(s), int(e))
+        for s, e, k in zip(np.broadcast_to(source, kept.shape).ravel(), np.asarray(p["experts"]).ravel(), kept.ravel())
+        if k
+    }
     assert float(stats["expert_tiles"]) == len(chunks) * tensor
     rows = capacity(FLOP_TOKENS // shards, TOP_K, EXPERTS, 1.0)  # chunk rows of compiled_forward's dispatch
     temporaries = lambda tile: compiled_forward(shape, 1.0, tile).memory_analysis().temp_size_in_bytes
@@ -262,17 +281,21 @@ FLOP_TOKENS, FLOP_WIDTH, FLOP_HIDDEN = 1024, 256, 128
 def compiled_forward(mesh_shape, capacity_factor=None, tile=0, mesh_rules=RULES, tokens=FLOP_TOKENS, experts=EXPERTS):
     """The jitted dispatch compiled for abstract [tokens, FLOP_WIDTH] inputs and `experts` experts
     (nothing allocated)."""
+
     def forward(x, experts, weights, w1, w3, w2):
-        return routed_experts(x, Routing(experts, weights, None), w1, w3, w2, limit=LIMIT,
-                              capacity_factor=capacity_factor, tile=tile)
+        return routed_experts(
+            x, Routing(experts, weights, None), w1, w3, w2, limit=LIMIT, capacity_factor=capacity_factor, tile=tile
+        )
 
     f32 = jnp.float32
-    args = (jax.ShapeDtypeStruct((tokens, FLOP_WIDTH), f32),
-            jax.ShapeDtypeStruct((tokens, TOP_K), jnp.int32),
-            jax.ShapeDtypeStruct((tokens, TOP_K), f32),
-            jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
-            jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
-            jax.ShapeDtypeStruct((experts, FLOP_HIDDEN, FLOP_WIDTH), f32))
+    args = (
+        jax.ShapeDtypeStruct((tokens, FLOP_WIDTH), f32),
+        jax.ShapeDtypeStruct((tokens, TOP_K), jnp.int32),
+        jax.ShapeDtypeStruct((tokens, TOP_K), f32),
+        jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
+        jax.ShapeDtypeStruct((experts, FLOP_WIDTH, FLOP_HIDDEN), f32),
+        jax.ShapeDtypeStruct((experts, FLOP_HIDDEN, FLOP_WIDTH), f32),
+    )
     if mesh_shape is None:
         return jax.jit(forward).lower(*args).compile()
     with activate(make_mesh(mesh_shape), mesh_rules):
@@ -296,8 +319,9 @@ def check_experts_over_data(shape, tile=0, **sizes):
     y, stats, g = run(p, shape, tile=tile, mesh_rules=rules(experts_over_data=True))
     assert_matches(p, y, g)
     assert float(stats["dropped_tokens"]) == 0
-    text = compiled_forward(shape, tile=tile, mesh_rules=rules(experts_over_data=True),
-                            tokens=len(p["x"]), experts=len(p["w1"])).as_text()
+    text = compiled_forward(
+        shape, tile=tile, mesh_rules=rules(experts_over_data=True), tokens=len(p["x"]), experts=len(p["w1"])
+    ).as_text()
     spans = {c.axes(dict(zip(MESH_NAMES, shape))) for c in hlo_collectives.parse(text) if c.kind == "all-to-all"}
     assert spans == {("data", "expert")}, spans
 
@@ -334,16 +358,23 @@ def test_flop_ratio():
     tile = 8  # ~32 rows per (expert, source) chunk here; a chunk wastes half a tile on average
     rng = np.random.default_rng(5)
     experts = np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(FLOP_TOKENS)])
-    inputs = (jnp.asarray(rng.normal(size=(FLOP_TOKENS, FLOP_WIDTH)), jnp.float32), jnp.asarray(experts, jnp.int32),
-              jnp.full((FLOP_TOKENS, TOP_K), 0.5, jnp.float32),
-              *(jnp.zeros(shape, jnp.float32) for shape in [(EXPERTS, FLOP_WIDTH, FLOP_HIDDEN)] * 2
-                + [(EXPERTS, FLOP_HIDDEN, FLOP_WIDTH)]))
+    inputs = (
+        jnp.asarray(rng.normal(size=(FLOP_TOKENS, FLOP_WIDTH)), jnp.float32),
+        jnp.asarray(experts, jnp.int32),
+        jnp.full((FLOP_TOKENS, TOP_K), 0.5, jnp.float32),
+        *(
+            jnp.zeros(shape, jnp.float32)
+            for shape in [(EXPERTS, FLOP_WIDTH, FLOP_HIDDEN)] * 2 + [(EXPERTS, FLOP_HIDDEN, FLOP_WIDTH)]
+        ),
+    )
     compiled = compiled_forward(mesh, tile=tile)
     tiles = float(compiled(*inputs)[1]["expert_tiles"])
     per_tile, _ = tile_flops(tile, FLOP_WIDTH, FLOP_HIDDEN, jnp.float32, LIMIT)
     tiled = (compiled.cost_analysis()["flops"] * devices + (tiles - devices) * per_tile) / useful
-    print(f"forward flop ratio on data2_expert4: dropless {dropless:.3f}, capacity_factor=1 {capped:.3f}, "
-          f"tiled dropless ({tile}-row tiles) {tiled:.3f}")
+    print(
+        f"forward flop ratio on data2_expert4: dropless {dropless:.3f}, capacity_factor=1 {capped:.3f}, "
+        f"tiled dropless ({tile}-row tiles) {tiled:.3f}"
+    )
     assert EXPERTS / TOP_K <= dropless < 1.05 * EXPERTS / TOP_K
     assert capped < 1.05
     assert 1.0 <= tiled < 1.2
@@ -353,10 +384,14 @@ EXPERTS_WHOLE = tuple((name, None) if name == "expert_mlp" else (name, target) f
 
 
 @pytest.mark.parametrize("tile", [0, TILE])
-@pytest.mark.parametrize("mesh_rules, expected", [
-    (RULES, {"all-gather", "reduce-scatter"}),
-    (EXPERTS_WHOLE, {"all-gather", "reduce-scatter", "all-reduce"}),
-], ids=["experts split over tensor", "experts whole on every tensor rank"])
+@pytest.mark.parametrize(
+    "mesh_rules, expected",
+    [
+        (RULES, {"all-gather", "reduce-scatter"}),
+        (EXPERTS_WHOLE, {"all-gather", "reduce-scatter", "all-reduce"}),
+    ],
+    ids=["experts split over tensor", "experts whole on every tensor rank"],
+)
 def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile, mesh_rules, expected):
     """Tokens as [b, s, d] split over tensor along s (the model's sequence-parallel layout): the
     dispatch equals the reference, forward and gradients. Over tensor: the tokens are all-gathered in
@@ -369,8 +404,9 @@ def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile, me
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(TOKENS, WIDTH)), jnp.float32)
 
     def loss(x, weights, w1, w3, w2):
-        y, _ = routed_experts(as_rows(x), Routing(as_rows(p["experts"]), as_rows(weights), None), w1, w3, w2,
-                              limit=LIMIT, tile=tile)
+        y, _ = routed_experts(
+            as_rows(x), Routing(as_rows(p["experts"]), as_rows(weights), None), w1, w3, w2, limit=LIMIT, tile=tile
+        )
         assert y.shape == (rows, TOKENS // rows, WIDTH)
         return jnp.sum(y.reshape(TOKENS, WIDTH) * cotangent), y.reshape(TOKENS, WIDTH)
 
@@ -379,8 +415,11 @@ def test_sequence_parallel_tokens_gather_and_reduce_scatter_over_tensor(tile, me
         compiled = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True)).lower(*args).compile()
         (_, y), g = compiled(*args)
     assert_matches(p, y, g)
-    over_tensor = {c.kind for c in hlo_collectives.parse(compiled.as_text())
-                   if c.axes(dict(zip(MESH_NAMES, mesh_shape))) == ("tensor",)}
+    over_tensor = {
+        c.kind
+        for c in hlo_collectives.parse(compiled.as_text())
+        if c.axes(dict(zip(MESH_NAMES, mesh_shape))) == ("tensor",)
+    }
     assert over_tensor == expected, over_tensor
 
 
@@ -393,8 +432,14 @@ def test_dense_reference_equals_the_dispatch(mesh):
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=p["x"].shape), jnp.float32)
 
     def forward_and_grads(dispatch):
-        args = tiny_args(hidden_size=WIDTH, moe_intermediate_size=HIDDEN, num_routed_experts=EXPERTS,
-                         num_experts_per_tok=TOP_K, swiglu_limit=LIMIT, moe_dispatch=dispatch)
+        args = tiny_args(
+            hidden_size=WIDTH,
+            moe_intermediate_size=HIDDEN,
+            num_routed_experts=EXPERTS,
+            num_experts_per_tok=TOP_K,
+            swiglu_limit=LIMIT,
+            moe_dispatch=dispatch,
+        )
         graphdef, state = nnx.split(RoutedExperts(args, nnx.Rngs(0)))
         for name in ("w1", "w3", "w2"):
             state[name].set_value(p[name])

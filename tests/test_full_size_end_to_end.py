@@ -9,6 +9,7 @@ logits of our model restored from it (re-imported in float32), to 2e-4 of the la
 The commands share JAX's persistent compilation cache: the resumed SFT run loads the first run's
 compiled step, and the later runs its initialisation.
 """
+
 import math
 import re
 import shutil
@@ -36,7 +37,8 @@ class Chain:
     def __init__(self, twin: str, root: Path, compilation_cache: Path):
         self.twin, self.root, self.compilation_cache, self.stdout = twin, root, compilation_cache, {}
         self.release, self.imported, self.sft, self.dpo, self.exported, self.reimported = (
-            root / name for name in ("release", "imported", "sft", "dpo", "exported", "reimported"))
+            root / name for name in ("release", "imported", "sft", "dpo", "exported", "reimported")
+        )
         self.scored = root / "scored.jsonl"
 
 
@@ -73,20 +75,61 @@ def chain(request, tmp_path_factory, compilation_cache) -> Chain:
     chain = Chain(twin, tmp_path_factory.mktemp(twin), compilation_cache)
     release = f"--config.release_dir={chain.release}"
     _write_release(chain.release, _twin_config(twin))
-    _command(chain, "import", "convert.py", "--direction=import", config_flag, f"--input={chain.release}",
-             f"--output={chain.imported}")
+    _command(
+        chain,
+        "import",
+        "convert.py",
+        "--direction=import",
+        config_flag,
+        f"--input={chain.release}",
+        f"--output={chain.imported}",
+    )
     sft = ["train.py", config_flag, f"--workdir={chain.sft}", f"--init_checkpoint={chain.imported}", release, NO_EVAL]
     _command(chain, "sft", *sft, "--steps=2")
     _command(chain, "sft_resumed", *sft, "--steps=3")
-    _command(chain, "score", "score_preferences.py", config_flag, f"--init_checkpoint={chain.sft}", release,
-             f"--output={chain.scored}")
-    _command(chain, "dpo", "train.py", config_flag, "--config.objective=dpo", "--config.dpo.reference=data",
-             f"--config.data.preference_sources=(('{chain.scored}', 1.0),)", f"--init_checkpoint={chain.sft}",
-             f"--workdir={chain.dpo}", release, "--steps=1", NO_EVAL)
-    _command(chain, "export", "convert.py", "--direction=export", config_flag, f"--input={chain.dpo}",
-             f"--output={chain.exported}", "--format=fp8")
-    _command(chain, "reimport", "convert.py", "--direction=import", config_flag, f"--input={chain.exported}",
-             f"--output={chain.reimported}", "--dtype=float32")
+    _command(
+        chain,
+        "score",
+        "score_preferences.py",
+        config_flag,
+        f"--init_checkpoint={chain.sft}",
+        release,
+        f"--output={chain.scored}",
+    )
+    _command(
+        chain,
+        "dpo",
+        "train.py",
+        config_flag,
+        "--config.objective=dpo",
+        "--config.dpo.reference=data",
+        f"--config.data.preference_sources=(('{chain.scored}', 1.0),)",
+        f"--init_checkpoint={chain.sft}",
+        f"--workdir={chain.dpo}",
+        release,
+        "--steps=1",
+        NO_EVAL,
+    )
+    _command(
+        chain,
+        "export",
+        "convert.py",
+        "--direction=export",
+        config_flag,
+        f"--input={chain.dpo}",
+        f"--output={chain.exported}",
+        "--format=fp8",
+    )
+    _command(
+        chain,
+        "reimport",
+        "convert.py",
+        "--direction=import",
+        config_flag,
+        f"--input={chain.exported}",
+        f"--output={chain.reimported}",
+        "--dtype=float32",
+    )
     return chain
 
 
@@ -108,8 +151,9 @@ def test_release_imports_and_sft_resumes(chain):
 def test_dpo_trains_on_the_scored_pairs(chain):
     """The pairs were scored with the SFT weights DPO starts from, so its first loss is log 2."""
     assert f"reference weights from {chain.sft}\n" in chain.stdout["score"]
-    assert re.search(rf"^wrote {re.escape(str(chain.scored))}: {{'scored': [1-9]\d*, ", chain.stdout["score"],
-                     re.MULTILINE)
+    assert re.search(
+        rf"^wrote {re.escape(str(chain.scored))}: {{'scored': [1-9]\d*, ", chain.stdout["score"], re.MULTILINE
+    )
     assert f"initial weights from {chain.sft}\n" in chain.stdout["dpo"]
     (record,) = _records(chain.dpo)
     assert record["step"] == 1 and record["pairs"] > 0
@@ -125,8 +169,9 @@ def test_export_loads_in_transformers_with_our_logits(chain):
     compares the selection, with 32 indexer heads)."""
     assert f"from {chain.dpo} into {chain.exported}" in chain.stdout["export"]
     config = _twin_config(chain.twin)
-    config.model.update(dtype="float32", index_topk=config.data.seq_len,
-                        capacity_factor=0.0)  # dropless, as transformers computes every choice
+    config.model.update(
+        dtype="float32", index_topk=config.data.seq_len, capacity_factor=0.0
+    )  # dropless, as transformers computes every choice
     args = from_config(config.model)
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, (8, config.data.seq_len)).astype(np.int32)
     graphdef, weights, missing, mesh, rules = _restored_model(str(chain.reimported), config)
@@ -134,8 +179,10 @@ def test_export_loads_in_transformers_with_our_logits(chain):
     ours = _logits(graphdef, weights, mesh, rules, tokens)
 
     from transformers import DeepseekV4ForCausalLM
-    loaded = DeepseekV4ForCausalLM.from_pretrained(chain.exported, dtype=torch.float32,
-                                                   index_topk=args.index_topk).eval()
+
+    loaded = DeepseekV4ForCausalLM.from_pretrained(
+        chain.exported, dtype=torch.float32, index_topk=args.index_topk
+    ).eval()
     with torch.no_grad():
         theirs = loaded(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
     assert _relative_error(ours, theirs) < LOGITS_RTOL

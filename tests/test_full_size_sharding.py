@@ -1,5 +1,6 @@
 """The full-size configs as shipped: their mesh lays out on the topology, every parameter of the real
 model gets a valid sharding, all without devices (abstract tree, abstract mesh)."""
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """The tiled expert MLP (model/grouped_mlp.py) against a row-by-row NumPy reference, forward and every
 gradient: chunks that are empty, full, or end inside a tile, rows that do not fill the last tile,
 several chunks per expert."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,14 @@ def numpy_reference(x, weights, w1, w3, w2, chunks_per_expert):
 def problem(chunks_per_expert):
     rng = np.random.default_rng(chunks_per_expert)
     experts = CHUNKS // chunks_per_expert
-    return dict(x=rng.normal(size=(CHUNKS, ROWS, WIDTH)), weights=rng.uniform(0.1, 1, size=(CHUNKS, ROWS)),
-                w1=rng.normal(size=(experts, WIDTH, HIDDEN)) * 0.4, w3=rng.normal(size=(experts, WIDTH, HIDDEN)) * 0.4,
-                w2=rng.normal(size=(experts, HIDDEN, WIDTH)) * 0.4, dy=rng.normal(size=(CHUNKS, ROWS, WIDTH)))
+    return dict(
+        x=rng.normal(size=(CHUNKS, ROWS, WIDTH)),
+        weights=rng.uniform(0.1, 1, size=(CHUNKS, ROWS)),
+        w1=rng.normal(size=(experts, WIDTH, HIDDEN)) * 0.4,
+        w3=rng.normal(size=(experts, WIDTH, HIDDEN)) * 0.4,
+        w2=rng.normal(size=(experts, HIDDEN, WIDTH)) * 0.4,
+        dy=rng.normal(size=(CHUNKS, ROWS, WIDTH)),
+    )
 
 
 @pytest.mark.parametrize("chunks_per_expert", [1, 2])
@@ -42,8 +48,9 @@ def test_forward_and_gradients_match_numpy(chunks_per_expert):
     args = [jnp.asarray(p[name], jnp.float32) for name in names]
 
     def loss(*a):
-        y = expert_mlp(a[0], a[1], jnp.asarray(COUNTS), *a[2:], chunks_per_expert=chunks_per_expert,
-                       tile=TILE, limit=LIMIT)
+        y = expert_mlp(
+            a[0], a[1], jnp.asarray(COUNTS), *a[2:], chunks_per_expert=chunks_per_expert, tile=TILE, limit=LIMIT
+        )
         return jnp.sum(y * p["dy"]), y
 
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args)
@@ -74,8 +81,9 @@ def test_tiles_run_and_their_flops():
     assert 6 * matmuls <= backward < 7 * matmuls
 
 
-@pytest.mark.parametrize("rows,tile,expected", [(80, 128, 80), (300, 128, 100), (256, 128, 128), (10, 4, 4),
-                                                (9, 4, 3), (1, 16, 1)])
+@pytest.mark.parametrize(
+    "rows,tile,expected", [(80, 128, 80), (300, 128, 100), (256, 128, 128), (10, 4, 4), (9, 4, 3), (1, 16, 1)]
+)
 def test_chunk_tile_covers_a_chunk_in_as_few_tiles_with_least_padding(rows, tile, expected):
     """As many tiles as `tile` needs (ceil(rows / tile)), each no longer than covers the chunk."""
     got = chunk_tile(rows, tile)

@@ -1,5 +1,6 @@
 """The Hugging Face weight mapping is lossless in both directions and refuses incomplete or foreign
 state loudly, naming the offending tensor."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

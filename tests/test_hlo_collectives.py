@@ -1,5 +1,6 @@
 """Reading collectives and their mesh axes from HLO text: listed and iota replica groups, permute
 pairs, result bytes, and the axes a grouping follows on a [data=2, expert=2, tensor=2] mesh."""
+
 import pytest
 
 from mesh.hlo_collectives import group_axes, parse
@@ -19,16 +20,28 @@ HLO = """
 
 def test_parse_kinds_bytes_and_groups():
     found = parse(HLO)
-    assert [c.kind for c in found] == ["all-to-all", "all-gather", "all-reduce", "collective-permute",
-                                          "reduce-scatter", "all-reduce"]
+    assert [c.kind for c in found] == [
+        "all-to-all",
+        "all-gather",
+        "all-reduce",
+        "collective-permute",
+        "reduce-scatter",
+        "all-reduce",
+    ]
     assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8, 24]
     assert found[1].groups == ((0, 4, 1, 5), (2, 6, 3, 7))  # arange(8).reshape(2,4).T -> 2 groups of 4
     assert found[2].groups == ((0, 1), (2, 3), (4, 5), (6, 7))
     # Grid [1,4,2] over devices arange(8).reshape(2,4).T: grid (0, j, k) holds device 4k + j; groups
     # along axis_1 (k fixed) are {0,1,2,3} and {4,5,6,7}: expert and tensor of MESH.
     assert found[5].groups == ((0, 1, 2, 3), (4, 5, 6, 7))
-    assert [c.axes(MESH) for c in found] == [("expert",), ("data", "tensor"), ("tensor",), ("data",),
-                                                 ("expert", "tensor"), ("expert", "tensor")]
+    assert [c.axes(MESH) for c in found] == [
+        ("expert",),
+        ("data", "tensor"),
+        ("tensor",),
+        ("data",),
+        ("expert", "tensor"),
+        ("expert", "tensor"),
+    ]
 
 
 def test_unknown_group_forms_are_an_error_not_a_no_op():

@@ -6,6 +6,7 @@ layout with the trainer through configs/checkpoint_layout.py instead of importin
 a package's files counts, those inside functions too. Entry points import anything: planner/, bench/,
 a package's `__main__.py` and a module's `if __name__ == "__main__":` block (`python -m model.summary`).
 """
+
 import ast
 import pathlib
 
@@ -26,9 +27,13 @@ ALLOWED = {"trainer": ("objectives.protocol",)}  # exceptions to FORBIDDEN: the 
 
 def _is_main_block(node: ast.AST) -> bool:
     """`if __name__ == "__main__":`"""
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
-            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators)
+    )
 
 
 def _library_nodes(node: ast.AST):
@@ -47,8 +52,11 @@ def imported_modules(path: pathlib.Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             found += [(node.lineno, node.module)]
-            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
-                      if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists()]
+            found += [
+                (node.lineno, f"{node.module}.{alias.name}")
+                for alias in node.names
+                if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists()
+            ]
     return found
 
 
@@ -76,6 +84,8 @@ def test_the_check_sees_nested_and_from_imports(tmp_path):
     """`from objectives import sft` is an import of objectives.sft, an import inside a function counts,
     one of the command-line block does not."""
     source = tmp_path / "example.py"
-    source.write_text("def f():\n    from objectives import sft\n    import hf_io.team\n\n"
-                      "if __name__ == '__main__':\n    import trainer.cli\n")
+    source.write_text(
+        "def f():\n    from objectives import sft\n    import hf_io.team\n\n"
+        "if __name__ == '__main__':\n    import trainer.cli\n"
+    )
     assert imported_modules(source) == [(2, "objectives"), (2, "objectives.sft"), (3, "hf_io.team")]

@@ -1,6 +1,7 @@
 """The lightning indexer selects exactly index_topk visible entries per query, ties going to the
 lowest index, against a NumPy selection written separately; scores that tie at 0 (every indexer
 head's dot product negative, common with few heads) used to select every tied entry."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

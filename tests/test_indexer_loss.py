@@ -7,6 +7,7 @@ the layer's projections: the value, and the gradient in the indexer's head weigh
 analytic d KL / d I = softmax(I) - p. The loss reaches the indexer's parameters and nothing else;
 with config.train.indexer_weight = 0 a step leaves every indexer parameter bitwise unchanged; with a
 weight the main model's gradients do not change, and training the indexer alone lowers its loss."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,8 +40,17 @@ STEPS = 15
 def _args(**overrides):
     """A sliding layer, then two CSA layers in one scan; window 16 in blocks of 4, top-4 of up to 16
     entries; no MTP layer and 2 Sinkhorn iterations (quicker compiles)."""
-    fields = dict(num_layers=3, compress_ratios=(0, 4, 4), num_mtp_layers=0, num_hash_layers=1, hc_sinkhorn_iters=2,
-                  sliding_window=16, window_block=4, query_chunk=0, index_topk=4)
+    fields = dict(
+        num_layers=3,
+        compress_ratios=(0, 4, 4),
+        num_mtp_layers=0,
+        num_hash_layers=1,
+        hc_sinkhorn_iters=2,
+        sliding_window=16,
+        window_block=4,
+        query_chunk=0,
+        index_topk=4,
+    )
     fields.update(overrides)
     return tiny_args(**fields)
 
@@ -73,17 +83,22 @@ def _reference(args, layer, u, positions, segments):
     the dense attention softmax, p, the index scores, the KL and its gradient."""
     inv_freq = rope.inverse_frequencies(args, compressed=True)
     q_latent = layer.q_norm(jnp.einsum("bsd,dr->bsr", u, layer.wq_a[...]))
-    q = rope.rotate(rms_normalize(jnp.einsum("bsr,rhc->bshc", q_latent, layer.wq_b[...]), args.rms_norm_eps),
-                    positions[..., None], inv_freq)
+    q = rope.rotate(
+        rms_normalize(jnp.einsum("bsr,rhc->bshc", q_latent, layer.wq_b[...]), args.rms_norm_eps),
+        positions[..., None],
+        inv_freq,
+    )
     kv = rope.rotate(layer.kv_norm(jnp.einsum("bsd,dc->bsc", u, layer.wkv[...])), positions, inv_freq)
     compressed = layer.compressor(u, positions, segments)
     visible = compressed.usable(positions, segments, layer.ratio)
     selected = np.asarray(layer.indexer(u, q_latent, positions, segments, visible)[0])
-    index_q = rope.rotate(jnp.einsum("bsr,rhc->bshc", q_latent, layer.indexer.wq_b[...]), positions[..., None],
-                          inv_freq)
+    index_q = rope.rotate(
+        jnp.einsum("bsr,rhc->bshc", q_latent, layer.indexer.wq_b[...]), positions[..., None], inv_freq
+    )
     index_keys = layer.indexer.compressor(u, positions, segments).values
-    q, kv, entries, index_q, index_keys, u64 = (np.asarray(a, np.float64) for a in
-                                                (q, kv, compressed.values, index_q, index_keys, u))
+    q, kv, entries, index_q, index_keys, u64 = (
+        np.asarray(a, np.float64) for a in (q, kv, compressed.values, index_q, index_keys, u)
+    )
     segments, sink = np.asarray(segments), np.asarray(layer.attn_sink[...], np.float64)
     weights_proj = np.asarray(layer.indexer.weights_proj[...], np.float64)
     heads, index_heads, dim = args.num_heads, args.index_n_heads, args.index_head_dim
@@ -94,15 +109,20 @@ def _reference(args, layer, u, positions, segments):
     for b in range(u.shape[0]):
         # Main attention, dense: window keys of the same document, then the selected entries, then the sink.
         window = (distance >= 0) & (distance < args.sliding_window) & (segments[b][:, None] == segments[b][None, :])
-        logits_window = np.einsum("shc,kc->hsk", q[b], kv[b]) * args.head_dim ** -0.5
-        logits_entries = np.einsum("shc,nc->hsn", q[b], entries[b]) * args.head_dim ** -0.5
-        logits = np.concatenate([np.where(window, logits_window, -np.inf),
-                                 np.where(selected[b], logits_entries, -np.inf),
-                                 np.broadcast_to(sink[:, None, None], (heads, SEQ, 1))], axis=-1)
+        logits_window = np.einsum("shc,kc->hsk", q[b], kv[b]) * args.head_dim**-0.5
+        logits_entries = np.einsum("shc,nc->hsn", q[b], entries[b]) * args.head_dim**-0.5
+        logits = np.concatenate(
+            [
+                np.where(window, logits_window, -np.inf),
+                np.where(selected[b], logits_entries, -np.inf),
+                np.broadcast_to(sink[:, None, None], (heads, SEQ, 1)),
+            ],
+            axis=-1,
+        )
         attended = _softmax(logits)[..., SEQ:-1].sum(axis=0)  # [s, n]
         # The indexer's scores.
-        head_scores = np.maximum(np.einsum("shc,nc->shn", index_q[b], index_keys[b]), 0.0) * dim ** -0.5
-        head_weights = u64[b] @ weights_proj * index_heads ** -0.5  # [s, h]
+        head_scores = np.maximum(np.einsum("shc,nc->shn", index_q[b], index_keys[b]), 0.0) * dim**-0.5
+        head_weights = u64[b] @ weights_proj * index_heads**-0.5  # [s, h]
         index = np.einsum("sh,shn->sn", head_weights, head_scores)
         for t in range(SEQ):
             chosen = selected[b, t]
@@ -113,7 +133,7 @@ def _reference(args, layer, u, positions, segments):
             total_kl += np.sum(p * np.log(p / q_index))
             d_index = np.zeros(chosen.shape)
             d_index[chosen] = q_index - p
-            grad += np.outer(u64[b, t], head_scores[t] @ d_index) * index_heads ** -0.5
+            grad += np.outer(u64[b, t], head_scores[t] @ d_index) * index_heads**-0.5
     return total_kl, grad
 
 
@@ -155,16 +175,25 @@ def _batch(args, rows=ROWS):
     rng = np.random.default_rng(0)
     positions, segments = _packed(rows)
     tokens = np.where(segments > 0, rng.integers(0, args.vocab_size, segments.shape), 0).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
-            "positions": positions}
+    return {
+        "tokens": tokens,
+        "loss_mask": (segments > 0).astype(np.int32),
+        "segment_ids": segments,
+        "positions": positions,
+    }
 
 
 def _state(args, tx):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
     params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                routing=routing, rng=jax.random.key_data(jax.random.key(0)),
-                                nonfinite_steps=jnp.zeros((), jnp.int32))
+    return graphdef, TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        routing=routing,
+        rng=jax.random.key_data(jax.random.key(0)),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 def _is_indexer(path) -> bool:
@@ -178,12 +207,12 @@ def _flat(params) -> dict:
 def test_without_a_weight_a_step_leaves_the_indexer_bitwise_unchanged():
     """Muon + AdamW with decay, as the run configs build it: the indexer gets no update and no state."""
     args = _args()
-    tx = build_optimizer(optimizer_config.get_config("muon", learning_rate=1e-2, warmup_steps=0),
-                         abstract_params(args))
+    tx = build_optimizer(optimizer_config.get_config("muon", learning_rate=1e-2, warmup_steps=0), abstract_params(args))
     graphdef, state = _state(args, tx)
     before = _flat(state.params)
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), _train_config(0.0, microbatches=1),
-                                   _sft()))
+    step = jax.jit(
+        make_train_step(graphdef, tx, optax.constant_schedule(1e-2), _train_config(0.0, microbatches=1), _sft())
+    )
     new_state, metrics = step(state, _batch(args))
     assert INDEXER_LOSS not in metrics
     after = _flat(new_state.params)
@@ -196,10 +225,14 @@ def test_without_a_weight_a_step_leaves_the_indexer_bitwise_unchanged():
     assert len(moved) > 0.9 * len(others)
     # The optimizer holds no state for the indexer.
     keys = jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path), state.params)
-    owners = optax.tree_map_params(tx, lambda leaf, key: None if isinstance(leaf, optax.MaskedNode) else key,
-                                   state.opt_state, keys,
-                                   transform_non_params=lambda _: None,
-                                   is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    owners = optax.tree_map_params(
+        tx,
+        lambda leaf, key: None if isinstance(leaf, optax.MaskedNode) else key,
+        state.opt_state,
+        keys,
+        transform_non_params=lambda _: None,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
     owned = {key for key in jax.tree.leaves(owners) if isinstance(key, str)}
     assert owned and not any(INDEXER in key for key in owned)
 
@@ -241,8 +274,9 @@ def test_training_the_indexer_alone_lowers_its_loss():
     graphdef, state = _state(args, tx)
     before = _flat(state.params)
     batch = _batch(args)
-    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(3e-2),
-                                   _train_config(1.0), _sft(bias_update_rate=0.0)))
+    step = jax.jit(
+        make_train_step(graphdef, tx, optax.constant_schedule(3e-2), _train_config(1.0), _sft(bias_update_rate=0.0))
+    )
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, batch)
@@ -267,18 +301,21 @@ def test_the_sharded_step_trains_the_indexer_as_one_device():
     train_config = _train_config(1.0)
     graphdef, state = _state(args, tx)
     reference, reference_metrics = jax.device_get(
-        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()))(state, batch))
+        jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()))(state, batch)
+    )
     mesh_config = parallelism.get_config("cm384-8", data=2, fsdp=2, expert=2)
     mesh, rules = build_mesh(mesh_config), mesh_config.rules
     with activate(mesh, rules):
         graphdef, sharded, shardings = create_train_state(args, mesh, rules, tx, seed=0)
-        step, _ = jit_train_step(make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()),
-                                 shardings, mesh, rules)
+        step, _ = jit_train_step(
+            make_train_step(graphdef, tx, optax.constant_schedule(1e-2), train_config, _sft()), shardings, mesh, rules
+        )
         new_state, metrics = jax.device_get(step(sharded, batch))
     np.testing.assert_allclose(metrics[INDEXER_LOSS], reference_metrics[INDEXER_LOSS], rtol=1e-5)
     before, ours, theirs = _flat(state.params), _flat(new_state.params), _flat(reference.params)
     for path in before:
         if _is_indexer(path):
             expected = theirs[path] - before[path]
-            np.testing.assert_allclose(ours[path] - before[path], expected, rtol=0,
-                                       atol=1e-3 * np.abs(expected).max(), err_msg=str(path))
+            np.testing.assert_allclose(
+                ours[path] - before[path], expected, rtol=0, atol=1e-3 * np.abs(expected).max(), err_msg=str(path)
+            )

@@ -1,5 +1,6 @@
 """trainer/io_priority.py: calls run on one thread of the given nice value, threads they start
 inherit it, TensorStore's pool is lowered by name, errors come back to the caller."""
+
 import os
 import threading
 
@@ -45,11 +46,21 @@ def test_errors_reach_the_caller():
 
 
 def test_tensorstore_pool_is_lowered_by_name(tmp_path):
-    array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")},
-                     "metadata": {"shape": [64], "chunks": [8]}, "dtype": "float32"}, create=True).result()
+    array = ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(tmp_path / "a")},
+            "metadata": {"shape": [64], "chunks": [8]},
+            "dtype": "float32",
+        },
+        create=True,
+    ).result()
     array.write(np.arange(64, dtype=np.float32)).result()
-    pool = [int(t) for t in os.listdir("/proc/self/task")
-            if open(f"/proc/self/task/{t}/comm").read().strip() == TENSORSTORE_POOL]
+    pool = [
+        int(t)
+        for t in os.listdir("/proc/self/task")
+        if open(f"/proc/self/task/{t}/comm").read().strip() == TENSORSTORE_POOL
+    ]
     assert pool
     lower_tensorstore_pool(7)
     assert {_nice(t) for t in pool if os.path.exists(f"/proc/self/task/{t}")} <= {7, 19}

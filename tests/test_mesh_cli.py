@@ -1,11 +1,11 @@
 """`python -m mesh`: axis table, device grid, errors."""
+
 import subprocess
 import sys
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cm384_table():

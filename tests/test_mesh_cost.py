@@ -1,4 +1,5 @@
 """Collective estimates: textbook ring figures on one level, hierarchy on several."""
+
 import pytest
 
 from mesh import cost
@@ -32,7 +33,7 @@ def test_hierarchy_sends_only_small_pieces_over_roce():
     data, expert = layout.axis("data"), layout.axis("expert")
     roce = topology.levels[-1].bandwidth
     assert cost.all_gather_seconds(data, GIB) == pytest.approx(3 / 4 * GIB / roce)
-    flat = plan_layout(topology, dict(fsdp=-1)).axis("fsdp")        # one 3072-way fsdp axis
+    flat = plan_layout(topology, dict(fsdp=-1)).axis("fsdp")  # one 3072-way fsdp axis
     roce_part = 3 * GIB / 3072 / roce
     assert cost.all_gather_seconds(flat, GIB) > roce_part
     assert cost.all_gather_seconds(flat, GIB) < cost.all_gather_seconds(data, GIB)

@@ -1,5 +1,6 @@
 """Host device emulation: in-process guards, and real 16 / 64 / 768 / 2048-device meshes in
 subprocesses (this process is fixed at 8 devices by conftest)."""
+
 import re
 import subprocess
 import sys
@@ -37,21 +38,23 @@ SCRIPT = textwrap.dedent("""
 SPEC_2048 = "custom:chip=2@270e9,server=8@196e9,supernode=128@196e9"
 
 
-@pytest.mark.parametrize("spec, sizes, devices", [
-    ("cm384-16", "data=2,fsdp=2,expert=2,tensor=2", 16),
-    ("cm384-64", "fsdp=4,expert=8,tensor=2", 64),
-    ("cm384", "expert=384,fsdp=2", 768),
-    pytest.param(SPEC_2048, "expert=256,fsdp=8", 2048, marks=pytest.mark.slow),   # ~25 s
-])
+@pytest.mark.parametrize(
+    "spec, sizes, devices",
+    [
+        ("cm384-16", "data=2,fsdp=2,expert=2,tensor=2", 16),
+        ("cm384-64", "fsdp=4,expert=8,tensor=2", 64),
+        ("cm384", "expert=384,fsdp=2", 768),
+        pytest.param(SPEC_2048, "expert=256,fsdp=8", 2048, marks=pytest.mark.slow),  # ~25 s
+    ],
+)
 def test_emulated_topology_in_a_fresh_process(spec, sizes, devices):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, spec, sizes], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, spec, sizes], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"devices {devices} sum {devices}" in result.stdout
 
 
 def test_same_count_after_start_is_fine():
-    assert jax.device_count() == 8     # starts the backend, as any earlier test may have
+    assert jax.device_count() == 8  # starts the backend, as any earlier test may have
     assert emulate(get_topology("cm384-8")) == 8
 
 
@@ -64,8 +67,7 @@ def test_each_process_emulates_its_share():
 
 def test_too_late_says_how_to_fix():
     assert jax.device_count() == 8
-    with pytest.raises(RuntimeError, match=re.escape(
-            "JAX already started with 8 devices and 16 are needed")) as error:
+    with pytest.raises(RuntimeError, match=re.escape("JAX already started with 8 devices and 16 are needed")) as error:
         emulate(get_topology("cm384-16"))
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in str(error.value)
 
@@ -80,8 +82,11 @@ def test_beyond_one_process_explains_multi_process():
 
 def test_2048_devices_mesh_without_computation():
     """The fast 2048 check: the CLI emulates the devices and builds the Mesh in the layout."""
-    result = subprocess.run([sys.executable, "-m", "mesh", f"--topology={SPEC_2048}",
-                             "--mesh=expert=256,fsdp=8", "--emulate"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh", f"--topology={SPEC_2048}", "--mesh=expert=256,fsdp=8", "--emulate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "over 2048 cpu devices; device ids follow the layout: True" in result.stdout

@@ -1,4 +1,5 @@
 """Axis placement on levels: device order, locality of hungry axes, pins, errors."""
+
 import re
 
 import numpy as np
@@ -74,8 +75,7 @@ def test_pin_moves_fsdp_onto_the_die_pair():
 
 
 def test_pin_outward_level():
-    layout = plan_layout(get_topology("cm384-16"), dict(data=2, fsdp=4, tensor=2),
-                         pins=dict(fsdp="server"))
+    layout = plan_layout(get_topology("cm384-16"), dict(data=2, fsdp=4, tensor=2), pins=dict(fsdp="server"))
     assert layout.axis("fsdp").levels == ("server", "supernode")
     assert layout.axis("tensor").levels == ("chip",)
     assert layout.axis("data").levels == ("cluster",)
@@ -83,33 +83,38 @@ def test_pin_outward_level():
 
 def test_full_size_v4_pro_layout_without_devices():
     """768 dies of one CM384, 384 routed experts: built as numbers and an AbstractMesh only."""
-    layout = plan_layout(get_topology("cm384"), dict(data=1, expert=384, fsdp=2, tensor=1),
-                         pins=dict(fsdp="chip"))
+    layout = plan_layout(get_topology("cm384"), dict(data=1, expert=384, fsdp=2, tensor=1), pins=dict(fsdp="chip"))
     abstract = layout.abstract_mesh()
     assert dict(abstract.shape) == dict(data=1, fsdp=2, expert=384, tensor=1)
     for group in ranks_along(layout, "fsdp"):
-        assert group[1] - group[0] == 1 and group[0] % 2 == 0    # the two dies of one 910C
+        assert group[1] - group[0] == 1 and group[0] % 2 == 0  # the two dies of one 910C
     assert layout.axis("expert").bottleneck_bandwidth == get_topology("cm384").levels[1].bandwidth
 
 
-@pytest.mark.parametrize("sizes, message", [
-    (dict(fsdp=4, expert=4), "multiply to 16 but the topology has 8 devices"),
-    (dict(fsdp=-1, expert=-1), "at most one axis may be -1"),
-    (dict(fsdp=-1, expert=3), "multiply to 3, which does not divide 8 devices"),
-    (dict(fsdp=0, expert=8), "must be positive"),
-    (dict(model=8), "unknown mesh axes ['model']"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(fsdp=4, expert=4), "multiply to 16 but the topology has 8 devices"),
+        (dict(fsdp=-1, expert=-1), "at most one axis may be -1"),
+        (dict(fsdp=-1, expert=3), "multiply to 3, which does not divide 8 devices"),
+        (dict(fsdp=0, expert=8), "must be positive"),
+        (dict(model=8), "unknown mesh axes ['model']"),
+    ],
+)
 def test_size_errors_name_the_numbers(sizes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         plan_layout(get_topology("cm384-8"), sizes)
 
 
 def test_pin_that_cannot_fit_names_the_free_capacity():
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "after taking (supernode:2, cluster:2) a factor 2 is left that divides none of the "
-            "free level capacities (supernode=1, cluster=1)")):
-        plan_layout(get_topology("cm384-16"), dict(data=2, expert=8),
-                    pins=dict(expert="supernode"))
+            "free level capacities (supernode=1, cluster=1)"
+        ),
+    ):
+        plan_layout(get_topology("cm384-16"), dict(data=2, expert=8), pins=dict(expert="supernode"))
 
 
 def test_pin_to_unknown_level_lists_levels():
@@ -130,6 +135,7 @@ def test_mesh_needs_enough_devices():
 def test_mesh_on_emulated_devices_follows_the_layout():
     import jax
     from jax.sharding import AxisType
+
     layout = plan_layout(get_topology("cm384-8"), dict(data=1, fsdp=2, expert=2, tensor=2))
     mesh = layout.mesh()
     assert [d.id for d in mesh.devices.flat] == layout.device_ids.ravel().tolist()

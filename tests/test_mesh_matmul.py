@@ -4,6 +4,7 @@ Each axis gets all 8 devices in turn and shards, in three separate programs, the
 input (batch-like), the contraction dimension (needs a reduction across the axis) and the output
 columns (tensor-like), so every axis carries a gather, a reduce and a no-communication case.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +21,15 @@ EXPECTED = X @ W
 
 
 @pytest.mark.parametrize("axis", axes.CORE_AXES)
-@pytest.mark.parametrize("x_spec, w_spec", [
-    (lambda a: P(a, None), lambda a: P(None, None)),
-    (lambda a: P(None, a), lambda a: P(a, None)),
-    (lambda a: P(None, None), lambda a: P(None, a)),
-], ids=["rows", "contraction", "columns"])
+@pytest.mark.parametrize(
+    "x_spec, w_spec",
+    [
+        (lambda a: P(a, None), lambda a: P(None, None)),
+        (lambda a: P(None, a), lambda a: P(a, None)),
+        (lambda a: P(None, None), lambda a: P(None, a)),
+    ],
+    ids=["rows", "contraction", "columns"],
+)
 def test_sharded_matmul_matches(axis, x_spec, w_spec):
     mesh = plan_layout(get_topology("cm384-8"), {axis: 8}).mesh()
     x = jax.device_put(X, NamedSharding(mesh, x_spec(axis)))
@@ -41,11 +46,13 @@ def test_all_axes_at_once_with_all_to_all_over_expert():
     out = jax.jit(jnp.matmul)(x, w)
     np.testing.assert_allclose(np.asarray(out), EXPECTED, rtol=1e-5, atol=1e-5)
 
-    def swap(block):   # block [4, 24] per (fsdp, expert) shard: exchange halves along expert
+    def swap(block):  # block [4, 24] per (fsdp, expert) shard: exchange halves along expert
         return jax.lax.all_to_all(block, "expert", split_axis=0, concat_axis=0, tiled=True)
 
-    swapped = jax.shard_map(swap, mesh=mesh, in_specs=P(("fsdp", "expert"), None),
-                            out_specs=P(("fsdp", "expert"), None))(np.asarray(out))
-    blocks = EXPECTED.reshape(2, 2, 2, 2, 24)      # fsdp, expert (sender), half, rows, cols
-    np.testing.assert_allclose(np.asarray(swapped).reshape(2, 2, 2, 2, 24),
-                               blocks.transpose(0, 2, 1, 3, 4), rtol=1e-5, atol=1e-5)
+    swapped = jax.shard_map(
+        swap, mesh=mesh, in_specs=P(("fsdp", "expert"), None), out_specs=P(("fsdp", "expert"), None)
+    )(np.asarray(out))
+    blocks = EXPECTED.reshape(2, 2, 2, 2, 24)  # fsdp, expert (sender), half, rows, cols
+    np.testing.assert_allclose(
+        np.asarray(swapped).reshape(2, 2, 2, 2, 24), blocks.transpose(0, 2, 1, 3, 4), rtol=1e-5, atol=1e-5
+    )

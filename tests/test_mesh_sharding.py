@@ -1,4 +1,5 @@
 """Logical names -> NamedShardings for nnx parameter trees, and the project's rules."""
+
 import re
 
 import jax
@@ -25,11 +26,12 @@ def override(name, target):
 class Block(nnx.Module):
     def __init__(self, rngs, width=16, hidden=32, experts=4):
         init = nnx.initializers.normal()
-        self.up = nnx.Param(init(rngs.params(), (width, hidden)),
-                            out_sharding=("embed", "mlp"), eager_sharding=False)
-        self.experts = nnx.Param(init(rngs.params(), (experts, width, hidden)),
-                                 out_sharding=("expert", "expert_embed", "expert_mlp"),
-                                 eager_sharding=False)
+        self.up = nnx.Param(init(rngs.params(), (width, hidden)), out_sharding=("embed", "mlp"), eager_sharding=False)
+        self.experts = nnx.Param(
+            init(rngs.params(), (experts, width, hidden)),
+            out_sharding=("expert", "expert_embed", "expert_mlp"),
+            eager_sharding=False,
+        )
         self.norm = nnx.Param(jnp.ones((width,)), out_sharding=(None,), eager_sharding=False)
 
 
@@ -39,9 +41,11 @@ class Model(nnx.Module):
         @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stack(rngs):
             return Block(rngs)
+
         self.blocks = stack(rngs)
-        self.embedding = nnx.Param(nnx.initializers.normal()(rngs.params(), (64, 16)),
-                                   out_sharding=("vocab", "embed"), eager_sharding=False)
+        self.embedding = nnx.Param(
+            nnx.initializers.normal()(rngs.params(), (64, 16)), out_sharding=("vocab", "embed"), eager_sharding=False
+        )
 
 
 def mesh_for(**sizes):
@@ -64,8 +68,7 @@ def test_stacked_module_gets_layer_axis_and_rules():
     state = nnx.state(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
     shardings = param_shardings(state, mesh, parallelism.RULES)
     assert jax.tree.structure(shardings) == jax.tree.structure(state)
-    specs = {"/".join(map(str, path)): v.get_value().spec
-             for path, v in nnx.to_flat_state(shardings)}
+    specs = {"/".join(map(str, path)): v.get_value().spec for path, v in nnx.to_flat_state(shardings)}
     assert specs == {
         "blocks/up": P(None, ("fsdp", "expert"), "tensor"),
         "blocks/experts": P(None, "expert", "fsdp", "tensor"),
@@ -87,21 +90,33 @@ def test_born_sharded_with_jit_out_shardings():
 
 
 def abstract_param(shape, names):
-    return nnx.State({"w": nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32),
-                                     out_sharding=names, eager_sharding=False)})
+    return nnx.State(
+        {"w": nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32), out_sharding=names, eager_sharding=False)}
+    )
 
 
-@pytest.mark.parametrize("shape, names, rules, message", [
-    ((16,), None, RULES, "parameter w: no logical axis names"),
-    ((16, 32), ("embed", "nonsense"), RULES, "parameter w: logical axis 'nonsense' (dim 1) has no rule"),
-    ((16, 32), ("embed", "mlp"), override("mlp", "fsdp"),
-     "every rule of dim 1 ('mlp') needs a mesh axis already taken ('fsdp' by dim 0 ('embed'))"),
-    ((6, 32), ("embed", "mlp"), RULES,
-     "parameter w (6, 32): dim 0 ('embed') has size 6, not divisible by 4 = mesh axes "
-     "('fsdp', 'expert') of sizes [2, 2]"),
-    ((16,), ("embed",), override("embed", "sequence"), "names mesh axis 'sequence', absent"),
-    ((16, 32), ("embed",), RULES, "1 logical names ('embed',) for 2-d shape (16, 32)"),
-])
+@pytest.mark.parametrize(
+    "shape, names, rules, message",
+    [
+        ((16,), None, RULES, "parameter w: no logical axis names"),
+        ((16, 32), ("embed", "nonsense"), RULES, "parameter w: logical axis 'nonsense' (dim 1) has no rule"),
+        (
+            (16, 32),
+            ("embed", "mlp"),
+            override("mlp", "fsdp"),
+            "every rule of dim 1 ('mlp') needs a mesh axis already taken ('fsdp' by dim 0 ('embed'))",
+        ),
+        (
+            (6, 32),
+            ("embed", "mlp"),
+            RULES,
+            "parameter w (6, 32): dim 0 ('embed') has size 6, not divisible by 4 = mesh axes "
+            "('fsdp', 'expert') of sizes [2, 2]",
+        ),
+        ((16,), ("embed",), override("embed", "sequence"), "names mesh axis 'sequence', absent"),
+        ((16, 32), ("embed",), RULES, "1 logical names ('embed',) for 2-d shape (16, 32)"),
+    ],
+)
 def test_errors_name_parameter_dimension_and_sizes(shape, names, rules, message):
     mesh = mesh_for(fsdp=2, expert=2, tensor=2)
     with pytest.raises((ValueError, KeyError), match=re.escape(message)):
@@ -110,11 +125,9 @@ def test_errors_name_parameter_dimension_and_sizes(shape, names, rules, message)
 
 def test_full_size_v4_pro_experts_on_an_abstract_cm384():
     """V4-Pro routed experts, 61 stacked layers of [384, 7168, 3072], on 768 dies, no devices."""
-    layout = plan_layout(get_topology("cm384"), dict(data=1, expert=384, fsdp=2, tensor=1),
-                         pins=dict(fsdp="chip"))
+    layout = plan_layout(get_topology("cm384"), dict(data=1, expert=384, fsdp=2, tensor=1), pins=dict(fsdp="chip"))
     mesh = layout.abstract_mesh()
-    experts = abstract_param((61, 384, 7168, 3072), ("layers", "expert", "expert_embed",
-                                                     "expert_mlp"))
+    experts = abstract_param((61, 384, 7168, 3072), ("layers", "expert", "expert_embed", "expert_mlp"))
     sharding = param_shardings(experts, mesh, parallelism.RULES)["w"].get_value()
     assert sharding.shard_shape((61, 384, 7168, 3072)) == (61, 1, 3584, 3072)
     # V4 width 7168 = 2^10 x 7 cannot be split 768 ways: the rules say so instead of replicating.
@@ -127,8 +140,7 @@ def test_fallback_rule_when_the_first_choice_is_taken():
     """wq_b has no embed dim, so q_lora takes (fsdp, expert); in wq_a embed took them first."""
     mesh = mesh_for(fsdp=2, expert=2, tensor=2)
     wq_a = param_shardings(abstract_param((16, 32), ("embed", "q_lora")), mesh, parallelism.RULES)
-    wq_b = param_shardings(abstract_param((32, 4, 8), ("q_lora", "heads", "head_dim")), mesh,
-                           parallelism.RULES)
+    wq_b = param_shardings(abstract_param((32, 4, 8), ("q_lora", "heads", "head_dim")), mesh, parallelism.RULES)
     assert wq_a["w"].get_value().spec == P(("fsdp", "expert"), None)
     assert wq_b["w"].get_value().spec == P(("fsdp", "expert"), "tensor", None)
 

@@ -1,4 +1,5 @@
 """Topology presets: device counts, cited figures, spec parsing and its errors."""
+
 import re
 
 import pytest
@@ -9,18 +10,21 @@ from mesh.presets import get_topology
 SOURCE_TAG = re.compile(r"\[(P|S|D)?:? ?[A-Za-z]")
 
 
-@pytest.mark.parametrize("spec, devices, levels", [
-    ("atlas800t-a2", 8, ("server",)),
-    ("a2-cluster:4", 32, ("server", "cluster")),
-    ("cm384", 768, ("chip", "server", "supernode")),
-    ("cm384:4", 3072, ("chip", "server", "supernode", "cluster")),
-    ("cm384:4x32", 2048, ("chip", "server", "supernode", "cluster")),
-    ("cm384:1x16", 256, ("chip", "server", "supernode")),
-    ("cm384-8", 8, ("chip", "server", "supernode")),
-    ("cm384-12", 12, ("chip", "server", "supernode")),
-    ("cm384-16", 16, ("chip", "server", "supernode", "cluster")),
-    ("cm384-64", 64, ("chip", "server", "supernode")),
-])
+@pytest.mark.parametrize(
+    "spec, devices, levels",
+    [
+        ("atlas800t-a2", 8, ("server",)),
+        ("a2-cluster:4", 32, ("server", "cluster")),
+        ("cm384", 768, ("chip", "server", "supernode")),
+        ("cm384:4", 3072, ("chip", "server", "supernode", "cluster")),
+        ("cm384:4x32", 2048, ("chip", "server", "supernode", "cluster")),
+        ("cm384:1x16", 256, ("chip", "server", "supernode")),
+        ("cm384-8", 8, ("chip", "server", "supernode")),
+        ("cm384-12", 12, ("chip", "server", "supernode")),
+        ("cm384-16", 16, ("chip", "server", "supernode", "cluster")),
+        ("cm384-64", 64, ("chip", "server", "supernode")),
+    ],
+)
 def test_presets_have_the_hardware_shape(spec, devices, levels):
     topology = get_topology(spec)
     assert topology.num_devices == devices
@@ -51,16 +55,19 @@ def test_custom_levels_from_text():
     assert topology.levels[2].latency is None
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("cm999", "valid: atlas800t-a2"),
-    ("a2-cluster", "needs ':<number of A2 servers>'"),
-    ("a2-cluster:x", "positive integer"),
-    ("cm384-8:2", "takes no ':' argument"),
-    ("cm384:2x49", "1..48 servers, got 49"),
-    ("cm384:2x", "positive integer"),
-    ("custom:chip=2", "expected name=size@bandwidth"),
-    ("custom:chip=2@270e9,chip=2@1e9", "level names repeat"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cm999", "valid: atlas800t-a2"),
+        ("a2-cluster", "needs ':<number of A2 servers>'"),
+        ("a2-cluster:x", "positive integer"),
+        ("cm384-8:2", "takes no ':' argument"),
+        ("cm384:2x49", "1..48 servers, got 49"),
+        ("cm384:2x", "positive integer"),
+        ("custom:chip=2", "expected name=size@bandwidth"),
+        ("custom:chip=2@270e9,chip=2@1e9", "level names repeat"),
+    ],
+)
 def test_bad_specs_say_what_is_valid(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         get_topology(spec)

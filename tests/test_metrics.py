@@ -3,6 +3,7 @@ MFU and ETA follow from an injected clock and leave out the first write's interv
 NaN/Inf values are recorded as strict JSON; a resumed run replaces the records an interrupted run
 wrote after its last checkpoint (in metrics.jsonl and expert_load.jsonl); the step's expert load goes
 to expert_load.jsonl, not to the scalars; without output (processes other than 0) nothing is written."""
+
 import json
 import math
 
@@ -30,29 +31,43 @@ class FakeClock:
 
 def _step_metrics(step):
     """What trainer.step returns: device scalars, plus the per-layer expert load, which is no scalar."""
-    return {"loss": jnp.float32(3.0 - 0.01 * step), "learning_rate": jnp.float32(1e-3),
-            "grad_norm": jnp.float32(0.5), "expert_load_max_over_mean": jnp.float32(1.25),
-            "dropped_assignments": jnp.float32(3.0), EXPERT_LOAD: jnp.full((4, 8), step, jnp.float32)}
+    return {
+        "loss": jnp.float32(3.0 - 0.01 * step),
+        "learning_rate": jnp.float32(1e-3),
+        "grad_norm": jnp.float32(0.5),
+        "expert_load_max_over_mean": jnp.float32(1.25),
+        "dropped_assignments": jnp.float32(3.0),
+        EXPERT_LOAD: jnp.full((4, 8), step, jnp.float32),
+    }
 
 
 def _writer(workdir, clock, start_step=0, output=True):
-    return MetricsWriter(workdir, total_steps=TOTAL_STEPS, tokens_per_step=TOKENS_PER_STEP,
-                         flops_per_token=FLOPS_PER_TOKEN, peak_flops=PEAK_FLOPS, start_step=start_step,
-                         clock=clock, output=output)
+    return MetricsWriter(
+        workdir,
+        total_steps=TOTAL_STEPS,
+        tokens_per_step=TOKENS_PER_STEP,
+        flops_per_token=FLOPS_PER_TOKEN,
+        peak_flops=PEAK_FLOPS,
+        start_step=start_step,
+        clock=clock,
+        output=output,
+    )
 
 
 def _strict_json(line):
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
+
     return json.loads(line, parse_constant=refuse)
 
 
 def _tensorboard_scalars(logdir):
     accumulator = event_accumulator.EventAccumulator(str(logdir))
     accumulator.Reload()
-    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
-                  for event in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]}
+    return {
+        tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()["tensors"]
+    }
 
 
 def test_without_output_the_record_is_computed_and_nothing_written(tmp_path):
@@ -93,13 +108,29 @@ def test_records_agree_and_rates_follow_the_clock(tmp_path):
     assert loads == [{"step": step, EXPERT_LOAD: [[step] * 8] * 4} for step in logged_steps]
 
     scalars = _tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
-    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "eta_seconds",
-                 "expert_load_max_over_mean", "dropped_assignments"):
+    for name in (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "mfu",
+        "eta_seconds",
+        "expert_load_max_over_mean",
+        "dropped_assignments",
+    ):
         assert [step for step, _ in scalars[name]] == list(logged_steps), name
         assert scalars[name][-1][1] == pytest.approx(last[name], rel=1e-6), name
 
-    for part in ("step 20: loss 2.8000", "lr 1.000e-03", "grad_norm 0.5", "4,096 tok/s", "MFU 51.20%",
-                 "load max/mean 1.250", "drops 3", "ETA 0:00:40"):
+    for part in (
+        "step 20: loss 2.8000",
+        "lr 1.000e-03",
+        "grad_norm 0.5",
+        "4,096 tok/s",
+        "MFU 51.20%",
+        "load max/mean 1.250",
+        "drops 3",
+        "ETA 0:00:40",
+    ):
         assert part in line, (part, line)
 
 
@@ -118,8 +149,11 @@ def test_the_first_write_has_no_throughput_and_the_next_measures_from_it(tmp_pat
     tokens_per_second = TOKENS_PER_STEP / SECONDS_PER_STEP
     assert second["tokens_per_second"] == pytest.approx(tokens_per_second)
     line = progress_line(second)
-    for part in (f"{tokens_per_second:,.0f} tok/s", f"MFU {tokens_per_second * FLOPS_PER_TOKEN / PEAK_FLOPS:.2%}",
-                 "ETA 0:00:45"):
+    for part in (
+        f"{tokens_per_second:,.0f} tok/s",
+        f"MFU {tokens_per_second * FLOPS_PER_TOKEN / PEAK_FLOPS:.2%}",
+        "ETA 0:00:45",
+    ):
         assert part in line, (part, line)
 
 

@@ -1,4 +1,5 @@
 """Config validation and the split of the layer schedule into scan groups."""
+
 import random
 import re
 
@@ -23,28 +24,61 @@ def _without(field: str) -> dict:
     return fields
 
 
-@pytest.mark.parametrize("fields, field, detail", [
-    (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128)), "compress_ratios", "has 6 entries"),
-    (tiny_fields(compress_ratios=(0, 0, 8, 128, 4, 128, 0)), "compress_ratios", "values [8] need"),
-    (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4)), "compress_ratios", "MTP"),
-    (tiny_fields(compress_ratios=(0, 0, 1, 16, 1, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
-     "csa layers have ratios [1]; each must be > 1"),
-    (tiny_fields(compress_ratios=(0, 0, 8, 0, 8, 0, 0), attention_kinds=TINY_KINDS), "compress_ratios",
-     "hca layers have ratios [0]; each must be > 1"),
-    (tiny_fields(compress_ratios=(0, 0, 8, 16, 4, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
-     "csa layers have ratios [4, 8]; all layers of a kind share one ratio"),
-    (tiny_fields(compress_ratios=(0, 8, 8, 16, 8, 16, 0), attention_kinds=TINY_KINDS), "compress_ratios",
-     "sliding-window layers have ratios [0, 8]"),
-    (tiny_fields(attention_kinds=TINY_KINDS[:-1]), "attention_kinds", "has 6 entries"),
-    (tiny_fields(attention_kinds=("dense",) + TINY_KINDS[1:]), "attention_kinds", "values ['dense']"),
-    (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4), attention_kinds=TINY_KINDS[:-1] + ("csa",)),
-     "attention_kinds", "MTP"),
-    (tiny_fields(dtype="float16"), "dtype", "'float16'"),
-    (tiny_fields(hidden_dim=64), "hidden_dim", "unknown field"),
-    (_without("num_heads"), "num_heads", "missing"),
-    (tiny_fields(o_groups=3), "o_groups", "does not divide num_heads=4"),
-], ids=["ratios_length", "ratio_value", "mtp_ratio", "ratio_one", "ratio_zero", "two_csa_ratios", "sliding_ratio",
-        "kinds_length", "kind_value", "mtp_kind", "dtype", "unknown", "missing", "o_groups"])
+@pytest.mark.parametrize(
+    "fields, field, detail",
+    [
+        (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128)), "compress_ratios", "has 6 entries"),
+        (tiny_fields(compress_ratios=(0, 0, 8, 128, 4, 128, 0)), "compress_ratios", "values [8] need"),
+        (tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4)), "compress_ratios", "MTP"),
+        (
+            tiny_fields(compress_ratios=(0, 0, 1, 16, 1, 16, 0), attention_kinds=TINY_KINDS),
+            "compress_ratios",
+            "csa layers have ratios [1]; each must be > 1",
+        ),
+        (
+            tiny_fields(compress_ratios=(0, 0, 8, 0, 8, 0, 0), attention_kinds=TINY_KINDS),
+            "compress_ratios",
+            "hca layers have ratios [0]; each must be > 1",
+        ),
+        (
+            tiny_fields(compress_ratios=(0, 0, 8, 16, 4, 16, 0), attention_kinds=TINY_KINDS),
+            "compress_ratios",
+            "csa layers have ratios [4, 8]; all layers of a kind share one ratio",
+        ),
+        (
+            tiny_fields(compress_ratios=(0, 8, 8, 16, 8, 16, 0), attention_kinds=TINY_KINDS),
+            "compress_ratios",
+            "sliding-window layers have ratios [0, 8]",
+        ),
+        (tiny_fields(attention_kinds=TINY_KINDS[:-1]), "attention_kinds", "has 6 entries"),
+        (tiny_fields(attention_kinds=("dense",) + TINY_KINDS[1:]), "attention_kinds", "values ['dense']"),
+        (
+            tiny_fields(compress_ratios=(0, 0, 4, 128, 4, 128, 4), attention_kinds=TINY_KINDS[:-1] + ("csa",)),
+            "attention_kinds",
+            "MTP",
+        ),
+        (tiny_fields(dtype="float16"), "dtype", "'float16'"),
+        (tiny_fields(hidden_dim=64), "hidden_dim", "unknown field"),
+        (_without("num_heads"), "num_heads", "missing"),
+        (tiny_fields(o_groups=3), "o_groups", "does not divide num_heads=4"),
+    ],
+    ids=[
+        "ratios_length",
+        "ratio_value",
+        "mtp_ratio",
+        "ratio_one",
+        "ratio_zero",
+        "two_csa_ratios",
+        "sliding_ratio",
+        "kinds_length",
+        "kind_value",
+        "mtp_kind",
+        "dtype",
+        "unknown",
+        "missing",
+        "o_groups",
+    ],
+)
 def test_errors_name_the_field(fields, field, detail):
     """A user editing a config must be told, in one line, which field is wrong and why."""
     with pytest.raises(ValueError, match=re.escape(f"config.model.{field}:")) as error:
@@ -75,12 +109,20 @@ def _expand(groups) -> list:
     return kinds
 
 
-@pytest.mark.parametrize("config_module, expected", [
-    (v4_pro, (((("hca", "hash"),), 2, 0), ((("csa", "hash"),), 1, 2),
-              ((("hca", "score"), ("csa", "score")), 29, 3))),
-    (v4_flash, (((("sliding", "hash"),), 2, 0), ((("csa", "hash"),), 1, 2),
-                ((("hca", "score"), ("csa", "score")), 20, 3))),
-], ids=["v4_pro", "v4_flash"])
+@pytest.mark.parametrize(
+    "config_module, expected",
+    [
+        (
+            v4_pro,
+            (((("hca", "hash"),), 2, 0), ((("csa", "hash"),), 1, 2), ((("hca", "score"), ("csa", "score")), 29, 3)),
+        ),
+        (
+            v4_flash,
+            (((("sliding", "hash"),), 2, 0), ((("csa", "hash"),), 1, 2), ((("hca", "score"), ("csa", "score")), 20, 3)),
+        ),
+    ],
+    ids=["v4_pro", "v4_flash"],
+)
 def test_released_layer_groups(config_module, expected):
     """The released schedules compile as three layer bodies: two hash-routed runs and one HCA/CSA scan."""
     args = from_config(config_module.get_config().model)
@@ -105,8 +147,9 @@ def test_layer_groups_reproduce_any_schedule(seed):
     num_layers = rng.randint(1, 40)
     ratios = _random_ratios(rng, num_layers)
     num_hash_layers = rng.randint(0, num_layers)
-    args = from_config(tiny_fields(num_layers=num_layers, compress_ratios=tuple(ratios) + (0,),
-                                   num_hash_layers=num_hash_layers))
+    args = from_config(
+        tiny_fields(num_layers=num_layers, compress_ratios=tuple(ratios) + (0,), num_hash_layers=num_hash_layers)
+    )
     groups = layer_groups(args)
     expected = [(KIND_BY_RATIO[r], "hash" if layer < num_hash_layers else "score") for layer, r in enumerate(ratios)]
     assert _expand(groups) == expected

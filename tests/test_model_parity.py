@@ -5,6 +5,7 @@ Tolerances (stated once): per-layer hidden streams and logits agree to 2e-5 of t
 magnitude (measured: up to 3.4e-6, the logits); gradients to 1e-3 of the largest gradient of the same
 tensor (measured: up to 1.9e-4; the mHC scales' gradients sum 800 token terms with cancellation).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,9 @@ FORWARD_RTOL = 2e-5
 GRAD_RTOL = 1e-3
 SEQ_LEN = 400  # 25 windows of 16, 3 complete HCA blocks of 128, 100 CSA entries with top-8
 # CSA at ratio 8 and HCA at 16, kinds named by attention_kinds: a hash CSA layer, then HCA and CSA.
-UNUSUAL_RATIOS = dict(num_layers=3, num_hash_layers=1, compress_ratios=(8, 16, 8, 0),
-                      attention_kinds=("csa", "hca", "csa", "sliding"))
+UNUSUAL_RATIOS = dict(
+    num_layers=3, num_hash_layers=1, compress_ratios=(8, 16, 8, 0), attention_kinds=("csa", "hca", "csa", "sliding")
+)
 UNUSUAL_SEQ_LEN = 100  # 12 CSA entries with top-8 (a 4-token tail dropped), 6 HCA entries
 
 
@@ -47,8 +49,7 @@ def test_schedule_covers_every_kind(setup):
     kinds = {(args.attention_kind(layer), args.is_hash_layer(layer)) for layer in range(args.num_layers)}
     assert {"sliding", "csa", "hca"} == {k for k, _ in kinds}
     assert {True, False} == {h for _, h in kinds}
-    assert reference.config.layer_types[:3] == ["sliding_attention", "sliding_attention",
-                                                "compressed_sparse_attention"]
+    assert reference.config.layer_types[:3] == ["sliding_attention", "sliding_attention", "compressed_sparse_attention"]
 
 
 def _check_forward(args, reference, model, tokens):
@@ -77,8 +78,11 @@ def test_unusual_ratios_match_reference():
     with those `compress_rates`."""
     args = parity_args(**UNUSUAL_RATIOS)
     reference = random_reference(args, seed=0)
-    assert reference.config.layer_types == ["compressed_sparse_attention", "heavily_compressed_attention",
-                                            "compressed_sparse_attention"]
+    assert reference.config.layer_types == [
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ]
     assert reference.config.compress_rates == {"compressed_sparse_attention": 8, "heavily_compressed_attention": 16}
     tokens = np.random.default_rng(1).integers(0, args.vocab_size, (2, UNUSUAL_SEQ_LEN))
     _check_forward(args, reference, matching_model(args, reference), tokens)
@@ -90,8 +94,11 @@ def test_exported_config_names_unusual_ratios():
     args = parity_args(**UNUSUAL_RATIOS)
     config = config_json(args, quantized=False)
     read = DeepseekV4Config.from_dict(config)
-    assert read.layer_types == ["compressed_sparse_attention", "heavily_compressed_attention",
-                                "compressed_sparse_attention"]
+    assert read.layer_types == [
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ]
     assert read.compress_rates == {"compressed_sparse_attention": 8, "heavily_compressed_attention": 16}
     assert mismatches(config, args) == []
     other = dict(config, compress_rates={"compressed_sparse_attention": 8, "heavily_compressed_attention": 32})
@@ -105,8 +112,10 @@ def test_gradients_match_reference(setup):
     reference.zero_grad()
     logits = reference(torch.from_numpy(tokens)).logits
     (logits * torch.from_numpy(probe)).sum().backward()
-    expected = {name: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32))
-                for name, p in reference.named_parameters()}
+    expected = {
+        name: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32))
+        for name, p in reference.named_parameters()
+    }
 
     graphdef, trainable, rest = nnx.split(model, nnx.Param, ...)
 

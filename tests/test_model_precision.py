@@ -5,6 +5,7 @@ Frobenius norm [3.6%], the median position by less than 2% of the largest fp32 l
 per-position argmax agrees on at least 93% of positions [97.5%]. Single positions can move further
 [15%]: bf16 rounding can flip a discrete choice (an expert, an indexer selection) there.
 """
+
 import jax
 import numpy as np
 from flax import nnx

@@ -1,6 +1,7 @@
 """Parameter counts of the released configs, checked three ways: against the integers the summary
 reports today, against the section-4 formulas of ../shared/design/deepseek_v4_architecture.md
 evaluated here independently, and against the published headline figures."""
+
 import json
 import pathlib
 import subprocess
@@ -18,18 +19,38 @@ TOTAL_KEYS = ("total_params", "total_params_without_mtp", "mtp_params", "active_
 # name: (config module, exact counts today, (sliding, CSA, HCA) layers per spec 1.3,
 #        headline figures in billions to the spec table's rounding: (value, decimals))
 RELEASED = {
-    "v4_flash": (v4_flash,
-                 dict(total_params=290942289362, total_params_without_mtp=284332240471,
-                      mtp_params=6610048891, active_params=13270101591),
-                 (2, 21, 20),
-                 dict(total_params=(290.94, 2), total_params_without_mtp=(284.33, 2), mtp_params=(6.61, 2),
-                      active_params=(13.27, 2))),
-    "v4_pro": (v4_pro,
-               dict(total_params=1598837347742, total_params_without_mtp=1572997201763,
-                    mtp_params=25840145979, active_params=48852402019),
-               (0, 30, 31),
-               dict(total_params=(1598.8, 1), total_params_without_mtp=(1573.0, 1), mtp_params=(25.84, 2),
-                    active_params=(48.85, 2))),
+    "v4_flash": (
+        v4_flash,
+        dict(
+            total_params=290942289362,
+            total_params_without_mtp=284332240471,
+            mtp_params=6610048891,
+            active_params=13270101591,
+        ),
+        (2, 21, 20),
+        dict(
+            total_params=(290.94, 2),
+            total_params_without_mtp=(284.33, 2),
+            mtp_params=(6.61, 2),
+            active_params=(13.27, 2),
+        ),
+    ),
+    "v4_pro": (
+        v4_pro,
+        dict(
+            total_params=1598837347742,
+            total_params_without_mtp=1572997201763,
+            mtp_params=25840145979,
+            active_params=48852402019,
+        ),
+        (0, 30, 31),
+        dict(
+            total_params=(1598.8, 1),
+            total_params_without_mtp=(1573.0, 1),
+            mtp_params=(25.84, 2),
+            active_params=(48.85, 2),
+        ),
+    ),
 }
 
 
@@ -82,9 +103,9 @@ def test_counts_are_the_known_integers(released):
 def test_schedule_matches_spec(released):
     """The independent count sums over the config's schedule, so the schedule itself must be the spec's."""
     args, _, _, schedule, _ = released
-    ratios = args.compress_ratios[:args.num_layers]
+    ratios = args.compress_ratios[: args.num_layers]
     assert (ratios.count(0), ratios.count(4), ratios.count(128)) == schedule
-    assert args.compress_ratios[args.num_layers:] == (0,)
+    assert args.compress_ratios[args.num_layers :] == (0,)
     assert args.num_hash_layers == 3
 
 
@@ -94,8 +115,13 @@ def test_counts_follow_spec_formulas(released):
     expected = spec_counts(args)
     assert counts["components"] == expected
     without_mtp = sum(expected.values()) - expected["mtp"]
-    inactive_experts = (args.num_routed_experts - args.num_experts_per_tok) * args.num_layers \
-        * 3 * args.hidden_size * args.moe_intermediate_size
+    inactive_experts = (
+        (args.num_routed_experts - args.num_experts_per_tok)
+        * args.num_layers
+        * 3
+        * args.hidden_size
+        * args.moe_intermediate_size
+    )
     assert counts["total_params"] == sum(expected.values())
     assert counts["total_params_without_mtp"] == without_mtp
     assert counts["mtp_params"] == expected["mtp"]
@@ -112,13 +138,19 @@ def test_components_sum_to_total(released):
 def test_headline_figures(released):
     """Matches the spec's rounded totals (official: Flash 284B / 13B activated, Pro 1.6T / 49B)."""
     _, counts, _, _, headline = released
-    assert {key: round(counts[key] / 1e9, decimals) for key, (_, decimals) in headline.items()} \
-        == {key: value for key, (value, _) in headline.items()}
+    assert {key: round(counts[key] / 1e9, decimals) for key, (_, decimals) in headline.items()} == {
+        key: value for key, (value, _) in headline.items()
+    }
 
 
 def _run_cli(*flags) -> str:
-    result = subprocess.run([sys.executable, "-m", "model.summary", "--config=configs/v4_flash.py", *flags],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "model.summary", "--config=configs/v4_flash.py", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -1,5 +1,6 @@
 """Multi-token prediction: which tokens each MTP position reads, what it is scored against, and that it
 shares the main model's embedding and head. Each check fails if the alignment is off by one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,14 +64,22 @@ def test_mtp_loss_scores_token_two_ahead():
     """Logits that put all mass on token i+2 at position i give zero MTP loss; one position off does not."""
     vocab, seq = 16, 10
     tokens = jnp.arange(seq)[None] % vocab
+
     def peaked(shift):
         """Head inputs whose logits through an identity head are 50 at token i+shift, 0 elsewhere."""
         target = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift)))
         return 50.0 * jax.nn.one_hot(target, vocab)
+
     mask = jnp.ones_like(tokens)
     for shift, expect_zero in ((2, True), (1, False), (3, False)):
-        output = ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=jnp.stack([peaked(1), peaked(shift)]),
-                             head=jnp.eye(vocab), vocab_tile=vocab // 4)
+        output = ModelOutput(
+            logits=None,
+            mtp_logits=(),
+            moe=None,
+            head_inputs=jnp.stack([peaked(1), peaked(shift)]),
+            head=jnp.eye(vocab),
+            vocab_tile=vocab // 4,
+        )
         _, metrics = language_model_loss(output, tokens, mask, mtp_weight=0.3)
         assert float(metrics["main_loss"]) < 1e-6
         assert (float(metrics["mtp_loss"]) < 1e-6) == expect_zero, shift

@@ -2,6 +2,7 @@
 starts): read at the optimizer's applied-update count, so accumulating calls and refused steps do not
 move it; logged as `mtp_weight`; the SFT loss is main + weight x MTP at every step; constant when
 config.train.mtp_weight_after_decay is None, as in the tiny config."""
+
 import dataclasses
 
 import jax
@@ -25,8 +26,9 @@ DECAY_START = 2  # total_steps 10 - decay_steps 8
 
 
 def _train_config(after):
-    return ml_collections.ConfigDict(dict(mtp_weight=0.3, mtp_weight_after_decay=after, balance_weight=0.0,
-                                          bias_update_rate=1e-3, microbatches=1))
+    return ml_collections.ConfigDict(
+        dict(mtp_weight=0.3, mtp_weight_after_decay=after, balance_weight=0.0, bias_update_rate=1e-3, microbatches=1)
+    )
 
 
 def _optimizer_config(**overrides):
@@ -39,9 +41,9 @@ def test_the_v4_configs_lower_the_weight_where_the_decay_starts_and_tiny_keeps_i
     start = optimizer.decay_start(config.optimizer)
     assert start == config.optimizer.warmup_steps == 2000
     weight = build_objective(config).weight_schedules[MTP_WEIGHT]
-    assert [float(weight(count)) for count in (0, start - 1, start, 10 ** 6)] == pytest.approx([0.3, 0.3, 0.1, 0.1])
+    assert [float(weight(count)) for count in (0, start - 1, start, 10**6)] == pytest.approx([0.3, 0.3, 0.1, 0.1])
     constant = build_objective(tiny.get_config()).weight_schedules[MTP_WEIGHT]
-    assert [float(constant(count)) for count in (0, 10 ** 6)] == pytest.approx([0.3, 0.3])
+    assert [float(constant(count)) for count in (0, 10**6)] == pytest.approx([0.3, 0.3])
 
 
 @pytest.mark.parametrize("decay_steps", [None, 8])
@@ -70,14 +72,25 @@ def _run(train_config, optimizer_config, calls, poison_at=()):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
     params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
     tx = build_optimizer(optimizer_config, params)
-    state = TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), routing=routing,
-                       rng=jax.random.key_data(jax.random.key(0)), nonfinite_steps=np.int32(0))
-    objective = SFT(mtp_weight=mtp_weight_schedule(train_config, optimizer_config),
-                    bias_update_rate=train_config.bias_update_rate)
+    state = TrainState(
+        step=np.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        routing=routing,
+        rng=jax.random.key_data(jax.random.key(0)),
+        nonfinite_steps=np.int32(0),
+    )
+    objective = SFT(
+        mtp_weight=mtp_weight_schedule(train_config, optimizer_config), bias_update_rate=train_config.bias_update_rate
+    )
     step = jax.jit(make_train_step(graphdef, tx, learning_rate_schedule(optimizer_config), train_config, objective))
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, (BATCH, SEQ)).astype(np.int32)
-    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),
-             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+    batch = {
+        "tokens": tokens,
+        "loss_mask": np.ones_like(tokens),
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+    }
     history = []
     for call in range(calls):
         if call in poison_at:

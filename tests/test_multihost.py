@@ -16,6 +16,7 @@ resumes in 1 and the reverse, ending like the uninterrupted run; a process SIGKI
 the other exit with the runtime's error within the bound, and the last complete checkpoint restores,
 close to the uninterrupted run's at that step.
 """
+
 import json
 import re
 import shutil
@@ -32,8 +33,20 @@ from absl.testing import flagsaver
 
 from configs import tiny
 from tests.conftest import COMPILATION_CACHE_ENV
-from tests.test_train_main import (NO_EVAL, WITH_EVAL, _accuracy_lines, _complete_steps, _finish, _has_step,
-                                   _losses, _output, _saved_run, _spawn, _start, _wait_until)
+from tests.test_train_main import (
+    NO_EVAL,
+    WITH_EVAL,
+    _accuracy_lines,
+    _complete_steps,
+    _finish,
+    _has_step,
+    _losses,
+    _output,
+    _saved_run,
+    _spawn,
+    _start,
+    _wait_until,
+)
 from tests.multihost_worker import worker_config
 from trainer import distributed
 from trainer.batch_source import build_batch_source
@@ -69,8 +82,13 @@ def _free_port() -> int:
 
 
 def _process_flags(index: int, port: int) -> list[str]:
-    return [f"--num_processes={PROCESSES}", f"--process_id={index}", f"--coordinator_address=127.0.0.1:{port}",
-            f"--heartbeat_timeout_s={HEARTBEAT_S}", f"--shutdown_timeout_s={HEARTBEAT_S}"]
+    return [
+        f"--num_processes={PROCESSES}",
+        f"--process_id={index}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--heartbeat_timeout_s={HEARTBEAT_S}",
+        f"--shutdown_timeout_s={HEARTBEAT_S}",
+    ]
 
 
 @pytest.fixture
@@ -84,12 +102,17 @@ def parsed_flags():
 
 def test_process_settings_from_flags_then_environment(parsed_flags):
     assert distributed.from_flags(env={}).count == 1
-    explicit = {"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3", "JAX_COORDINATOR_ADDRESS": "h0:1234",
-                "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}
+    explicit = {
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "3",
+        "JAX_COORDINATOR_ADDRESS": "h0:1234",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+    }
     got = distributed.from_flags(env=explicit)
     assert (got.count, got.index, got.coordinator) == (4, 3, "h0:1234")
     slurm = distributed.from_flags(env={"SLURM_NTASKS": "8", "SLURM_PROCID": "5"})
-    assert (slurm.count, slurm.index, slurm.coordinator) == (8, 5, None)   # JAX finds the coordinator
+    assert (slurm.count, slurm.index, slurm.coordinator) == (8, 5, None)  # JAX finds the coordinator
     flags.FLAGS.num_processes, flags.FLAGS.process_id = 2, 1
     assert (distributed.from_flags(env=explicit).count, distributed.from_flags(env=explicit).index) == (2, 1)
     flags.FLAGS.num_processes = 1
@@ -120,7 +143,7 @@ def test_one_process_reads_every_stream():
     for key, array in first.items():
         assert array.sharding == sharding
         for s, stream in enumerate(streams):
-            np.testing.assert_array_equal(np.asarray(array)[s * rows:(s + 1) * rows], stream[key])
+            np.testing.assert_array_equal(np.asarray(array)[s * rows : (s + 1) * rows], stream[key])
     state = batches.get_state()
     assert len(state) == STREAMS
     expected = next(batches)
@@ -140,8 +163,9 @@ def test_streams_of_one_process_read_the_files_once(monkeypatch):
 
     reads = []
     real = data.pipeline.read_records
-    monkeypatch.setattr(data.pipeline, "read_records", lambda pattern, *a, **k: reads.append(pattern) or real(
-        pattern, *a, **k))
+    monkeypatch.setattr(
+        data.pipeline, "read_records", lambda pattern, *a, **k: reads.append(pattern) or real(pattern, *a, **k)
+    )
     config = tiny.get_config().data
     config.streams = 4
     GlobalBatches(config, batch_sharding_of(build_mesh(tiny.get_config().mesh), tiny.get_config().mesh.rules))
@@ -151,7 +175,7 @@ def test_streams_of_one_process_read_the_files_once(monkeypatch):
 # Ports a launcher's environment makes JAX derive (jax/_src/clusters): 61440 + job id mod 4096.
 DERIVED_PORTS = 61440
 DERIVED_PORT_RANGE = 4096
-OMPI_JOB_ID_UNIT = 4096   # Open MPI job ids are multiples of 2^12; JAX divides them out
+OMPI_JOB_ID_UNIT = 4096  # Open MPI job ids are multiples of 2^12; JAX divides them out
 
 
 def _free_derived_port() -> int:
@@ -171,22 +195,46 @@ def _launcher_env(launcher: str, index: int, port: int) -> dict:
     with the job id chosen so that JAX derives `port` for the coordinator."""
     job = port - DERIVED_PORTS
     if launcher == "slurm":
-        return {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(PROCESSES),
-                "SLURM_PROCID": str(index), "SLURM_LOCALID": str(index), "SLURM_STEP_NUM_NODES": "1"}
-    return {"OMPI_MCA_orte_hnp_uri": f"{job * OMPI_JOB_ID_UNIT}.0;tcp://127.0.0.1:1", "OMPI_COMM_WORLD_SIZE":
-            str(PROCESSES), "OMPI_COMM_WORLD_RANK": str(index), "OMPI_COMM_WORLD_LOCAL_RANK": str(index)}
+        return {
+            "SLURM_JOB_ID": str(job),
+            "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(PROCESSES),
+            "SLURM_PROCID": str(index),
+            "SLURM_LOCALID": str(index),
+            "SLURM_STEP_NUM_NODES": "1",
+        }
+    return {
+        "OMPI_MCA_orte_hnp_uri": f"{job * OMPI_JOB_ID_UNIT}.0;tcp://127.0.0.1:1",
+        "OMPI_COMM_WORLD_SIZE": str(PROCESSES),
+        "OMPI_COMM_WORLD_RANK": str(index),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(index),
+    }
 
 
 def _workers(tmp_path: Path, extra=(), launcher: str = "flags", env: dict | None = None) -> list:
     """PROCESSES workers of one run, told who they are by flags or by a launcher's environment."""
     if launcher == "flags":
         port = _free_port()
-        return [_spawn(["-m", "tests.multihost_worker", f"--out={tmp_path}", *_process_flags(i, port), *extra],
-                       tmp_path, f"worker{i}", env) for i in range(PROCESSES)]
+        return [
+            _spawn(
+                ["-m", "tests.multihost_worker", f"--out={tmp_path}", *_process_flags(i, port), *extra],
+                tmp_path,
+                f"worker{i}",
+                env,
+            )
+            for i in range(PROCESSES)
+        ]
     port = _free_derived_port()
     timeouts = [f"--heartbeat_timeout_s={HEARTBEAT_S}", f"--shutdown_timeout_s={HEARTBEAT_S}"]
-    return [_spawn(["-m", "tests.multihost_worker", f"--out={tmp_path}", *timeouts, *extra], tmp_path,
-                   f"worker{i}", {**_launcher_env(launcher, i, port), **(env or {})}) for i in range(PROCESSES)]
+    return [
+        _spawn(
+            ["-m", "tests.multihost_worker", f"--out={tmp_path}", *timeouts, *extra],
+            tmp_path,
+            f"worker{i}",
+            {**_launcher_env(launcher, i, port), **(env or {})},
+        )
+        for i in range(PROCESSES)
+    ]
 
 
 def _assert_batches_of_one(tmp_path: Path, processes: list, preferences: str | None = None):
@@ -201,20 +249,28 @@ def _assert_batches_of_one(tmp_path: Path, processes: list, preferences: str | N
             for key, array in batch.items():
                 np.testing.assert_array_equal(seen[f"{b}/{key}"], array, err_msg=f"process {i} batch {b} {key}")
         stands = json.loads((tmp_path / f"process_{i}.json").read_text())
-        assert stands == {"position": expected_state, "process_index": i, "process_count": PROCESSES,
-                          "local_devices": 8 // PROCESSES}
+        assert stands == {
+            "position": expected_state,
+            "process_index": i,
+            "process_count": PROCESSES,
+            "local_devices": 8 // PROCESSES,
+        }
 
 
 # Each process brings 4 CPU devices of its own, as an accelerator host brings its chips.
 PLATFORM_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-@pytest.mark.parametrize("launcher,extra,env", [
-    ("flags", [], None),
-    ("slurm", [], None),
-    ("ompi", [], None),
-    ("flags", ["--noemulate"], PLATFORM_DEVICES),
-], ids=["flags", "slurm environment", "open mpi environment", "platform devices (--noemulate)"])
+@pytest.mark.parametrize(
+    "launcher,extra,env",
+    [
+        ("flags", [], None),
+        ("slurm", [], None),
+        ("ompi", [], None),
+        ("flags", ["--noemulate"], PLATFORM_DEVICES),
+    ],
+    ids=["flags", "slurm environment", "open mpi environment", "platform devices (--noemulate)"],
+)
 def test_two_processes_assemble_the_batches_of_one(tmp_path, launcher, extra, env):
     """However the processes learn who they are (flags; Slurm's or Open MPI's variables, with the
     coordinator derived by JAX) and whether the devices are emulated or the platform's own."""
@@ -223,8 +279,9 @@ def test_two_processes_assemble_the_batches_of_one(tmp_path, launcher, extra, en
 
 def test_a_process_without_its_share_of_devices_is_refused(tmp_path):
     """--noemulate on hosts that bring 3 devices each, for a topology of 8: the mesh names the gap."""
-    processes = _workers(tmp_path, ["--noemulate"], env={**PLATFORM_DEVICES, "XLA_FLAGS":
-                                                         "--xla_force_host_platform_device_count=3"})
+    processes = _workers(
+        tmp_path, ["--noemulate"], env={**PLATFORM_DEVICES, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    )
     for i, process in enumerate(processes):
         _, stderr = _finish(process, tmp_path, f"worker{i}", returncode=1)
         assert "cm384-8" in stderr and "8 devices" in stderr and "6" in stderr, stderr[-2000:]
@@ -245,13 +302,17 @@ def test_two_processes_assemble_the_stored_reference_pairs_of_one(tmp_path):
 @pytest.mark.parametrize("killed", [1, 0], ids=["worker killed", "coordinator killed"])
 def test_a_killed_process_stops_the_other(tmp_path, killed):
     processes = _workers(tmp_path, ["--wait_forever"])
-    _wait_until(lambda: all((tmp_path / f"process_{i}.json").exists() for i in range(PROCESSES)),
-                processes[1 - killed], "both processes running")
+    _wait_until(
+        lambda: all((tmp_path / f"process_{i}.json").exists() for i in range(PROCESSES)),
+        processes[1 - killed],
+        "both processes running",
+    )
     processes[killed].send_signal(signal.SIGKILL)
     started = time.monotonic()
     survivor = 1 - killed
-    _, stderr = _finish(processes[survivor], tmp_path, f"worker{survivor}", returncode=-signal.SIGABRT,
-                        timeout=EXIT_BOUND_S)
+    _, stderr = _finish(
+        processes[survivor], tmp_path, f"worker{survivor}", returncode=-signal.SIGABRT, timeout=EXIT_BOUND_S
+    )
     assert time.monotonic() - started < EXIT_BOUND_S
     assert FATAL in stderr
     processes[killed].wait()
@@ -267,14 +328,20 @@ def test_a_stuck_live_process_stops_the_run(tmp_path):
     """Process 1 stays alive (heartbeats go on) but stops joining the collectives: process 0's
     collective fails after --collective_timeout_s with an error that says so; the stuck process
     never reaches the shutdown barrier, whose failure the runtime then reports to both (SIGABRT)."""
-    processes = _workers(tmp_path, ["--wait_forever", "--stall_process=1",
-                                    f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"])
-    _wait_until(lambda: all((tmp_path / f"process_{i}.json").exists() for i in range(PROCESSES)),
-                processes[0], "both processes running")
+    processes = _workers(
+        tmp_path, ["--wait_forever", "--stall_process=1", f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    )
+    _wait_until(
+        lambda: all((tmp_path / f"process_{i}.json").exists() for i in range(PROCESSES)),
+        processes[0],
+        "both processes running",
+    )
     started = time.monotonic()
     _, stderr = _finish(processes[0], tmp_path, "worker0", returncode=-signal.SIGABRT, timeout=STALL_BOUND_S)
-    assert f"process 0 of 2: a cross-process collective waited longer than --collective_timeout_s=" \
-           f"{COLLECTIVE_TIMEOUT_S} s" in stderr, stderr[-3000:]
+    assert (
+        f"process 0 of 2: a cross-process collective waited longer than --collective_timeout_s="
+        f"{COLLECTIVE_TIMEOUT_S} s" in stderr
+    ), stderr[-3000:]
     _, stuck = _finish(processes[1], tmp_path, "worker1", returncode=-signal.SIGABRT, timeout=STALL_BOUND_S)
     assert FATAL in stuck
     assert time.monotonic() - started < STALL_BOUND_S
@@ -295,8 +362,13 @@ def test_the_collective_timeout_reaches_xla_once():
 # Shorter than test_train_main's runs: a step across 2 processes (gloo over loopback) took 18 s here.
 STEPS = 4
 RESUME_AT = 2
-RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_every=1",
-       f"--config.checkpoint.save_every={RESUME_AT}", f"--config.data.streams={STREAMS}"]
+RUN = [
+    "--config=configs/tiny.py",
+    f"--steps={STEPS}",
+    "--config.checkpoint.log_every=1",
+    f"--config.checkpoint.save_every={RESUME_AT}",
+    f"--config.data.streams={STREAMS}",
+]
 
 
 # Not bitwise: gloo sums a cross-process all-reduce in another order than XLA:CPU's in-process one.
@@ -307,7 +379,7 @@ RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_
 # gradient's rounding into a whole lr-sized step). A wrong batch moves the losses by ~1e-3; a shard
 # written to the wrong place, or another process's data, moves a leaf by its own size.
 LOSS_RTOL = 1e-5
-LEAF_TOL = 5e-2   # of the leaf's largest magnitude; integer leaves (step, RNG key) exactly
+LEAF_TOL = 5e-2  # of the leaf's largest magnitude; integer leaves (step, RNG key) exactly
 
 
 def _assert_close_checkpoint(workdir: Path, reference: Path, step: int):
@@ -332,8 +404,7 @@ def _assert_close_run(workdir: Path, reference: Path):
 def _start_processes(workdir: Path, name: str, flags=tuple(NO_EVAL)) -> list:
     """train.py as PROCESSES processes of one run on loopback, logs `<name>.<id>.stdout|stderr`."""
     port = _free_port()
-    return [_start(workdir, f"{name}.{i}", [*_process_flags(i, port), *flags], run=RUN)
-            for i in range(PROCESSES)]
+    return [_start(workdir, f"{name}.{i}", [*_process_flags(i, port), *flags], run=RUN) for i in range(PROCESSES)]
 
 
 def _run_processes(workdir: Path, name: str, flags=tuple(NO_EVAL)) -> str:
@@ -408,8 +479,11 @@ def test_a_killed_process_ends_the_run_and_its_last_checkpoint_restores(one_proc
     the uninterrupted run at that step."""
     workdir = tmp_path / "run"
     processes = _start_processes(workdir, "killed")
-    _wait_until(lambda: RESUME_AT in _complete_steps(workdir) and _has_step(workdir, RESUME_AT + 1)(), processes[0],
-                "a complete checkpoint and a later step")
+    _wait_until(
+        lambda: RESUME_AT in _complete_steps(workdir) and _has_step(workdir, RESUME_AT + 1)(),
+        processes[0],
+        "a complete checkpoint and a later step",
+    )
     processes[1].send_signal(signal.SIGKILL)
     started = time.monotonic()
     _output(processes[0], workdir, "killed.0", returncode=-signal.SIGABRT)

@@ -4,6 +4,7 @@
 One compiled step serves every case: the NaN comes in through a parameter, the Inf through a learning
 rate that `optax.inject_hyperparams` keeps in the optimizer state (loss and gradient stay finite).
 """
+
 import logging
 
 import jax
@@ -31,22 +32,33 @@ def compiled():
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=LR)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
     params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
-    state = TrainState(step=np.int32(0), params=params, opt_state=tx.init(params), routing=routing,
-                       rng=jax.random.key_data(jax.random.key(0)), nonfinite_steps=np.int32(0))
+    state = TrainState(
+        step=np.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        routing=routing,
+        rng=jax.random.key_data(jax.random.key(0)),
+        nonfinite_steps=np.int32(0),
+    )
     train_config = ml_collections.ConfigDict(dict(balance_weight=1e-4, microbatches=1))
     objective = SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=1e-3)
     step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), train_config, objective))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, args.vocab_size, (BATCH, SEQ)).astype(np.int32)
-    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),
-             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+    batch = {
+        "tokens": tokens,
+        "loss_mask": np.ones_like(tokens),
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+    }
     return step, state, batch
 
 
 def _leaves_equal(a, b) -> list[bool]:
     """Leaf by leaf (NaN equal to NaN); the trees must have the same structure."""
-    return jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True),
-                                        a, b))
+    return jax.tree.leaves(
+        jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True), a, b)
+    )
 
 
 def _poisoned_params(params):
@@ -59,8 +71,14 @@ def _poisoned_params(params):
 
 def _with_learning_rate(state, value):
     opt_state = state.opt_state._replace(hyperparams=dict(state.opt_state.hyperparams, learning_rate=np.float32(value)))
-    return TrainState(step=state.step, params=state.params, opt_state=opt_state, routing=state.routing,
-                      rng=state.rng, nonfinite_steps=state.nonfinite_steps)
+    return TrainState(
+        step=state.step,
+        params=state.params,
+        opt_state=opt_state,
+        routing=state.routing,
+        rng=state.rng,
+        nonfinite_steps=state.nonfinite_steps,
+    )
 
 
 def _assert_refused(step, state, batch, bad_metric):
@@ -83,9 +101,19 @@ def test_a_finite_step_is_applied(compiled):
 
 def test_a_nan_loss_is_not_applied(compiled):
     step, state, batch = compiled
-    _assert_refused(step, TrainState(step=np.int32(4), params=_poisoned_params(state.params),
-                                     opt_state=state.opt_state, routing=state.routing, rng=state.rng,
-                                     nonfinite_steps=np.int32(2)), batch, "loss")
+    _assert_refused(
+        step,
+        TrainState(
+            step=np.int32(4),
+            params=_poisoned_params(state.params),
+            opt_state=state.opt_state,
+            routing=state.routing,
+            rng=state.rng,
+            nonfinite_steps=np.int32(2),
+        ),
+        batch,
+        "loss",
+    )
 
 
 def test_an_infinite_update_is_not_applied(compiled):
@@ -95,8 +123,7 @@ def test_an_infinite_update_is_not_applied(compiled):
 
 def test_policy_stop_raises_naming_the_step():
     with pytest.raises(NonFiniteStepError, match=r"step 7: loss nan, grad_norm nan, update_norm nan: not finite"):
-        NonFinitePolicy("stop").handle(7, {"loss": "nan", "grad_norm": "nan", "update_norm": "nan",
-                                           NONFINITE_STEPS: 1})
+        NonFinitePolicy("stop").handle(7, {"loss": "nan", "grad_norm": "nan", "update_norm": "nan", NONFINITE_STEPS: 1})
 
 
 def test_policy_skip_warns_naming_the_step(caplog):

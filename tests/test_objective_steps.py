@@ -1,6 +1,7 @@
 """The post-training objectives on the real step: DPO raises the chosen-vs-rejected margin, distillation
 lowers the reverse KL to a teacher, and routing replay makes the forward use exactly the recorded
 experts (with the router still trained)."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,20 @@ def _args():
 
 
 def _train_config():
-    return ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3,
-                                          microbatches=2))
+    return ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_update_rate=1e-3, microbatches=2))
 
 
 def _state(args, tx, seed):
     state = jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(seed)))[1])()
     params, routing = split_variables(state)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), routing=routing,
-                      rng=jax.random.key_data(jax.random.key(seed)), nonfinite_steps=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        routing=routing,
+        rng=jax.random.key_data(jax.random.key(seed)),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 def _graphdef(args):
@@ -55,8 +61,11 @@ def test_dpo_raises_the_margin_of_the_chosen_replies():
     tx = optax.adamw(LR)
     state = _state(args, tx, seed=0)
     frozen = _frozen(state)
-    step = jax.jit(make_train_step(_graphdef(args), tx, optax.constant_schedule(LR), _train_config(),
-                                   DPO(beta=0.1, bias_update_rate=0.0)))
+    step = jax.jit(
+        make_train_step(
+            _graphdef(args), tx, optax.constant_schedule(LR), _train_config(), DPO(beta=0.1, bias_update_rate=0.0)
+        )
+    )
     history = []
     for _ in range(12):
         state, metrics = step(state, batch, frozen)
@@ -72,8 +81,12 @@ def _completion_batch(args, rng, rows=8, prompt=8):
     tokens = rng.integers(0, args.vocab_size, (rows, SEQ)).astype(np.int32)
     mask = np.zeros_like(tokens)
     mask[:, prompt:] = 1
-    return {"tokens": tokens, "loss_mask": mask, "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape).copy()}
+    return {
+        "tokens": tokens,
+        "loss_mask": mask,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape).copy(),
+    }
 
 
 @pytest.mark.slow  # 1.5-2.5 min; the reverse-KL loss and gradient are checked in test_objectives.py
@@ -83,8 +96,11 @@ def test_distillation_lowers_the_reverse_kl_to_the_teacher():
     student = _state(args, tx, seed=0)
     teacher = _frozen(_state(args, tx, seed=1))
     batch = _completion_batch(args, np.random.default_rng(0))
-    step = jax.jit(make_train_step(_graphdef(args), tx, optax.constant_schedule(LR), _train_config(),
-                                   Distill(bias_update_rate=0.0)))
+    step = jax.jit(
+        make_train_step(
+            _graphdef(args), tx, optax.constant_schedule(LR), _train_config(), Distill(bias_update_rate=0.0)
+        )
+    )
     kls = []
     for _ in range(10):
         student, metrics = step(student, batch, teacher)
@@ -105,8 +121,11 @@ def test_routing_replay_uses_exactly_the_recorded_experts():
     np.testing.assert_array_equal(np.asarray(replayed.logits), np.asarray(own.logits))
 
     rng = np.random.default_rng(2)
-    other = np.stack([rng.permutation(args.num_routed_experts)[:k]
-                      for _ in range(2 * SEQ * layers)]).reshape(2, SEQ, layers, k).astype(np.int32)
+    other = (
+        np.stack([rng.permutation(args.num_routed_experts)[:k] for _ in range(2 * SEQ * layers)])
+        .reshape(2, SEQ, layers, k)
+        .astype(np.int32)
+    )
     forced = forward(state, jnp.asarray(other))
     np.testing.assert_array_equal(np.moveaxis(np.asarray(forced.moe.experts[:layers]), 0, 2), other)
     assert np.abs(np.asarray(forced.logits) - np.asarray(own.logits)).max() > 1e-3
@@ -115,8 +134,9 @@ def test_routing_replay_uses_exactly_the_recorded_experts():
 
     @jax.jit
     def router_grad(p, replay):
-        return jax.grad(lambda q: jnp.mean(nnx.merge(graphdef, q, routing)(batch["tokens"],
-                                                                          routed_experts=replay).logits ** 2))(p)
+        return jax.grad(
+            lambda q: jnp.mean(nnx.merge(graphdef, q, routing)(batch["tokens"], routed_experts=replay).logits ** 2)
+        )(p)
 
     grads = router_grad(params, jnp.asarray(other))
     router = grads["groups"][0]["blocks"][0]["moe"]["router"]["weight"][...]
@@ -144,8 +164,9 @@ def test_grpo_raises_the_reward_and_a_flipped_advantage_lowers_it():
     config.data.update(seq_len=SEQ, global_batch_size=8)
     config.grpo.update(group_size=4, max_new_tokens=6)
     args = _args()
-    source = SampledSource(config, config.grpo, build_encoder(config.data), _graphdef(args), None,
-                           config.grpo.group_size, _digit_share)
+    source = SampledSource(
+        config, config.grpo, build_encoder(config.data), _graphdef(args), None, config.grpo.group_size, _digit_share
+    )
     tx = optax.adam(1e-2)
     objective = GRPO(clip_low=0.2, clip_high=0.2, kl_coef=0.0, bias_update_rate=0.0)
     step = jax.jit(make_train_step(_graphdef(args), tx, optax.constant_schedule(1e-2), _train_config(), objective))

@@ -7,6 +7,7 @@ hidden states and the head by the chain rule. The objectives read the head over 
 (model/vocab_head.py); every test runs with the whole vocabulary as one tile and with 4 tiles.
 Tolerance: 1e-5 relative for losses, 1e-5 of the largest gradient entry for gradients (float32
 against float64)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,12 @@ def _log_softmax(x):
 
 def _scored(tokens, mask, segments):
     """(row, position) pairs that score the next token."""
-    return [(b, i) for b in range(tokens.shape[0]) for i in range(tokens.shape[1] - 1)
-            if mask[b, i + 1] and segments[b, i] > 0 and segments[b, i] == segments[b, i + 1]]
+    return [
+        (b, i)
+        for b in range(tokens.shape[0])
+        for i in range(tokens.shape[1] - 1)
+        if mask[b, i + 1] and segments[b, i] > 0 and segments[b, i] == segments[b, i + 1]
+    ]
 
 
 def _head(rng):
@@ -50,14 +55,21 @@ def _through_head(grad_logits, hidden, head):
 
 
 def _output(hidden, head, tile):
-    return ModelOutput(logits=None, mtp_logits=(), moe=None, head_inputs=jnp.asarray(hidden, jnp.float32)[None],
-                       head=jnp.asarray(head, jnp.float32), vocab_tile=tile)
+    return ModelOutput(
+        logits=None,
+        mtp_logits=(),
+        moe=None,
+        head_inputs=jnp.asarray(hidden, jnp.float32)[None],
+        head=jnp.asarray(head, jnp.float32),
+        vocab_tile=tile,
+    )
 
 
 def _value_and_grads(loss, hidden, head):
     """loss(hidden, head) -> ((value, aux), (d hidden, d head)) in float32."""
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(jnp.asarray(hidden, jnp.float32),
-                                                                  jnp.asarray(head, jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32)
+    )
 
 
 def _close_grads(ours, grad_logits, hidden, head):
@@ -66,8 +78,9 @@ def _close_grads(ours, grad_logits, hidden, head):
 
 
 def _close(ours, reference, what):
-    np.testing.assert_allclose(np.asarray(ours, np.float64), reference, rtol=1e-5,
-                               atol=1e-5 * max(np.abs(reference).max(), 1e-6), err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(ours, np.float64), reference, rtol=1e-5, atol=1e-5 * max(np.abs(reference).max(), 1e-6), err_msg=what
+    )
 
 
 def _preference_batch(rng):
@@ -80,8 +93,8 @@ def _preference_batch(rng):
         segments[b, :c] = 1
         mask[b, 2:c] = 1
         if r:
-            segments[b, c:c + r] = 2
-            mask[b, c + 2:c + r] = 1
+            segments[b, c : c + r] = 2
+            mask[b, c + 2 : c + r] = 1
     positions = np.zeros_like(tokens)
     return {"tokens": tokens, "loss_mask": mask, "segment_ids": segments, "positions": positions}
 
@@ -121,7 +134,8 @@ def test_dpo_loss_and_gradient_match_numpy(tile):
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     pairs = dpo.normalisers(jbatch, 0)
     expected_loss, expected_margin, expected_grad, expected_pairs = _dpo_reference(
-        _logits(hidden, head), _logits(*reference), batch, 0.3)
+        _logits(hidden, head), _logits(*reference), batch, 0.3
+    )
     assert float(pairs) == expected_pairs == 3
 
     def loss(hidden, head):
@@ -149,7 +163,7 @@ def _completion_batch(rng):
     segments, mask = np.zeros((B, S), np.int32), np.zeros((B, S), np.int32)
     for b, (start, end) in enumerate([(0, 9), (0, 12), (0, 5), (0, 7)]):
         segments[b, start:end] = 1
-        mask[b, start + 3:end] = 1
+        mask[b, start + 3 : end] = 1
     segments[2, 5:11], mask[2, 8:11] = 2, 1  # a second document packed behind the first
     return {"tokens": tokens, "loss_mask": mask, "segment_ids": segments, "positions": np.zeros_like(tokens)}
 
@@ -187,8 +201,9 @@ def test_grpo_loss_and_gradient_match_numpy(kl_coef, tile):
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     jbatch.update(sampling_logprobs=jnp.asarray(sampling, jnp.float32), advantages=jnp.asarray(advantages, jnp.float32))
     tokens = grpo.normalisers(jbatch, 0)
-    expected_loss, expected_grad, count = _grpo_reference(logits, _logits(*reference), batch, sampling, advantages,
-                                                          0.2, 0.28, kl_coef)
+    expected_loss, expected_grad, count = _grpo_reference(
+        logits, _logits(*reference), batch, sampling, advantages, 0.2, 0.28, kl_coef
+    )
     assert float(tokens) == count
 
     def loss(hidden, head):
@@ -229,7 +244,9 @@ def test_reverse_kl_loss_and_gradient_match_numpy(tile):
     tokens = distill.normalisers(jbatch, 0)
     (value, _), grads = _value_and_grads(
         lambda hidden, head: distill.loss(_output(hidden, head, tile), jbatch, _output(*teacher, tile), tokens, {}),
-        hidden, head)
+        hidden,
+        head,
+    )
     _close(value, expected, "reverse KL")
     _close_grads(grads, expected_grad, hidden, head)
 
@@ -246,8 +263,12 @@ def test_sft_with_mtp_loss_and_gradient_match_numpy(tile):
     for depth, weight in ((0, 1.0), (1, 0.3)):
         shift = depth + 1
         logp = _log_softmax(_logits(hidden[depth], head))
-        scored = [(b, i) for b in range(B) for i in range(S - shift)
-                  if mask[b, i + shift] and segments[b, i + shift] == segments[b, i]]
+        scored = [
+            (b, i)
+            for b in range(B)
+            for i in range(S - shift)
+            if mask[b, i + shift] and segments[b, i + shift] == segments[b, i]
+        ]
         for b, i in scored:
             target = tokens[b, i + shift]
             expected -= weight * logp[b, i, target] / len(scored)

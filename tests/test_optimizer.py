@@ -3,6 +3,7 @@
 Updates are compared in float32 (Newton-Schulz matmuls too, `muon_ns_dtype="float32"`) with the
 float64 references, so TOL is float32 rounding through ten NS iterations.
 """
+
 import math
 
 import jax
@@ -68,7 +69,7 @@ def numpy_adamw(w, grads, cfg, decay):
     for t, g in enumerate(grads, 1):
         m = cfg.adam_b1 * m + (1 - cfg.adam_b1) * g
         v = cfg.adam_b2 * v + (1 - cfg.adam_b2) * g * g
-        step = (m / (1 - cfg.adam_b1 ** t)) / (np.sqrt(v / (1 - cfg.adam_b2 ** t)) + cfg.adam_eps)
+        step = (m / (1 - cfg.adam_b1**t)) / (np.sqrt(v / (1 - cfg.adam_b2**t)) + cfg.adam_eps)
         w = w - LR * (step + (cfg.adam_weight_decay * w if decay else 0))
     return w
 
@@ -90,23 +91,28 @@ def test_muon_two_steps_match_numpy_per_matrix():
     shapes = {"wide": (2, 3, 6, 10), "tall": (2, 3, 12, 5)}
     w = {k: rng.normal(size=s) for k, s in shapes.items()}
     gain = rng.normal(size=(2, 8))
-    params = nnx.State({k: param(v.astype(np.float32), EXPERT_NAMES) for k, v in w.items()}
-                       | {"norm": param(gain.astype(np.float32), ("layers", "embed"))})
-    grads = [{k: rng.normal(size=s) for k, s in shapes.items()} | {"norm": rng.normal(size=gain.shape)}
-             for _ in range(2)]
+    params = nnx.State(
+        {k: param(v.astype(np.float32), EXPERT_NAMES) for k, v in w.items()}
+        | {"norm": param(gain.astype(np.float32), ("layers", "embed"))}
+    )
+    grads = [
+        {k: rng.normal(size=s) for k, s in shapes.items()} | {"norm": rng.normal(size=gain.shape)} for _ in range(2)
+    ]
     new, _ = run_steps(optimizer.build_optimizer(cfg, params), params, [like(params, g) for g in grads])
     for k in shapes:
         np.testing.assert_allclose(new[k][...], numpy_muon(w[k], [g[k] for g in grads], cfg), **TOL)
-    np.testing.assert_allclose(new["norm"][...], numpy_adamw(gain, [g["norm"] for g in grads], cfg, False),
-                               **TOL)
+    np.testing.assert_allclose(new["norm"][...], numpy_adamw(gain, [g["norm"] for g in grads], cfg, False), **TOL)
 
 
 def test_adamw_matches_numpy_with_decay_mask():
     """name "adamw": every parameter AdamW, matrices (here experts and embedding) decayed, vectors not."""
     rng = np.random.default_rng(1)
     cfg = config("adamw", clip_grad_norm=0.0)
-    values = {"experts": (rng.normal(size=(2, 3, 4, 5)), EXPERT_NAMES), "embed": (rng.normal(size=(16, 4)),
-              ("vocab", "embed")), "norm": (rng.normal(size=(4,)), ("embed",))}
+    values = {
+        "experts": (rng.normal(size=(2, 3, 4, 5)), EXPERT_NAMES),
+        "embed": (rng.normal(size=(16, 4)), ("vocab", "embed")),
+        "norm": (rng.normal(size=(4,)), ("embed",)),
+    }
     params = nnx.State({k: param(v.astype(np.float32), names) for k, (v, names) in values.items()})
     grads = [{k: rng.normal(size=v.shape) for k, (v, _) in values.items()} for _ in range(3)]
     new, _ = run_steps(optimizer.build_optimizer(cfg, params), params, [like(params, g) for g in grads])
@@ -145,8 +151,21 @@ def test_partition_of_the_tiny_model():
     apes = {p for p in roles if leaf(p) == "ape"}
     assert adamw == {"embed", "head"} | vectors | apes
     assert {leaf(p) for p in roles if p not in adamw} == {
-        "w1", "w2", "w3", "weight", "wq_a", "wq_b", "wkv", "wo_a", "wo_b", "fn", "wgate", "weights_proj",
-        "e_proj", "h_proj"}
+        "w1",
+        "w2",
+        "w3",
+        "weight",
+        "wq_a",
+        "wq_b",
+        "wkv",
+        "wo_a",
+        "wo_b",
+        "fn",
+        "wgate",
+        "weights_proj",
+        "e_proj",
+        "h_proj",
+    }
     assert {p for p, r in roles.items() if not r.decay} == vectors | apes
 
     block = "groups/0/blocks/0/"
@@ -171,8 +190,12 @@ def test_grouped_heads_are_separate_matrices():
     rng = np.random.default_rng(3)
     cfg = config("muon", clip_grad_norm=0.0)
     heads, dim, rank, groups = 4, 3, 5, 2
-    params = nnx.State({"wo_a": param(jnp.zeros((heads, dim, rank)), ("heads", "head_dim", "o_lora")),
-                        "wo_b": param(jnp.zeros((groups, rank, 7)), ("o_groups", "o_lora", "embed"))})
+    params = nnx.State(
+        {
+            "wo_a": param(jnp.zeros((heads, dim, rank)), ("heads", "head_dim", "o_lora")),
+            "wo_b": param(jnp.zeros((groups, rank, 7)), ("o_groups", "o_lora", "embed")),
+        }
+    )
     g = rng.normal(size=(heads, dim, rank))
     grads = like(params, {"wo_a": g, "wo_b": np.zeros(params["wo_b"].shape)})
     new, _ = run_steps(optimizer.build_optimizer(cfg, params), params, [grads])
@@ -201,10 +224,17 @@ def test_output_groups_of_wo_b_are_one_matrix():
 def test_weight_decay_mask(name):
     """With zero gradients only the decay moves a parameter: W <- W (1 - lr wd) for matrices
     (experts, attention, embedding, head), untouched for norm gains, mHC base/scale, sinks and ape."""
-    names = {"experts": EXPERT_NAMES, "embed": ("vocab", "embed"), "head": ("embed", "vocab"),
-             "wq_a": ("layers", "embed", "q_lora"), "norm": ("layers", "embed"), "base": ("layers", "hc_mix"),
-             "scale": ("layers", "hc_gate"), "attn_sink": ("layers", "heads"),
-             "ape": ("layers", "comp_pos", "kv_comp")}
+    names = {
+        "experts": EXPERT_NAMES,
+        "embed": ("vocab", "embed"),
+        "head": ("embed", "vocab"),
+        "wq_a": ("layers", "embed", "q_lora"),
+        "norm": ("layers", "embed"),
+        "base": ("layers", "hc_mix"),
+        "scale": ("layers", "hc_gate"),
+        "attn_sink": ("layers", "heads"),
+        "ape": ("layers", "comp_pos", "kv_comp"),
+    }
     sizes = {"layers": 2, "expert": 3, "vocab": 16, "hc_mix": 24, "hc_gate": 3, "heads": 4, "comp_pos": 4}
     params = nnx.State({k: param(jnp.ones([sizes.get(n, 8) for n in v]), v) for k, v in names.items()})
     cfg = config(name)
@@ -222,16 +252,25 @@ def test_learning_rate_schedule():
     cosine = optimizer.learning_rate_schedule(configs.optimizer.get_config(decay="cosine", **base))
     linear = optimizer.learning_rate_schedule(configs.optimizer.get_config(decay="linear", **base))
     constant = optimizer.learning_rate_schedule(configs.optimizer.get_config(decay="constant", **base))
-    expected = {0: (0.0, 0.0), 5: (0.5, 0.5), 10: (peak, peak), 70: (peak, peak),
-                90: ((peak + final) / 2, (peak + final) / 2), 110: (final, final), 500: (final, final)}
+    expected = {
+        0: (0.0, 0.0),
+        5: (0.5, 0.5),
+        10: (peak, peak),
+        70: (peak, peak),
+        90: ((peak + final) / 2, (peak + final) / 2),
+        110: (final, final),
+        500: (final, final),
+    }
     for step, (c, l) in expected.items():
         np.testing.assert_allclose([cosine(step), linear(step)], [c, l], rtol=1e-6, atol=1e-7, err_msg=str(step))
-    np.testing.assert_allclose(cosine(70 + 40 // 4), final + (peak - final) * (1 + math.cos(math.pi / 4)) / 2,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        cosine(70 + 40 // 4), final + (peak - final) * (1 + math.cos(math.pi / 4)) / 2, rtol=1e-6
+    )
     np.testing.assert_allclose(linear(70 + 40 // 5), peak - (peak - final) / 5, rtol=1e-6)
     np.testing.assert_allclose([constant(5), constant(500)], [0.5, peak], rtol=1e-6)
     whole = optimizer.learning_rate_schedule(
-        configs.optimizer.get_config(decay="cosine", **dict(base, decay_steps=None)))
+        configs.optimizer.get_config(decay="cosine", **dict(base, decay_steps=None))
+    )
     np.testing.assert_allclose([whole(10), whole(60), whole(110)], [peak, (peak + final) / 2, final], rtol=1e-6)
     with pytest.raises(ValueError):
         optimizer.learning_rate_schedule(configs.optimizer.get_config(**dict(base, decay_steps=101)))
@@ -258,14 +297,19 @@ def test_accumulation_equals_one_big_batch(name):
     k, rows = 4, 16
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(rows, 6)).astype(np.float32), rng.normal(size=(rows, 5)).astype(np.float32)
-    params = nnx.State({"w": param(rng.normal(size=(6, 5)).astype(np.float32), ("embed", "mlp")),
-                        "b": param(np.zeros(5, np.float32), ("mlp",))})
+    params = nnx.State(
+        {
+            "w": param(rng.normal(size=(6, 5)).astype(np.float32), ("embed", "mlp")),
+            "b": param(np.zeros(5, np.float32), ("mlp",)),
+        }
+    )
     loss = lambda p, x, y: jnp.mean((x @ p["w"][...] + p["b"][...] - y) ** 2)
     grad = jax.jit(jax.grad(loss))
     clip = 0.5
     assert optax.tree.norm(grad(params, x, y)) > clip
     whole, accumulating = (
-        optimizer.build_optimizer(config(name, clip_grad_norm=clip, accumulation_steps=n), params) for n in (1, k))
+        optimizer.build_optimizer(config(name, clip_grad_norm=clip, accumulation_steps=n), params) for n in (1, k)
+    )
     big, big_state = params, whole.init(params)
     state, update, accumulated = accumulating.init(params), jax.jit(accumulating.update), params
     for _ in range(2):
@@ -283,8 +327,12 @@ def test_accumulation_equals_one_big_batch(name):
 def test_bf16_params_keep_float32_state():
     """bf16 parameters: moments, momentum and updates are float32 from init on (the state's dtypes
     never change between steps), and apply_updates rounds the result back to bf16."""
-    params = nnx.State({"w": param(jnp.ones((2, 3, 4, 5), jnp.bfloat16), EXPERT_NAMES),
-                        "norm": param(jnp.ones(4, jnp.bfloat16), ("embed",))})
+    params = nnx.State(
+        {
+            "w": param(jnp.ones((2, 3, 4, 5), jnp.bfloat16), EXPERT_NAMES),
+            "norm": param(jnp.ones(4, jnp.bfloat16), ("embed",)),
+        }
+    )
     tx = optimizer.build_optimizer(config("muon"), params)
     state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
@@ -301,8 +349,12 @@ def test_bf16_params_follow_float32_masters(name):
     (lr 1e-3) are below bf16's spacing near 1 (2^-7), so rounding every step instead
     (master_weights=False) ends elsewhere."""
     rng = np.random.default_rng(9)
-    half = nnx.State({"w": param(jnp.asarray(1 + rng.normal(size=(2, 3, 16, 12)) / 8, jnp.bfloat16), EXPERT_NAMES),
-                      "norm": param(jnp.asarray(1 + rng.normal(size=(2, 16)) / 8, jnp.bfloat16), ("layers", "embed"))})
+    half = nnx.State(
+        {
+            "w": param(jnp.asarray(1 + rng.normal(size=(2, 3, 16, 12)) / 8, jnp.bfloat16), EXPERT_NAMES),
+            "norm": param(jnp.asarray(1 + rng.normal(size=(2, 16)) / 8, jnp.bfloat16), ("layers", "embed")),
+        }
+    )
     full = jax.tree.map(lambda x: x.astype(jnp.float32), half)
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), full) for _ in range(3)]
     settings = dict(learning_rate=1e-3, adam_eps=1e-8)
@@ -322,11 +374,16 @@ def test_bf16_params_follow_float32_masters(name):
 def test_sharded_update_equals_unsharded(name):
     """Experts sharded over `expert`, their input axis over `fsdp` (the contraction NS runs over),
     on an Auto mesh: the jitted step gives the single-device result and keeps every sharding."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "expert"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()).reshape(2, 4), ("fsdp", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
     rng = np.random.default_rng(5)
-    params = nnx.State({"w": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
-                        "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed"))})
+    params = nnx.State(
+        {
+            "w": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
+            "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed")),
+        }
+    )
     specs = {"w": P(None, "expert", "fsdp", None), "norm": P(None, "fsdp")}
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
     tx = optimizer.build_optimizer(config(name), params)
@@ -343,8 +400,9 @@ def test_sharded_update_equals_unsharded(name):
         return p, state
 
     expected, _ = run(lambda tree: tree)
-    shard = lambda tree: nnx.State({k: v.replace(jax.device_put(v[...], NamedSharding(mesh, specs[k])))
-                                    for k, v in tree.items()})
+    shard = lambda tree: nnx.State(
+        {k: v.replace(jax.device_put(v[...], NamedSharding(mesh, specs[k]))) for k, v in tree.items()}
+    )
     sharded, state = run(shard)
     for key in ("w", "norm"):
         np.testing.assert_allclose(np.asarray(sharded[key][...]), expected[key][...], rtol=2e-5, atol=1e-6)
@@ -381,11 +439,16 @@ def test_state_split_over_data_gives_the_unsharded_update(name, dtype):
     single-device parameters (to bf16's rounding for bf16)."""
     from trainer.state import optimizer_shardings
 
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
     rng = np.random.default_rng(6)
-    params = nnx.State({"w": param(rng.normal(size=(2, 8, 16, 12)).astype(dtype), EXPERT_NAMES),
-                        "norm": param(rng.normal(size=(2, 16)).astype(dtype), ("layers", "embed"))})
+    params = nnx.State(
+        {
+            "w": param(rng.normal(size=(2, 8, 16, 12)).astype(dtype), EXPERT_NAMES),
+            "norm": param(rng.normal(size=(2, 16)).astype(dtype), ("layers", "embed")),
+        }
+    )
     specs = {"w": P(None, None, "fsdp", None), "norm": P(None, "fsdp")}
     param_shardings = nnx.State({k: v.replace(NamedSharding(mesh, specs[k])) for k, v in params.items()})
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
@@ -406,10 +469,11 @@ def test_state_split_over_data_gives_the_unsharded_update(name, dtype):
         sharded, state = sharded_step(sharded, state, jax.device_put(g, param_shardings))
     split = [leaf.sharding.spec for leaf in jax.tree.leaves(state) if leaf.ndim]
     assert split and all("data" in jax.tree.leaves(tuple(spec)) for spec in split), split
-    tolerance = dict(rtol=2e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2 ** -7, atol=0)
+    tolerance = dict(rtol=2e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2**-7, atol=0)
     for key in ("w", "norm"):
-        np.testing.assert_allclose(np.asarray(sharded[key][...], np.float32), np.asarray(expected[key][...], np.float32),
-                                   **tolerance)
+        np.testing.assert_allclose(
+            np.asarray(sharded[key][...], np.float32), np.asarray(expected[key][...], np.float32), **tolerance
+        )
         assert sharded[key][...].sharding.spec == specs[key], key
 
 
@@ -419,8 +483,12 @@ def test_bfloat16_momentum_is_stored_in_bfloat16(name):
     second moments and the updates stay float32), and three steps stay within bf16 rounding (2e-2 of
     a step) of the float32 state's parameters."""
     rng = np.random.default_rng(7)
-    params = nnx.State({"w": param(rng.normal(size=(2, 3, 16, 12)).astype(np.float32), EXPERT_NAMES),
-                        "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed"))})
+    params = nnx.State(
+        {
+            "w": param(rng.normal(size=(2, 3, 16, 12)).astype(np.float32), EXPERT_NAMES),
+            "norm": param(rng.normal(size=(2, 16)).astype(np.float32), ("layers", "embed")),
+        }
+    )
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
 
     def run(momentum_dtype):
@@ -428,10 +496,16 @@ def test_bfloat16_momentum_is_stored_in_bfloat16(name):
         return run_steps(tx, params, grads)
 
     (half, half_state), (full, _) = run("bfloat16"), run("float32")
-    adam = [s for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
-    muon = [s for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optimizer.MuonState))
-            if isinstance(s, optimizer.MuonState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    muon = [
+        s
+        for s in jax.tree.leaves(half_state, is_leaf=lambda x: isinstance(x, optimizer.MuonState))
+        if isinstance(s, optimizer.MuonState)
+    ]
     assert adam and {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
     if name == "muon":
@@ -450,14 +524,29 @@ def test_muon_spread_over_the_mesh_gives_the_unsharded_update():
     from mesh.sharding import activate, param_shardings
     from trainer.state import optimizer_shardings
 
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "expert"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    rules = (("layers", None), ("expert", "expert"), ("expert_embed", "fsdp"), ("expert_mlp", None),
-             ("embed", ("fsdp", "expert")), ("embed", None), ("mlp", None), ("optimizer_state", "data"))
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()).reshape(2, 2, 2),
+        ("data", "fsdp", "expert"),
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    )
+    rules = (
+        ("layers", None),
+        ("expert", "expert"),
+        ("expert_embed", "fsdp"),
+        ("expert_mlp", None),
+        ("embed", ("fsdp", "expert")),
+        ("embed", None),
+        ("mlp", None),
+        ("optimizer_state", "data"),
+    )
     rng = np.random.default_rng(8)
-    params = nnx.State({"experts": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
-                        "dense": param(rng.normal(size=(3, 16, 24)).astype(np.float32), ("layers", "embed", "mlp")),
-                        "norm": param(rng.normal(size=(3, 16)).astype(np.float32), ("layers", "embed"))})
+    params = nnx.State(
+        {
+            "experts": param(rng.normal(size=(2, 8, 16, 12)).astype(np.float32), EXPERT_NAMES),
+            "dense": param(rng.normal(size=(3, 16, 24)).astype(np.float32), ("layers", "embed", "mlp")),
+            "norm": param(rng.normal(size=(3, 16)).astype(np.float32), ("layers", "embed")),
+        }
+    )
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
     tx = optimizer.build_optimizer(config("muon"), params)
 

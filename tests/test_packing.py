@@ -1,6 +1,7 @@
 """Packed rows: every document is computed as if it were alone (window, CSA compressor and indexer,
 HCA compressor, MTP), and the loss of a packed row equals the token-weighted loss of its documents.
 Tolerance: 2e-5 of the largest logit (float32; different shapes change reduction order)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,9 @@ def _pack(docs, row):
     tokens, positions, segments = (np.zeros((1, row), np.int32) for _ in range(3))
     start = 0
     for i, doc in enumerate(docs, start=1):
-        tokens[0, start:start + len(doc)] = doc
-        positions[0, start:start + len(doc)] = np.arange(len(doc))
-        segments[0, start:start + len(doc)] = i
+        tokens[0, start : start + len(doc)] = doc
+        positions[0, start : start + len(doc)] = np.arange(len(doc))
+        segments[0, start : start + len(doc)] = i
         start += len(doc)
     return tokens, positions, segments
 
@@ -46,7 +47,7 @@ def test_document_alone_equals_packed(run):
     for doc in docs:
         alone = forward(state, *_pack([doc], len(doc)))
         for ours, expected in ((packed.logits, alone.logits), (packed.mtp_logits[0], alone.mtp_logits[0])):
-            got = np.asarray(ours)[0, start:start + len(doc)]
+            got = np.asarray(ours)[0, start : start + len(doc)]
             want = np.asarray(expected)[0]
             if got.shape[0] > 1:  # MTP at a document's last position reads the next document's token
                 got, want = got[:-1], want[:-1]
@@ -60,8 +61,13 @@ def test_packed_loss_is_the_token_weighted_document_loss(run):
     rng = np.random.default_rng(1)
     docs = [rng.integers(1, args.vocab_size, n).astype(np.int32) for n in (40, 25)]
     tokens, positions, segments = _pack(docs, 80)
-    packed, metrics = language_model_loss(forward(state, tokens, positions, segments), jnp.asarray(tokens),
-                                          jnp.asarray(segments > 0), 0.0, jnp.asarray(segments))
+    packed, metrics = language_model_loss(
+        forward(state, tokens, positions, segments),
+        jnp.asarray(tokens),
+        jnp.asarray(segments > 0),
+        0.0,
+        jnp.asarray(segments),
+    )
     total, count = 0.0, 0
     for doc in docs:
         t, p, s = _pack([doc], len(doc))

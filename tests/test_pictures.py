@@ -3,6 +3,7 @@ blank, and what it claims (the expert-load heatmap's hottest cell is the expert 
 the memory bars' dashed line sits at the HBM); the run's pictures also land in TensorBoard's event
 files as images. Synthetic inputs throughout (a hand-made planner report, metrics written by
 MetricsWriter): seconds, no training or compiling."""
+
 import io
 import json
 import subprocess
@@ -80,8 +81,15 @@ def test_load_shares_per_layer():
 
 
 def test_curves_png(tmp_path):
-    records = [{"step": step, "loss": 3.0 - 0.1 * step, "learning_rate": 1e-3 * min(step, 5) / 5,
-                "grad_norm": "nan" if step == 4 else 0.5} for step in range(1, 11)]
+    records = [
+        {
+            "step": step,
+            "loss": 3.0 - 0.1 * step,
+            "learning_rate": 1e-3 * min(step, 5) / 5,
+            "grad_norm": "nan" if step == 4 else 0.5,
+        }
+        for step in range(1, 11)
+    ]
     pixels, figure = _png(pictures.curves_figure(records), tmp_path / "curves.png")
     assert pixels.shape == _expected_shape(figure) and pixels.var() > 0
     assert [axes.get_ylabel() for axes in figure.axes] == ["loss", "learning rate", "grad norm"]
@@ -89,11 +97,19 @@ def test_curves_png(tmp_path):
 
 def _recorded_run(workdir):
     """What a run leaves: MetricsWriter records (with the step's expert load) of LOGGED_STEPS."""
-    writer = MetricsWriter(workdir, total_steps=LOGGED_STEPS[-1], tokens_per_step=1, flops_per_token=1.0,
-                           peak_flops=1.0)
+    writer = MetricsWriter(
+        workdir, total_steps=LOGGED_STEPS[-1], tokens_per_step=1, flops_per_token=1.0, peak_flops=1.0
+    )
     for step, counts in zip(LOGGED_STEPS, _load_counts()):
-        writer.write(step, {"loss": jnp.float32(3.0 - 0.01 * step), "learning_rate": jnp.float32(1e-3),
-                            "grad_norm": jnp.float32(0.5), EXPERT_LOAD: jnp.asarray(counts, jnp.float32)})
+        writer.write(
+            step,
+            {
+                "loss": jnp.float32(3.0 - 0.01 * step),
+                "learning_rate": jnp.float32(1e-3),
+                "grad_norm": jnp.float32(0.5),
+                EXPERT_LOAD: jnp.asarray(counts, jnp.float32),
+            },
+        )
     writer.close()
 
 
@@ -105,8 +121,9 @@ def test_a_run_draws_its_pictures_and_puts_them_into_tensorboard(tmp_path):
 
     paths = pictures.draw_run(tmp_path, LAYERS)
     assert sorted(paths) == [pictures.CURVES, pictures.EXPERT_LOAD_PICTURE]
-    accumulator = event_accumulator.EventAccumulator(str(tmp_path / TENSORBOARD_DIR),
-                                                     size_guidance={event_accumulator.TENSORS: 0})
+    accumulator = event_accumulator.EventAccumulator(
+        str(tmp_path / TENSORBOARD_DIR), size_guidance={event_accumulator.TENSORS: 0}
+    )
     accumulator.Reload()
     for name, path in paths.items():
         assert path == tmp_path / pictures.PICTURES_DIR / f"{name}.png"
@@ -125,13 +142,25 @@ def test_a_run_without_records_draws_nothing(tmp_path):
 def _report(hbm_gib=64.0, compiled=True):
     """planner.report.make_plan's memory fields, by hand."""
     analytic = {"weights": 20 * GIB, "gradients": 20 * GIB, "optimizer": 30 * GIB, "activations": 10 * GIB}
-    report = {"config": {"topology": "cm384", "mesh": {"data": 1, "fsdp": 12, "expert": 64, "tensor": 1},
-                         "batch_size": 64, "seq_len": 4096},
-              "hbm_bytes": hbm_gib * GIB, "memory_analytic": dict(analytic, total=sum(analytic.values())),
-              "memory_compiled": None}
+    report = {
+        "config": {
+            "topology": "cm384",
+            "mesh": {"data": 1, "fsdp": 12, "expert": 64, "tensor": 1},
+            "batch_size": 64,
+            "seq_len": 4096,
+        },
+        "hbm_bytes": hbm_gib * GIB,
+        "memory_analytic": dict(analytic, total=sum(analytic.values())),
+        "memory_compiled": None,
+    }
     if compiled:
-        report["memory_compiled"] = {"arguments": 50 * GIB, "outputs": 50 * GIB, "aliased": 49 * GIB,
-                                     "temporaries": 33 * GIB, "total": 84 * GIB}
+        report["memory_compiled"] = {
+            "arguments": 50 * GIB,
+            "outputs": 50 * GIB,
+            "aliased": 49 * GIB,
+            "temporaries": 33 * GIB,
+            "total": 84 * GIB,
+        }
     return report
 
 
@@ -140,7 +169,7 @@ def test_memory_bars_against_the_hbm(tmp_path, compiled):
     pixels, figure = _png(memory_figure(_report(compiled=compiled)), tmp_path / "memory.png")
     assert pixels.shape == _expected_shape(figure) and pixels.var() > 0
     axes = figure.axes[0]
-    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["analytic", "compiled"][:1 + compiled]
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["analytic", "compiled"][: 1 + compiled]
     plot = _axes_pixels(pixels, axes)
     red_rows = np.nonzero((np.all(np.abs(plot - [1.0, 0.0, 0.0]) < 0.05, axis=-1)).sum(axis=1) > plot.shape[1] // 4)[0]
     hbm_row = pixels.shape[0] - axes.transData.transform((0.0, 64.0))[1]
@@ -148,13 +177,13 @@ def test_memory_bars_against_the_hbm(tmp_path, compiled):
     assert red_rows.size and abs(red_rows.mean() + offset - hbm_row) < 3
 
 
-@pytest.mark.parametrize("command, flag", [(["plan.py", "--config=configs/tiny.py"], "memory_png"),
-                                           (["-m", "mesh"], "draw")])
+@pytest.mark.parametrize(
+    "command, flag", [(["plan.py", "--config=configs/tiny.py"], "memory_png"), (["-m", "mesh"], "draw")]
+)
 def test_a_picture_into_a_missing_folder_is_refused(tmp_path, command, flag):
     """Before any work: one line naming the flag, exit status 2, no traceback."""
     path = tmp_path / "absent" / "picture.png"
-    result = subprocess.run([sys.executable, *command, f"--{flag}={path}"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, *command, f"--{flag}={path}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: --{flag}={path}: the folder {path.parent} does not exist"
 
@@ -175,8 +204,12 @@ def test_mesh_axes_on_the_levels():
 
 def test_mesh_draw_png(tmp_path):
     path = tmp_path / "mesh.png"
-    result = subprocess.run([sys.executable, "-m", "mesh", "--topology=cm384", "--mesh=expert=64,fsdp=12,tensor=1",
-                             f"--draw={path}"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh", "--topology=cm384", "--mesh=expert=64,fsdp=12,tensor=1", f"--draw={path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     pixels = imread(str(path))[..., :3]
     assert pixels.shape == _expected_shape(layout_figure(_layout("cm384", expert=64, fsdp=12, tensor=1)))

@@ -2,6 +2,7 @@
 analytic model, the collectives it finds, the depth extrapolation against a fully unrolled program,
 and a mesh that cannot fit reported as such. The compiles take minutes on 2 cores, so those tests
 are `slow`; the extrapolation's bookkeeping is checked without compiling in the default set."""
+
 import dataclasses
 
 import pytest
@@ -36,8 +37,11 @@ def test_variants_and_combination():
     assert [extrapolate.with_repeats(args, r).num_layers for r in plan_variants.values()] == [4, 5, 6]
     base = extrapolate.with_repeats(args, (1, 1, 1))
     assert base.compress_ratios == (0, 4, 128, 4, 0) and base.num_hash_layers == 2 and not base.scan_layers
-    measured = {"base": {"flops": 100.0, "x": 1.0}, "group0": {"flops": 110.0, "x": 1.0},
-                "group2": {"flops": 130.0, "x": 3.0, "y": 2.0}}
+    measured = {
+        "base": {"flops": 100.0, "x": 1.0},
+        "group0": {"flops": 110.0, "x": 1.0},
+        "group2": {"flops": 130.0, "x": 3.0, "y": 2.0},
+    }
     # full depth: sliding pair x2 (+1 x 10), (HCA, CSA) x3 (+2 x 30); "y" appears only with more layers
     assert extrapolate.combine(args, measured) == {"flops": 170.0, "x": 5.0, "y": 4.0}
 
@@ -94,7 +98,8 @@ def test_peak_buffers_are_read_from_the_live_range_dump():
     assert peak["bytes"] == 17_390_121_000
     assert peak["buffers"] == [
         {"what": "loop/transpose(jvp(bsd,dv->bsv))/dot_general", "shape": "f32[8,7168]", "bytes": 11_237_588_992},
-        {"what": "copy.1", "shape": "bf16[4,7168]", "bytes": 3_706_716_160}]
+        {"what": "copy.1", "shape": "bf16[4,7168]", "bytes": 3_706_716_160},
+    ]
     buffers = memory.peak_buffers(LIVE_RANGE_EXCERPT, HLO_EXCERPT, top=5)["buffers"]
     assert [b["what"] for b in buffers[2:]] == ["loop/transpose(jvp())/loop/remat/mul", "while.7"]
     assert buffers[-1]["shape"] == "f32[384,80,7168]"
@@ -160,8 +165,9 @@ def test_extrapolation_equals_the_unrolled_full_depth():
         step = compile_step(variant, config, mesh, *plan.planned_optimizer(config, variant))
         return measure.measure(step.compiled, shape)
 
-    measured = {name: measured_on(extrapolate.with_repeats(args, repeats))
-                for name, repeats in extrapolate.variants(args)}
+    measured = {
+        name: measured_on(extrapolate.with_repeats(args, repeats)) for name, repeats in extrapolate.variants(args)
+    }
     assert len(measured) == 3  # base, the sliding pair repeated, the (HCA, CSA) pair repeated
     unrolled = measured_on(dataclasses.replace(args, scan_layers=False))
     combined = extrapolate.combine(args, measured)
@@ -179,7 +185,7 @@ def test_gradient_all_reduce_over_fsdp_is_costed_as_the_reduce_scatter_it_runs_a
     from planner.estimate import collective_seconds
 
     layout = plan_layout(get_topology("cm384"), {"data": 3, "fsdp": 2, "expert": 128}, {})
-    gradient = 2.0 ** 30
+    gradient = 2.0**30
     for axes, ways in ((("fsdp",), 2), (("fsdp", "expert"), 256)):
         as_all_reduce = collective_seconds("all-reduce", axes, gradient, layout)
         assert as_all_reduce == pytest.approx(collective_seconds("reduce-scatter", axes, gradient / ways, layout))
@@ -202,8 +208,9 @@ def test_micro_batches_are_counted_every_pass(report):
 def test_search_compiles_the_best_candidate():
     """--search on 8 devices: the report is the compile of the best-ranked fitting mesh, with the
     ranking beside it."""
-    report = plan.search_and_confirm(small_config(), full_compile=False, hbm_bytes=None, top=3, confirm=1,
-                                     max_tensor=2, log=lambda _: None)
+    report = plan.search_and_confirm(
+        small_config(), full_compile=False, hbm_bytes=None, top=3, confirm=1, max_tensor=2, log=lambda _: None
+    )
     best = report["search"]["candidates"][0]
     assert report["config"]["mesh"] == best["mesh"]
     assert report["config"]["expert_axes"] == (["data", "expert"] if best["experts_over_data"] else ["expert"])

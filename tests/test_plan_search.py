@@ -1,5 +1,6 @@
 """plan.py --search without compiling: the candidate meshes, why some are rejected, the memory of each
 against the shard shapes of the real abstract train state, and the order of the ranking."""
+
 import itertools
 
 import pytest
@@ -13,7 +14,7 @@ from trainer.checkpointing import abstract_train_state
 from trainer.optimizer import build_optimizer
 from trainer.state import abstract_params
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def small_config(name="muon"):
@@ -32,8 +33,11 @@ def setup(request):
 
 
 def test_mesh_shapes_are_every_factorisation():
-    want = {(d, f, e, t) for d, f, e, t in itertools.product(range(1, 17), repeat=4)
-            if d * f * e * t == 16 and t in (1, 2, 4)}
+    want = {
+        (d, f, e, t)
+        for d, f, e, t in itertools.product(range(1, 17), repeat=4)
+        if d * f * e * t == 16 and t in (1, 2, 4)
+    }
     got = {tuple(s[a] for a in ("data", "fsdp", "expert", "tensor")) for s in search.mesh_shapes(16, 4)}
     assert got == want
 
@@ -41,21 +45,26 @@ def test_mesh_shapes_are_every_factorisation():
 def test_rejections_name_the_reason(setup):
     config, args, _, table = setup
     topology = get_topology(config.mesh.topology)
-    tensor4 = search.evaluate(search.Candidate(dict(data=2, fsdp=1, expert=1, tensor=4), False), args, config,
-                              topology, table, None)
+    tensor4 = search.evaluate(
+        search.Candidate(dict(data=2, fsdp=1, expert=1, tensor=4), False), args, config, topology, table, None
+    )
     assert "o_groups" in tensor4.rejected and "not divisible by 4" in tensor4.rejected
     config = small_config()
     config.data.global_batch_size = 4
-    batch = search.evaluate(search.Candidate(dict(data=1, fsdp=8, expert=1, tensor=1), False), args, config,
-                            topology, table, None)
+    batch = search.evaluate(
+        search.Candidate(dict(data=1, fsdp=8, expert=1, tensor=1), False), args, config, topology, table, None
+    )
     assert batch.rejected == "batch 4 does not split over 8 token shards"
 
 
-@pytest.mark.parametrize("shape,over_data", [
-    (dict(data=1, fsdp=4, expert=2, tensor=1), False),
-    (dict(data=2, fsdp=1, expert=4, tensor=1), True),
-    (dict(data=2, fsdp=2, expert=1, tensor=2), False),
-])
+@pytest.mark.parametrize(
+    "shape,over_data",
+    [
+        (dict(data=1, fsdp=4, expert=2, tensor=1), False),
+        (dict(data=2, fsdp=1, expert=4, tensor=1), True),
+        (dict(data=2, fsdp=2, expert=1, tensor=2), False),
+    ],
+)
 def test_state_memory_equals_the_abstract_train_state(setup, shape, over_data):
     """Weights, gradients and optimizer bytes per device from the rules alone equal the shard shapes of
     the train state plan.py compiles (trainer.checkpointing.abstract_train_state) on that mesh."""
@@ -75,8 +84,9 @@ def test_experts_over_data_trade_gradient_all_reduce_for_all_to_all(setup):
     config, args, _, table = setup
     topology = get_topology(config.mesh.topology)
     shape = dict(data=2, fsdp=1, expert=4, tensor=1)
-    plain, spread = (search.evaluate(search.Candidate(shape, over), args, config, topology, table, None)
-                     for over in (False, True))
+    plain, spread = (
+        search.evaluate(search.Candidate(shape, over), args, config, topology, table, None) for over in (False, True)
+    )
     assert spread.memory["weights"] < plain.memory["weights"]
     assert spread.comm_s["all-reduce"] < plain.comm_s["all-reduce"]
     assert spread.comm_s["all-to-all"] > plain.comm_s["all-to-all"]
@@ -117,8 +127,13 @@ def test_smallest_topology_is_the_first_part_where_a_mesh_fits(setup):
     config = config.copy_and_resolve_references()
     config.data.global_batch_size = 32
     parts = [get_topology(spec) for spec in smaller_parts("a2-cluster:4")]
-    least = [min((c.memory["total"] for c in search.search(args, config, t, table, None, 2) if not c.rejected),
-                 default=float("inf")) for t in parts]  # 3 servers: 24 token shards never split 32 rows
+    least = [
+        min(
+            (c.memory["total"] for c in search.search(args, config, t, table, None, 2) if not c.rejected),
+            default=float("inf"),
+        )
+        for t in parts
+    ]  # 3 servers: 24 token shards never split 32 rows
     assert least[0] > least[1] > least[3] and least[2] == float("inf")
     topology, candidate = search.smallest_topology(args, config, parts, table, least[1], 2)
     assert topology.name == "a2-cluster:2" and candidate.fits and candidate.memory["total"] == least[1]

@@ -6,6 +6,7 @@ recorded step that is gone, is one line of bad input naming both (train.py: exit
 The reference checkpoints are weights-only saves of random values on the tiny config's mesh (as
 convert.py writes them), so nothing is compiled; one test runs train.py, which refuses before compiling.
 """
+
 import json
 import os
 import shutil
@@ -44,8 +45,9 @@ def _config(objective="dpo", **overrides):
 
 def _random_weights(abstract, seed):
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: jax.device_put(rng.standard_normal(leaf.shape).astype(leaf.dtype),
-                                                    leaf.sharding), abstract)
+    return jax.tree.map(
+        lambda leaf: jax.device_put(rng.standard_normal(leaf.shape).astype(leaf.dtype), leaf.sharding), abstract
+    )
 
 
 def _save(workdir: Path, step: int, weights) -> None:
@@ -76,8 +78,15 @@ def _pin(workdir: Path, init_checkpoint, resuming: bool, config=None, log=None):
     """train.py's start in `workdir` (made first), as far as the reference goes."""
     config = config or _config()
     workdir.mkdir(exist_ok=True)
-    return pin_reference(str(workdir), config, build_objective(config), init_checkpoint and str(init_checkpoint),
-                         resuming, write=True, log=log or (lambda _: None))
+    return pin_reference(
+        str(workdir),
+        config,
+        build_objective(config),
+        init_checkpoint and str(init_checkpoint),
+        resuming,
+        write=True,
+        log=log or (lambda _: None),
+    )
 
 
 def _reference_weights(reference, abstract):
@@ -140,24 +149,47 @@ def test_a_resume_naming_another_checkpoint_exits_2_naming_both(weights, tmp_pat
     shutil.copytree(a / "checkpoints", workdir / "checkpoints")
     record = (workdir / RECORD).read_text()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-                             "--config.objective=dpo", f"--init_checkpoint={b}", "--config.eval.num_examples=0"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            "--config.objective=dpo",
+            f"--init_checkpoint={b}",
+            "--config.eval.num_examples=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == [f"error: {workdir / RECORD} records the reference --init_checkpoint={os.path.realpath(a)} "
-                     f"step 1, this command names --init_checkpoint={os.path.realpath(b)}: a resume keeps its "
-                     "reference (train another one in a new workdir)"], result.stderr[-3000:]
+    assert lines == [
+        f"error: {workdir / RECORD} records the reference --init_checkpoint={os.path.realpath(a)} "
+        f"step 1, this command names --init_checkpoint={os.path.realpath(b)}: a resume keeps its "
+        "reference (train another one in a new workdir)"
+    ], result.stderr[-3000:]
     assert (workdir / RECORD).read_text() == record
 
 
-@pytest.mark.parametrize("first, then, recorded, named", [
-    ({}, {"init": "a"}, "the initialisation of seed 0 (no --init_checkpoint)", "--init_checkpoint={a}"),
-    ({}, {"seed": 1}, "the initialisation of seed 0 (no --init_checkpoint)",
-     "the initialisation of seed 1 (no --init_checkpoint)"),
-    ({"teacher": "a"}, {"teacher": "b"}, "config.distill.teacher={a} step 1", "config.distill.teacher={b}"),
-], ids=["a-checkpoint-where-the-seed-was", "another-seed", "another-teacher"])
+@pytest.mark.parametrize(
+    "first, then, recorded, named",
+    [
+        ({}, {"init": "a"}, "the initialisation of seed 0 (no --init_checkpoint)", "--init_checkpoint={a}"),
+        (
+            {},
+            {"seed": 1},
+            "the initialisation of seed 0 (no --init_checkpoint)",
+            "the initialisation of seed 1 (no --init_checkpoint)",
+        ),
+        ({"teacher": "a"}, {"teacher": "b"}, "config.distill.teacher={a} step 1", "config.distill.teacher={b}"),
+    ],
+    ids=["a-checkpoint-where-the-seed-was", "another-seed", "another-teacher"],
+)
 def test_another_reference_on_resume_is_refused(weights, tmp_path, first, then, recorded, named):
     """The seed's initialisation is a reference too, and so is distillation's teacher."""
     _, _, _, a, b = weights
@@ -172,9 +204,11 @@ def test_another_reference_on_resume_is_refused(weights, tmp_path, first, then, 
     start(False, **first)
     with pytest.raises(ConfigError) as error:
         start(True, **then)
-    assert str(error.value) == (f"{tmp_path / RECORD} records the reference {recorded.format(**paths)}, this command "
-                                f"names {named.format(**paths)}: a resume keeps its reference (train another one in "
-                                "a new workdir)")
+    assert str(error.value) == (
+        f"{tmp_path / RECORD} records the reference {recorded.format(**paths)}, this command "
+        f"names {named.format(**paths)}: a resume keeps its reference (train another one in "
+        "a new workdir)"
+    )
 
 
 def test_a_recorded_step_that_is_gone_is_named(weights, tmp_path):
@@ -182,8 +216,11 @@ def test_a_recorded_step_that_is_gone_is_named(weights, tmp_path):
     gone, workdir = _recorded_copy(tmp_path, a, "gone")
     _save(gone, 2, a_weights)
     shutil.rmtree(gone / "checkpoints" / "1")
-    with pytest.raises(ConfigError, match=rf"^{workdir / RECORD} records the reference --init_checkpoint=\S+gone "
-                                          r"step 1, which is gone \(\S+gone holds complete steps \[2\]\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{workdir / RECORD} records the reference --init_checkpoint=\S+gone "
+        r"step 1, which is gone \(\S+gone holds complete steps \[2\]\)$",
+    ):
         _pin(workdir, None, resuming=True)
     shutil.rmtree(gone)
     with pytest.raises(ConfigError, match=r"which is gone \(\S+gone holds complete steps none\)$"):
@@ -193,17 +230,21 @@ def test_a_recorded_step_that_is_gone_is_named(weights, tmp_path):
 
 def test_stored_log_probs_are_recorded_by_their_digest(tmp_path):
     pairs = tmp_path / "scored.jsonl"
-    pairs.write_text('{"prompt": "p", "chosen": "c", "rejected": "r", "ref_chosen_logps": -1.0, '
-                     '"ref_rejected_logps": -2.0}\n')
+    pairs.write_text(
+        '{"prompt": "p", "chosen": "c", "rejected": "r", "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}\n'
+    )
     config = _config(dpo__reference="data", data__preference_sources=((str(pairs), 1.0),))
     workdir = tmp_path / "run"
     recorded = _pin(workdir, None, resuming=False, config=config)
     assert recorded["kind"] == "data" and list(recorded["sha256"]) == [os.path.realpath(pairs)]
     assert _pin(workdir, None, resuming=True, config=config) == recorded
     pairs.write_text(pairs.read_text().replace("-2.0", "-3.0"))
-    with pytest.raises(ConfigError, match=r"records the reference the log-probs stored in \S+scored.jsonl \(sha256 "
-                                          r"(\w{12})\), this command names the log-probs stored in \S+scored.jsonl "
-                                          r"\(sha256 (?!\1)\w{12}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"records the reference the log-probs stored in \S+scored.jsonl \(sha256 "
+        r"(\w{12})\), this command names the log-probs stored in \S+scored.jsonl "
+        r"\(sha256 (?!\1)\w{12}\)",
+    ):
         _pin(workdir, None, resuming=True, config=config)
 
 
@@ -211,8 +252,11 @@ def test_a_resume_of_a_workdir_without_a_record_records_the_named_reference(weig
     _, _, _, a, _ = weights
     lines = []
     reference = _pin(tmp_path, a, resuming=True, log=lines.append)
-    assert json.loads((tmp_path / RECORD).read_text()) == reference == {
-        "kind": "init_checkpoint", "path": os.path.realpath(a), "step": 1}
+    assert (
+        json.loads((tmp_path / RECORD).read_text())
+        == reference
+        == {"kind": "init_checkpoint", "path": os.path.realpath(a), "step": 1}
+    )
     assert lines[0].endswith("(the workdir had none)")
 
 

@@ -2,6 +2,7 @@
 loss and every gradient equal plain remat's; a platform without host memory is refused in one line;
 the planner counts the bytes moved. XLA:CPU lowers the host copies as plain copies, so what the
 device would save is counted (planner.memory), not measured, here."""
+
 import chex
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,6 @@
 """Reward functions: the registry's lookups and errors, and the shipped checkers on every prompt of
 the sample set, right answers against plausible wrong ones (data.tasks.wrong_answer)."""
+
 import json
 import random
 
@@ -52,10 +53,23 @@ def test_exact_match_is_exact():
     assert rewards.exact_match("The answer is 3 4 5", record) == 0.0
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("147", 1.0), ("147.0", 1.0), ("+147", 1.0), ("1.47e2", 1.0), ("The sum is 147.", 1.0), ("147 and 5", 1.0),
-    ("146", 0.0), ("1470", 0.0), ("5 then 147", 0.0), ("", 0.0), ("no number", 0.0), ("-147", 0.0),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("147", 1.0),
+        ("147.0", 1.0),
+        ("+147", 1.0),
+        ("1.47e2", 1.0),
+        ("The sum is 147.", 1.0),
+        ("147 and 5", 1.0),
+        ("146", 0.0),
+        ("1470", 0.0),
+        ("5 then 147", 0.0),
+        ("", 0.0),
+        ("no number", 0.0),
+        ("-147", 0.0),
+    ],
+)
 def test_numeric_reads_the_first_number(reply, expected):
     assert rewards.get("numeric")(reply, _record("147")) == expected
 

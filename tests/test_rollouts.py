@@ -1,5 +1,6 @@
 """Rollouts files: the shipped sample (reproducible, valid), batches whose log-probs line up with the
 loss's shifted targets, and bad input reported by file and line or skipped group by group."""
+
 import filecmp
 import json
 import math
@@ -36,8 +37,7 @@ def eos(encoder):
 def _rollout(encoder, eos, prompt="add 1 2", reply="3", **fields):
     """A valid record: the reply's ids and EOS, one log-prob each, a reward; `fields` override."""
     ids = encoder.tokenizer.encode(reply) + [eos]
-    record = {"prompt": prompt, "answer": reply, "completion_ids": ids, "logprobs": [-0.5] * len(ids),
-              "reward": 1.0}
+    record = {"prompt": prompt, "answer": reply, "completion_ids": ids, "logprobs": [-0.5] * len(ids), "reward": 1.0}
     record.update(fields)
     return {k: v for k, v in record.items() if v is not None}
 
@@ -84,17 +84,17 @@ def test_batch_lines_up_with_shifted_targets(encoder):
     for row, rollout in enumerate(r for g in groups[:2] for r in g):
         p, c = len(rollout.prompt_ids), len(rollout.completion_ids)
         assert np.flatnonzero(np.asarray(weights[row])).tolist() == list(range(p - 1, p + c - 1))
-        np.testing.assert_array_equal(np.asarray(targets[row, p - 1:p + c - 1]), rollout.completion_ids)
-        np.testing.assert_array_equal(shifted[row, p - 1:p + c - 1], rollout.sampling_logprobs)
+        np.testing.assert_array_equal(np.asarray(targets[row, p - 1 : p + c - 1]), rollout.completion_ids)
+        np.testing.assert_array_equal(shifted[row, p - 1 : p + c - 1], rollout.sampling_logprobs)
         assert batch["segment_ids"][row].tolist() == [1] * (p + c) + [0] * (SEQ_LEN - p - c)
-        assert batch["positions"][row, :p + c].tolist() == list(range(p + c))
+        assert batch["positions"][row, : p + c].tolist() == list(range(p + c))
         assert batch["rewards"][row] == rollout.reward
 
 
 def test_text_and_ids_completions_agree(tmp_path, encoder, eos):
     ids = _rollout(encoder, eos, reply="147")
     text = _rollout(encoder, eos, reply="147", completion="147" + encoder.template.eos, completion_ids=None)
-    group, = _load(_write(tmp_path / "r.jsonl", [ids, text] * (G // 2)), encoder)
+    (group,) = _load(_write(tmp_path / "r.jsonl", [ids, text] * (G // 2)), encoder)
     assert all(r.completion_ids.tolist() == ids["completion_ids"] for r in group)
 
 
@@ -116,9 +116,10 @@ def test_thinking_completion_round_trips(tmp_path, thinking_encoder):
     text = "A, B</think>AB" + encoder.template.eos
     prompt = parse_prompt({"prompt": "upper ab"}).prompt
     _, reply = render_reply(encoder.template, prompt, Message("assistant", "AB", "A, B"))
-    (sft_ids, _), = encoder.pieces_to_ids([reply])
-    group, = _load(_write(tmp_path / "r.jsonl", [_thinking_rollout(encoder, text)] * G), encoder,
-                   reward_fn=rewards.exact_match)
+    ((sft_ids, _),) = encoder.pieces_to_ids([reply])
+    (group,) = _load(
+        _write(tmp_path / "r.jsonl", [_thinking_rollout(encoder, text)] * G), encoder, reward_fn=rewards.exact_match
+    )
     rollout = group[0]
     assert rollout.completion_ids.tolist() == sft_ids
     assert encoder.tokenizer.token_id("</think>") in sft_ids
@@ -132,7 +133,7 @@ def test_thinking_completion_without_think_end(tmp_path, thinking_encoder):
     reward 0); an ended one without `</think>` is refused, as the release's parser refuses it."""
     encoder = thinking_encoder
     cut = _thinking_rollout(encoder, "A, B")
-    group, = _load(_write(tmp_path / "cut.jsonl", [cut] * G), encoder, reward_fn=rewards.exact_match)
+    (group,) = _load(_write(tmp_path / "cut.jsonl", [cut] * G), encoder, reward_fn=rewards.exact_match)
     assert encoder.tokenizer.decode(group[0].completion_ids) == "A, B" and group[0].reward == 0.0
     path = _write(tmp_path / "r.jsonl", [cut, _thinking_rollout(encoder, "AB" + encoder.template.eos), cut, cut])
     with pytest.raises(DataError, match=rf"^{path}:2: in thinking mode .* has no '</think>' \[missing_think_end\]$"):
@@ -178,12 +179,16 @@ def test_nan_reward_skips_its_group(tmp_path, encoder, eos):
 
 
 def test_unequal_groups_name_groups_and_sizes(tmp_path, encoder, eos):
-    records = [_rollout(encoder, eos, group="a") for _ in range(G)] + [_rollout(encoder, eos, group="b")
-                                                                       for _ in range(G)]
+    records = [_rollout(encoder, eos, group="a") for _ in range(G)] + [
+        _rollout(encoder, eos, group="b") for _ in range(G)
+    ]
     records += [_rollout(encoder, eos, group="c") for _ in range(G - 1)] + [_rollout(encoder, eos, group=7)]
     path = _write(tmp_path / "r.jsonl", records)
-    with pytest.raises(DataError, match=rf"all have {G} completions .*'c' has {G - 1} \(first at {path}:9\), "
-                                        rf"'7' has 1 .*\[unequal_group\]"):
+    with pytest.raises(
+        DataError,
+        match=rf"all have {G} completions .*'c' has {G - 1} \(first at {path}:9\), "
+        rf"'7' has 1 .*\[unequal_group\]",
+    ):
         _load(path, encoder)
     with pytest.raises(DataError, match=r"all have 3 completions \(group_size\): 'a' has 4"):
         _load(path, encoder, group_size=3)
@@ -206,7 +211,7 @@ def test_routed_experts_in_the_batch(tmp_path, encoder, eos):
     tokens = len(prompt) + len(_rollout(encoder, eos)["completion_ids"])
     experts = [rng.integers(0, 8, (LAYERS, tokens, K)) for _ in range(G)]
     path = _write(tmp_path / "r.jsonl", [_rollout(encoder, eos, routed_experts=e.tolist()) for e in experts])
-    group, = _load(path, encoder, num_experts=8)
+    (group,) = _load(path, encoder, num_experts=8)
     batch = make_batch([group], seq_len=SEQ_LEN, pad_id=0)
     assert batch["routed_experts"].shape == (G, SEQ_LEN, LAYERS, K)
     for row, e in enumerate(experts):
@@ -214,7 +219,9 @@ def test_routed_experts_in_the_batch(tmp_path, encoder, eos):
         assert (batch["routed_experts"][row, tokens:] == np.arange(K)).all()
     with pytest.raises(DataError, match=r":1: .*outside \[0, 4\)"):
         _load(path, encoder, num_experts=4)
-    mixed = _write(tmp_path / "m.jsonl", [_rollout(encoder, eos, routed_experts=experts[0].tolist())]
-                   + [_rollout(encoder, eos)] * (G - 1))
+    mixed = _write(
+        tmp_path / "m.jsonl",
+        [_rollout(encoder, eos, routed_experts=experts[0].tolist())] + [_rollout(encoder, eos)] * (G - 1),
+    )
     with pytest.raises(DataError, match=r":2: 'routed_experts' \[layers, k\] absent .*\[bad_routed_experts\]"):
         _load(mixed, encoder)

@@ -1,6 +1,7 @@
 """Padding (segment 0) is not routed: a batch with extra padding rows, or with padding inside its
 rows, gives the same expert load, balance loss and bias update as the same tokens without it, and
 with a capacity factor the dropped assignments are exactly those of the real tokens (NumPy count)."""
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,8 @@ def test_padding_takes_no_expert_capacity():
     stats = _stats(model, tokens, segments)
     cap = capacity(tokens.size, args.num_experts_per_tok, args.num_routed_experts, 0.5)
     experts = np.asarray(stats.experts)
-    expected = [_expected_drops(experts[layer], segments > 0, cap, args.num_routed_experts)
-                for layer in range(experts.shape[0])]
+    expected = [
+        _expected_drops(experts[layer], segments > 0, cap, args.num_routed_experts) for layer in range(experts.shape[0])
+    ]
     np.testing.assert_array_equal(np.asarray(stats.dropped), expected)
     assert sum(expected) > 0  # the cap binds somewhere, so the count is tested

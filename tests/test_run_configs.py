@@ -1,6 +1,7 @@
 """Every shipped config is a complete run config, each number read by several entry points lives in
 one field, and the scaled twins keep the structure of the full-size configs they stand for. No
 compiles: configs, abstract shapes and source text only."""
+
 import os
 import re
 
@@ -47,8 +48,9 @@ def test_the_batch_shape_and_vocabulary_live_in_one_field(name):
     """Batch shape: config.data alone. Vocabulary and schedule length: one value behind two names, so
     overriding either name (as a command line does) moves both."""
     config = SHIPPED[name]()
-    shape_fields = [p for p in _leaf_paths(config) if p.rsplit(".", 1)[-1] in ("batch_size", "global_batch_size",
-                                                                                  "seq_len")]
+    shape_fields = [
+        p for p in _leaf_paths(config) if p.rsplit(".", 1)[-1] in ("batch_size", "global_batch_size", "seq_len")
+    ]
     assert shape_fields == ["data.global_batch_size", "data.seq_len"]
     for first, second in (("model.vocab_size", "data.vocab_size"), ("train.steps", "optimizer.total_steps")):
         for written, read in ((first, second), (second, first)):
@@ -127,8 +129,11 @@ def test_the_release_directory_supplies_the_tokenizer(tmp_path):
         resolve_tokenizer(config)
     (tmp_path / "tokenizer.json").write_text("{}")
     assert resolve_tokenizer(config) == str(tmp_path / "tokenizer.json") == config.data.tokenizer_path
-    with pytest.raises(DataError, match=rf"^{tmp_path}/tokenizer.json: cannot load the tokenizer named by "
-                                        r"config.data.tokenizer_path \(or config.release_dir\): "):
+    with pytest.raises(
+        DataError,
+        match=rf"^{tmp_path}/tokenizer.json: cannot load the tokenizer named by "
+        r"config.data.tokenizer_path \(or config.release_dir\): ",
+    ):
         build_encoder(config.data)  # unreadable
     config = tiny.get_config()
     config.data.tokenizer_path = str(tmp_path / "none.json")

@@ -1,6 +1,7 @@
 """The sampler: the nucleus against a NumPy reference written from the definition, draws whose
 frequencies match the sampling distribution, and on a sharded tiny model: temperature 0 is greedy
 argmax, stop tokens end rows, and the returned log-probs are those of the full sequence's logits."""
+
 import jax
 import numpy as np
 import pytest
@@ -70,8 +71,7 @@ def test_sampled_frequencies_match_the_sampling_distribution():
     assert 1 < inside.sum() < len(logits)  # the test must cut something and keep a choice
 
     keys = jax.random.split(jax.random.key(0), draws)
-    tokens, sampling_lp, model_lp = jit_draw(np.broadcast_to(logits, (draws, len(logits))), keys,
-                                             temperature, top_p)
+    tokens, sampling_lp, model_lp = jit_draw(np.broadcast_to(logits, (draws, len(logits))), keys, temperature, top_p)
     counts = np.bincount(np.asarray(tokens), minlength=len(logits))
     assert not counts[~inside].any()
     statistic, p_value = scipy.stats.chisquare(counts[inside], draws * expected[inside])
@@ -84,39 +84,52 @@ def test_sampled_frequencies_match_the_sampling_distribution():
 def model():
     """A tiny model born sharded on fsdp=4 x expert=2, rows sharded over all 8 devices, and prompts
     of varied lengths."""
-    args = tiny_args(num_layers=2, compress_ratios=(0, 4), num_mtp_layers=0, num_hash_layers=1,
-                     sliding_window=16)
+    args = tiny_args(num_layers=2, compress_ratios=(0, 4), num_mtp_layers=0, num_hash_layers=1, sliding_window=16)
     mesh_config = parallelism.get_config("cm384-8", fsdp=4, expert=2)
     mesh, rules = build_mesh(mesh_config), mesh_config.rules
     graphdef, state, _ = init_sharded(args, mesh, rules, seed=0)
     params, routing = split_variables(state)
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH, rules, dict(mesh.shape)))
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, args.vocab_size, rng.integers(2, MAX_PROMPT + 1)).astype(np.int32)
-               for _ in range(NUM_PROMPTS)]
-    sample = make_sampler(graphdef, max_new_tokens=MAX_NEW, batch_rows=ROWS, max_prompt_len=MAX_PROMPT,
-                          batch_sharding=batch_sharding)
+    prompts = [
+        rng.integers(0, args.vocab_size, rng.integers(2, MAX_PROMPT + 1)).astype(np.int32) for _ in range(NUM_PROMPTS)
+    ]
+    sample = make_sampler(
+        graphdef, max_new_tokens=MAX_NEW, batch_rows=ROWS, max_prompt_len=MAX_PROMPT, batch_sharding=batch_sharding
+    )
     forward = jax.jit(lambda st, t: jax.nn.log_softmax(nnx.merge(graphdef, st)(t).logits))
 
     def full_log_softmax(completions):
         """[rows, length, vocab] of the model on each prompt + completion, in one forward."""
         tokens = np.zeros((-(-len(prompts) // ROWS) * ROWS, MAX_PROMPT + MAX_NEW), np.int32)  # whole shards
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-            tokens[row, :len(prompt) + len(completion.ids)] = np.concatenate([prompt, completion.ids])
+            tokens[row, : len(prompt) + len(completion.ids)] = np.concatenate([prompt, completion.ids])
         return np.asarray(forward(state, tokens))
 
     with activate(mesh, rules):
         greedy = sample(params, routing, prompts, stop_ids=(), temperature=0.0)
-        sampled = sample(params, routing, prompts, stop_ids=(), key=jax.random.key(0), temperature=TEMPERATURE,
-                         top_p=TOP_P)
-        return dict(mesh=mesh, rules=rules, graphdef=graphdef, params=params, routing=routing, prompts=prompts,
-                    sample=sample, batch_sharding=batch_sharding, greedy=greedy, sampled=sampled,
-                    greedy_logits=full_log_softmax(greedy), sampled_logits=full_log_softmax(sampled))
+        sampled = sample(
+            params, routing, prompts, stop_ids=(), key=jax.random.key(0), temperature=TEMPERATURE, top_p=TOP_P
+        )
+        return dict(
+            mesh=mesh,
+            rules=rules,
+            graphdef=graphdef,
+            params=params,
+            routing=routing,
+            prompts=prompts,
+            sample=sample,
+            batch_sharding=batch_sharding,
+            greedy=greedy,
+            sampled=sampled,
+            greedy_logits=full_log_softmax(greedy),
+            sampled_logits=full_log_softmax(sampled),
+        )
 
 
 def _predicting(logits, prompt, completion):
     """The rows of [length, vocab] that predict each completion token."""
-    return logits[len(prompt) - 1:len(prompt) - 1 + len(completion.ids)]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(completion.ids)]
 
 
 def test_greedy_is_argmax_of_the_full_sequence(model):
@@ -130,9 +143,16 @@ def test_greedy_is_argmax_of_the_full_sequence(model):
 
 def test_make_greedy_generate_is_the_sampler_at_temperature_zero(model):
     with activate(model["mesh"], model["rules"]):
-        generate = make_greedy_generate(model["graphdef"], model["params"], model["routing"], max_new_tokens=MAX_NEW,
-                                        batch_rows=ROWS, max_prompt_len=MAX_PROMPT, stop_id=-1,
-                                        batch_sharding=model["batch_sharding"])
+        generate = make_greedy_generate(
+            model["graphdef"],
+            model["params"],
+            model["routing"],
+            max_new_tokens=MAX_NEW,
+            batch_rows=ROWS,
+            max_prompt_len=MAX_PROMPT,
+            stop_id=-1,
+            batch_sharding=model["batch_sharding"],
+        )
         assert generate(model["prompts"]) == [c.ids.tolist() for c in model["greedy"]]
 
 
@@ -144,8 +164,9 @@ def test_logprobs_equal_those_of_the_full_sequence(model):
             predicting = _predicting(model[f"{kind}_logits"][row], prompt, completion)
             at = lambda table: np.take_along_axis(table, completion.ids[:, None], axis=-1)[:, 0]
             np.testing.assert_allclose(completion.model_logprobs, at(predicting), atol=ATOL)
-            np.testing.assert_allclose(completion.sampling_logprobs,
-                                       at(sampling_log_probs(predicting, temperature, TOP_P)), atol=ATOL)
+            np.testing.assert_allclose(
+                completion.sampling_logprobs, at(sampling_log_probs(predicting, temperature, TOP_P)), atol=ATOL
+            )
     assert [c.ids.tolist() for c in model["sampled"]] != [c.ids.tolist() for c in model["greedy"]]
 
 
@@ -155,11 +176,12 @@ def test_stop_tokens_end_a_row(model):
     greedy = [c.ids.tolist() for c in model["greedy"]]
     stop_ids = (greedy[0][2], greedy[1][0])
     with activate(model["mesh"], model["rules"]):
-        stopped = model["sample"](model["params"], model["routing"], model["prompts"], stop_ids=stop_ids,
-                                  temperature=0.0)
+        stopped = model["sample"](
+            model["params"], model["routing"], model["prompts"], stop_ids=stop_ids, temperature=0.0
+        )
     for full, completion in zip(greedy, stopped):
         ends = [i for i, token in enumerate(full) if token in stop_ids]
-        assert completion.ids.tolist() == full[:ends[0] + 1 if ends else MAX_NEW]
+        assert completion.ids.tolist() == full[: ends[0] + 1 if ends else MAX_NEW]
         assert completion.stopped == bool(ends)
         assert len(completion.sampling_logprobs) == len(completion.model_logprobs) == len(completion.ids)
     assert stopped[0].stopped and stopped[1].stopped and len(stopped[1].ids) == 1

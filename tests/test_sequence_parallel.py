@@ -4,6 +4,7 @@ compressors) run on 1/tensor of each sequence. Shown by XLA's FLOP count per dev
 forward and backward on fsdp=2,expert=2,tensor=2 costs what it costs on fsdp=8 (where every part is
 split 8 ways), while replicating those parts over tensor costs 1.40x; by the streams' sharding; and by
 sequences the tensor axis does not divide, which run whole and still match one device."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,12 @@ def _block_problem(seq_len):
     rng = np.random.default_rng(0)
     streams = rng.normal(size=(BATCH, seq_len, args.hc_mult, args.hidden_size)).astype(np.float32)
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (BATCH, seq_len)).copy()
-    inputs = (streams, positions, np.ones((BATCH, seq_len), np.int32),
-              rng.integers(0, args.vocab_size, (BATCH, seq_len)).astype(np.int32))
+    inputs = (
+        streams,
+        positions,
+        np.ones((BATCH, seq_len), np.int32),
+        rng.integers(0, args.vocab_size, (BATCH, seq_len)).astype(np.int32),
+    )
     return graphdef, state, inputs
 
 
@@ -65,8 +70,9 @@ def test_tensor_ranks_split_the_token_wise_work():
 @pytest.mark.parametrize("seq_len", [64, 63], ids=["divisible", "odd length"])
 def test_streams_sharded_over_tensor_and_equal_to_one_device(seq_len):
     graphdef, state, inputs = _block_problem(seq_len)
-    (expected_loss, expected), expected_grads = jax.jit(jax.value_and_grad(
-        lambda st, *a: _loss(graphdef, st, *a), has_aux=True))(state, *inputs)
+    (expected_loss, expected), expected_grads = jax.jit(
+        jax.value_and_grad(lambda st, *a: _loss(graphdef, st, *a), has_aux=True)
+    )(state, *inputs)
     compiled, arguments = _compiled(TP, seq_len)
     (loss, out), grads = compiled(*arguments)
     spec = tuple(out.sharding.spec) + (None,) * out.ndim
@@ -77,4 +83,6 @@ def test_streams_sharded_over_tensor_and_equal_to_one_device(seq_len):
     chex.assert_trees_all_equal_comparator(
         lambda a, b: np.abs(np.asarray(a) - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-12),
         lambda a, b: f"largest difference {np.abs(np.asarray(a) - b).max()} of {np.abs(b).max()}",
-        grads, jax.tree.map(np.asarray, expected_grads))
+        grads,
+        jax.tree.map(np.asarray, expected_grads),
+    )

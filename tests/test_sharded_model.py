@@ -1,6 +1,7 @@
 """The model on a mesh equals the model on one device: born-sharded initialisation, and forward logits
 under the logical-axis rules on several mesh shapes. Tolerance: 1e-5 of the largest logit (float32;
 sharded reductions add in another order)."""
+
 import chex
 import jax
 import numpy as np

@@ -3,6 +3,7 @@ as the planner compiles it, full remat, Muon, experts over data x expert), held 
 and the shape of what the vocabulary may cost: no [tokens, vocab] float32 logits and no whole float32
 embedding or head table anywhere in the compiled step, whose loss reads the head over vocabulary tiles
 and whose embedding is looked up on the sharded table; and no float32 copy of a saved layer stack."""
+
 import re
 
 import numpy as np
@@ -40,8 +41,11 @@ def _float32_shapes(hlo: str) -> set:
 
 def test_no_vocabulary_sized_float32_buffer(compiled):
     config, args, mesh, step = compiled
-    tokens = config.data.global_batch_size * config.data.seq_len // (mesh.shape["data"] * mesh.shape["fsdp"]
-                                                                     * mesh.shape["expert"])
+    tokens = (
+        config.data.global_batch_size
+        * config.data.seq_len
+        // (mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])
+    )
     shapes = _float32_shapes(step.compiled.as_text())
     vocab, d = args.vocab_size, args.hidden_size
     assert (vocab, d) not in shapes and (d, vocab) not in shapes, "a whole float32 embedding or head table"

@@ -6,6 +6,7 @@ biases, data position) with the same loss at every step.
 Three processes in the default set: a straight run, a run stopped by SIGTERM, and its resume. The
 SIGKILL variant and the non-finite policies run end to end (two more processes each) are marked slow.
 """
+
 import json
 import os
 import re
@@ -22,8 +23,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 SAVE_EVERY = 2
-RUN = ["--config=configs/tiny.py", f"--steps={STEPS}", "--config.checkpoint.log_every=1",
-       f"--config.checkpoint.save_every={SAVE_EVERY}"]
+RUN = [
+    "--config=configs/tiny.py",
+    f"--steps={STEPS}",
+    "--config.checkpoint.log_every=1",
+    f"--config.checkpoint.save_every={SAVE_EVERY}",
+]
 WITH_EVAL = ["--config.eval.num_examples=8", "--config.eval.batch_rows=8"]
 NO_EVAL = ["--config.eval.num_examples=0"]
 # Generous bounds for a loaded 2-core machine, never reached when things work.
@@ -38,8 +43,13 @@ def _spawn(argv, logs: Path, name: str, env: dict | None = None) -> subprocess.P
     the child)."""
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}
     return subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT, env=env,
-        stdout=(logs / f"{name}.stdout").open("w"), stderr=(logs / f"{name}.stderr").open("w"), text=True)
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=(logs / f"{name}.stdout").open("w"),
+        stderr=(logs / f"{name}.stderr").open("w"),
+        text=True,
+    )
 
 
 def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
@@ -47,8 +57,9 @@ def _start(workdir: Path, name: str, flags, run=tuple(RUN)) -> subprocess.Popen:
     return _spawn(["train.py", f"--workdir={workdir}", *run, *flags], workdir.parent, name)
 
 
-def _finish(process: subprocess.Popen, logs: Path, name: str, returncode: int = 0,
-            timeout: float = RUN_TIMEOUT_S) -> tuple[str, str]:
+def _finish(
+    process: subprocess.Popen, logs: Path, name: str, returncode: int = 0, timeout: float = RUN_TIMEOUT_S
+) -> tuple[str, str]:
     """Waits for `process` (started by `_spawn`), checks how it ended, -> its (stdout, stderr)."""
     process.wait(timeout=timeout)
     stderr = (logs / f"{name}.stderr").read_text()
@@ -172,8 +183,10 @@ def test_the_run_draws_its_pictures(straight):
     args = from_config(tiny.get_config().model)
     loads = [json.loads(line) for line in (workdir / "expert_load.jsonl").read_text().splitlines()]
     assert [load["step"] for load in loads] == list(range(1, STEPS + 1))
-    assert np.asarray(loads[-1]["expert_load"]).shape == (args.num_layers + args.num_mtp_layers,
-                                                          args.num_routed_experts)
+    assert np.asarray(loads[-1]["expert_load"]).shape == (
+        args.num_layers + args.num_mtp_layers,
+        args.num_routed_experts,
+    )
     pictures = [workdir / "pictures" / name for name in ("curves.png", "expert_load.png")]
     assert f"pictures: {pictures[0]}, {pictures[1]}" in stdout
     assert all(path.stat().st_size > 0 for path in pictures)
@@ -204,8 +217,11 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(straight, tmp_path
     run wrote after it, which the resumed run writes again."""
     workdir = tmp_path / "run"
     process = _start(workdir, "killed", NO_EVAL)
-    _wait_until(lambda: SAVE_EVERY in _complete_steps(workdir) and _has_step(workdir, SAVE_EVERY + 1)(),
-                process, "a complete checkpoint and a later step")
+    _wait_until(
+        lambda: SAVE_EVERY in _complete_steps(workdir) and _has_step(workdir, SAVE_EVERY + 1)(),
+        process,
+        "a complete checkpoint and a later step",
+    )
     process.send_signal(signal.SIGKILL)
     _output(process, workdir, "killed", returncode=-signal.SIGKILL)
     latest = max(_complete_steps(workdir))
@@ -222,14 +238,20 @@ def test_an_overflowing_update_is_never_applied(tmp_path, policy):
     every later update refused and counted, and the checkpoints of steps 2 to 4 all hold step 1's
     finite state (the oldest kept one is step 2's: keep=3)."""
     workdir = tmp_path / "run"
-    run = ["--config=configs/tiny.py", "--steps=4", "--config.checkpoint.log_every=1",
-           "--config.checkpoint.save_every=1", "--config.optimizer.learning_rate=1e30"]
+    run = [
+        "--config=configs/tiny.py",
+        "--steps=4",
+        "--config.checkpoint.log_every=1",
+        "--config.checkpoint.save_every=1",
+        "--config.optimizer.learning_rate=1e30",
+    ]
     process = _start(workdir, policy, [*NO_EVAL, f"--config.train.nonfinite={policy}"], run=run)
     if policy == "stop":
         _output(process, workdir, policy, returncode=1)
         stderr = (workdir.parent / f"{policy}.stderr").read_text()
-        assert re.search(r"NonFiniteStepError: step 2: loss [0-9.]+, grad_norm [0-9.]+, update_norm inf: not finite",
-                         stderr), stderr[-3000:]
+        assert re.search(
+            r"NonFiniteStepError: step 2: loss [0-9.]+, grad_norm [0-9.]+, update_norm inf: not finite", stderr
+        ), stderr[-3000:]
         assert _complete_steps(workdir) == [1]
         records = _records(workdir)
         assert [r["step"] for r in records] == [1, 2] and records[-1]["nonfinite"] == 1
@@ -238,15 +260,20 @@ def test_an_overflowing_update_is_never_applied(tmp_path, policy):
         assert stdout.count("(non-finite: update not applied)") == 3, stdout
         records = _records(workdir)
         assert [(r["step"], r["nonfinite"], r["nonfinite_steps"]) for r in records] == [
-            (1, 0, 0), (2, 1, 1), (3, 1, 2), (4, 1, 3)]
+            (1, 0, 0),
+            (2, 1, 1),
+            (3, 1, 2),
+            (4, 1, 3),
+        ]
         assert _complete_steps(workdir)[-1] == 4
         last, _ = _saved_run(workdir, 4)
         first_refused, _ = _saved_run(workdir, 2)
         assert int(last.step) == 4 and int(last.nonfinite_steps) == 3 and int(first_refused.nonfinite_steps) == 1
         kept = (last.params, last.opt_state, last.routing)
         chex.assert_tree_all_finite(kept)
-        chex.assert_trees_all_equal(kept, (first_refused.params, first_refused.opt_state, first_refused.routing),
-                                    strict=True)
+        chex.assert_trees_all_equal(
+            kept, (first_refused.params, first_refused.opt_state, first_refused.routing), strict=True
+        )
 
 
 def _objective_run(tmp_path, name: str, flags) -> tuple[str, list[dict]]:
@@ -260,8 +287,9 @@ def _objective_run(tmp_path, name: str, flags) -> tuple[str, list[dict]]:
 def test_dpo_from_the_main_job_checkpoint(straight, tmp_path):
     """DPO started from an SFT run: the reference is that run's weights, so the first step's loss is
     exactly log 2 (policy == reference), and the pairs' margin then grows."""
-    stdout, records = _objective_run(tmp_path, "dpo", ["--config.objective=dpo", f"--init_checkpoint={straight[0]}",
-                                                      "--config.dpo.beta=0.5"])
+    stdout, records = _objective_run(
+        tmp_path, "dpo", ["--config.objective=dpo", f"--init_checkpoint={straight[0]}", "--config.dpo.beta=0.5"]
+    )
     assert f"initial weights from {straight[0]}" in stdout
     assert abs(records[0]["main_loss"] - np.log(2.0)) < 1e-5, records[0]
     assert records[0]["pairs"] == 8 and records[-1]["dpo_margin"] > records[0]["dpo_margin"], records
@@ -272,13 +300,24 @@ def test_dpo_from_stored_reference_logps(straight, tmp_path):
     """score_preferences.py scores the shipped pairs with the SFT run's weights; DPO from those weights
     with `reference=data` then needs no reference forward and starts at log 2, like the in-step one."""
     scored = tmp_path / "scored.jsonl"
-    process = _spawn(["score_preferences.py", "--config=configs/tiny.py", f"--init_checkpoint={straight[0]}",
-                      f"--output={scored}"], tmp_path, "score")
+    process = _spawn(
+        ["score_preferences.py", "--config=configs/tiny.py", f"--init_checkpoint={straight[0]}", f"--output={scored}"],
+        tmp_path,
+        "score",
+    )
     stdout, _ = _finish(process, tmp_path, "score")
     assert f"wrote {scored}: {{'scored': 300, 'dropped_too_long': 0, 'skipped': 0}}" in stdout
-    _, records = _objective_run(tmp_path, "dpo_stored", [
-        "--config.objective=dpo", "--config.dpo.reference=data", f"--init_checkpoint={straight[0]}",
-        "--config.dpo.beta=0.5", f"--config.data.preference_sources=(('{scored}', 1.0),)"])
+    _, records = _objective_run(
+        tmp_path,
+        "dpo_stored",
+        [
+            "--config.objective=dpo",
+            "--config.dpo.reference=data",
+            f"--init_checkpoint={straight[0]}",
+            "--config.dpo.beta=0.5",
+            f"--config.data.preference_sources=(('{scored}', 1.0),)",
+        ],
+    )
     assert abs(records[0]["main_loss"] - np.log(2.0)) < 1e-4, records[0]
     assert records[0]["pairs"] == 8 and records[-1]["dpo_margin"] > records[0]["dpo_margin"], records
 
@@ -287,11 +326,13 @@ def test_dpo_from_stored_reference_logps(straight, tmp_path):
 def test_grpo_on_the_shipped_rollouts_and_distillation_from_a_teacher(straight, tmp_path):
     """GRPO on data/sample/rollouts.jsonl (rewards and sampling log-probs from the file) and on-policy
     distillation (the student samples on the mesh, the main job's weights teach) run end to end."""
-    _, grpo = _objective_run(tmp_path, "grpo", ["--config.objective=grpo",
-                                                f"--config.grpo.rollouts={ROOT / 'data/sample/rollouts.jsonl'}"])
+    _, grpo = _objective_run(
+        tmp_path, "grpo", ["--config.objective=grpo", f"--config.grpo.rollouts={ROOT / 'data/sample/rollouts.jsonl'}"]
+    )
     assert all(np.isfinite(r["loss"]) and 0 <= r["rollout/reward_mean"] <= 1 for r in grpo), grpo
-    _, distill = _objective_run(tmp_path, "distill", ["--config.objective=distill",
-                                                      f"--config.distill.teacher={straight[0]}"])
+    _, distill = _objective_run(
+        tmp_path, "distill", ["--config.objective=distill", f"--config.distill.teacher={straight[0]}"]
+    )
     assert all(r["reverse_kl"] > 0 for r in distill), distill
 
 
@@ -299,8 +340,18 @@ def test_the_best_checkpoint_by_a_step_metric_is_kept(tmp_path):
     """keep_best_metric receives each saved step's metrics: with keep=1 and mode max on the loss, the
     run keeps its latest step and the step of the highest loss (from metrics.jsonl)."""
     workdir = tmp_path / "run"
-    _run(workdir, "best", NO_EVAL + ["--config.checkpoint.save_every=1", "--config.checkpoint.keep=1", "--steps=4",
-                                     "--config.checkpoint.keep_best_metric=loss", "--config.checkpoint.keep_best_mode=max"])
+    _run(
+        workdir,
+        "best",
+        NO_EVAL
+        + [
+            "--config.checkpoint.save_every=1",
+            "--config.checkpoint.keep=1",
+            "--steps=4",
+            "--config.checkpoint.keep_best_metric=loss",
+            "--config.checkpoint.keep_best_mode=max",
+        ],
+    )
     losses = {record["step"]: record["loss"] for record in _records(workdir)}
     kept = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
     assert kept == sorted({max(losses, key=losses.get), 4}), (kept, losses)
@@ -316,8 +367,10 @@ def test_running_out_of_data_saves_and_ends_cleanly(tmp_path):
     workdir = tmp_path / "run"
     for name in ("first", "again"):
         stdout = _run(workdir, name, flags)
-        assert "data stream 0 of 1 ran out after data.num_epochs=1 epoch(s) of its sources: saved step 1 and " \
-               "ending the run" in stdout, stdout
+        assert (
+            "data stream 0 of 1 ran out after data.num_epochs=1 epoch(s) of its sources: saved step 1 and "
+            "ending the run" in stdout
+        ), stdout
     assert "step 1: loss" in (workdir.parent / "first.stdout").read_text()
     assert "step 1: loss" not in stdout and "resumed from step 1" in stdout
     assert sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()) == [1]

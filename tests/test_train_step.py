@@ -19,6 +19,7 @@ non-matrix parameters) divides by |g|, so where a gradient is tiny (the MTP head
 ~1e-6, summed with cancellation) the float32 noise of a different summation order (measured up to
 4e-3 of that tensor's largest gradient) shows up in its normalised step. The compiled step must
 show the collectives the layout implies (parameter all-gathers over fsdp, gradient reductions)."""
+
 import functools
 from typing import NamedTuple
 
@@ -46,10 +47,12 @@ LR = 1e-3
 SGD_LR = 100.0
 BATCH, SEQ = 16, 160
 ZERO_MESH = dict(data=4, fsdp=2)
-MESHES = [dict(fsdp=2, expert=2, tensor=2),
-          ZERO_MESH,
-          pytest.param(dict(fsdp=8), marks=pytest.mark.slow),
-          pytest.param(dict(data=2, expert=4), marks=pytest.mark.slow)]
+MESHES = [
+    dict(fsdp=2, expert=2, tensor=2),
+    ZERO_MESH,
+    pytest.param(dict(fsdp=8), marks=pytest.mark.slow),
+    pytest.param(dict(data=2, expert=4), marks=pytest.mark.slow),
+]
 
 
 def _args(**overrides):
@@ -69,8 +72,12 @@ def _batch(args, seed=0, rows=BATCH):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, args.vocab_size, (rows, SEQ)).astype(np.int32)
     mask = (rng.random((rows, SEQ)) < 0.7).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": mask, "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (rows, SEQ)).copy()}
+    return {
+        "tokens": tokens,
+        "loss_mask": mask,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (rows, SEQ)).copy(),
+    }
 
 
 def _sgd():
@@ -106,13 +113,19 @@ def _single_device_state(args, tx):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
     state = jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])()
     params, routing = split_variables(state)
-    return graphdef, TrainState(step=np.zeros((), np.int32), params=params, opt_state=tx.init(params),
-                                routing=routing, rng=jax.random.key_data(jax.random.key(0)),
-                                nonfinite_steps=np.zeros((), np.int32))
+    return graphdef, TrainState(
+        step=np.zeros((), np.int32),
+        params=params,
+        opt_state=tx.init(params),
+        routing=routing,
+        rng=jax.random.key_data(jax.random.key(0)),
+        nonfinite_steps=np.zeros((), np.int32),
+    )
 
 
 class Reference(NamedTuple):
     """One single-device step, on the host: the state before it, after it, and its metrics."""
+
     before: TrainState
     after: TrainState
     metrics: dict
@@ -141,8 +154,15 @@ def test_sharded_step_matches_single_device(sgd_reference, axes):
     """Under SGD every tensor's step equals the single-device one (module docstring); with `data` the
     optimizer state is split over it too (ZeRO-1)."""
     args, batch, reference = sgd_reference
-    state = _check_sharded_step(args, batch, reference, parallelism.get_config("cm384-8", **axes), _sgd(), SGD_LR,
-                                functools.partial(_assert_steps_equal, before=reference.before.params))
+    state = _check_sharded_step(
+        args,
+        batch,
+        reference,
+        parallelism.get_config("cm384-8", **axes),
+        _sgd(),
+        SGD_LR,
+        functools.partial(_assert_steps_equal, before=reference.before.params),
+    )
     if axes.get("data", 1) > 1:
         _assert_state_split_over_data(state)
 
@@ -154,8 +174,15 @@ def sgd_step_on_data3_expert4_with_experts_over_data():
     batch = _batch(args, rows=24)
     reference = _single_device_step(args, _sgd(), batch, SGD_LR)
     mesh_config = parallelism.get_config("cm384-12", experts_over_data=True, data=3, expert=4)
-    _check_sharded_step(args, batch, reference, mesh_config, _sgd(), SGD_LR,
-                        functools.partial(_assert_steps_equal, before=reference.before.params))
+    _check_sharded_step(
+        args,
+        batch,
+        reference,
+        mesh_config,
+        _sgd(),
+        SGD_LR,
+        functools.partial(_assert_steps_equal, before=reference.before.params),
+    )
 
 
 @pytest.mark.slow  # ~2.5 min: its own process compiles both steps; the default set has the dispatch on this mesh
@@ -173,7 +200,10 @@ def _check_sharded_step(args, batch, reference: Reference, mesh_config, tx, lr, 
         graphdef, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, seed=0)
         step, _ = jit_train_step(
             make_train_step(graphdef, tx, optax.constant_schedule(lr), _train_config(), SFT_OBJECTIVE),
-            shardings, mesh, mesh_config.rules)
+            shardings,
+            mesh,
+            mesh_config.rules,
+        )
         compiled = step.lower(state, batch).compile()
         new_state, metrics = compiled(state, batch)
     expected = reference.metrics
@@ -184,13 +214,19 @@ def _check_sharded_step(args, batch, reference: Reference, mesh_config, tx, lr, 
     experts = new_state.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"][...]
     assert experts.sharding.spec == shardings.params["groups"][0]["blocks"][0]["moe"]["experts"]["w1"].get_value().spec
     table = shardings.params["embed"].get_value().spec[1]  # [vocab, embed]
-    _assert_collectives(compiled.as_text(), dict(mesh.shape), parallelism.expert_mesh_axes(mesh_config.rules),
-                        mesh_axes_of(table), spreads_matrices)
+    _assert_collectives(
+        compiled.as_text(),
+        dict(mesh.shape),
+        parallelism.expert_mesh_axes(mesh_config.rules),
+        mesh_axes_of(table),
+        spreads_matrices,
+    )
     return state
 
 
-def _assert_collectives(hlo: str, mesh_axes: dict, expert_axes: tuple, embed_axes: tuple,
-                        spreads_matrices: bool = False):
+def _assert_collectives(
+    hlo: str, mesh_axes: dict, expert_axes: tuple, embed_axes: tuple, spreads_matrices: bool = False
+):
     """The collectives the layout implies, with the mesh axes their replica groups span: token
     exchanges by all-to-all over the routed experts' axes `expert_axes`, and the embedding's over the
     table's `embed_axes` (model/embedding.py: 1.6% of the dispatch's bytes on fsdp=2,expert=2,tensor=2,
@@ -201,8 +237,9 @@ def _assert_collectives(hlo: str, mesh_axes: dict, expert_axes: tuple, embed_axe
     over them."""
     parsed = [(c, axes) for c in hlo_collectives.parse(hlo) if (axes := c.axes(mesh_axes))]  # () = no-op
     found = [(c.kind, axes) for c, axes in parsed]
-    dispatch, embedding = (tuple(axis for axis in axes if mesh_axes.get(axis, 1) > 1)
-                           for axes in (expert_axes, embed_axes))
+    dispatch, embedding = (
+        tuple(axis for axis in axes if mesh_axes.get(axis, 1) > 1) for axes in (expert_axes, embed_axes)
+    )
     if dispatch:
         # The dispatch's and the embedding's exchanges; the partitioner may add small reshuffles over other axes.
         moved = {}
@@ -229,8 +266,15 @@ def _muon(args, adam_eps=1e-8):
     from trainer.optimizer import build_optimizer
     from trainer.state import abstract_params
 
-    config = optimizer.get_config("muon", learning_rate=LR, warmup_steps=0, decay="constant",
-                                  muon_ns_dtype="float32", adam_eps=adam_eps, clip_grad_norm=0.0)
+    config = optimizer.get_config(
+        "muon",
+        learning_rate=LR,
+        warmup_steps=0,
+        decay="constant",
+        muon_ns_dtype="float32",
+        adam_eps=adam_eps,
+        clip_grad_norm=0.0,
+    )
     return build_optimizer(config, abstract_params(args))
 
 
@@ -251,8 +295,9 @@ def test_muon_update_on_a_mesh_matches_single_device():
     with activate(mesh, mesh_config.rules):
         _, state, shardings = create_train_state(args, mesh, mesh_config.rules, tx, seed=0)
         rng = np.random.default_rng(0)
-        grads = jax.tree.map(lambda p: jax.device_put(rng.normal(size=p.shape).astype(np.float32), p.sharding),
-                             state.params)
+        grads = jax.tree.map(
+            lambda p: jax.device_put(rng.normal(size=p.shape).astype(np.float32), p.sharding), state.params
+        )
         sharded = jax.jit(update, out_shardings=shardings.params).lower(state.params, state.opt_state, grads).compile()
         ours = sharded(state.params, state.opt_state, grads)
     before, opt_state, grads = jax.device_get((state.params, state.opt_state, grads))
@@ -264,9 +309,16 @@ def test_muon_update_on_a_mesh_matches_single_device():
 def test_muon_sharded_step_matches_single_device(sgd_reference):
     args, batch, _ = sgd_reference
     tx = _muon(args)
-    _check_sharded_step(args, batch, _single_device_step(args, tx, batch, LR),
-                        parallelism.get_config("cm384-8", fsdp=2, expert=2, tensor=2), tx, LR, _assert_params_close,
-                        spreads_matrices=True)
+    _check_sharded_step(
+        args,
+        batch,
+        _single_device_step(args, tx, batch, LR),
+        parallelism.get_config("cm384-8", fsdp=2, expert=2, tensor=2),
+        tx,
+        LR,
+        _assert_params_close,
+        spreads_matrices=True,
+    )
 
 
 def _assert_state_split_over_data(state):
@@ -285,9 +337,16 @@ def test_zero1_step_matches_single_device_muon(sgd_reference):
     difference of 0.13 lr (its update g / (|g| + eps))."""
     args, batch, _ = sgd_reference
     tx = _muon(args, adam_eps=1e-5)
-    state = _check_sharded_step(args, batch, _single_device_step(args, tx, batch, LR),
-                                parallelism.get_config("cm384-8", **ZERO_MESH), tx, LR, _assert_params_close,
-                                spreads_matrices=True)
+    state = _check_sharded_step(
+        args,
+        batch,
+        _single_device_step(args, tx, batch, LR),
+        parallelism.get_config("cm384-8", **ZERO_MESH),
+        tx,
+        LR,
+        _assert_params_close,
+        spreads_matrices=True,
+    )
     _assert_state_split_over_data(state)
 
 
@@ -300,8 +359,11 @@ def test_microbatches_sum_to_the_whole_batch(sgd_reference):
     runs = []
     for microbatches in (1, 2):
         graphdef, fresh = _single_device_state(args, tx)
-        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=microbatches),
-                                       SFT_OBJECTIVE))
+        step = jax.jit(
+            make_train_step(
+                graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=microbatches), SFT_OBJECTIVE
+            )
+        )
         runs.append(jax.device_get(step(fresh, batch)))
     (whole, whole_metrics), (micro, micro_metrics) = runs
     for key in ("loss", "grad_norm"):

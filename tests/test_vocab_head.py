@@ -3,6 +3,7 @@ device and on 8 emulated devices with the head sharded as the model shards it (d
 over tensor) and the tokens over data x fsdp: value and gradients of the hidden states and the head,
 and no [tokens, vocab] float32 buffer in the compiled program (which the whole-vocabulary tile has,
 so the check can fail)."""
+
 import re
 
 import jax
@@ -24,9 +25,14 @@ HEAD_SPEC = PartitionSpec(("fsdp", "expert"), "tensor")  # what RULES give ("emb
 
 def _problem(seed=0):
     rng = np.random.default_rng(seed)
-    return dict(hidden=rng.normal(size=(H, B, S, D)), head=rng.normal(size=(D, V)) / np.sqrt(D),
-                teacher_hidden=rng.normal(size=(H, B, S, D)), teacher_head=rng.normal(size=(D, V)) / np.sqrt(D),
-                targets=rng.integers(0, V, size=(H, B, S)), cotangent=rng.normal(size=(H, B, S)))
+    return dict(
+        hidden=rng.normal(size=(H, B, S, D)),
+        head=rng.normal(size=(D, V)) / np.sqrt(D),
+        teacher_hidden=rng.normal(size=(H, B, S, D)),
+        teacher_head=rng.normal(size=(D, V)) / np.sqrt(D),
+        targets=rng.integers(0, V, size=(H, B, S)),
+        cotangent=rng.normal(size=(H, B, S)),
+    )
 
 
 def _log_softmax(x):
@@ -59,8 +65,10 @@ def _run(p, mesh_shape, tile):
 
     def both(hidden, head, teacher_hidden, teacher_head, cotangent, targets):
         def losses(hidden, head):
-            return (token_logprobs(hidden, head, targets, tile),
-                    reverse_kl(hidden, head, teacher_hidden, teacher_head, tile))
+            return (
+                token_logprobs(hidden, head, targets, tile),
+                reverse_kl(hidden, head, teacher_hidden, teacher_head, tile),
+            )
 
         (picked, kl), vjp = jax.vjp(losses, hidden, head)
         return picked, vjp((cotangent, jnp.zeros_like(kl))), kl, vjp((jnp.zeros_like(picked), cotangent))
@@ -77,8 +85,9 @@ def _run(p, mesh_shape, tile):
 
 
 def _close(ours, expected, what):
-    np.testing.assert_allclose(np.asarray(ours, np.float64), expected, rtol=1e-5,
-                               atol=1e-5 * max(np.abs(expected).max(), 1e-6), err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(ours, np.float64), expected, rtol=1e-5, atol=1e-5 * max(np.abs(expected).max(), 1e-6), err_msg=what
+    )
 
 
 def _largest_float32_buffer(hlo: str) -> int:

@@ -7,6 +7,7 @@ stock ArrayHandler (inherited here) restores it onto any mesh; the sharding file
 every restore here passes the target shardings; the blocks are host copies made while `save` blocks
 the loop, so donated device buffers may be reused at once. Design notes: docs/training.md.
 """
+
 import numpy as np
 import jax
 import orbax.checkpoint as ocp
@@ -36,7 +37,7 @@ def merge_fragments(fragments: list[tuple[Bounds, np.ndarray]]) -> list[tuple[Bo
 def _merge_along(fragments, axis: int):
     rows: dict[Bounds, list] = {}
     for bounds, data in fragments:
-        rows.setdefault(bounds[:axis] + bounds[axis + 1:], []).append((bounds, data))
+        rows.setdefault(bounds[:axis] + bounds[axis + 1 :], []).append((bounds, data))
     merged = []
     for row in rows.values():
         row.sort(key=lambda fragment: fragment[0][axis][0])
@@ -55,7 +56,7 @@ def _join(run, axis: int):
     if len(run) == 1:
         return run[0]
     first = run[0][0]
-    bounds = first[:axis] + ((first[axis][0], run[-1][0][axis][1]),) + first[axis + 1:]
+    bounds = first[:axis] + ((first[axis][0], run[-1][0][axis][1]),) + first[axis + 1 :]
     return bounds, np.concatenate([data for _, data in run], axis=axis)
 
 
@@ -90,11 +91,15 @@ class BlockArrayHandler(ocp.type_handlers.ArrayHandler):
         args = args or [ocp.SaveArgs()] * len(values)
         for value, info in zip(values, infos):
             if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-                raise ValueError(f"{info.name}: typed PRNG keys are not written by this handler; "
-                                "save jax.random.key_data(key) instead")
+                raise ValueError(
+                    f"{info.name}: typed PRNG keys are not written by this handler; "
+                    "save jax.random.key_data(key) instead"
+                )
             if jax.process_count() > 1 and value.is_fully_addressable:
-                raise ValueError(f"{info.name}: a process-local array (sharding {value.sharding}) cannot be "
-                                 "saved by a multi-process run; make it a global array first")
+                raise ValueError(
+                    f"{info.name}: a process-local array (sharding {value.sharding}) cannot be "
+                    "saved by a multi-process run; make it a global array first"
+                )
         # Every array's copies start before the first is waited for, so they overlap on accelerators.
         owned = [_owned_shards(value, self._replica_id) for value in values]
         blocks = [merge_fragments(_host_fragments(value, shards)) for value, shards in zip(values, owned)]
@@ -107,17 +112,35 @@ class BlockArrayHandler(ocp.type_handlers.ArrayHandler):
             use_ocdbt = bool(infos[0].is_ocdbt_checkpoint)
             transaction = ts.Transaction(atomic=True) if use_ocdbt else None
             # The primary process creates each array's metadata; the others open it as known.
-            opening = [ts.open(ts.Spec(ts_utils.build_array_write_spec(
-                info, arg, global_shape=value.shape, local_shape=chunk, dtype=value.dtype, use_ocdbt=use_ocdbt,
-                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt),
-                metadata_key=self._metadata_key).json), create=primary, open=True, assume_metadata=not primary,
-                context=info.ts_context, transaction=transaction)
-                for value, info, arg, chunk in zip(values, infos, args, chunks)]
+            opening = [
+                ts.open(
+                    ts.Spec(
+                        ts_utils.build_array_write_spec(
+                            info,
+                            arg,
+                            global_shape=value.shape,
+                            local_shape=chunk,
+                            dtype=value.dtype,
+                            use_ocdbt=use_ocdbt,
+                            process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt),
+                            metadata_key=self._metadata_key,
+                        ).json
+                    ),
+                    create=primary,
+                    open=True,
+                    assume_metadata=not primary,
+                    context=info.ts_context,
+                    transaction=transaction,
+                )
+                for value, info, arg, chunk in zip(values, infos, args, chunks)
+            ]
             # Waiting on the futures in turn from this thread (its event loop runs only this
             # coroutine) replaces one loop wake-up per write with none.
-            writes = [store[tuple(slice(*b) for b in bounds)].write(data, can_reference_source_data_indefinitely=True)
-                      for store, array_blocks in zip((o.result() for o in opening), blocks)
-                      for bounds, data in array_blocks]
+            writes = [
+                store[tuple(slice(*b) for b in bounds)].write(data, can_reference_source_data_indefinitely=True)
+                for store, array_blocks in zip((o.result() for o in opening), blocks)
+                for bounds, data in array_blocks
+            ]
             for pending in writes:
                 pending.result()
             if transaction is not None:

@@ -9,6 +9,7 @@ them: with `data.streams` fixed, 1 process x 8 devices and 2 processes x 4 devic
 batches, and a checkpoint's data position (one state per stream) resumes under any process count
 whose rows fall on stream boundaries. `data.streams=0` means one stream per process.
 """
+
 import jax
 import ml_collections
 import numpy as np
@@ -41,8 +42,14 @@ class GlobalBatches:
     Every process must call `get_state` at the same step (it gathers the other processes' streams).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, sharding: Sharding, read=read_sft_examples,
-                 stream=sft_stream, fields=None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        sharding: Sharding,
+        read=read_sft_examples,
+        stream=sft_stream,
+        fields=None,
+    ):
         """`read(config, encoder)` reads the examples once (`read_sft_examples`, or
         `read_preference_examples` for DPO pairs) and `stream(config, examples, encoder,
         process_index=, process_count=)` makes one stream's pipeline of them (`sft_stream`,
@@ -52,22 +59,28 @@ class GlobalBatches:
         self.streams = config.streams or jax.process_count()
         self.shape = (config.global_batch_size, config.seq_len)
         fields = fields or {key: ((config.seq_len,), np.int32) for key in BATCH_FIELDS}
-        self.fields = {key: ((config.global_batch_size, *dims), np.dtype(dtype))
-                       for key, (dims, dtype) in fields.items()}
+        self.fields = {
+            key: ((config.global_batch_size, *dims), np.dtype(dtype)) for key, (dims, dtype) in fields.items()
+        }
         self.sharding = sharding
         if config.global_batch_size % self.streams:
-            raise ConfigError(f"global_batch_size {config.global_batch_size} does not split into "
-                              f"{self.streams} data streams")
+            raise ConfigError(
+                f"global_batch_size {config.global_batch_size} does not split into {self.streams} data streams"
+            )
         rows_per_stream = config.global_batch_size // self.streams
         rows = process_rows(sharding, self.shape)
         self.local_streams = sorted({row // rows_per_stream for row in rows})
         if rows != [row for s in self.local_streams for row in range(s * rows_per_stream, (s + 1) * rows_per_stream)]:
-            raise ConfigError(f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
-                              f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}")
+            raise ConfigError(
+                f"process {jax.process_index()} holds batch rows {rows}, not whole blocks of "
+                f"{rows_per_stream} rows: set data.streams to a multiple of {len(rows)}"
+            )
         self.encoder = build_encoder(config)
         examples = read(config, self.encoder)
-        pipelines = [stream(config, examples, self.encoder, process_index=s, process_count=self.streams)
-                     for s in self.local_streams]
+        pipelines = [
+            stream(config, examples, self.encoder, process_index=s, process_count=self.streams)
+            for s in self.local_streams
+        ]
         self.stats = examples.stats
         self._num_epochs = config.num_epochs
         # Finite data on several processes: they agree, every step, whether any stream has ended.
@@ -76,8 +89,10 @@ class GlobalBatches:
 
     def abstract(self) -> dict:
         """ShapeDtypeStructs of a batch, e.g. to compile the step before the first batch exists."""
-        return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)
-                for key, (shape, dtype) in self.fields.items()}
+        return {
+            key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)
+            for key, (shape, dtype) in self.fields.items()
+        }
 
     def __iter__(self):
         return self
@@ -103,11 +118,16 @@ class GlobalBatches:
         if self._agree_on_end:
             ended = min((s for s in allgather_json(ended) if s is not None), default=None)
         if ended is not None:
-            raise DataExhausted(f"data stream {ended} of {self.streams} ran out after data.num_epochs="
-                                f"{self._num_epochs} epoch(s) of its sources")
-        return {key: jax.make_array_from_process_local_data(
-                    self.sharding, np.concatenate([np.asarray(part[key], dtype) for part in parts]), shape)
-                for key, (shape, dtype) in self.fields.items()}
+            raise DataExhausted(
+                f"data stream {ended} of {self.streams} ran out after data.num_epochs="
+                f"{self._num_epochs} epoch(s) of its sources"
+            )
+        return {
+            key: jax.make_array_from_process_local_data(
+                self.sharding, np.concatenate([np.asarray(part[key], dtype) for part in parts]), shape
+            )
+            for key, (shape, dtype) in self.fields.items()
+        }
 
     def get_state(self) -> list:
         """The position of every stream (of all processes), in stream order."""
@@ -121,7 +141,9 @@ class GlobalBatches:
         if not isinstance(states, list):
             states = [states]
         if len(states) != self.streams:
-            raise ConfigError(f"the checkpoint's data position has {len(states)} streams and this run reads "
-                              f"{self.streams}: run with --config.data.streams={len(states)}")
+            raise ConfigError(
+                f"the checkpoint's data position has {len(states)} streams and this run reads "
+                f"{self.streams}: run with --config.data.streams={len(states)}"
+            )
         for s, iterator in zip(self.local_streams, self._iterators):
             iterator.set_state(states[s])

@@ -12,6 +12,7 @@ the abstract target the caller passes: its tree structure gives the containers, 
 shardings say where every shard goes, so a checkpoint loads onto any mesh without first gathering
 onto one device.
 """
+
 import base64
 import functools
 import time
@@ -99,14 +100,20 @@ def abstract_train_state(args: ModelArgs, mesh, rules, tx: optax.GradientTransfo
     params, routing = split_variables(model_state)
     scalar = replicated(mesh)
     param_shardings_only, _ = split_variables(shardings)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, params),
-                             optimizer_shardings(tx, params, param_shardings_only, mesh, rules))
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        optimizer_shardings(tx, params, param_shardings_only, mesh, rules),
+    )
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    return TrainState(step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar), params=params,
-                      opt_state=opt_state, routing=routing,
-                      rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar),
-                      nonfinite_steps=jax.ShapeDtypeStruct((), np.int32, sharding=scalar))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), np.int32, sharding=scalar),
+        params=params,
+        opt_state=opt_state,
+        routing=routing,
+        rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar),
+        nonfinite_steps=jax.ShapeDtypeStruct((), np.int32, sharding=scalar),
+    )
 
 
 def abstract_like(state, shardings) -> Any:
@@ -125,10 +132,12 @@ def check_missing(directory: str, missing: list[str], allowed_prefixes=()) -> No
     `allowed_prefixes` (--init_allow_missing), naming them."""
     unexpected = [path for path in missing if not path.startswith(FRESH_WITHOUT_ASKING + tuple(allowed_prefixes))]
     if unexpected:
-        raise ConfigError(f"--init_checkpoint={directory} lacks {len(unexpected)} weights besides the MTP module's: "
-                          f"{', '.join(unexpected[:6])}{', ...' if len(unexpected) > 6 else ''}; pass "
-                          f"--init_allow_missing=<path prefixes, e.g. {unexpected[0].rsplit('/', 1)[0]}/> to start "
-                          "them from fresh initialisation")
+        raise ConfigError(
+            f"--init_checkpoint={directory} lacks {len(unexpected)} weights besides the MTP module's: "
+            f"{', '.join(unexpected[:6])}{', ...' if len(unexpected) > 6 else ''}; pass "
+            f"--init_allow_missing=<path prefixes, e.g. {unexpected[0].rsplit('/', 1)[0]}/> to start "
+            "them from fresh initialisation"
+        )
 
 
 class Checkpointer:
@@ -139,9 +148,19 @@ class Checkpointer:
     writes every `save_every` steps unless forced (the final step, a preemption).
     """
 
-    def __init__(self, workdir, config: ml_collections.ConfigDict, *, keep: int, save_every: int,
-                 keep_best_metric: str | None = None, keep_best_mode: str = "min", async_save: bool = True,
-                 replica_parallel: bool = False, writer_nice: int = 0):
+    def __init__(
+        self,
+        workdir,
+        config: ml_collections.ConfigDict,
+        *,
+        keep: int,
+        save_every: int,
+        keep_best_metric: str | None = None,
+        keep_best_mode: str = "min",
+        async_save: bool = True,
+        replica_parallel: bool = False,
+        writer_nice: int = 0,
+    ):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
         self.config = config
         self.save_every = save_every
@@ -151,38 +170,57 @@ class Checkpointer:
         if keep_best_metric is not None:
             best_fn = lambda metrics: metrics[keep_best_metric]
             # BestN keeps the last n after sorting; for "min" sorting descending puts the best last.
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=best_fn, reverse=keep_best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn, reverse=keep_best_mode == "min", n=1, keep_checkpoints_without_metrics=False
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, best_fn=best_fn, best_mode=keep_best_mode,
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+            enable_async_checkpointing=async_save,
+            best_fn=best_fn,
+            best_mode=keep_best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        )
         # Replica-parallel saving splits each replicated array among its replicas with one sliced
         # copy per distinct shape, each compiled on first use: measured here, the first save of the
         # 10 MiB test state blocked the loop 15 s with it and 0.5 s without. Without it, each
         # process's shards are written as merged blocks (trainer/array_writer.py). A registry of
         # this manager's own (rather than the global one) keeps the choice local.
-        array_handler = (ocp.type_handlers.ArrayHandler(use_replica_parallel=True) if replica_parallel
-                         else BlockArrayHandler())
+        array_handler = (
+            ocp.type_handlers.ArrayHandler(use_replica_parallel=True) if replica_parallel else BlockArrayHandler()
+        )
         registry = ocp.type_handlers.create_type_handler_registry(
             (jax.Array, array_handler),
             (np.ndarray, ocp.type_handlers.NumpyHandler()),
-            (np.number, ocp.type_handlers.ScalarHandler()))
-        handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
-                    DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+            (np.number, ocp.type_handlers.ScalarHandler()),
+        )
+        handlers = {
+            STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+            DATA: ocp.JsonCheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        }
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._writer = BackgroundWriter(writer_nice if async_save else 0)
         incomplete = sorted(p.name for p in self.directory.iterdir() if p.name.endswith(TMP_SUFFIX))
         if incomplete:
-            logging.warning("%s: ignoring incomplete saves %s (a process died while writing them)",
-                            self.directory, incomplete)
+            logging.warning(
+                "%s: ignoring incomplete saves %s (a process died while writing them)", self.directory, incomplete
+            )
 
     @classmethod
     def from_config(cls, workdir, config: ml_collections.ConfigDict, checkpoint_config: ml_collections.ConfigDict):
         """`checkpoint_config` as made by `configs.checkpoint.get_config`; `config` is saved with each step."""
-        return cls(workdir, config, keep=checkpoint_config.keep, save_every=checkpoint_config.save_every,
-                   keep_best_metric=checkpoint_config.keep_best_metric,
-                   keep_best_mode=checkpoint_config.keep_best_mode, async_save=checkpoint_config.async_save,
-                   replica_parallel=checkpoint_config.replica_parallel, writer_nice=checkpoint_config.writer_nice)
+        return cls(
+            workdir,
+            config,
+            keep=checkpoint_config.keep,
+            save_every=checkpoint_config.save_every,
+            keep_best_metric=checkpoint_config.keep_best_metric,
+            keep_best_mode=checkpoint_config.keep_best_mode,
+            async_save=checkpoint_config.async_save,
+            replica_parallel=checkpoint_config.replica_parallel,
+            writer_nice=checkpoint_config.writer_nice,
+        )
 
     def save(self, step: int, state, data_state, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts saving `step` if it is on the `save_every` grid or `force`d; -> whether it saves.
@@ -198,13 +236,17 @@ class Checkpointer:
         if metrics is not None:
             metrics = {name: float(value) for name, value in metrics.items()}
         if self.keep_best_metric is not None and metrics is not None and self.keep_best_metric not in metrics:
-            raise KeyError(f"{self.directory}: step {step}: metrics lack keep_best_metric "
-                           f"{self.keep_best_metric!r}; got {sorted(metrics)}")
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeSave(_to_nested_dict(state, f"step {step}")),
-            DATA: ocp.args.JsonSave(_encode_data_state(data_state)),
-            CONFIG: ocp.args.JsonSave(config_to_json(self.config)),
-        })
+            raise KeyError(
+                f"{self.directory}: step {step}: metrics lack keep_best_metric "
+                f"{self.keep_best_metric!r}; got {sorted(metrics)}"
+            )
+        args = ocp.args.Composite(
+            **{
+                STATE: ocp.args.PyTreeSave(_to_nested_dict(state, f"step {step}")),
+                DATA: ocp.args.JsonSave(_encode_data_state(data_state)),
+                CONFIG: ocp.args.JsonSave(config_to_json(self.config)),
+            }
+        )
         started = time.perf_counter()
         saved = self._writer.run(self._manager.save, step, args=args, metrics=metrics, force=True)
         logging.info("%s: step %d save started, blocked %.3f s", self.directory, step, time.perf_counter() - started)
@@ -235,13 +277,23 @@ class Checkpointer:
         step = self._complete_step(step)
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
             if getattr(leaf, "sharding", None) is None:
-                raise ValueError(f"{self.directory}: restore target {jax.tree_util.keystr(path)} has no "
-                                 "sharding; pass ShapeDtypeStructs with the target shardings")
+                raise ValueError(
+                    f"{self.directory}: restore target {jax.tree_util.keystr(path)} has no "
+                    "sharding; pass ShapeDtypeStructs with the target shardings"
+                )
         target = _to_nested_dict(abstract_state, f"restore target of step {step}")
         started = time.perf_counter()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-            DATA: ocp.args.JsonRestore()}))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.PyTreeRestore(
+                        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+                    ),
+                    DATA: ocp.args.JsonRestore(),
+                }
+            ),
+        )
         logging.info("%s: restored step %d in %.3f s", self.directory, step, time.perf_counter() - started)
         return _from_nested_dict(restored[STATE], abstract_state), _decode_data_state(restored[DATA])
 
@@ -256,22 +308,36 @@ class Checkpointer:
         """
         step = self._complete_step(step)
         saved = self._manager.item_metadata(step)[STATE]
-        saved_paths = {tuple(_key_name(k) for k in path)
-                       for path, _ in jax.tree_util.tree_flatten_with_path(saved.tree)[0]}
+        saved_paths = {
+            tuple(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(saved.tree)[0]
+        }
         flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_weights)
         names = [tuple(_key_name(k) for k in path) for path, _ in flat]
         missing = ["/".join(n) for n in names if n not in saved_paths]
         if missing and fallback is None:
             raise KeyError(f"{self.directory}: step {step} lacks {len(missing)} weights, e.g. {missing[:5]}")
         # None leaves vanish from the nested dict: the target asks only for what was saved.
-        target = _to_nested_dict(jax.tree_util.tree_unflatten(
-            treedef, [leaf if n in saved_paths else None for n, (_, leaf) in zip(names, flat)]),
-            f"weights of step {step}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))[STATE]
+        target = _to_nested_dict(
+            jax.tree_util.tree_unflatten(
+                treedef, [leaf if n in saved_paths else None for n, (_, leaf) in zip(names, flat)]
+            ),
+            f"weights of step {step}",
+        )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.PyTreeRestore(
+                        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                    )
+                }
+            ),
+        )[STATE]
         own = jax.tree_util.tree_leaves(fallback) if missing else [None] * len(flat)
-        weights = [functools.reduce(lambda node, key: node[key], n, restored) if n in saved_paths else fresh
-                   for n, fresh in zip(names, own)]
+        weights = [
+            functools.reduce(lambda node, key: node[key], n, restored) if n in saved_paths else fresh
+            for n, fresh in zip(names, own)
+        ]
         logging.info("%s: restored the weights of step %d (%d absent)", self.directory, step, len(missing))
         return jax.tree_util.tree_unflatten(treedef, weights), missing
 
@@ -289,8 +355,9 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
         elif step not in self._manager.all_steps():
-            raise FileNotFoundError(f"{self.directory}: no complete checkpoint for step {step}; "
-                                    f"complete ones: {self.all_steps()}")
+            raise FileNotFoundError(
+                f"{self.directory}: no complete checkpoint for step {step}; complete ones: {self.all_steps()}"
+            )
         return step
 
     def saving(self) -> bool:

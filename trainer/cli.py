@@ -9,6 +9,7 @@ exception is a bug and keeps its traceback. Library logs (Orbax's, absl's) stay 
 `parse_flags` as `app.run`'s `flags_parser`: it answers a flag absl cannot parse (unknown, malformed, a
 required one missing) as bad input and sets the verbosity.
 """
+
 import functools
 import sys
 
@@ -20,8 +21,9 @@ from data.errors import DataError
 BAD_INPUT = (ConfigError, DataError, app.UsageError)
 BAD_INPUT_STATUS = 2
 
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "On bad input, raise the error with its traceback "
-                               "instead of printing one line.")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "On bad input, raise the error with its traceback instead of printing one line."
+)
 
 
 def _refuse(error: Exception):
@@ -38,6 +40,7 @@ def exits_on_bad_input(main):
             if _TRACEBACK.value:
                 raise
             _refuse(error)
+
     return wrapped
 
 

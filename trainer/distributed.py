@@ -7,6 +7,7 @@ Invariants: the setup happens before anything touches devices; a dead process (n
 bounded by --collective_timeout_s (gloo on CPU, HCCL_EXEC_TIMEOUT on Ascend). Where the values come
 from and how each failure ends the run: docs/multihost.md.
 """
+
 import contextlib
 import dataclasses
 import os
@@ -20,25 +21,39 @@ from mesh.emulate import emulate
 from mesh.topology import Topology
 
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0's coordination service (multi-process runs); "
-    "default: $JAX_COORDINATOR_ADDRESS.")
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordination service (multi-process runs); default: $JAX_COORDINATOR_ADDRESS.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes in the run; default: $JAX_NUM_PROCESSES, $SLURM_NTASKS, "
-    "$OMPI_COMM_WORLD_SIZE, else 1.")
+    "num_processes",
+    None,
+    "Processes in the run; default: $JAX_NUM_PROCESSES, $SLURM_NTASKS, $OMPI_COMM_WORLD_SIZE, else 1.",
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's id, 0 .. num_processes-1; default: $JAX_PROCESS_ID, $SLURM_PROCID, "
-    "$OMPI_COMM_WORLD_RANK.")
+    "process_id",
+    None,
+    "This process's id, 0 .. num_processes-1; default: $JAX_PROCESS_ID, $SLURM_PROCID, $OMPI_COMM_WORLD_RANK.",
+)
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "distributed_init_timeout_s", 300, "Seconds to wait for every process to join, and at each `barrier` "
-    "(e.g. for the slowest to compile the step), before failing.")
+    "distributed_init_timeout_s",
+    300,
+    "Seconds to wait for every process to join, and at each `barrier` "
+    "(e.g. for the slowest to compile the step), before failing.",
+)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 60, "A process silent this long is dead, and all the others abort.")
+    "heartbeat_timeout_s", 60, "A process silent this long is dead, and all the others abort."
+)
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
-    "shutdown_timeout_s", 60, "Seconds a finishing (or failing) process waits for the others to finish.")
+    "shutdown_timeout_s", 60, "Seconds a finishing (or failing) process waits for the others to finish."
+)
 _COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
-    "collective_timeout_s", 600, "Seconds a cross-process collective waits for a live peer that does not "
+    "collective_timeout_s",
+    600,
+    "Seconds a cross-process collective waits for a live peer that does not "
     "join it (stuck in host code) before it fails and the run stops; longer than any host-side work one "
-    "process does while the others wait (a checkpoint write, an evaluation).")
+    "process does while the others wait (a checkpoint write, an evaluation).",
+)
 
 COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 ID_ENV = ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
@@ -52,6 +67,7 @@ COLLECTIVE_TIMEOUT_MESSAGES = ("Timed out waiting",)
 @dataclasses.dataclass(frozen=True)
 class Processes:
     """Where this process stands in the run; `index`/`coordinator` None: JAX's cluster detection finds them."""
+
     count: int
     index: int | None
     coordinator: str | None
@@ -75,11 +91,16 @@ def from_flags(env=os.environ) -> Processes:
     count = _first(_NUM_PROCESSES.value, COUNT_ENV, env, int) or 1
     index = _first(_PROCESS_ID.value, ID_ENV, env, int)
     if count == 1 and index not in (None, 0):
-        raise ConfigError(f"process id {index} given for a single-process run; set --num_processes or "
-                          f"{COUNT_ENV[0]}")
-    return Processes(count, index, _first(_COORDINATOR.value, COORDINATOR_ENV, env, str),
-                     _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value,
-                     _COLLECTIVE_TIMEOUT.value)
+        raise ConfigError(f"process id {index} given for a single-process run; set --num_processes or {COUNT_ENV[0]}")
+    return Processes(
+        count,
+        index,
+        _first(_COORDINATOR.value, COORDINATOR_ENV, env, str),
+        _INIT_TIMEOUT.value,
+        _HEARTBEAT_TIMEOUT.value,
+        _SHUTDOWN_TIMEOUT.value,
+        _COLLECTIVE_TIMEOUT.value,
+    )
 
 
 def _bound_cpu_collectives(timeout_s: int, env=os.environ) -> None:
@@ -99,10 +120,13 @@ def initialize(processes: Processes, topology: Topology | None, *, emulate_devic
     if processes.count > 1:
         _bound_cpu_collectives(processes.collective_timeout_s)
         jax.distributed.initialize(
-            processes.coordinator, processes.count, processes.index,
+            processes.coordinator,
+            processes.count,
+            processes.index,
             initialization_timeout=processes.init_timeout_s,
             heartbeat_timeout_seconds=processes.heartbeat_timeout_s,
-            shutdown_timeout_seconds=processes.shutdown_timeout_s)
+            shutdown_timeout_seconds=processes.shutdown_timeout_s,
+        )
 
 
 def barrier(name: str, processes: Processes) -> None:
@@ -127,7 +151,8 @@ def collective_errors_named(processes: Processes):
         raise RuntimeError(
             f"process {jax.process_index()} of {processes.count}: a cross-process collective waited longer "
             f"than --collective_timeout_s={processes.collective_timeout_s} s for another process, which is "
-            f"stuck (alive, not joining) or gone; see the other processes' logs") from error
+            f"stuck (alive, not joining) or gone; see the other processes' logs"
+        ) from error
 
 
 def is_primary() -> bool:

@@ -7,6 +7,7 @@ needs and the memory it would take, and points at `--dry_run`, which compiles th
 abstract inputs instead. On accelerators (no emulation) it compares the devices JAX sees with the
 topology's, and checks that they have the memory kinds the model uses (`check_memory_kinds`).
 """
+
 import os
 
 import jax
@@ -32,9 +33,11 @@ def check_memory_kinds(args: ModelArgs, device) -> None:
         return
     kinds = [memory.kind for memory in device.addressable_memories()]
     if HOST_MEMORY not in kinds:
-        raise ConfigError(f"config.model.remat_policy={OFFLOAD!r} keeps the layer inputs in memory kind "
-                          f"{HOST_MEMORY!r}, which {device.platform} devices lack (they have {kinds}); "
-                          f"use remat_policy='full'")
+        raise ConfigError(
+            f"config.model.remat_policy={OFFLOAD!r} keeps the layer inputs in memory kind "
+            f"{HOST_MEMORY!r}, which {device.platform} devices lack (they have {kinds}); "
+            f"use remat_policy='full'"
+        )
 
 
 def check_host(args: ModelArgs, topology: Topology, *, emulated: bool) -> None:
@@ -49,11 +52,14 @@ def check_host(args: ModelArgs, topology: Topology, *, emulated: bool) -> None:
                 f"topology {topology.name} needs {needed} devices and this host has none of them (a CPU host with "
                 f"{os.cpu_count()} cores and {host / 2**30:.0f} GiB, which emulates devices only for runs whose train "
                 f"state fits in its memory: this one needs at least {state / 2**30:,.0f} GiB): run it on the "
-                f"cluster (--noemulate), or check the command here with --dry_run")
+                f"cluster (--noemulate), or check the command here with --dry_run"
+            )
         return
     check_memory_kinds(args, jax.devices()[0])
     present = jax.device_count()
     if present < needed:
-        raise ConfigError(f"topology {topology.name} needs {needed} devices and this run sees {present} "
-                          f"({jax.devices()[0].platform}): run it where the topology is, or check the command "
-                          f"here with --dry_run")
+        raise ConfigError(
+            f"topology {topology.name} needs {needed} devices and this run sees {present} "
+            f"({jax.devices()[0].platform}): run it where the topology is, or check the command "
+            f"here with --dry_run"
+        )

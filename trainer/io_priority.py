@@ -7,6 +7,7 @@ nice value per thread and new threads inherit it, so saves start from one low-pr
 TensorStore's pool threads outlive a save and are lowered by name each time. Elsewhere (no per-thread
 priorities) the saves run as before. Design notes: docs/training.md.
 """
+
 import concurrent.futures
 import os
 import threading
@@ -50,8 +51,10 @@ class BackgroundWriter:
         self._executor = None
         if self.nice:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="checkpoint_writer",
-                initializer=lambda: _lower(threading.get_native_id(), self.nice))
+                max_workers=1,
+                thread_name_prefix="checkpoint_writer",
+                initializer=lambda: _lower(threading.get_native_id(), self.nice),
+            )
 
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on the writer thread; returns its result (or raises its error)."""

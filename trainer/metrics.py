@@ -10,6 +10,7 @@ line per interval, for trainer/pictures.py; `metrics.jsonl` stays scalar. Invari
 recorded like any other value (strict JSON); a run resumed from step k drops the records after k in
 both files, so each holds one record per step. Details: docs/training.md.
 """
+
 import datetime
 import json
 import math
@@ -57,8 +58,14 @@ def progress_line(record: dict, refused: bool = False) -> str:
     expert load, drops, ETA (those the record has; NaN/Inf arrive as strings); `refused`: the step's
     update was not applied (trainer.nonfinite)."""
     parts = [f"step {record['step']}: loss {float(record[LOSS]):.4f}"]
-    formats = [(LEARNING_RATE, "lr {:.3e}"), (GRAD_NORM, "grad_norm {:.4g}"), (TOKENS_PER_SECOND, "{:,.0f} tok/s"),
-               (MFU, "MFU {:.2%}"), (IMBALANCE, "load max/mean {:.3f}"), (DROPS, "drops {:.0f}")]
+    formats = [
+        (LEARNING_RATE, "lr {:.3e}"),
+        (GRAD_NORM, "grad_norm {:.4g}"),
+        (TOKENS_PER_SECOND, "{:,.0f} tok/s"),
+        (MFU, "MFU {:.2%}"),
+        (IMBALANCE, "load max/mean {:.3f}"),
+        (DROPS, "drops {:.0f}"),
+    ]
     parts += [fmt.format(float(record[name])) for name, fmt in formats if name in record]
     if record.get(NONFINITE_STEPS):
         parts.append(f"non-finite steps skipped {record[NONFINITE_STEPS]:.0f}")
@@ -80,8 +87,18 @@ class MetricsWriter:
     records, which the loop's decisions read, and writes nothing.
     """
 
-    def __init__(self, workdir, *, total_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, start_step: int = 0, clock=time.perf_counter, output: bool = True):
+    def __init__(
+        self,
+        workdir,
+        *,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        start_step: int = 0,
+        clock=time.perf_counter,
+        output: bool = True,
+    ):
         workdir = epath.Path(workdir)
         self.jsonl_path = workdir / METRICS_FILE
         self.expert_load_path = workdir / EXPERT_LOAD_FILE

@@ -14,6 +14,7 @@ The policy (`config.train.nonfinite`) decides what the loop does next:
 - "skip": log a warning naming the step and continue with the next batch.
 Either way the loop records the step's metrics first, so metrics.jsonl holds the non-finite values.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,9 +54,11 @@ class NonFiniteStepError(FloatingPointError):
 
     def __init__(self, step: int, record: dict):
         self.step = step
-        super().__init__(f"step {step}: {_describe(record)}: not finite, so the update was not applied and "
-                         f"the run stops (train.nonfinite={STOP!r}); resume from the last checkpoint, e.g. "
-                         f"with a lower learning rate, or set --config.train.nonfinite={SKIP}")
+        super().__init__(
+            f"step {step}: {_describe(record)}: not finite, so the update was not applied and "
+            f"the run stops (train.nonfinite={STOP!r}); resume from the last checkpoint, e.g. "
+            f"with a lower learning rate, or set --config.train.nonfinite={SKIP}"
+        )
 
 
 class NonFinitePolicy:
@@ -70,5 +73,9 @@ class NonFinitePolicy:
         """After the refused `step` was recorded (`record`: its metrics record): raise or warn."""
         if self.policy == STOP:
             raise NonFiniteStepError(step, record)
-        logging.warning("step %d: %s: not finite; update skipped (%d steps skipped in this run)", step,
-                        _describe(record), record[NONFINITE_STEPS])
+        logging.warning(
+            "step %d: %s: not finite; update skipped (%d steps skipped in this run)",
+            step,
+            _describe(record),
+            record[NONFINITE_STEPS],
+        )

@@ -7,6 +7,7 @@ logical axis names, not its path (so the transformation must see trees structure
 moments, Newton-Schulz inputs and updates are float32 whatever the params' dtype; the indexer is frozen
 unless its own loss trains it. The role rules, weight decay and precision: docs/training.md.
 """
+
 import dataclasses
 import math
 from typing import NamedTuple
@@ -55,8 +56,13 @@ class ParamRole:
         """This role for the [items, *non-batch axes] layout `mesh.batch_spread.over_batch` hands over."""
         rest = [a for a in range(len(self.names)) if a not in self.batch]
         position = {a: 1 + i for i, a in enumerate(rest)}
-        return dataclasses.replace(self, batch=(0,), reduction=tuple(position[a] for a in self.reduction),
-                                   output=tuple(position[a] for a in self.output), names=())
+        return dataclasses.replace(
+            self,
+            batch=(0,),
+            reduction=tuple(position[a] for a in self.reduction),
+            output=tuple(position[a] for a in self.output),
+            names=(),
+        )
 
 
 def _dimensions(names) -> list[tuple[int, ...]]:
@@ -86,8 +92,9 @@ def param_role(names, shape, module_axes: dict, decay_vectors: bool) -> ParamRol
     reduction, output = dims
     groups = module_axes.get(GROUPED_AXES.get(names[reduction[0]]), 1)
     if shape[reduction[0]] % groups:
-        raise ValueError(f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into "
-                         f"{groups} groups")
+        raise ValueError(
+            f"axis {names[reduction[0]]} of size {shape[reduction[0]]} does not split into {groups} groups"
+        )
     batch = tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
     return ParamRole(MUON, True, batch, reduction, output, groups, tuple(names))
 
@@ -114,28 +121,38 @@ def _roles(params, decay_vectors: bool, train_indexer: bool) -> list[tuple[tuple
     module_axes: dict[tuple, dict] = {}
     for path, var, names in variables:
         module_axes.setdefault(path[:-1], {}).update(zip(names, var.shape))
-    return [(path, var, ParamRole(FROZEN, False) if not train_indexer and _in_indexer(path)
-             else param_role(names, var.shape, module_axes[path[:-1]], decay_vectors))
-            for path, var, names in variables]
+    return [
+        (
+            path,
+            var,
+            ParamRole(FROZEN, False)
+            if not train_indexer and _in_indexer(path)
+            else param_role(names, var.shape, module_axes[path[:-1]], decay_vectors),
+        )
+        for path, var, names in variables
+    ]
 
 
 def param_roles(params, decay_vectors: bool = False, train_indexer: bool = False) -> dict[str, ParamRole]:
     """Role of each parameter keyed by its path ("groups/0/blocks/0/attn/wq_a"): the partition table."""
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): role
-            for path, _, role in _roles(params, decay_vectors, train_indexer)}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): role
+        for path, _, role in _roles(params, decay_vectors, train_indexer)
+    }
 
 
 def _leaf_roles(params, decay_vectors: bool, train_indexer: bool) -> dict[str, ParamRole]:
     """Role of each array leaf, keyed by the leaf's key-path string, the key tree maps see."""
-    return {jax.tree_util.keystr(path + leaf_path): role
-            for path, var, role in _roles(params, decay_vectors, train_indexer)
-            for leaf_path, _ in jax.tree_util.tree_flatten_with_path(var)[0]}
+    return {
+        jax.tree_util.keystr(path + leaf_path): role
+        for path, var, role in _roles(params, decay_vectors, train_indexer)
+        for leaf_path, _ in jax.tree_util.tree_flatten_with_path(var)[0]
+    }
 
 
 def _map_roles(fn, roles: dict[str, ParamRole], tree, *rest):
     """fn(role, leaf, *rest_leaves) over the leaves of `tree` (optax's masked-out nodes have none)."""
-    return jax.tree_util.tree_map_with_path(lambda path, *x: fn(roles[jax.tree_util.keystr(path)], *x),
-                                            tree, *rest)
+    return jax.tree_util.tree_map_with_path(lambda path, *x: fn(roles[jax.tree_util.keystr(path)], *x), tree, *rest)
 
 
 def _to_matrices(x: jax.Array, role: ParamRole) -> jax.Array:
@@ -160,6 +177,7 @@ def newton_schulz(m: jax.Array, stages, eps: float, dtype) -> jax.Array:
     (iterations, a, b, c): X <- aX + b(XX^T)X + c(XX^T)^2 X. The Gram matrix is taken on the short
     side. Matmul inputs are cast to `dtype`, sums and the polynomial stay float32.
     """
+
     def matmul(a, b):
         return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -187,8 +205,7 @@ def orthogonalize(x: jax.Array, role: ParamRole, stages, eps: float, dtype, rms_
     scale = math.sqrt(max(rows, columns)) * rms_scale
 
     def whole(m, matrices_role):
-        return _from_matrices(newton_schulz(_to_matrices(m, matrices_role), stages, eps, dtype), matrices_role,
-                              m.shape)
+        return _from_matrices(newton_schulz(_to_matrices(m, matrices_role), stages, eps, dtype), matrices_role, m.shape)
 
     current = active()
     if current is None:
@@ -205,13 +222,22 @@ class MuonState(NamedTuple):
     momentum: optax.Updates
 
 
-def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, stages, eps: float,
-                  ns_dtype, rms_scale: float, momentum_dtype=None) -> optax.GradientTransformation:
+def scale_by_muon(
+    roles: dict[str, ParamRole],
+    momentum: float,
+    nesterov: bool,
+    stages,
+    eps: float,
+    ns_dtype,
+    rms_scale: float,
+    momentum_dtype=None,
+) -> optax.GradientTransformation:
     """Muon's direction, as the spec writes it: M <- mu*M + G, O = NS(mu*M + G) (NS(M) without
     Nesterov), rescaled per matrix. No (1 - mu) factor or bias correction: the Frobenius
     normalisation in NS cancels any common scale, and their absence keeps the spec's weighting of G
     against M in the first steps. Learning rate and weight decay are applied after it. M is stored
     in `momentum_dtype` (None: the gradients' dtype) and the direction computed in the gradients'."""
+
     def init(params):
         return MuonState(optax.tree.zeros_like(params, dtype=momentum_dtype))
 
@@ -219,8 +245,7 @@ def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, 
         del params
         buffer = jax.tree.map(lambda m, g: momentum * m.astype(g.dtype) + g, state.momentum, grads)
         direction = jax.tree.map(lambda m, g: momentum * m + g, buffer, grads) if nesterov else buffer
-        updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale),
-                             roles, direction)
+        updates = _map_roles(lambda role, d: orthogonalize(d, role, stages, eps, ns_dtype, rms_scale), roles, direction)
         stored = jax.tree.map(lambda m, kept: m.astype(kept.dtype), buffer, state.momentum)
         return updates, MuonState(stored)
 
@@ -230,13 +255,15 @@ def scale_by_muon(roles: dict[str, ParamRole], momentum: float, nesterov: bool, 
 def _in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
     """tx seeing gradients and params cast to `dtype`, so its state and updates are in that dtype."""
     cast = lambda tree: optax.tree.cast(tree, dtype)
-    return optax.GradientTransformation(lambda params: tx.init(cast(params)),
-                                        lambda grads, state, params=None: tx.update(cast(grads), state,
-                                                                                    cast(params)))
+    return optax.GradientTransformation(
+        lambda params: tx.init(cast(params)),
+        lambda grads, state, params=None: tx.update(cast(grads), state, cast(params)),
+    )
 
 
 class MasterState(NamedTuple):
     """master: float32 copies of parameters stored in a narrower dtype; inner: the optimizer's state."""
+
     master: optax.Params
     inner: optax.OptState
 
@@ -268,8 +295,10 @@ def learning_rate_schedule(config) -> optax.Schedule:
     peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
     decay_steps = total - warmup if config.decay_steps is None else config.decay_steps
     if decay_steps <= 0 or warmup + decay_steps > total:
-        raise ConfigError(f"config.optimizer: need 0 < decay_steps ({decay_steps}) <= total_steps ({total}, "
-                          f"config.train.steps in a run config) - warmup_steps ({warmup})")
+        raise ConfigError(
+            f"config.optimizer: need 0 < decay_steps ({decay_steps}) <= total_steps ({total}, "
+            f"config.train.steps in a run config) - warmup_steps ({warmup})"
+        )
     tails = {
         "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_ratio),
         "linear": lambda: optax.linear_schedule(peak, peak * config.final_lr_ratio, decay_steps),
@@ -278,9 +307,13 @@ def learning_rate_schedule(config) -> optax.Schedule:
     if config.decay not in tails:
         raise ValueError(f"decay {config.decay!r} unknown; choose one of {sorted(tails)}")
     return optax.join_schedules(
-        [optax.linear_schedule(peak * config.init_lr_ratio, peak, warmup), optax.constant_schedule(peak),
-         tails[config.decay]()],
-        boundaries=[warmup, decay_start(config)])
+        [
+            optax.linear_schedule(peak * config.init_lr_ratio, peak, warmup),
+            optax.constant_schedule(peak),
+            tails[config.decay](),
+        ],
+        boundaries=[warmup, decay_start(config)],
+    )
 
 
 def build_optimizer(config, params, train_indexer: bool = False) -> optax.GradientTransformation:
@@ -302,16 +335,31 @@ def build_optimizer(config, params, train_indexer: bool = False) -> optax.Gradie
     schedule = learning_rate_schedule(config)
     decay_mask = lambda tree: _map_roles(lambda role, _: role.decay, roles, tree)
     momentum_dtype = jnp.dtype(config.momentum_dtype)
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.adam_weight_decay, mask=decay_mask, mu_dtype=momentum_dtype)
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.adam_weight_decay,
+        mask=decay_mask,
+        mu_dtype=momentum_dtype,
+    )
     transforms = {ADAMW: adamw}
     if config.name == MUON:
         transforms[MUON] = optax.chain(
-            scale_by_muon(roles, config.muon_momentum, config.muon_nesterov, config.muon_ns_stages,
-                          config.muon_ns_eps, jnp.dtype(config.muon_ns_dtype), config.muon_rms_scale,
-                          momentum_dtype),
+            scale_by_muon(
+                roles,
+                config.muon_momentum,
+                config.muon_nesterov,
+                config.muon_ns_stages,
+                config.muon_ns_eps,
+                jnp.dtype(config.muon_ns_dtype),
+                config.muon_rms_scale,
+                momentum_dtype,
+            ),
             optax.add_decayed_weights(config.muon_weight_decay, mask=decay_mask),
-            optax.scale_by_learning_rate(schedule))
+            optax.scale_by_learning_rate(schedule),
+        )
     elif config.name != ADAMW:
         raise ValueError(f"optimizer {config.name!r} unknown; choose {MUON!r} or {ADAMW!r}")
     if any(role.optimizer == FROZEN for role in roles.values()):

@@ -8,6 +8,7 @@ averaged over the layers), and puts both into `<workdir>/tensorboard/` as images
 the end of a run. Figures are matplotlib `Figure`s saved by the Agg canvas: no display, no pyplot
 state. The heatmaps use `HEATMAP_COLORMAP` without interpolation, so one cell is one colour.
 """
+
 import json
 import math
 
@@ -60,8 +61,14 @@ def curves_figure(records: list[dict]) -> Figure:
 
 
 def _heatmap(figure, panel, shares: np.ndarray, title: str, ylabel: str, yticklabels: list[str]) -> None:
-    image = panel.imshow(shares, cmap=HEATMAP_COLORMAP, aspect="auto", interpolation="nearest",
-                         vmin=0.0, vmax=max(float(shares.max()), 1e-12))
+    image = panel.imshow(
+        shares,
+        cmap=HEATMAP_COLORMAP,
+        aspect="auto",
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=max(float(shares.max()), 1e-12),
+    )
     panel.set_title(title)
     panel.set_xlabel("routed expert")
     panel.set_ylabel(ylabel)
@@ -80,10 +87,17 @@ def expert_load_figure(steps: list[int], counts: np.ndarray, names: list[str]) -
     last, mean, over_steps = figure.subplots(3, 1)
     balanced = f"balanced: 1/{experts} = {1 / experts:.3g}"
     _heatmap(figure, last, shares[-1], f"expert load at step {steps[-1]} ({balanced})", "layer", names)
-    _heatmap(figure, mean, shares.mean(axis=0), f"expert load averaged over {len(steps)} recorded steps",
-             "layer", names)
-    _heatmap(figure, over_steps, shares.mean(axis=1), "expert load averaged over the layers", "step",
-             [str(step) for step in steps])
+    _heatmap(
+        figure, mean, shares.mean(axis=0), f"expert load averaged over {len(steps)} recorded steps", "layer", names
+    )
+    _heatmap(
+        figure,
+        over_steps,
+        shares.mean(axis=1),
+        "expert load averaged over the layers",
+        "step",
+        [str(step) for step in steps],
+    )
     return figure
 
 
@@ -106,8 +120,9 @@ def draw_run(workdir, num_layers: int) -> dict:
     loads = read_records(workdir / EXPERT_LOAD_FILE)
     if loads:
         counts = np.asarray([load[EXPERT_LOAD] for load in loads])
-        figures[EXPERT_LOAD_PICTURE] = expert_load_figure([load["step"] for load in loads], counts,
-                                                          layer_names(counts.shape[1], num_layers))
+        figures[EXPERT_LOAD_PICTURE] = expert_load_figure(
+            [load["step"] for load in loads], counts, layer_names(counts.shape[1], num_layers)
+        )
     paths = {name: workdir / PICTURES_DIR / f"{name}.png" for name in figures}
     pngs = {f"{PICTURES_DIR}/{name}": save_png(figure, paths[name]) for name, figure in figures.items()}
     write_images(workdir / TENSORBOARD_DIR, pngs, step=records[-1]["step"])

@@ -12,6 +12,7 @@ its step, sees `should_stop()`, saves with `force=True`, waits for the write and
                 checkpointer.save(step, state, data_state, force=True); checkpointer.wait()
                 break
 """
+
 import signal
 import threading
 

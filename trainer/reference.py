@@ -11,6 +11,7 @@ A command naming another reference, or a recorded step that is gone, is bad inpu
 naming both). A resume of a workdir without a record (its checkpoints predate records, or another objective
 wrote them) records the reference its command names.
 """
+
 import glob
 import hashlib
 import json
@@ -36,9 +37,14 @@ def named_reference(config, objective, init_checkpoint: str | None) -> dict | No
             return {"kind": INIT_CHECKPOINT, "path": os.path.realpath(init_checkpoint)}
         return {"kind": SEED, "seed": config.seed}
     if config.objective == "dpo" and config.dpo.reference == "data":
-        return {"kind": DATA, "sha256": {os.path.realpath(path): _sha256(path)
-                                         for pattern, _ in config.data.preference_sources
-                                         for path in sorted(glob.glob(pattern))}}
+        return {
+            "kind": DATA,
+            "sha256": {
+                os.path.realpath(path): _sha256(path)
+                for pattern, _ in config.data.preference_sources
+                for path in sorted(glob.glob(pattern))
+            },
+        }
     return None
 
 
@@ -49,12 +55,14 @@ def describe(reference: dict) -> str:
         return f"the initialisation of seed {reference['seed']} (no --init_checkpoint)"
     if kind == DATA:
         return "the log-probs stored in " + ", ".join(
-            f"{path} (sha256 {digest[:12]})" for path, digest in reference["sha256"].items())
+            f"{path} (sha256 {digest[:12]})" for path, digest in reference["sha256"].items()
+        )
     return f"{FLAGS[kind]}={reference['path']}" + (f" step {reference['step']}" if "step" in reference else "")
 
 
-def pin_reference(workdir: str, config, objective, init_checkpoint: str | None, resuming: bool, write: bool,
-                  log=print) -> dict | None:
+def pin_reference(
+    workdir: str, config, objective, init_checkpoint: str | None, resuming: bool, write: bool, log=print
+) -> dict | None:
     """The reference the run holds to (module docstring): on a resume the recorded one, checked against what
     the command names; else the named one at its checkpoint's newest step, recorded when `write` (process 0)."""
     named = named_reference(config, objective, init_checkpoint)
@@ -65,8 +73,10 @@ def pin_reference(workdir: str, config, objective, init_checkpoint: str | None, 
         with open(path) as f:
             recorded = json.load(f)
         if _names_another(recorded, named):
-            raise ConfigError(f"{path} records the reference {describe(recorded)}, this command names "
-                              f"{describe(named)}: a resume keeps its reference (train another one in a new workdir)")
+            raise ConfigError(
+                f"{path} records the reference {describe(recorded)}, this command names "
+                f"{describe(named)}: a resume keeps its reference (train another one in a new workdir)"
+            )
         if recorded["kind"] in FLAGS:
             _check_kept(recorded, path, config)
         log(f"reference: {describe(recorded)} (recorded in {path})")
@@ -78,8 +88,9 @@ def pin_reference(workdir: str, config, objective, init_checkpoint: str | None, 
     return reference
 
 
-def initial_checkpoint(reference: dict | None, init_checkpoint: str | None,
-                       resuming: bool) -> tuple[str, int | None] | None:
+def initial_checkpoint(
+    reference: dict | None, init_checkpoint: str | None, resuming: bool
+) -> tuple[str, int | None] | None:
     """(checkpoint workdir, step; None: its newest) whose weights start the run, or None (the seed's
     initialisation, or a resume, which restores its own). When they are the reference, the recorded ones,
     read on a resume too: the reference is a copy of them."""
@@ -102,8 +113,10 @@ def _check_kept(recorded: dict, path: str, config) -> None:
     """ConfigError when the recorded checkpoint step is no longer there."""
     steps = _complete_steps(recorded["path"], config)
     if recorded["step"] not in steps:
-        raise ConfigError(f"{path} records the reference {describe(recorded)}, which is gone ({recorded['path']} "
-                          f"holds complete steps {steps or 'none'})")
+        raise ConfigError(
+            f"{path} records the reference {describe(recorded)}, which is gone ({recorded['path']} "
+            f"holds complete steps {steps or 'none'})"
+        )
 
 
 def _with_step(named: dict, config) -> dict:

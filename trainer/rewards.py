@@ -12,6 +12,7 @@ Shipped checkers, for the sample tasks of data/tasks.py (data/sample/prompts.jso
 - "numeric": 1 when the first number in the reply is within tolerance of the answer's number;
 - "sample_tasks": "numeric" for the arithmetic task ("add"), "exact_match" for the others.
 """
+
 import math
 import re
 from typing import Callable

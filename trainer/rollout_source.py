@@ -6,6 +6,7 @@ Prompts are taken in a seeded per-epoch order; the saved state is the number of 
 groups) consumed, and each step's sampling key is derived from the run's seed and the step, so a
 resumed run samples exactly what the uninterrupted one would have.
 """
+
 import dataclasses
 
 import jax
@@ -39,9 +40,12 @@ def _load_prompts(config, encoder, stats, max_prompt_len: int):
                 encoded = encode_prompt(located.record, encoder)
                 encoder.check_vocab(encoded["prompt"])
                 if len(encoded["prompt"]) > max_prompt_len:
-                    raise InvalidRecord("prompt_too_long", f"the prompt has {len(encoded['prompt'])} tokens, more "
-                                        f"than the {max_prompt_len} that config.data.seq_len={config.data.seq_len} "
-                                        f"leaves beside max_new_tokens")
+                    raise InvalidRecord(
+                        "prompt_too_long",
+                        f"the prompt has {len(encoded['prompt'])} tokens, more "
+                        f"than the {max_prompt_len} that config.data.seq_len={config.data.seq_len} "
+                        f"leaves beside max_new_tokens",
+                    )
             except InvalidRecord as e:
                 reject(located, e, skip_bad=config.data.skip_bad_records, stats=stats)
                 continue
@@ -82,8 +86,11 @@ class _GroupBatches(_Position):
         batch = make_batch(groups, seq_len=self.seq_len, pad_id=self.pad_id)
         rewards_, group_ids = batch.pop("rewards"), batch.pop("group_ids")
         lengths = batch["loss_mask"].sum(axis=1)
-        self.last = {"rollout/reward_mean": float(rewards_.mean()), "rollout/reward_max": float(rewards_.max()),
-                     "rollout/completion_tokens_mean": float(lengths.mean())}
+        self.last = {
+            "rollout/reward_mean": float(rewards_.mean()),
+            "rollout/reward_max": float(rewards_.max()),
+            "rollout/completion_tokens_mean": float(lengths.mean()),
+        }
         if self.reward_fn is not None:
             advantages = group_advantages(rewards_, group_ids, self.settings.advantage_eps)
             batch["advantages"] = np.repeat(advantages[:, None], self.seq_len, axis=1)
@@ -101,24 +108,47 @@ class SampledSource(_GroupBatches):
         super().__init__(config, settings, encoder, group_size, reward_fn)
         self.prompts = _load_prompts(config, encoder, self.stats, self.seq_len - settings.max_new_tokens)
         self.stop_ids = (encoder.tokenizer.token_id(encoder.template.eos),)
-        self.sample = make_sampler(graphdef, max_new_tokens=settings.max_new_tokens,
-                                   batch_rows=config.data.global_batch_size,
-                                   max_prompt_len=self.seq_len - settings.max_new_tokens, batch_sharding=batch_sharding)
+        self.sample = make_sampler(
+            graphdef,
+            max_new_tokens=settings.max_new_tokens,
+            batch_rows=config.data.global_batch_size,
+            max_prompt_len=self.seq_len - settings.max_new_tokens,
+            batch_sharding=batch_sharding,
+        )
 
     def next(self, state) -> dict:
-        chosen = [self.prompts[_epoch_order(len(self.prompts), self.seed, self.consumed + i)]
-                  for i in range(self.groups_per_step)]
+        chosen = [
+            self.prompts[_epoch_order(len(self.prompts), self.seed, self.consumed + i)]
+            for i in range(self.groups_per_step)
+        ]
         self.consumed += self.groups_per_step
         key = jax.random.fold_in(jax.random.key(self.seed), state.step)
         prompts = [ids for _, ids in chosen for _ in range(self.group_size)]
-        completions = self.sample(state.params, state.routing, prompts, stop_ids=self.stop_ids, key=key,
-                                  temperature=self.settings.temperature, top_p=self.settings.top_p)
+        completions = self.sample(
+            state.params,
+            state.routing,
+            prompts,
+            stop_ids=self.stop_ids,
+            key=key,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+        )
         groups = []
         for p, (record, ids) in enumerate(chosen):
-            members = completions[p * self.group_size:(p + 1) * self.group_size]
-            groups.append([Rollout(record=record, prompt_ids=ids, completion_ids=c.ids,
-                                   sampling_logprobs=c.sampling_logprobs, reward=self._reward(c.ids, record),
-                                   group=str(p)) for c in members])
+            members = completions[p * self.group_size : (p + 1) * self.group_size]
+            groups.append(
+                [
+                    Rollout(
+                        record=record,
+                        prompt_ids=ids,
+                        completion_ids=c.ids,
+                        sampling_logprobs=c.sampling_logprobs,
+                        reward=self._reward(c.ids, record),
+                        group=str(p),
+                    )
+                    for c in members
+                ]
+            )
         return self._batch(groups)
 
     def _reward(self, ids, record) -> float:
@@ -131,19 +161,31 @@ class RolloutFileSource(_GroupBatches):
 
     def __init__(self, config, settings, encoder, group_size: int, reward_fn, num_experts: int):
         super().__init__(config, settings, encoder, group_size, reward_fn)
-        self.groups = load_rollouts(settings.rollouts, encoder, seq_len=self.seq_len, group_size=group_size,
-                                    reward_fn=reward_fn, num_experts=num_experts,
-                                    skip_bad=config.data.skip_bad_records, stats=self.stats)
+        self.groups = load_rollouts(
+            settings.rollouts,
+            encoder,
+            seq_len=self.seq_len,
+            group_size=group_size,
+            reward_fn=reward_fn,
+            num_experts=num_experts,
+            skip_bad=config.data.skip_bad_records,
+            stats=self.stats,
+        )
         if not self.groups:
             raise DataError(settings.rollouts, "no complete group of rollouts", reason="no_examples")
         if settings.routing_replay and self.groups[0][0].routed_experts is None:
-            raise DataError(settings.rollouts, "config.grpo.routing_replay is on but the rollouts carry no "
-                            "'routed_experts'", reason="bad_routed_experts")
+            raise DataError(
+                settings.rollouts,
+                "config.grpo.routing_replay is on but the rollouts carry no 'routed_experts'",
+                reason="bad_routed_experts",
+            )
 
     def next(self, state) -> dict:
         del state
-        groups = [self.groups[_epoch_order(len(self.groups), self.seed, self.consumed + i)]
-                  for i in range(self.groups_per_step)]
+        groups = [
+            self.groups[_epoch_order(len(self.groups), self.seed, self.consumed + i)]
+            for i in range(self.groups_per_step)
+        ]
         self.consumed += self.groups_per_step
         batch = self._batch(groups)
         if not self.settings.routing_replay:
@@ -160,9 +202,12 @@ def build_rollout_source(config, *, process_count: int, graphdef, batch_sharding
     settings = config.grpo
     reward_fn = rewards.get(settings.reward)
     if settings.rollouts:
-        return RolloutFileSource(config, settings, encoder, settings.group_size, reward_fn,
-                                 config.model.num_routed_experts)
+        return RolloutFileSource(
+            config, settings, encoder, settings.group_size, reward_fn, config.model.num_routed_experts
+        )
     if settings.routing_replay:
-        raise ConfigError("config.grpo.routing_replay needs config.grpo.rollouts: samples of our own model are "
-                          "routed by the trained model itself")
+        raise ConfigError(
+            "config.grpo.routing_replay needs config.grpo.rollouts: samples of our own model are "
+            "routed by the trained model itself"
+        )
     return SampledSource(config, settings, encoder, graphdef, batch_sharding, settings.group_size, reward_fn)

@@ -7,6 +7,7 @@ returned for the sampled token (GRPO's ratio uses the latter). Invariant: row r'
 fold_in(fold_in(key, r), t), so a row's sample does not depend on `batch_rows` or the other rows.
 The nucleus rule and the two distributions: docs/training.md.
 """
+
 import dataclasses
 import functools
 from typing import Callable, Optional, Sequence
@@ -21,10 +22,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 @dataclasses.dataclass(frozen=True)
 class Completion:
     """One sampled continuation of a prompt; the three arrays have one entry per sampled token."""
-    ids: np.ndarray                # int32[n], the stop token included when one ended the row
+
+    ids: np.ndarray  # int32[n], the stop token included when one ended the row
     sampling_logprobs: np.ndarray  # float32[n], log-prob of each id under the sampling distribution
-    model_logprobs: np.ndarray     # float32[n], log-prob of each id under the model (T=1, no top-p)
-    stopped: bool                  # a stop token ended it (False: max_new_tokens did)
+    model_logprobs: np.ndarray  # float32[n], log-prob of each id under the model (T=1, no top-p)
+    stopped: bool  # a stop token ended it (False: max_new_tokens did)
 
 
 def nucleus_mask(log_probs: jax.Array, top_p) -> jax.Array:
@@ -94,13 +96,16 @@ def compile_next_tokens(graphdef, params, routing, *, batch_rows: int, length: i
     be abstract (ShapeDtypeStructs with shardings), e.g. for train.py --dry_run."""
     row_ids = jax.ShapeDtypeStruct((batch_rows,), jnp.int32, sharding=_replicated(batch_sharding))
     buffer = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=batch_sharding)
-    return _next_tokens_program(graphdef, batch_sharding).lower(
-        params, routing, buffer, row_ids, jax.random.key(0), row_ids, np.int32(0), np.float32(0),
-        np.float32(1)).compile()
+    return (
+        _next_tokens_program(graphdef, batch_sharding)
+        .lower(params, routing, buffer, row_ids, jax.random.key(0), row_ids, np.int32(0), np.float32(0), np.float32(1))
+        .compile()
+    )
 
 
-def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_len: int,
-                 batch_sharding=None, compile_with=None) -> SampleFn:
+def make_sampler(
+    graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_len: int, batch_sharding=None, compile_with=None
+) -> SampleFn:
     """-> sample(params, routing, prompts, *, stop_ids, key=None, temperature=1.0, top_p=1.0): a list
     of Completion, one per prompt (int32[P] arrays).
 
@@ -121,11 +126,20 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
     replicated = _replicated(batch_sharding)
     next_tokens = _next_tokens_program(graphdef, batch_sharding)
     if compile_with is not None:
-        next_tokens = compile_next_tokens(graphdef, *compile_with, batch_rows=batch_rows, length=length,
-                                          batch_sharding=batch_sharding)
+        next_tokens = compile_next_tokens(
+            graphdef, *compile_with, batch_rows=batch_rows, length=length, batch_sharding=batch_sharding
+        )
 
-    def sample(params, routing, prompts, *, stop_ids: Sequence[int], key: Optional[jax.Array] = None,
-               temperature: float = 1.0, top_p: float = 1.0) -> list[Completion]:
+    def sample(
+        params,
+        routing,
+        prompts,
+        *,
+        stop_ids: Sequence[int],
+        key: Optional[jax.Array] = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[Completion]:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         if key is None:
@@ -135,24 +149,33 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
         stops = np.asarray(sorted(stop_ids), np.int32)
         results = []
         for start in range(0, len(prompts), batch_rows):
-            chunk = prompts[start:start + batch_rows]
+            chunk = prompts[start : start + batch_rows]
             buffer = np.zeros((batch_rows, length), np.int32)
             lengths = np.ones((batch_rows,), np.int32)
             for row, prompt in enumerate(chunk):
                 if len(prompt) > max_prompt_len:
-                    raise ValueError(f"prompt {start + row} has {len(prompt)} tokens, more than "
-                                     f"max_prompt_len={max_prompt_len}")
-                buffer[row, :len(prompt)] = prompt
+                    raise ValueError(
+                        f"prompt {start + row} has {len(prompt)} tokens, more than max_prompt_len={max_prompt_len}"
+                    )
+                buffer[row, : len(prompt)] = prompt
                 lengths[row] = len(prompt)
             done = np.zeros((batch_rows,), bool)
-            done[len(chunk):] = True
+            done[len(chunk) :] = True
             stopped = np.zeros((batch_rows,), bool)
             rows = np.arange(start, start + batch_rows, dtype=np.int32)
             outputs = [([], [], []) for _ in chunk]  # per row: ids, sampling log-probs, model log-probs
             for step in range(max_new_tokens):
-                drawn = next_tokens(params, routing, _place(buffer, batch_sharding), _place(lengths, replicated), key,
-                                    _place(rows, replicated), np.int32(step), np.float32(temperature),
-                                    np.float32(top_p))
+                drawn = next_tokens(
+                    params,
+                    routing,
+                    _place(buffer, batch_sharding),
+                    _place(lengths, replicated),
+                    key,
+                    _place(rows, replicated),
+                    np.int32(step),
+                    np.float32(temperature),
+                    np.float32(top_p),
+                )
                 token, sampling_lp, model_lp = (np.asarray(a) for a in drawn)
                 for row in np.flatnonzero(~done):
                     for values, value in zip(outputs[row], (token, sampling_lp, model_lp)):
@@ -163,9 +186,15 @@ def make_sampler(graphdef, *, max_new_tokens: int, batch_rows: int, max_prompt_l
                 done |= stopped
                 if done.all():
                     break
-            results.extend(Completion(np.asarray(ids, np.int32), np.asarray(slp, np.float32),
-                                      np.asarray(mlp, np.float32), bool(stopped[row]))
-                           for row, (ids, slp, mlp) in enumerate(outputs))
+            results.extend(
+                Completion(
+                    np.asarray(ids, np.int32),
+                    np.asarray(slp, np.float32),
+                    np.asarray(mlp, np.float32),
+                    bool(stopped[row]),
+                )
+                for row, (ids, slp, mlp) in enumerate(outputs)
+            )
         return results
 
     return sample

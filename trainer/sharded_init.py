@@ -1,5 +1,6 @@
 """Models born sharded: the initialiser runs under `jax.jit` with the rules' shardings as outputs, so no
 parameter ever exists whole on one device."""
+
 import jax
 from flax import nnx
 

@@ -4,6 +4,7 @@ The optimizer state is sharded like the parameters it stands for, and further ov
 of the rules' `OPTIMIZER_STATE` entry that the parameter does not use (ZeRO-1): a weight replicated
 over `data` keeps its moments split over `data`, and the update gathers what it needs.
 """
+
 import dataclasses
 import math
 from typing import Any
@@ -82,8 +83,9 @@ def optimizer_shardings(tx, params, param_shardings, mesh, rules=()):
             return leaf
         return NamedSharding(mesh, PartitionSpec(*state_spec(sharding.spec, leaf.shape, sizes, axes)))
 
-    return optax.tree_map_params(tx, place, shapes, param_shardings,
-                                 transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
+    return optax.tree_map_params(
+        tx, place, shapes, param_shardings, transform_non_params=lambda _: replicated(mesh), is_leaf=masked
+    )
 
 
 def create_train_state(args, mesh, rules, tx, seed: int):
@@ -95,13 +97,22 @@ def create_train_state(args, mesh, rules, tx, seed: int):
     scalar = replicated(mesh)
     opt_shardings = optimizer_shardings(tx, params, param_shardings, mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    train_state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), scalar), params=params,
-                             opt_state=opt_state, routing=routing,
-                             rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar),
-                             nonfinite_steps=jax.device_put(jnp.zeros((), jnp.int32), scalar))
-    state_shardings = TrainState(step=scalar, params=param_shardings,
-                                 opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
-                                 routing=routing_shardings, rng=scalar, nonfinite_steps=scalar)
+    train_state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), scalar),
+        params=params,
+        opt_state=opt_state,
+        routing=routing,
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), scalar),
+        nonfinite_steps=jax.device_put(jnp.zeros((), jnp.int32), scalar),
+    )
+    state_shardings = TrainState(
+        step=scalar,
+        params=param_shardings,
+        opt_state=jax.tree.map(lambda x: x.sharding, opt_state),
+        routing=routing_shardings,
+        rng=scalar,
+        nonfinite_steps=scalar,
+    )
     return graphdef, train_state, state_shardings
 
 

@@ -7,6 +7,7 @@ so the gradient accumulated over `microbatches` equals the whole batch's in one 
 loss weights are read at the optimizer's applied-update count. With `indexer_weight` > 0 the indexer's own loss joins the total.
 Start at `make_train_step`. Details: docs/training.md.
 """
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,11 +30,13 @@ INDEXER_LOSS = "indexer_loss"  # the step metric of the indexer's loss (with ind
 def _microbatches(batch: dict, count: int) -> dict:
     """[B, S, ...] -> [count, B/count, S, ...]; micro-batch i takes rows i, i+count, ... so each stays
     spread over the batch shards."""
+
     def split(x):
         b = x.shape[0]
         if b % count:
             raise ValueError(f"global batch {b} is not divisible by microbatches={count}")
         return jnp.swapaxes(x.reshape(b // count, count, *x.shape[1:]), 0, 1)
+
     return {k: split(v) for k, v in batch.items()}
 
 
@@ -41,8 +44,14 @@ def _constrained(batch: dict) -> dict:
     return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_config, objective: Objective,
-                    unroll_microbatches: bool = False):
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule,
+    train_config,
+    objective: Objective,
+    unroll_microbatches: bool = False,
+):
     """-> step(state: TrainState, batch: dict of [B, S, ...], frozen=None) -> (state, metrics).
 
     train_config: balance_weight, microbatches, indexer_weight (0 when absent); `objective` supplies
@@ -57,8 +66,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
     def forward(params, routing, batch, indexer_loss=False):
         """-> (model, ModelOutput without the whole logits: objectives read the head tile by tile)."""
         model = nnx.merge(graphdef, params, routing)
-        return model, model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                            routed_experts=batch.get(REPLAY_KEY), logits=False, indexer_loss=indexer_loss)
+        return model, model(
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            routed_experts=batch.get(REPLAY_KEY),
+            logits=False,
+            indexer_loss=indexer_loss,
+        )
 
     def loss_fn(params, routing, frozen, micro, normalisers, step_weights, tokens):
         """tokens: the whole batch's non-padding tokens (the indexer loss's normaliser)."""
@@ -70,8 +85,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         loss, metrics = objective.loss(output, batch, frozen_output, normalisers, step_weights)
         balance = jnp.sum(output.moe.balance) / max(model.args.num_score_routed_layers, 1) / microbatches
         total = loss + balance_weight * balance
-        metrics = dict(metrics, balance_loss=balance, load=output.moe.load,
-                       dropped_assignments=jnp.sum(output.moe.dropped), expert_tiles=jnp.sum(output.moe.tiles))
+        metrics = dict(
+            metrics,
+            balance_loss=balance,
+            load=output.moe.load,
+            dropped_assignments=jnp.sum(output.moe.dropped),
+            expert_tiles=jnp.sum(output.moe.tiles),
+        )
         if indexer_weight > 0:
             metrics[INDEXER_LOSS] = jnp.sum(output.indexer_kl) / (tokens * max(model.args.num_indexer_layers, 1))
             total = total + indexer_weight * metrics[INDEXER_LOSS]
@@ -83,8 +103,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         normalisers = objective.normalisers(batch, num_mtp)
         tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
         # Each scheduled weight at the optimizer's applied-update count, the one the learning rate is read at.
-        step_weights = {name: at_applied_updates(state.opt_state, weight, state.step)
-                        for name, weight in objective.weight_schedules.items()}
+        step_weights = {
+            name: at_applied_updates(state.opt_state, weight, state.step)
+            for name, weight in objective.weight_schedules.items()
+        }
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, one):
@@ -98,10 +120,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         else:
             micro = _microbatches(batch, microbatches)
             first = jax.tree.map(lambda x: x[0], micro)
-            metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, state.routing, frozen, first,
-                                                           normalisers, step_weights, tokens)[1])
-            init = (jax.tree.map(jnp.zeros_like, state.params),
-                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+            metric_shapes = jax.eval_shape(
+                lambda: loss_fn(state.params, state.routing, frozen, first, normalisers, step_weights, tokens)[1]
+            )
+            init = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+            )
             (grads, sums), _ = jax.lax.scan(accumulate, init, micro, unroll=unroll_microbatches)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -114,17 +139,29 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, train_
         _, routing = split_variables(nnx.state(model))
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
         finite = all_finite(sums["loss"], grad_norm, update_norm)
-        params, opt_state, routing = select_finite(finite, (params, opt_state, routing),
-                                                   (state.params, state.opt_state, state.routing))
+        params, opt_state, routing = select_finite(
+            finite, (params, opt_state, routing), (state.params, state.opt_state, state.routing)
+        )
         refused = jnp.logical_not(finite).astype(jnp.int32)
         mean_load = jnp.mean(load, axis=-1)
-        metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm, learning_rate=at_applied_updates(state.opt_state, schedule, state.step),
-                       expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load),
-                       expert_load=constrain(load, (None, None)))
+        metrics = dict(
+            sums,
+            grad_norm=grad_norm,
+            update_norm=update_norm,
+            learning_rate=at_applied_updates(state.opt_state, schedule, state.step),
+            expert_load_max_over_mean=jnp.mean(jnp.max(load, -1) / mean_load),
+            expert_load=constrain(load, (None, None)),
+        )
         metrics.update(step_weights)
         metrics.update({NONFINITE: refused, NONFINITE_STEPS: state.nonfinite_steps + refused})
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
-                               rng=state.rng, nonfinite_steps=state.nonfinite_steps + refused)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            routing=routing,
+            rng=state.rng,
+            nonfinite_steps=state.nonfinite_steps + refused,
+        )
         return new_state, metrics
 
     return step
@@ -143,5 +180,7 @@ def jit_train_step(step, state_shardings, mesh, rules, batch_keys=BATCH_FIELDS, 
     batch_sharding = batch_sharding_of(mesh, rules)
     in_shardings = (state_shardings, {k: batch_sharding for k in batch_keys})
     in_shardings += (frozen_shardings,) if frozen_shardings is not None else ()
-    return (jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=(0,)),
-            batch_sharding)
+    return (
+        jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=(0,)),
+        batch_sharding,
+    )

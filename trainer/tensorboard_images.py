@@ -6,6 +6,7 @@ format (a string tensor [width, height, png], the image plugin's metadata), the 
 Each call writes a new event file (suffix `.pictures`) in `logdir`, so it does not touch the file
 the metrics writer keeps open; `tensorboard --logdir <workdir>` shows them under Images.
 """
+
 import io
 import time
 

@@ -6,6 +6,7 @@ weight) is one `ConfigError` naming `config.<section>.<field>`, the value and th
 instead of a division by zero or a failure deep in grain. train.py and score_preferences.py call
 `validate_run_config` first; the checkpoint section's own checks live in configs/checkpoint.py.
 """
+
 import math
 
 import ml_collections
@@ -49,9 +50,11 @@ def _mtp_weights(config: ml_collections.ConfigDict) -> None:
         return
     _weight(config, "train", "mtp_weight_after_decay")
     if after != config.train.mtp_weight and config.optimizer.decay == "constant":
-        raise ConfigError(f"config.train.mtp_weight_after_decay={after!r} applies from the learning-rate decay, but "
-                          f"config.optimizer.decay is 'constant'; set it to config.train.mtp_weight "
-                          f"({config.train.mtp_weight!r}) for a constant MTP weight")
+        raise ConfigError(
+            f"config.train.mtp_weight_after_decay={after!r} applies from the learning-rate decay, but "
+            f"config.optimizer.decay is 'constant'; set it to config.train.mtp_weight "
+            f"({config.train.mtp_weight!r}) for a constant MTP weight"
+        )
 
 
 def _mixture(config: ml_collections.ConfigDict, field: str) -> None:
@@ -61,8 +64,10 @@ def _mixture(config: ml_collections.ConfigDict, field: str) -> None:
             raise ConfigError(f"config.data.{field}[{index}] must be a (glob pattern, weight) pair, got {source!r}")
         weight = source[1]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"config.data.{field}[{index}] ({source[0]!r}) has weight {weight!r}: a mixture weight "
-                              "must be a finite number >= 0")
+            raise ConfigError(
+                f"config.data.{field}[{index}] ({source[0]!r}) has weight {weight!r}: a mixture weight "
+                "must be a finite number >= 0"
+            )
     if sources and not sum(weight for _, weight in sources) > 0:
         raise ConfigError(f"config.data.{field}: the mixture weights sum to 0; at least one must be > 0")
 
@@ -79,8 +84,15 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "train", "nonfinite", NONFINITE_POLICIES)
     _mtp_weights(config)
     _weight(config, "train", "indexer_weight")
-    for field, low in (("global_batch_size", 1), ("seq_len", 2), ("num_packing_bins", 1), ("streams", 0),
-                       ("prefetch", 0), ("read_threads", 0), ("read_buffer", 1)):
+    for field, low in (
+        ("global_batch_size", 1),
+        ("seq_len", 2),
+        ("num_packing_bins", 1),
+        ("streams", 0),
+        ("prefetch", 0),
+        ("read_threads", 0),
+        ("read_buffer", 1),
+    ):
         _at_least(config, "data", field, low)
     _one_of(config, "data", "overlong", OVERLONG_POLICIES)
     _one_of(config, "data", "loss_mask", LOSS_MASK_MODES)
