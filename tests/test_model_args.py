@@ -57,7 +57,7 @@ def _without(field: str) -> dict:
             "attention_kinds",
             "MTP",
         ),
-        (tiny_fields(dtype="float16"), "dtype", "'float16'"),
+        (tiny_fields(dtype="float64"), "dtype", "'float64'"),
         (tiny_fields(hidden_dim=64), "hidden_dim", "unknown field"),
         (_without("num_heads"), "num_heads", "missing"),
         (tiny_fields(o_groups=3), "o_groups", "does not divide num_heads=4"),
