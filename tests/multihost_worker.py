@@ -14,6 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from mesh.processes import allgather_json
 from trainer import distributed
 
 _OUT = flags.DEFINE_string("out", None, "Directory for the gathered batches and data position.")
@@ -82,7 +83,7 @@ def main(argv):
         while _WAIT.value:
             if jax.process_index() == _STALL.value:
                 time.sleep(3600)
-            distributed.allgather_json(jax.process_index())
+            allgather_json(jax.process_index())
             time.sleep(0.1)
 
 
