@@ -18,7 +18,7 @@ from model.args import CSA, SLIDING, ModelArgs
 from model.compressor import Compressor
 from model.indexer import Indexer, attention_kl
 from model.layouts import NARROW_SHARDED, NARROW_WHOLE
-from model.norms import RMSNorm, rms_normalized
+from model.norms import RMSNorm, rms_normalize
 
 HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
 
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
         q_latent = self.q_norm(constrain(jnp.einsum("bsd,dr->bsr", u, self.wq_a[...].astype(dtype)), NARROW_SHARDED))
         q_latent = constrain(q_latent, NARROW_WHOLE)
         q = jnp.einsum("bsr,rhc->bshc", q_latent, self.wq_b[...].astype(dtype))
-        q = rms_normalized(q, args.rms_norm_eps)
+        q = rms_normalize(q, args.rms_norm_eps).astype(dtype)
         q = constrain(rope.rotate(q, positions[..., None], self._inv_freq()), HEADS)
         kv = self.kv_norm(constrain(jnp.einsum("bsd,dc->bsc", u, self.wkv[...].astype(dtype)), NARROW_SHARDED))
         kv = constrain(rope.rotate(kv, positions, self._inv_freq()), NARROW_WHOLE)
