@@ -9,16 +9,13 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import optimizer, tiny, v4_flash
-from model.transformer import DeepSeekV4
 from objectives import build_objective
 from objectives.sft import MTP_WEIGHT, SFT, mtp_weight_schedule
-from tests.model_configs import tiny_args
+from tests.model_configs import fresh_model, initial_train_state, tiny_args
 from trainer.nonfinite import NONFINITE
 from trainer.optimizer import build_optimizer, learning_rate_schedule
-from trainer.state import TrainState, split_variables
 from trainer.step import make_train_step
 
 BATCH, SEQ = 4, 32
@@ -69,17 +66,9 @@ def _run(train_config, optimizer_config, calls, poison_at=()):
     """-> the metrics of `calls` calls of a 1-layer model's SFT step (objective from the configs), each
     on the state the previous one left; the calls in `poison_at` get a NaN parameter."""
     args = tiny_args(num_layers=1, compress_ratios=(0, 0), num_hash_layers=0)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
-    params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
+    graphdef, params, routing = fresh_model(args)
     tx = build_optimizer(optimizer_config, params)
-    state = TrainState(
-        step=np.int32(0),
-        params=params,
-        opt_state=tx.init(params),
-        routing=routing,
-        rng=jax.random.key_data(jax.random.key(0)),
-        nonfinite_steps=np.int32(0),
-    )
+    state = initial_train_state(params, routing, tx)
     objective = SFT(
         mtp_weight=mtp_weight_schedule(train_config, optimizer_config), bias_update_rate=train_config.bias_update_rate
     )

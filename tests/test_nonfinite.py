@@ -12,13 +12,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from model.transformer import DeepSeekV4
 from objectives.sft import SFT
-from tests.model_configs import parity_args
+from tests.model_configs import fresh_model, initial_train_state, parity_args
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, NonFinitePolicy, NonFiniteStepError
-from trainer.state import TrainState, split_variables
+from trainer.state import TrainState
 from trainer.step import make_train_step
 
 LR = 1e-3
@@ -30,16 +28,8 @@ def compiled():
     """-> (jitted step, initial state, batch) for a 2-layer model (a hash layer, CSA, HCA, MTP)."""
     args = parity_args(num_layers=2, compress_ratios=(4, 128, 0), num_hash_layers=1)
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=LR)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV4(args, nnx.Rngs(0))))
-    params, routing = split_variables(jax.jit(lambda: nnx.split(DeepSeekV4(args, nnx.Rngs(0)))[1])())
-    state = TrainState(
-        step=np.int32(0),
-        params=params,
-        opt_state=tx.init(params),
-        routing=routing,
-        rng=jax.random.key_data(jax.random.key(0)),
-        nonfinite_steps=np.int32(0),
-    )
+    graphdef, params, routing = fresh_model(args)
+    state = initial_train_state(params, routing, tx)
     train_config = ml_collections.ConfigDict(dict(balance_weight=1e-4, microbatches=1))
     objective = SFT(mtp_weight=optax.constant_schedule(0.3), bias_update_rate=1e-3)
     step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(LR), train_config, objective))
