@@ -15,7 +15,7 @@ SLIDING, CSA, HCA = "sliding", "csa", "hca"
 ATTENTION_KINDS = (SLIDING, CSA, HCA)
 ATTENTION_KIND_BY_RATIO = {0: SLIDING, 4: CSA, 128: HCA}  # the release's ratios: the kinds without attention_kinds
 OFFLOAD = "offload"  # the remat policy that keeps layer inputs in host memory
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", OFFLOAD)  # model/transformer.py REMAT
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", OFFLOAD)  # model/remat.py POLICIES
 MOE_DISPATCHES = ("dense", "padded", "ragged")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

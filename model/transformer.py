@@ -15,31 +15,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mesh.sharding import constrain
-from model import embedding, params, vocab_head
-from model.args import OFFLOAD, ModelArgs, layer_groups
+from model import embedding, params, remat, vocab_head
+from model.args import ModelArgs, layer_groups
 from model.block import Block
 from model.hyper_connections import HyperHead
 from model.layouts import STREAMS, TOKENS
 from model.moe import MoEStats
 from model.mtp import MTPLayer
 from model.norms import RMSNorm
-
-LAYER_INPUT = "layer_input"  # the streams entering each scanned step (checkpoint_name)
-HOST_MEMORY = "pinned_host"  # the memory kind "offload" keeps them in
-
-REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # As "full", with each step's input streams moved to host memory in the forward pass and back
-    # in the backward, instead of held on the device for the whole step.
-    OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[],
-        names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device",
-        offload_dst=HOST_MEMORY,
-    ),
-}
 
 
 @jax.tree_util.register_dataclass
@@ -106,27 +89,34 @@ class LayerGroup(nnx.Module):
         if replay is not None:
             replay = replay.reshape(self.repeats, period, *replay.shape[1:])
 
-        def body(carry, xs):
-            carry = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry)
+        full = self.remat_policy == "full"
+
+        def step(carry, xs, context):
+            carry = jax.tree.map(lambda x: checkpoint_name(x, remat.LAYER_INPUT), carry)
             layer_state, layer_replay = xs
             blocks = nnx.merge(graphdef, layer_state)
             stats, kls, hidden = [], [], []
             for position, block in enumerate(blocks):
-                carry, layer_stats, kl = block(
-                    carry,
-                    positions,
-                    segment_ids,
-                    token_ids,
-                    None if layer_replay is None else layer_replay[position],
-                    indexer_loss,
+                layer = lambda state, carry, replay, context, graphdef=nnx.graphdef(block): nnx.merge(graphdef, state)(
+                    carry, *context, replay, indexer_loss
                 )
+                if full and period > 1:  # one layer's activations at a time in the step's backward
+                    layer = remat.after_cotangent(layer)
+                replayed = None if layer_replay is None else layer_replay[position]
+                carry, layer_stats, kl = layer(nnx.state(block), carry, replayed, context)
                 stats.append(layer_stats)
                 kls.append(kl)
                 hidden.append(carry)
             return carry, (_stack(stats), jnp.stack(kls), jnp.stack(hidden) if collect_hidden else None)
 
-        if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=REMAT[self.remat_policy], prevent_cse=False)
+        # A loop of two or more steps keeps XLA from merging the backward's recomputation with the
+        # forward and from running it early; a one-step scan becomes straight-line code, where it would.
+        looped = self.scan_layers and self.repeats > 1
+        if full and not looped:
+            step = remat.after_cotangent(step)
+        elif self.remat_policy != "none":
+            step = jax.checkpoint(step, policy=remat.POLICIES[self.remat_policy], prevent_cse=not looped)
+        body = lambda carry, xs: step(carry, xs, (positions, segment_ids, token_ids))
         if self.scan_layers:
             streams, (stats, kls, hidden) = jax.lax.scan(body, streams, (state, replay))
         else:
@@ -203,7 +193,16 @@ class DeepSeekV4(nnx.Module):
         head_inputs = [self.norm(self.hc_head(streams))]
         for depth, layer in enumerate(self.mtp, start=1):
             ahead = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))  # token i+depth (0 past the end)
-            streams, mtp_hidden, layer_stats = layer(streams, self.embed_tokens(ahead), positions, segment_ids, tokens)
+            mtp_step = lambda state, streams, next_embeds, context, graphdef=nnx.graphdef(layer): nnx.merge(
+                graphdef, state
+            )(streams, next_embeds, *context)
+            if self.args.remat_policy == "full":
+                mtp_step = remat.after_cotangent(mtp_step)
+            elif self.args.remat_policy != "none":
+                mtp_step = jax.checkpoint(mtp_step, policy=remat.POLICIES[self.args.remat_policy])
+            streams, mtp_hidden, layer_stats = mtp_step(
+                nnx.state(layer), streams, self.embed_tokens(ahead), (positions, segment_ids, tokens)
+            )
             head_inputs.append(mtp_hidden)
             stats.append(_stack([layer_stats]))
         whole = [self.logits(h) for h in head_inputs] if logits else [None]

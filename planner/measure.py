@@ -8,6 +8,7 @@ from mesh.sharding import resolve_spec
 from model.args import ModelArgs
 from model.expert_dispatch import W13_NAMES, capacity
 from model.grouped_mlp import chunk_tile, tile_flops
+from model.remat import forward_passes
 from planner.memory import tokens_per_device
 
 FLOPS = "flops"
@@ -60,7 +61,7 @@ def tile_body_flops(args: ModelArgs, tokens: int, mesh_shape: dict, rules) -> tu
 def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_shape: dict, rules) -> float:
     """FLOPs per device of the tiled expert MLP's tiles beyond the one body per loop XLA counts, for
     every MoE layer, assuming balanced routing (each source sends t*k/E rows to every expert).
-    Layers under remat run their forward loop twice."""
+    Each layer's forward loop runs as often as `model.remat.forward_passes` says."""
     if args.moe_dispatch != "padded" or not args.expert_tile:
         return 0.0
     experts, k = args.num_routed_experts, args.num_experts_per_tok
@@ -69,6 +70,5 @@ def uncounted_tile_flops(args: ModelArgs, batch_size: int, seq_len: int, mesh_sh
     rows = min(cap, tokens * k / experts)
     tiles = experts * math.ceil(rows / chunk_tile(cap, args.expert_tile))  # chunks per device: E
     forward, backward = tile_body_flops(args, tokens, mesh_shape, rules)
-    forward_loops = 1 if args.remat_policy == "none" else 2
-    layers = args.num_layers + args.num_mtp_layers
-    return layers * (tiles - 1) * (forward_loops * forward + backward)
+    passes = forward_passes(args)
+    return (tiles - 1) * (sum(passes) * forward + len(passes) * backward)

@@ -10,6 +10,7 @@ candidates and do not replace their compile. The cost model in full: docs/planni
 
 import dataclasses
 import math
+import statistics
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from model.args import ModelArgs
 from model.expert_dispatch import capacity
 from model.flops import train_flops_per_step
 from model.params import split_variables
+from model.remat import forward_passes
 from model.summary import abstract_model, component_of
 from planner import memory
 from planner.estimate import placement
@@ -177,7 +179,7 @@ def evaluate(
         candidate.rejected = str(error).split(";")[0]
         return candidate
     act = np.dtype(args.compute_dtype).itemsize
-    passes = 2 if args.remat_policy == "none" else 3  # forward (again under remat) and backward
+    passes = 1 + statistics.fmean(forward_passes(args))  # per layer: its forward passes and the backward
     seconds = {"all-gather": 0.0, "reduce-scatter": 0.0, "all-reduce": 0.0, "all-to-all": 0.0}
     weights = gradients = 0
     optimizer = table.replicated_optimizer

@@ -16,7 +16,7 @@ from configs.release import ConfigError
 from mesh.topology import Topology
 from model.args import OFFLOAD, ModelArgs
 from model.summary import count_parameters
-from model.transformer import HOST_MEMORY
+from model.remat import HOST_MEMORY
 
 # float32 weights and gradients and at least one float32 optimizer moment per parameter.
 MIN_STATE_BYTES_PER_PARAMETER = 12
