@@ -8,7 +8,7 @@ Muon, experts over data x expert) with small widths and depth. The tokenizer com
 `--config.release_dir=<DeepSeek-V4-Pro>` (or `--config.data.tokenizer_path`).
 """
 
-from configs import parallelism
+from configs import optimizer, parallelism
 from configs.v4_model import compress_ratios, model_config, run_config, scaled_run_config
 
 NUM_LAYERS = 61
@@ -54,4 +54,13 @@ def get_config(layout="cm384"):
     mesh = parallelism.get_config(where["topology"], experts_over_data=where["experts_over_data"], **where["axes"])
     if layout == "scaled":
         return scaled_run_config(mesh, first=128, num_routed_experts=24, routed_scaling_factor=2.5)
-    return run_config(model_config(**FULL), mesh, batch_size=where["batch_size"], seq_len=SEQ_LEN, tokenizer_path=None)
+    # Muon momentum stored in bf16 (updates still in float32), as DeepSeek-V3 stored its AdamW moments:
+    # the routed experts' momentum is 8.2 GiB per die on cm384 in float32 (docs/benchmarks.md).
+    return run_config(
+        model_config(**FULL),
+        mesh,
+        batch_size=where["batch_size"],
+        seq_len=SEQ_LEN,
+        tokenizer_path=None,
+        optimizer_config=optimizer.get_config(momentum_dtype="bfloat16"),
+    )
