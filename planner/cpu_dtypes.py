@@ -8,6 +8,11 @@ buffer a device with bf16 arithmetic (the 910C's cube and vector units) never ma
 float16 natively, so compiling the bf16 fields as float16 keeps every 2-byte buffer at 2 bytes and
 leaves shapes, shardings, collectives and matmul FLOPs as they are. Numerics do not enter: the planner
 compiles for abstract inputs and runs nothing. Start with `as_compiled_here`.
+
+The same holds for matmuls: left to itself, XLA:CPU computes a float16 dot on float32 copies of both
+operands and makes a float32 result it then narrows (V4-Pro: a layer's gathered weights and query
+projections, ~4 GiB per die at the peak). With oneDNN (`COMPILER_OPTIONS`) a dot with a 16-bit
+result runs on its 16-bit operands, as the 910C's cube unit does.
 """
 
 import copy
@@ -16,6 +21,7 @@ import ml_collections
 
 DEVICE_DTYPE = "bfloat16"
 CPU_STAND_IN = "float16"
+COMPILER_OPTIONS = {"xla_cpu_use_onednn": True}  # every planner compile on XLA:CPU (planner/program.py)
 
 
 def _replace_in(node: ml_collections.ConfigDict) -> list:

@@ -15,6 +15,7 @@ from flax import nnx
 from mesh.sharding import activate
 from model.args import ModelArgs
 from model.transformer import DeepSeekV4
+from planner.cpu_dtypes import COMPILER_OPTIONS
 from objectives import build_objective
 from trainer.checkpointing import abstract_train_state
 from trainer.batch_source import batch_fields
@@ -70,12 +71,14 @@ def lower_step(args: ModelArgs, config, mesh, tx, schedule, unroll_microbatches:
 def compile_step(
     args: ModelArgs, config, mesh, tx, schedule, compiler_options=None, unroll_microbatches: bool = False
 ) -> CompiledStep:
-    """`lower_step`, compiled; `compiler_options` are XLA debug options for this compile (e.g. dumps)."""
+    """`lower_step`, compiled; `compiler_options` are XLA debug options for this compile (e.g. dumps),
+    added to the CPU ones every planner compile uses (planner.cpu_dtypes.COMPILER_OPTIONS)."""
     start = time.perf_counter()
     lowered, state = lower_step(args, config, mesh, tx, schedule, unroll_microbatches)
     lowered_at = time.perf_counter()
+    options = dict(COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else {}, **(compiler_options or {}))
     with activate(mesh, config.mesh.rules):
-        compiled = lowered.compile(compiler_options=compiler_options)
+        compiled = lowered.compile(compiler_options=options or None)
     done = time.perf_counter()
     return CompiledStep(compiled, state, lowered_at - start, done - lowered_at)
 

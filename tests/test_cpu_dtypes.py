@@ -1,6 +1,7 @@
 """The planner compiles a run's bfloat16 as float16 (planner/cpu_dtypes.py): which fields change, and
 why. XLA:CPU turns a remat'd scan's bf16 stack of saved carries into a float32 copy of the whole stack;
-with float16 it keeps the stack at 2 bytes. tests/test_step_memory.py checks the same on V4-Pro's twin."""
+with float16 it keeps the stack at 2 bytes (tests/test_step_memory.py checks the same on V4-Pro's twin);
+and with oneDNN a float16 matmul runs without float32 copies."""
 
 import re
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from planner.cpu_dtypes import as_compiled_here
+from planner.cpu_dtypes import COMPILER_OPTIONS, as_compiled_here
 
 LAYERS, TOKENS, WIDTH = 6, 32, 16
 
@@ -57,3 +58,17 @@ def _float32_stacks(hlo: str) -> list:
 def test_xla_cpu_copies_a_bfloat16_saved_stack_to_float32_and_keeps_float16(dtype, upcast):
     stacks = _float32_stacks(_scanned_gradient_hlo(dtype))
     assert bool(stacks) == upcast, stacks
+
+
+def _float16_dot_temporaries(options) -> int:
+    """Temporary bytes of a [256, 128] x [128, 512] float16 matmul with a float16 result."""
+    a = jax.ShapeDtypeStruct((256, 128), jnp.float16)
+    b = jax.ShapeDtypeStruct((128, 512), jnp.float16)
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=options)
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_the_planner_compiles_float16_matmuls_on_their_float16_operands():
+    # XLA:CPU alone copies both operands to float32 (and multiplies there); with oneDNN it makes no copy.
+    assert _float16_dot_temporaries(None) >= 4 * (256 * 128 + 128 * 512)
+    assert _float16_dot_temporaries(COMPILER_OPTIONS) == 0
