@@ -12,7 +12,10 @@ compiles for abstract inputs and runs nothing. Start with `as_compiled_here`.
 The same holds for matmuls: left to itself, XLA:CPU computes a float16 dot on float32 copies of both
 operands and makes a float32 result it then narrows (V4-Pro: a layer's gathered weights and query
 projections, ~4 GiB per die at the peak). With oneDNN (`COMPILER_OPTIONS`) a dot with a 16-bit
-result runs on its 16-bit operands, as the 910C's cube unit does.
+result runs on its 16-bit operands, as the 910C's cube unit does. And XLA:CPU's default scheduler
+orders for thread concurrency, running work (zero-filled gradient stacks, their loop copies) long
+before it is needed; a device whose HBM is the limit is scheduled for memory, so the planner asks
+XLA:CPU's memory-optimised scheduler for the same.
 """
 
 import copy
@@ -21,7 +24,10 @@ import ml_collections
 
 DEVICE_DTYPE = "bfloat16"
 CPU_STAND_IN = "float16"
-COMPILER_OPTIONS = {"xla_cpu_use_onednn": True}  # every planner compile on XLA:CPU (planner/program.py)
+COMPILER_OPTIONS = {  # every planner compile on XLA:CPU (planner/program.py)
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+}
 
 
 def _replace_in(node: ml_collections.ConfigDict) -> list:
