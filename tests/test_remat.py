@@ -3,6 +3,8 @@ gradients as no remat, for every kind of layer group and the MTP layer; the reco
 hoisted, so a straight-line chain of layers holds one layer's activations in its backward, not all of
 them; and the planner's count of forward passes per layer."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -101,5 +103,5 @@ def test_forward_passes_count_the_extra_recomputation_of_two_kind_steps():
     assert len(passes) == args.num_layers + args.num_mtp_layers == 62
     # layers 0-2 (hash groups) twice, then each (HCA, CSA) step: HCA three times, CSA twice; MTP twice
     assert passes[:3] == [2, 2, 2] and passes[3:61] == [3, 2] * 29 and passes[61] == 2
-    assert remat.forward_passes(args.replace(remat_policy="none")) == [1] * 62
-    assert remat.forward_passes(args.replace(remat_policy="save_dots")) == [2] * 62
+    assert remat.forward_passes(dataclasses.replace(args, remat_policy="none")) == [1] * 62
+    assert remat.forward_passes(dataclasses.replace(args, remat_policy="save_dots")) == [2] * 62
