@@ -62,6 +62,17 @@ def after_cotangent(fn):
     return functools.partial(_after_cotangent, fn)
 
 
+def under(policy: str, fn, looped: bool = False):
+    """`fn` under remat `policy`: as it is for "none"; "full" outside a scan of two or more steps
+    recomputes after the cotangent; otherwise `jax.checkpoint`, CSE prevented outside such a loop
+    (inside one the loop already keeps XLA from merging the recomputation with the forward)."""
+    if policy == "none":
+        return fn
+    if policy == "full" and not looped:
+        return after_cotangent(fn)
+    return jax.checkpoint(fn, policy=POLICIES[policy], prevent_cse=not looped)
+
+
 def forward_passes(args: ModelArgs) -> list:
     """How many times each layer's forward runs in a training step, main layers in schedule order,
     then the MTP layers: 1 without remat, 2 under remat, 3 for the layers of a two-kind group's step

@@ -109,13 +109,8 @@ class LayerGroup(nnx.Module):
                 hidden.append(carry)
             return carry, (_stack(stats), jnp.stack(kls), jnp.stack(hidden) if collect_hidden else None)
 
-        # A loop of two or more steps keeps XLA from merging the backward's recomputation with the
-        # forward and from running it early; a one-step scan becomes straight-line code, where it would.
-        looped = self.scan_layers and self.repeats > 1
-        if full and not looped:
-            step = remat.after_cotangent(step)
-        elif self.remat_policy != "none":
-            step = jax.checkpoint(step, policy=remat.POLICIES[self.remat_policy], prevent_cse=not looped)
+        # A one-step scan becomes straight-line code, where XLA would run the recomputation early.
+        step = remat.under(self.remat_policy, step, looped=self.scan_layers and self.repeats > 1)
         body = lambda carry, xs: step(carry, xs, (positions, segment_ids, token_ids))
         if self.scan_layers:
             streams, (stats, kls, hidden) = jax.lax.scan(body, streams, (state, replay))
@@ -196,10 +191,7 @@ class DeepSeekV4(nnx.Module):
             mtp_step = lambda state, streams, next_embeds, context, graphdef=nnx.graphdef(layer): nnx.merge(
                 graphdef, state
             )(streams, next_embeds, *context)
-            if self.args.remat_policy == "full":
-                mtp_step = remat.after_cotangent(mtp_step)
-            elif self.args.remat_policy != "none":
-                mtp_step = jax.checkpoint(mtp_step, policy=remat.POLICIES[self.args.remat_policy])
+            mtp_step = remat.under(self.args.remat_policy, mtp_step)
             streams, mtp_hidden, layer_stats = mtp_step(
                 nnx.state(layer), streams, self.embed_tokens(ahead), (positions, segment_ids, tokens)
             )
