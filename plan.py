@@ -54,29 +54,47 @@ _SEARCH = flags.DEFINE_bool(
 _SEARCH_TOP = flags.DEFINE_integer("search_top", 10, "Candidates listed by --search.")
 _SEARCH_CONFIRM = flags.DEFINE_integer("search_confirm", 1, "Best fitting candidates --search compiles.")
 _SEARCH_MAX_TENSOR = flags.DEFINE_integer("search_max_tensor", 8, "Largest tensor axis --search tries.")
+_SEARCH_MARGIN = flags.DEFINE_float(
+    "search_margin",
+    1.25,
+    "A mesh fits --search when its analytic bytes per device times this are within the HBM: the "
+    "compiled program holds more than the analytic count (docs/planning.md). 1 trusts the analytic count.",
+)
 
 
 def search_and_confirm(
-    config, full_compile: bool, hbm_bytes, top: int, confirm: int, max_tensor: int, log=print, peak_buffers: int = 0
+    config,
+    full_compile: bool,
+    hbm_bytes,
+    top: int,
+    confirm: int,
+    max_tensor: int,
+    log=print,
+    peak_buffers: int = 0,
+    margin: float = 1.0,
 ) -> dict:
-    """`--search`: the ranked candidates, then make_plan of the best `confirm` fitting ones; the report
-    of the one the compile estimates fastest among those that fit (else the first), with the search
-    and the smallest part of the topology that fits (`smallest_fitting_part`)."""
+    """`--search`: the ranked candidates (a candidate fits when its analytic bytes times `margin` are
+    within the HBM), then make_plan of the best `confirm` fitting ones; the report of the one the
+    compile estimates fastest among those that fit (else the first), with the search and the smallest
+    part of the topology that fits (`smallest_fitting_part`)."""
     from mesh.presets import get_topology
     from model.args import from_config
     from planner import search
 
     topology = get_topology(config.mesh.topology)
     hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
+    budget = None if hbm is None else hbm / margin
     args = from_config(config.model)
     table = search.tensors(args, planned_optimizer(config, args)[0])
-    candidates = search.search(args, config, topology, table, hbm, max_tensor)
+    candidates = search.search(args, config, topology, table, budget, max_tensor)
+    if budget is not None:
+        log(f"a mesh fits the search when its analytic bytes x {margin:g} are within {hbm / GIB:.2f} GiB")
     log(search.format_table(candidates, top))
     best = [c for c in candidates if not c.rejected and c.fits][:confirm]
     if not best:
         raise ValueError(
             f"--search: no mesh of {topology.name} fits {config.data.global_batch_size} x {config.data.seq_len} "
-            f"in {hbm / GIB:.1f} GiB per device by the analytic estimate"
+            f"in {hbm / GIB:.1f} GiB per device by the analytic estimate x {margin:g}"
         )
     reports = []
     for candidate in best:
@@ -99,20 +117,24 @@ def search_and_confirm(
             }
             for r in reports
         ],
-        "smallest": smallest_fitting_part(config, args, table, hbm, max_tensor, full_compile, log),
+        "smallest": smallest_fitting_part(config, args, table, hbm, max_tensor, full_compile, log, margin, reports),
     }
     return report
 
 
-def smallest_fitting_part(config, args, table, hbm, max_tensor: int, full_compile: bool, log=print) -> dict | None:
+def smallest_fitting_part(
+    config, args, table, hbm, max_tensor: int, full_compile: bool, log=print, margin: float = 1.0, confirmed=()
+) -> dict | None:
     """The smallest cut of config's topology (mesh.presets.smaller_parts) on which a mesh fits by the
-    analytic search, with its fastest fitting mesh, confirmed by compiling that step (with
-    `full_compile`); None when no part fits."""
+    analytic search (its bytes times `margin` within `hbm`), with its fastest fitting mesh, confirmed by
+    compiling that step (with `full_compile`; a mesh of config's own topology among the `confirmed`
+    reports is not compiled again); None when no part fits."""
     from mesh.presets import get_topology, smaller_parts
     from planner import search
 
+    budget = None if hbm is None else hbm / margin
     found = search.smallest_topology(
-        args, config, [get_topology(s) for s in smaller_parts(config.mesh.topology)], table, hbm, max_tensor
+        args, config, [get_topology(s) for s in smaller_parts(config.mesh.topology)], table, budget, max_tensor
     )
     if found is None:
         log("smallest topology: none of the cuts fits by the analytic estimate")
@@ -132,8 +154,15 @@ def smallest_fitting_part(config, args, table, hbm, max_tensor: int, full_compil
         f"{candidate.name}, {candidate.memory['total'] / GIB:.2f} GiB per device"
     )
     if full_compile:
-        log(f"confirming {topology.name} by compiling it ...")
-        compiled = compiled_memory(search.apply(config, candidate, topology.name))["total"]
+        same = [
+            r["per_device_bytes"]
+            for r in confirmed
+            if topology.name == config.mesh.topology
+            and (r["config"]["mesh"], r["search_estimate"]["experts_over_data"])
+            == (dict(candidate.axes), candidate.experts_over_data)
+        ]
+        log(f"confirming {topology.name} by compiling it ..." if not same else f"{topology.name}: compiled above")
+        compiled = same[0] if same else compiled_memory(search.apply(config, candidate, topology.name))["total"]
         smallest.update(compiled_bytes=compiled, fits=bool(compiled <= hbm))
         log(
             f"smallest topology, compiled: {compiled / GIB:.2f} GiB per device of {hbm / GIB:.2f} -> "
@@ -160,6 +189,8 @@ def main(argv):
 
     config = _CONFIG.value
     _check_output_folders()
+    if _SEARCH_MARGIN.value < 1:
+        raise ConfigError(f"--search_margin={_SEARCH_MARGIN.value}: must be at least 1 (compiled / analytic bytes)")
     jax.config.update("jax_platforms", "cpu")
     emulate(get_topology(config.mesh.topology))
     start = time.perf_counter()
@@ -173,6 +204,7 @@ def main(argv):
             _SEARCH_CONFIRM.value,
             _SEARCH_MAX_TENSOR.value,
             peak_buffers=_PEAK_BUFFERS.value,
+            margin=_SEARCH_MARGIN.value,
         )
     else:
         report = make_plan(config, _FULL.value, hbm, peak_buffers=_PEAK_BUFFERS.value)

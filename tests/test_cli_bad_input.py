@@ -48,6 +48,10 @@ def _run(*command: str) -> subprocess.CompletedProcess:
             "error: Unknown command line flag 'no_such_flag'",
         ),
         (
+            ("plan.py", "--config=configs/tiny.py", "--search", "--search_margin=0.8"),
+            "error: --search_margin=0.8: must be at least 1 (compiled / analytic bytes)",
+        ),
+        (
             ("-m", "mesh", "--topology=cm384", "--mesh=expert=7"),
             "error: --mesh=expert=7: cannot size axis 'fsdp': the other axes multiply to 7, which does not divide 768 "
             "devices",
@@ -64,9 +68,10 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     ids=[
         "train",
         "plan",
-        "plan-unknown-flag",
         "convert",
         "score_preferences",
+        "plan-unknown-flag",
+        "plan-search-margin",
         "mesh",
         "mesh-size-not-integer",
         "model.summary",

@@ -14,6 +14,8 @@ from trainer.checkpointing import abstract_train_state
 from trainer.optimizer import build_optimizer
 from trainer.state import abstract_params
 
+import plan
+
 GIB = 2**30
 
 
@@ -138,3 +140,24 @@ def test_smallest_topology_is_the_first_part_where_a_mesh_fits(setup):
     topology, candidate = search.smallest_topology(args, config, parts, table, least[1], 2)
     assert topology.name == "a2-cluster:2" and candidate.fits and candidate.memory["total"] == least[1]
     assert search.smallest_topology(args, config, parts, table, least[3] - 1, 2) is None
+
+
+def test_the_search_margin_shrinks_what_fits_and_a_confirmed_mesh_is_not_compiled_twice(setup):
+    """plan.py's smallest part: with the HBM set to the least any 8-device mesh needs, that mesh fits
+    at margin 1 and nothing fits at margin 1.01. When the config's own topology is the part found,
+    the bytes of a report already compiled for that mesh are taken, not compiled again."""
+    config, args, _, table = setup
+    topology = get_topology(config.mesh.topology)
+    viable = [c for c in search.search(args, config, topology, table, None, 2) if not c.rejected]
+    least = min(c.memory["total"] for c in viable)
+    found = plan.smallest_fitting_part(config, args, table, least, 2, full_compile=False, log=lambda _: None)
+    assert found["topology"] == topology.name and found["analytic_bytes"] == least
+    tight = plan.smallest_fitting_part(config, args, table, least, 2, False, lambda _: None, margin=1.01)
+    assert tight is None
+    confirmed = {
+        "config": {"mesh": found["mesh"]},
+        "search_estimate": {"experts_over_data": found["experts_over_data"]},
+        "per_device_bytes": least / 2,
+    }
+    reused = plan.smallest_fitting_part(config, args, table, least, 2, True, lambda _: None, 1.0, [confirmed])
+    assert reused["compiled_bytes"] == least / 2 and reused["fits"]
