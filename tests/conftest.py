@@ -70,17 +70,32 @@ QUICK_MODULES = frozenset(
         "test_vocab_head.py",
     }
 )
-_missing = sorted(name for name in QUICK_MODULES if not (Path(__file__).parent / name).exists())
+
+
+# Modules that take minutes, longest first: they start first, so that when scripts/test.sh runs the
+# files over several workers (pytest-xdist, a file at a time) the workers end together.
+LONG_MODULES = (
+    "test_full_size_end_to_end.py",
+    "test_train_main.py",
+    "test_dry_run.py",
+    "test_train_step.py",
+    "test_multihost.py",
+    "test_plan.py",
+    "test_objective_steps.py",
+)
+_missing = sorted(name for name in QUICK_MODULES | set(LONG_MODULES) if not (Path(__file__).parent / name).exists())
 if _missing:
-    raise RuntimeError(f"tests/conftest.py QUICK_MODULES names modules that do not exist: {_missing}")
+    raise RuntimeError(f"tests/conftest.py QUICK_MODULES or LONG_MODULES name modules that do not exist: {_missing}")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Marks the tests of QUICK_MODULES `quick`, before `-m` selects."""
+    """Marks the tests of QUICK_MODULES `quick`, before `-m` selects; puts LONG_MODULES first."""
     for item in items:
         if item.path.name in QUICK_MODULES:
             item.add_marker(pytest.mark.quick)
+    first = {name: rank for rank, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 def pytest_report_header(config):
