@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.release import ConfigError
-from planner.report import GIB, compiled_memory, format_report, make_plan, planned_optimizer
+from planner.report import GIB, compiled_memory, format_report, make_plan
 from trainer.cli import exits_on_bad_input, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/v4_pro.py.")
@@ -80,12 +80,13 @@ def search_and_confirm(
     from mesh.presets import get_topology
     from model.args import from_config
     from planner import search
+    from trainer.optimizer import run_optimizer
 
     topology = get_topology(config.mesh.topology)
     hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
     budget = None if hbm is None else hbm / margin
     args = from_config(config.model)
-    table = search.tensors(args, planned_optimizer(config, args)[0])
+    table = search.tensors(args, run_optimizer(config, args)[0])
     candidates = search.search(args, config, topology, table, budget, max_tensor)
     if budget is not None:
         log(f"a mesh fits the search when its analytic bytes x {margin:g} are within {hbm / GIB:.2f} GiB")

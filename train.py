@@ -192,11 +192,11 @@ def _train(config, topology, processes):
     from trainer.checkpointing import Checkpointer, abstract_train_state, check_missing
     from trainer.metrics import MetricsWriter, progress_line
     from trainer.nonfinite import NonFinitePolicy, was_refused
-    from trainer.optimizer import build_optimizer, learning_rate_schedule
+    from trainer.optimizer import run_optimizer
     from trainer.preemption import PreemptionGuard
     from trainer.reference import initial_checkpoint, pin_reference
     from trainer.sharded_init import build_mesh
-    from trainer.state import abstract_params, create_train_state
+    from trainer.state import create_train_state
     from trainer.step import batch_sharding_of, jit_train_step, make_train_step
 
     nonfinite_policy = NonFinitePolicy(config.train.nonfinite)
@@ -212,9 +212,8 @@ def _train(config, topology, processes):
     )
 
     with activate(mesh, rules):
-        tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
+        tx, schedule = run_optimizer(config, args)
         abstract = abstract_train_state(args, mesh, rules, tx)
-        schedule = learning_rate_schedule(config.optimizer)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
         # The data are read (and bad input refused) before anything is written to the workdir.
         source = build_batch_source(config, batch_sharding_of(mesh, rules), graphdef=graphdef)

@@ -55,9 +55,9 @@ def main(argv):
     from model.args import from_config
     from objectives import build_objective
     from trainer.checkpointing import Checkpointer, abstract_train_state
-    from trainer.optimizer import build_optimizer, learning_rate_schedule
+    from trainer.optimizer import run_optimizer
     from trainer.sharded_init import build_mesh
-    from trainer.state import abstract_params, create_train_state
+    from trainer.state import create_train_state
     from trainer.step import jit_train_step, make_train_step
 
     config = tiny.get_config()
@@ -73,12 +73,10 @@ def main(argv):
     }
     configured_nice = config.checkpoint.writer_nice
     with activate(mesh, rules):
-        tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
+        tx, schedule = run_optimizer(config, args)
         graphdef, state, shardings = create_train_state(args, mesh, rules, tx, config.seed)
         step_fn, batch_sharding = jit_train_step(
-            make_train_step(
-                graphdef, tx, learning_rate_schedule(config.optimizer), config.train, build_objective(config)
-            ),
+            make_train_step(graphdef, tx, schedule, config.train, build_objective(config)),
             shardings,
             mesh,
             rules,

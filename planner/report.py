@@ -21,15 +21,6 @@ import time
 GIB = 2**30
 
 
-def planned_optimizer(config, args):
-    """(optimizer, learning-rate schedule) of `config` for the model `args` (a full or variant depth)."""
-    from trainer.optimizer import build_optimizer, learning_rate_schedule
-    from trainer.state import abstract_params
-
-    tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
-    return tx, learning_rate_schedule(config.optimizer)
-
-
 def make_plan(
     config,
     full_compile: bool = True,
@@ -53,13 +44,14 @@ def make_plan(
     from planner.cpu_dtypes import as_compiled_here
     from planner.program import compile_evaluation, compile_step
     from trainer.checkpointing import abstract_train_state
+    from trainer.optimizer import run_optimizer
 
     config, stand_ins = as_compiled_here(config)
     topology = get_topology(config.mesh.topology)
     layout = plan_layout(topology, dict(config.mesh.axes), dict(config.mesh.pins))
     mesh, rules = layout.mesh(), config.mesh.rules
     args = from_config(config.model)
-    tx, schedule = planned_optimizer(config, args)
+    tx, schedule = run_optimizer(config, args)
     devices = mesh.size
     shape = dict(mesh.shape)
     hbm = hbm_bytes if hbm_bytes is not None else topology.hbm_bytes
@@ -117,7 +109,7 @@ def make_plan(
     for name, repeats in extrapolate.variants(args):
         variant = extrapolate.with_repeats(args, repeats)
         log(f"compiling variant {name}: {variant.num_layers} layers unrolled ...")
-        step = compile_step(variant, config, mesh, *planned_optimizer(config, variant), unroll_microbatches=True)
+        step = compile_step(variant, config, mesh, *run_optimizer(config, variant), unroll_microbatches=True)
         compile_seconds[name] = step.compile_seconds
         measured[name] = measure.measure(step.compiled, shape)
     totals = extrapolate.combine(args, measured)
@@ -194,11 +186,12 @@ def compiled_memory(config) -> dict:
     from planner import memory
     from planner.cpu_dtypes import as_compiled_here
     from planner.program import compile_step
+    from trainer.optimizer import run_optimizer
 
     config, _ = as_compiled_here(config)
     layout = plan_layout(get_topology(config.mesh.topology), dict(config.mesh.axes), dict(config.mesh.pins))
     args = from_config(config.model)
-    step = compile_step(args, config, layout.mesh(), *planned_optimizer(config, args))
+    step = compile_step(args, config, layout.mesh(), *run_optimizer(config, args))
     return memory.compiled_bytes(step.compiled)
 
 

@@ -17,8 +17,9 @@ from mesh.presets import get_topology
 from model.args import from_config
 from objectives import build_objective
 from planner.program import lower_step
-from planner.report import dry_run, planned_optimizer
+from planner.report import dry_run
 from trainer.batch_source import batch_fields, build_batch_source
+from trainer.optimizer import run_optimizer
 from trainer.sharded_init import build_mesh
 from trainer.step import batch_sharding_of
 
@@ -54,7 +55,7 @@ def test_a_dpo_step_is_lowered_with_its_frozen_model_and_batch(reference, argume
     config.objective, config.dpo.reference = "dpo", reference
     args = from_config(config.model)
     mesh = build_mesh(config.mesh)
-    lowered, state = lower_step(args, config, mesh, *planned_optimizer(config, args))
+    lowered, state = lower_step(args, config, mesh, *run_optimizer(config, args))
     positional, _ = lowered.args_info
     assert len(positional) == arguments
     batch = {key: (info.shape, np.dtype(info.dtype)) for key, info in positional[1].items()}

@@ -11,6 +11,7 @@ from configs import optimizer, parallelism, tiny
 from model.args import from_config
 from planner import extrapolate, measure, memory, search
 from planner.program import compile_step
+from trainer.optimizer import run_optimizer
 from trainer.sharded_init import build_mesh
 
 import plan
@@ -162,7 +163,7 @@ def test_extrapolation_equals_the_unrolled_full_depth():
     shape = dict(mesh.shape)
 
     def measured_on(variant):
-        step = compile_step(variant, config, mesh, *plan.planned_optimizer(config, variant))
+        step = compile_step(variant, config, mesh, *run_optimizer(config, variant))
         return measure.measure(step.compiled, shape)
 
     measured = {

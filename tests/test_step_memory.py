@@ -14,7 +14,7 @@ from model.args import from_config
 from planner.cpu_dtypes import as_compiled_here
 from planner.memory import compiled_bytes
 from planner.program import compile_step
-from planner.report import planned_optimizer
+from trainer.optimizer import run_optimizer
 from trainer.sharded_init import build_mesh
 
 # Measured with the float16 stand-in for bf16 (jax 0.10.2, XLA:CPU; 36,073,888 compiled as bf16); a change that grows the step's
@@ -31,7 +31,7 @@ def compiled():
     config.model.vocab_size = 640
     args = from_config(config.model)
     mesh = build_mesh(config.mesh)
-    step = compile_step(args, config, mesh, *planned_optimizer(config, args))
+    step = compile_step(args, config, mesh, *run_optimizer(config, args))
     return config, args, mesh, step
 
 

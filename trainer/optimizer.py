@@ -21,7 +21,7 @@ from configs.optimizer import decay_start
 from configs.release import ConfigError
 from mesh.batch_spread import over_batch
 from mesh.sharding import active, resolve_spec
-from trainer.state import state_axes, state_spec
+from trainer.state import abstract_params, state_axes, state_spec
 
 BATCH_AXES = frozenset({"layers", "expert"})
 FACTORED_AXES = {"heads": "head_dim", "index_heads": "index_head_dim", "hc": "embed", "o_groups": "o_lora"}
@@ -386,3 +386,10 @@ def at_applied_updates(opt_state, schedule, step) -> jax.Array:
     is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
     counts = [node.count for node in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(node)]
     return schedule(counts[0] if counts else step)
+
+
+def run_optimizer(config, args) -> tuple:
+    """(optimizer, learning-rate schedule) of the run `config` for the model `args` (a config's model
+    or a variant of it): the indexer trains only when its loss is on (config.train.indexer_weight > 0)."""
+    tx = build_optimizer(config.optimizer, abstract_params(args), train_indexer=config.train.indexer_weight > 0)
+    return tx, learning_rate_schedule(config.optimizer)
