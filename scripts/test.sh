@@ -6,9 +6,9 @@
 #                tiny inputs, tests/conftest.py QUICK_MODULES)
 #   --all        everything but `full_size`: what CI (.ci/run) runs
 #   --full_size  the shipped full-size configs' dry runs (a full-size compile is tens of minutes here)
-# Test files run in TEST_WORKERS processes (pytest-xdist, a file per worker at a time so that a
-# module's fixtures are built once); by default as many as there are cores and 6 GiB of free memory
-# for each. Prints how long the run took at the end.
+# TEST_WORKERS=N runs the test files in N processes (pytest-xdist, a file per worker at a time so that
+# a module's fixtures are built once; TEST_WORKERS=auto: as many as there are cores and 6 GiB of free
+# memory for each); by default one process. Prints how long the run took at the end.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup_env.sh" test
@@ -22,7 +22,8 @@ for arg in "$@"; do
     *) args+=("$arg") ;;
   esac
 done
-if [[ -z "${TEST_WORKERS:-}" ]]; then
+TEST_WORKERS="${TEST_WORKERS:-1}"
+if [[ "$TEST_WORKERS" == auto ]]; then
   free_gib=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
   TEST_WORKERS=$(( $(nproc) < free_gib / 6 ? $(nproc) : free_gib / 6 ))
   (( TEST_WORKERS >= 1 )) || TEST_WORKERS=1
