@@ -4,10 +4,11 @@
 #   (none)       the default set: every test not marked `slow` or `full_size`
 #   --quick      the quick tier: tests marked `quick` (pure functions and single layers on abstract or
 #                tiny inputs, tests/conftest.py QUICK_MODULES)
-#   --all        everything but `full_size`: what CI (.ci/run) runs
+#   --all        everything but `full_size` (CI runs the default set)
 #   --full_size  the shipped full-size configs' dry runs (a full-size compile is tens of minutes here)
 # TEST_WORKERS=N runs the test files in N processes (pytest-xdist, a file per worker at a time so that
-# a module's fixtures are built once; TEST_WORKERS=auto: as many as there are cores and 6 GiB of free
+# a module's fixtures are built once, in collection order: tests/conftest.py LONG_MODULES first, not
+# xdist's own order by test count; TEST_WORKERS=auto: as many as there are cores and 6 GiB of free
 # memory for each); by default one process. Prints how long the run took at the end.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,7 @@ if [[ "$TEST_WORKERS" == auto ]]; then
   (( TEST_WORKERS >= 1 )) || TEST_WORKERS=1
 fi
 if (( TEST_WORKERS > 1 )); then
-  args=(-n "$TEST_WORKERS" --dist loadfile "${args[@]+"${args[@]}"}")
+  args=(-n "$TEST_WORKERS" --dist loadfile --no-loadscope-reorder "${args[@]+"${args[@]}"}")
 fi
 start=$SECONDS
 status=0
