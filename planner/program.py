@@ -6,11 +6,13 @@ so a 1.6T-parameter step compiles on emulated CPU devices with a few GiB of host
 `compile_step`; `compile_evaluation` is what train.py --dry_run adds.
 """
 
+import contextlib
 import dataclasses
 import time
 
 import jax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from mesh.sharding import activate
 from model.args import ModelArgs
@@ -78,9 +80,31 @@ def compile_step(
     lowered_at = time.perf_counter()
     options = dict(COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else {}, **(compiler_options or {}))
     with activate(mesh, config.mesh.rules):
-        compiled = lowered.compile(compiler_options=options or None)
+        compiled = compile_lowered(lowered, options)
     done = time.perf_counter()
     return CompiledStep(compiled, state, lowered_at - start, done - lowered_at)
+
+
+def compile_lowered(lowered, options: dict):
+    """`lowered` compiled with XLA `options`; one that dumps (`xla_dump_to`) is compiled by XLA, never
+    read from JAX's persistent compilation cache, whose key leaves the dump options out: a hit
+    would dump nothing."""
+    bypass = _without_persistent_cache() if "xla_dump_to" in options else contextlib.nullcontext()
+    with bypass:
+        return lowered.compile(compiler_options=options or None)
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+    # JAX decides once per process whether the cache is used: reset, so the switch is read again.
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def compile_evaluation(args: ModelArgs, config, mesh, state) -> CompiledStep:

@@ -5,12 +5,15 @@ are `slow`; the extrapolation's bookkeeping is checked without compiling in the 
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax._src import compilation_cache as jax_compilation_cache
 
 from configs import optimizer, parallelism, tiny
 from model.args import from_config
 from planner import extrapolate, measure, memory, search
-from planner.program import compile_step
+from planner.program import compile_lowered, compile_step
 from trainer.optimizer import run_optimizer
 from trainer.sharded_init import build_mesh
 
@@ -106,6 +109,26 @@ def test_peak_buffers_are_read_from_the_live_range_dump():
     assert buffers[-1]["shape"] == "f32[384,80,7168]"
     with pytest.raises(ValueError, match="no 'Live ranges at"):
         memory.peak_buffers("HloLiveRange (max 1):", HLO_EXCERPT, top=1)
+
+
+def test_a_dump_is_written_when_the_persistent_cache_holds_the_program(tmp_path):
+    """The persistent cache (on for every test, tests/conftest.py) leaves XLA's dump options out of
+    its key: a compile that dumps goes to XLA even when the program is cached, and the cache is used
+    again after it."""
+    backend = jax.extend.backend.get_backend()
+    assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+
+    def step(x):
+        return jnp.tanh(x) @ x.T
+
+    lowered = jax.jit(step).lower(jax.ShapeDtypeStruct((16, 16), jnp.float32))
+    compile_lowered(lowered, {})
+    assert jax_compilation_cache.is_cache_used(backend)
+    for attempt in ("first", "second"):
+        dump_dir = tmp_path / attempt
+        compile_lowered(lowered, dict(memory.LIVE_RANGE_DUMP, xla_dump_to=str(dump_dir)))
+        assert "(peak)" in memory.live_range_text(str(dump_dir))
+    assert jax_compilation_cache.is_cache_used(backend)
 
 
 @pytest.mark.slow
