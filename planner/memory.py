@@ -39,7 +39,6 @@ LIVE_RANGE_DUMP = {
     "xla_dump_emitter_re": "^$",
     "xla_dump_buffer_assignment_analysis": True,
 }
-_PEAK = re.compile(r"Stack trace breakdown for peak usage: (?P<bytes>[0-9 ]+) bytes")
 _LIVE_AT_PEAK = re.compile(r"^\s+Live ranges at \d+ \(peak\):")
 _LIVE = re.compile(r"^\s+(?P<name>[\w.\-]+)(?:\{(?P<index>[0-9,]*)\})?: (?P<bytes>\d+) bytes")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\([^=]*?\)|\S+) ")
@@ -47,6 +46,11 @@ _INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")  # in long tuple shapes
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) .*\{$")
 _CALLS = re.compile(r"calls=%?(?P<name>[\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
+_ALLOCATION = re.compile(r"^allocation (?P<index>\d+): size \d+")
+_VALUE = re.compile(
+    r"^\s*value: <\d+ (?P<name>[\w.\-]+)(?:\{(?P<index>[0-9,]*)\})?(?: \(phi\))? @\d+> "
+    r"\(size=(?P<size>\d+),offset=(?P<offset>\d+)\)"
+)
 
 
 TOKEN_AXES = (mesh_axes.DATA, mesh_axes.FSDP, mesh_axes.EXPERT)  # act_batch: the mesh axes that split the tokens
@@ -90,18 +94,18 @@ def _tuple_element(shape: str, index: str | None) -> str:
     return re.sub(r"\{[^}]*\}$", "", shape)
 
 
-def peak_buffers(live_range_text: str, hlo_text: str, top: int) -> dict:
+def peak_buffers(live_range_text: str, hlo_text: str, assignment_text: str, top: int) -> dict:
     """{"bytes": live at the peak, "buffers": [{"what", "shape", "bytes"}] the `top` largest}, from
-    XLA's live-range dump and the optimised HLO it describes: each buffer alive when the program's
-    memory peaks, with its shape and the JAX op that produced it (for a fusion, the op its fused
-    computation ends with; XLA's own instruction name where there is none, e.g. a copy it added)."""
+    XLA's live-range dump, its buffer assignment and the optimised HLO they describe: each buffer
+    alive when the program's memory peaks, with its shape and the JAX op that produced it (for a
+    fusion, the op its fused computation ends with; XLA's own instruction name where there is none,
+    e.g. a copy it added). The live-range dump counts values, and the values that share one buffer
+    (a loop's state: its operand, the body's parameter and the loop's result) all at once: here a
+    buffer (an allocation's byte range) counts once, named by the first of its values that an op made."""
     lines = live_range_text.splitlines()
-    peak = next((_PEAK.search(line) for line in lines if _PEAK.search(line)), None)
     start = next((index for index, line in enumerate(lines) if _LIVE_AT_PEAK.match(line)), None)
-    if peak is None or start is None:
-        raise ValueError(
-            "no 'Live ranges at ... (peak)' and 'Stack trace breakdown for peak usage' in the live-range dump"
-        )
+    if start is None:
+        raise ValueError("no 'Live ranges at ... (peak)' in the live-range dump")
     instructions, root_ops, computation = {}, {}, None
     for line in hlo_text.splitlines():
         line = _INDEX_COMMENT.sub("", line)
@@ -116,22 +120,53 @@ def peak_buffers(live_range_text: str, hlo_text: str, top: int) -> dict:
             instructions[found["name"]] = (found["shape"], op["op"] if op else None, calls and calls["name"])
             if line.lstrip().startswith("ROOT ") and op:
                 root_ops[computation] = op["op"]
-    buffers = []
+    slices = _value_slices(assignment_text)
+    by_slice = {}
     for line in lines[start + 1 :]:
         live = _LIVE.match(line)
         if not live:
             break
-        shape, op, calls = instructions.get(live["name"], ("?", None, None))
+        name, index = live["name"], live["index"] or ""
+        shape, op, calls = instructions.get(name, ("?", None, None))
         op = op or root_ops.get(calls)  # a fusion named by the op its fused computation ends with
-        buffers.append(
-            {
-                "what": _readable(op) if op else live["name"],
-                "shape": _tuple_element(shape, live["index"]),
-                "bytes": int(live["bytes"]),
+        where = slices.get((name, index), ((name, index), 0, int(live["bytes"])))  # not found: a buffer of its own
+        named = by_slice.get(where)
+        if named is None or (op and not named["by_op"]):
+            what = _readable(op) if op else name
+            by_slice[where] = {
+                "what": what,
+                "shape": _tuple_element(shape, index),
+                "bytes": where[2],
+                "by_op": bool(op),
             }
-        )
+    buffers = [{k: v for k, v in b.items() if k != "by_op"} for b in by_slice.values()]
     buffers.sort(key=lambda b: -b["bytes"])
-    return {"bytes": int(peak["bytes"].replace(" ", "")), "buffers": buffers[:top]}
+    return {"bytes": _covered_bytes(list(by_slice)), "buffers": buffers[:top]}
+
+
+def _value_slices(assignment_text: str) -> dict:
+    """{(value name, tuple index): (allocation, offset, size)} from XLA's buffer-assignment dump."""
+    slices, allocation = {}, None
+    for line in assignment_text.splitlines():
+        header = _ALLOCATION.match(line)
+        if header:
+            allocation = int(header["index"])
+            continue
+        value = _VALUE.match(line)
+        if value:
+            size, offset = int(value["size"]), int(value["offset"])
+            slices[(value["name"], value["index"] or "")] = (allocation, offset, size)
+    return slices
+
+
+def _covered_bytes(slices: list) -> int:
+    """Bytes covered by (allocation, offset, size) slices, overlaps counted once."""
+    covered, end_of = 0, {}
+    for allocation, offset, size in sorted(slices, key=lambda s: (str(s[0]), s[1])):
+        end = end_of.get(allocation, 0)
+        covered += max(0, offset + size - max(offset, end))
+        end_of[allocation] = max(end, offset + size)
+    return covered
 
 
 def _dump_file(dump_dir: str, suffix: str) -> str:
@@ -146,6 +181,11 @@ def _dump_file(dump_dir: str, suffix: str) -> str:
 def live_range_text(dump_dir: str) -> str:
     """The live-range dump of the one jit_step module compiled into `dump_dir`."""
     return _dump_file(dump_dir, "after_optimizations-live-range.txt")
+
+
+def buffer_assignment_text(dump_dir: str) -> str:
+    """The buffer assignment of the one jit_step module compiled into `dump_dir`."""
+    return _dump_file(dump_dir, "after_optimizations-buffer-assignment.txt")
 
 
 def optimized_hlo_text(dump_dir: str) -> str:

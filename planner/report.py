@@ -88,7 +88,10 @@ def make_plan(
             full = compile_step(args, config, mesh, tx, schedule, options)
             if peak_buffers:
                 peak = memory.peak_buffers(
-                    memory.live_range_text(dump_dir), memory.optimized_hlo_text(dump_dir), peak_buffers
+                    memory.live_range_text(dump_dir),
+                    memory.optimized_hlo_text(dump_dir),
+                    memory.buffer_assignment_text(dump_dir),
+                    peak_buffers,
                 )
         compile_seconds["full"] = full.compile_seconds
         state = full.state

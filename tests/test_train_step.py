@@ -352,23 +352,25 @@ def test_zero1_step_matches_single_device_muon(sgd_reference):
 
 def test_microbatches_sum_to_the_whole_batch(sgd_reference):
     """Two micro-batches accumulate the whole batch's gradient: same loss, gradient norm and, under SGD
-    (whose update is the gradient), parameters. AdamW would blur the check: its first update
+    (whose update is the gradient), parameters; so does the loop unrolled as the planner compiles it
+    (each micro-batch's weights tied to its tokens). AdamW would blur the check: its first update
     g / (|g| + eps) turns the rounding of a gradient near eps into a difference of the order of lr."""
     args, batch, _ = sgd_reference
     tx = optax.sgd(LR)
     runs = []
-    for microbatches in (1, 2):
+    for microbatches, unrolled in ((1, False), (2, False), (2, True)):
         graphdef, fresh = _single_device_state(args, tx)
+        train_config = _train_config(microbatches=microbatches)
         step = jax.jit(
-            make_train_step(
-                graphdef, tx, optax.constant_schedule(LR), _train_config(microbatches=microbatches), SFT_OBJECTIVE
-            )
+            make_train_step(graphdef, tx, optax.constant_schedule(LR), train_config, SFT_OBJECTIVE, unrolled)
         )
         runs.append(jax.device_get(step(fresh, batch)))
-    (whole, whole_metrics), (micro, micro_metrics) = runs
-    for key in ("loss", "grad_norm"):
-        assert abs(float(micro_metrics[key]) - float(whole_metrics[key])) < 1e-5 * abs(float(whole_metrics[key])), key
-    chex.assert_trees_all_close(micro.params, whole.params, rtol=0, atol=1e-5 * LR)  # gradients equal to 1e-5
+    (whole, whole_metrics), *micro_runs = runs
+    for micro, micro_metrics in micro_runs:
+        for key in ("loss", "grad_norm"):
+            expected = float(whole_metrics[key])
+            assert abs(float(micro_metrics[key]) - expected) < 1e-5 * abs(expected), key
+        chex.assert_trees_all_close(micro.params, whole.params, rtol=0, atol=1e-5 * LR)  # gradients equal to 1e-5
 
 
 def test_loss_falls_when_memorising_a_batch(sgd_reference):

@@ -40,6 +40,14 @@ def _microbatches(batch: dict, count: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _tied_to(micro: dict, tree):
+    """`tree`'s floating leaves plus zero times a token of `micro`. Unrolled, the micro-batches would
+    otherwise share one gather of each sharded weight (XLA merges equal ops), where the loop gathers
+    them once per micro-batch: tied, each micro-batch's gathers stay its own, as the planner counts."""
+    zero = micro["tokens"].reshape(-1)[0].astype(jnp.float32) * 0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
 def _constrained(batch: dict) -> dict:
     return {k: constrain(v, BATCH + (None,) * (v.ndim - 2)) for k, v in batch.items()}
 
@@ -58,7 +66,8 @@ def make_train_step(
     the loss (objectives.build_objective builds the configured one).
     `frozen` is {"params", "routing"} of the frozen model when `objective.uses_frozen`.
     `unroll_microbatches` unrolls the micro-batch loop (the planner's FLOP and collective counts, which
-    XLA takes once per loop body); the step computes the same either way.
+    XLA takes once per loop body), each micro-batch's weights tied to its tokens so that their gathers
+    are made once per micro-batch, as in the loop; the step computes the same either way.
     """
     microbatches, balance_weight = train_config.microbatches, train_config.balance_weight
     indexer_weight = train_config.get("indexer_weight", 0.0)
@@ -111,7 +120,10 @@ def make_train_step(
 
         def accumulate(carry, one):
             grads, metrics = carry
-            (_, m), g = grad_fn(state.params, state.routing, frozen, one, normalisers, step_weights, tokens)
+            params, frozen_params = state.params, frozen
+            if unroll_microbatches:
+                params, frozen_params = _tied_to(one, (params, frozen))
+            (_, m), g = grad_fn(params, state.routing, frozen_params, one, normalisers, step_weights, tokens)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
         if microbatches == 1:
