@@ -4,7 +4,7 @@
 #   (none)       the default set: every test not marked `slow` or `full_size`
 #   --quick      the quick tier: tests marked `quick` (pure functions and single layers on abstract or
 #                tiny inputs, tests/conftest.py QUICK_MODULES)
-#   --all        everything but `full_size` (CI runs the default set)
+#   --all        everything but `full_size` (what CI runs)
 #   --full_size  the shipped full-size configs' dry runs (a full-size compile is tens of minutes here)
 # TEST_WORKERS=N runs the test files in N processes (pytest-xdist, a file per worker at a time so that
 # a module's fixtures are built once, in collection order: tests/conftest.py LONG_MODULES first, not

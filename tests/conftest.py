@@ -72,15 +72,16 @@ QUICK_MODULES = frozenset(
 )
 
 
-# Modules that take minutes, longest first: they start first, so that when scripts/test.sh runs the
-# files over several workers (pytest-xdist, a file at a time) the workers end together.
+# Modules that take minutes, longest first with the slow tests in (CI runs them): they start first, so
+# that when scripts/test.sh runs the files over several workers (pytest-xdist, a file at a time) the
+# workers end together.
 LONG_MODULES = (
-    "test_full_size_end_to_end.py",
-    "test_train_main.py",
-    "test_dry_run.py",
-    "test_train_step.py",
     "test_multihost.py",
+    "test_train_main.py",
+    "test_train_step.py",
+    "test_full_size_end_to_end.py",
     "test_plan.py",
+    "test_dry_run.py",
     "test_objective_steps.py",
 )
 _missing = sorted(name for name in QUICK_MODULES | set(LONG_MODULES) if not (Path(__file__).parent / name).exists())
