@@ -1,5 +1,5 @@
 """Reading collectives and their mesh axes from HLO text: listed and iota replica groups, permute
-pairs, result bytes, and the axes a grouping follows on a [data=2, expert=2, tensor=2] mesh."""
+pairs, result bytes (of long tuples too), and the axes a grouping follows on a [data=2, expert=2, tensor=2] mesh."""
 
 import pytest
 
@@ -15,6 +15,7 @@ HLO = """
   %rs = f32[2]{0} reduce-scatter(f32[8]{0} %d), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
   %ar2 = (f32[4]{0}, f32[2]{0}) all-reduce(f32[4]{0} %e, f32[2]{0} %f), replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, to_apply=%add
   %add.3 = f32[3]{0} add(f32[3]{0} %x, f32[3]{0} %y)
+  %ar3 = (f32[], f32[4]{0}, f32[], f32[], f32[], /*index=5*/f32[2,3]{1,0}, s32[]) all-reduce(f32[] %g0, f32[4]{0} %g1, f32[] %g2, f32[] %g3, f32[] %g4, /*index=5*/f32[2,3]{1,0} %g5, s32[] %g6), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
 """
 
 
@@ -27,8 +28,10 @@ def test_parse_kinds_bytes_and_groups():
         "collective-permute",
         "reduce-scatter",
         "all-reduce",
+        "all-reduce",
     ]
-    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8, 24]
+    # the last: a combined all-reduce whose tuple shape XLA numbers (/*index=5*/), every element counted
+    assert [c.bytes for c in found] == [4 * 16 * 8 * 4, 64 * 32 * 2, 8 * 4 + 2 * 4, 12, 8, 24, 4 * (1 + 4 + 3 + 6 + 1)]
     assert found[1].groups == ((0, 4, 1, 5), (2, 6, 3, 7))  # arange(8).reshape(2,4).T -> 2 groups of 4
     assert found[2].groups == ((0, 1), (2, 3), (4, 5), (6, 7))
     # Grid [1,4,2] over devices arange(8).reshape(2,4).T: grid (0, j, k) holds device 4k + j; groups
@@ -41,6 +44,7 @@ def test_parse_kinds_bytes_and_groups():
         ("data",),
         ("expert", "tensor"),
         ("expert", "tensor"),
+        ("tensor",),
     ]
 
 
