@@ -46,7 +46,7 @@ _NAMED = re.compile(
 )
 _PAIRS = re.compile(r"source_target_pairs=\{(?P<pairs>(?:\{[0-9]+,[0-9]+\},?)*)\}")
 # XLA numbers every fifth element of a long tuple shape (`/*index=5*/`); its `=` would end the shape.
-_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
+INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ def parse(hlo_text: str) -> list:
     """Every collective instruction of the HLO module text (`compiled.as_text()`)."""
     found = []
     for line in hlo_text.splitlines():
-        line = _INDEX_COMMENT.sub("", line)
+        line = INDEX_COMMENT.sub("", line)
         match = _INSTRUCTION.search(line)
         if match and "-done(" not in line:
             found.append(Collective(match["kind"], _shape_bytes(match["shape"]), _groups(line), line.strip()))

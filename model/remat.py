@@ -44,13 +44,19 @@ def _keep_inputs(fn, *args):
     return fn(*args), args
 
 
+def tied_to(tree, anchor):
+    """`tree` with zero times the floating scalar `anchor` added to each floating leaf: the same values,
+    which XLA can compute only once `anchor` exists and cannot merge with the untied ones (it keeps
+    x + 0 * y, since 0 * y is NaN for an infinite y). XLA:CPU removes optimization barriers before it
+    schedules, so a data dependence is the way to order or separate work."""
+    zero = anchor * 0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
 def _recompute(fn, args, cotangent):
-    # XLA:CPU removes optimization barriers before it schedules, so the wait is a data dependence:
-    # every floating input gains zero times one element of the cotangent.
+    # The recomputation waits for one element of the cotangent.
     first = next(leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.inexact))
-    zero = first.reshape(-1)[0] * 0
-    waited = jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, args)
-    return jax.vjp(fn, *waited)[1](cotangent)
+    return jax.vjp(fn, *tied_to(args, first.reshape(-1)[0]))[1](cotangent)
 
 
 _after_cotangent.defvjp(_keep_inputs, _recompute)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from mesh import axes as mesh_axes
+from mesh import hlo_collectives
 from model.args import OFFLOAD, ModelArgs
 from model.expert_dispatch import capacity
 
@@ -42,7 +43,6 @@ LIVE_RANGE_DUMP = {
 _LIVE_AT_PEAK = re.compile(r"^\s+Live ranges at \d+ \(peak\):")
 _LIVE = re.compile(r"^\s+(?P<name>[\w.\-]+)(?:\{(?P<index>[0-9,]*)\})?: (?P<bytes>\d+) bytes")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\([^=]*?\)|\S+) ")
-_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")  # in long tuple shapes
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) .*\{$")
 _CALLS = re.compile(r"calls=%?(?P<name>[\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
@@ -108,7 +108,7 @@ def peak_buffers(live_range_text: str, hlo_text: str, assignment_text: str, top:
         raise ValueError("no 'Live ranges at ... (peak)' in the live-range dump")
     instructions, root_ops, computation = {}, {}, None
     for line in hlo_text.splitlines():
-        line = _INDEX_COMMENT.sub("", line)
+        line = hlo_collectives.INDEX_COMMENT.sub("", line)
         header = _COMPUTATION.match(line)
         if header:
             computation = header["name"]
@@ -121,7 +121,7 @@ def peak_buffers(live_range_text: str, hlo_text: str, assignment_text: str, top:
             if line.lstrip().startswith("ROOT ") and op:
                 root_ops[computation] = op["op"]
     slices = _value_slices(assignment_text)
-    by_slice = {}
+    by_slice, by_op = {}, set()  # by_op: the buffers named by a value that an op made
     for line in lines[start + 1 :]:
         live = _LIVE.match(line)
         if not live:
@@ -130,17 +130,12 @@ def peak_buffers(live_range_text: str, hlo_text: str, assignment_text: str, top:
         shape, op, calls = instructions.get(name, ("?", None, None))
         op = op or root_ops.get(calls)  # a fusion named by the op its fused computation ends with
         where = slices.get((name, index), ((name, index), 0, int(live["bytes"])))  # not found: a buffer of its own
-        named = by_slice.get(where)
-        if named is None or (op and not named["by_op"]):
+        if where not in by_slice or (op and where not in by_op):
             what = _readable(op) if op else name
-            by_slice[where] = {
-                "what": what,
-                "shape": _tuple_element(shape, index),
-                "bytes": where[2],
-                "by_op": bool(op),
-            }
-    buffers = [{k: v for k, v in b.items() if k != "by_op"} for b in by_slice.values()]
-    buffers.sort(key=lambda b: -b["bytes"])
+            by_slice[where] = {"what": what, "shape": _tuple_element(shape, index), "bytes": where[2]}
+        if op:
+            by_op.add(where)
+    buffers = sorted(by_slice.values(), key=lambda b: -b["bytes"])
     return {"bytes": _covered_bytes(list(by_slice)), "buffers": buffers[:top]}
 
 

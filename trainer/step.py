@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from data.packing import BATCH_FIELDS
 from mesh.sharding import constrain, logical_to_spec
 from model.params import split_variables
+from model.remat import tied_to
 from objectives.protocol import Objective
 from trainer.nonfinite import NONFINITE, NONFINITE_STEPS, all_finite, select_finite
 from trainer.optimizer import at_applied_updates
@@ -38,14 +39,6 @@ def _microbatches(batch: dict, count: int) -> dict:
         return jnp.swapaxes(x.reshape(b // count, count, *x.shape[1:]), 0, 1)
 
     return {k: split(v) for k, v in batch.items()}
-
-
-def _tied_to(micro: dict, tree):
-    """`tree`'s floating leaves plus zero times a token of `micro`. Unrolled, the micro-batches would
-    otherwise share one gather of each sharded weight (XLA merges equal ops), where the loop gathers
-    them once per micro-batch: tied, each micro-batch's gathers stay its own, as the planner counts."""
-    zero = micro["tokens"].reshape(-1)[0].astype(jnp.float32) * 0
-    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
 
 
 def _constrained(batch: dict) -> dict:
@@ -122,7 +115,9 @@ def make_train_step(
             grads, metrics = carry
             params, frozen_params = state.params, frozen
             if unroll_microbatches:
-                params, frozen_params = _tied_to(one, (params, frozen))
+                # Untied, the micro-batches would share one gather of each sharded weight (XLA merges
+                # equal ops), where the loop gathers them once per micro-batch, as the planner counts.
+                params, frozen_params = tied_to((params, frozen), one["tokens"].reshape(-1)[0].astype(jnp.float32))
             (_, m), g = grad_fn(params, state.routing, frozen_params, one, normalisers, step_weights, tokens)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
